@@ -1,0 +1,58 @@
+"""dsdkit: Discriminative Stable Diffusion (DSD) as a fast, deployable image-text matcher.
+
+``import dsdkit`` is cheap: torch, diffusers and transformers are imported only when a PyTorch feature is used.
+
+    >>> from dsdkit import load_model, Scorer, ScoringConfig
+    >>> model = load_model("stabilityai/stable-diffusion-2-1-base", device="cuda", dtype="fp16")
+    >>> scorer = Scorer(model, ScoringConfig.from_preset("discffusion"))
+    >>> scores = scorer.score(["cat.jpg", "dog.jpg"], ["a cat on a sofa", "a dog on a sofa"])  # [2, 2]
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+__version__ = "0.1.0"
+
+# name -> module that defines it; resolved on first access so `import dsdkit` stays torch-free.
+_LAZY = {
+    "ScoringConfig": "dsdkit.config",
+    "PRESETS": "dsdkit.config",
+    "DsdkitError": "dsdkit.errors",
+    "ConfigError": "dsdkit.errors",
+    "InputError": "dsdkit.errors",
+    "ModelError": "dsdkit.errors",
+    "OutputError": "dsdkit.errors",
+    "load_model": "dsdkit.models",
+    "SD2Model": "dsdkit.models",
+    "DEFAULT_MODEL": "dsdkit.models",
+    "Scorer": "dsdkit.scorer",
+    "ScoreOutput": "dsdkit.scorer",
+    "write_tiny_model": "dsdkit.tiny",
+    "match": "dsdkit.matching",
+}
+
+__all__ = ["__version__", *_LAZY]
+
+
+def __getattr__(name: str):
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'dsdkit' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(__all__)
+
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .config import PRESETS, ScoringConfig
+    from .errors import ConfigError, DsdkitError, InputError, ModelError, OutputError
+    from .matching import match
+    from .models import DEFAULT_MODEL, SD2Model, load_model
+    from .scorer import ScoreOutput, Scorer
+    from .tiny import write_tiny_model

@@ -1,0 +1,84 @@
+"""Timesteps, the noise schedule and the fixed, seeded noise bank.
+
+Every pair is noised with the same ε_k at the k-th timestep, so paired comparisons share their noise and a score
+never depends on what else is being scored. The bank is drawn on the CPU from a seeded generator, one entry at a
+time, so entry k is the same whatever the number of timesteps, the batch or the device.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from .config import ScoringConfig, TimestepSchedule
+
+__all__ = ["discffusion_timesteps", "noise_level_timesteps", "timesteps_for", "NoiseSchedule", "noise_bank"]
+
+
+def discffusion_timesteps(num_steps: int) -> list[int]:
+    """The authors' timestep table, made explicit (``reference-dsd.md`` §2).
+
+    ``idx_k = 10 + k * floor(1000 / S)`` for k = 0, 1, ... while ``idx_k < 990``; ``t_k = 999 - idx_k``; sorted
+    ascending. S=10 gives 89, 189, ..., 989; S=30 gives 30 steps from 32; S=50 gives 49 steps.
+    """
+    if num_steps < 1:
+        raise ValueError("num_steps must be >= 1")
+    rate = 1000 // num_steps
+    indices = []
+    index = 10
+    while index < 990:
+        indices.append(index)
+        index += rate
+    return sorted(999 - i for i in indices)
+
+
+def noise_level_timesteps(levels: tuple[float, ...]) -> list[int]:
+    """Timesteps for noise levels in (0, 1]: ``t = round(level * 999)``, ascending (paper: 0.2, 0.4, 0.6, 0.8)."""
+    return sorted(int(round(level * 999)) for level in levels)
+
+
+def timesteps_for(config: ScoringConfig) -> list[int]:
+    if config.timesteps is TimestepSchedule.discffusion:
+        return discffusion_timesteps(config.num_timesteps)
+    return noise_level_timesteps(config.noise_levels)
+
+
+@dataclass(frozen=True)
+class NoiseSchedule:
+    """The DDPM forward process of a model's scheduler config: ``x_t = sqrt(ā_t) z0 + sqrt(1 - ā_t) ε``."""
+
+    alphas_cumprod: np.ndarray  # float64[num_train_timesteps]
+
+    @classmethod
+    def from_scheduler_config(cls, config: dict) -> NoiseSchedule:
+        """ā from ``scheduler_config.json`` (``scaled_linear`` for SD2; ``linear`` also supported)."""
+        steps = int(config.get("num_train_timesteps", 1000))
+        beta_start = float(config.get("beta_start", 0.00085))
+        beta_end = float(config.get("beta_end", 0.012))
+        kind = config.get("beta_schedule", "scaled_linear")
+        if kind == "scaled_linear":
+            betas = np.linspace(math.sqrt(beta_start), math.sqrt(beta_end), steps, dtype=np.float64) ** 2
+        elif kind == "linear":
+            betas = np.linspace(beta_start, beta_end, steps, dtype=np.float64)
+        else:
+            from .errors import ModelError
+
+            raise ModelError(
+                f"scheduler beta_schedule {kind!r} is not supported; SD2 uses 'scaled_linear' (check scheduler_config.json)"
+            )
+        return cls(np.cumprod(1.0 - betas))
+
+    def coefficients(self, timesteps: list[int]) -> tuple[np.ndarray, np.ndarray]:
+        """``(sqrt(ā_t), sqrt(1 - ā_t))`` for each timestep, float64."""
+        abar = self.alphas_cumprod[np.asarray(timesteps, dtype=np.int64)]
+        return np.sqrt(abar), np.sqrt(1.0 - abar)
+
+
+def noise_bank(seed: int, count: int, latent_shape: tuple[int, int, int]):
+    """``count`` standard-normal latents ``float32[count, C, H, W]``; entry k depends only on (seed, k, shape)."""
+    import torch
+
+    generator = torch.Generator(device="cpu").manual_seed(int(seed))
+    return torch.stack([torch.randn(latent_shape, generator=generator, dtype=torch.float32) for _ in range(count)])

@@ -1,0 +1,189 @@
+"""Random-weight models with SD2's architecture, for trying dsdkit offline and for tests.
+
+``dsdkit tiny-model DIR`` writes a seeded model in SD2's diffusers folder layout (``unet/``, ``vae/``,
+``text_encoder/``, ``tokenizer/``, ``scheduler/``, ``model_index.json``), so every command loads it through the
+same code path as real weights. Same block types as SD2 (cross-attention in the down, mid and up paths, linear
+projections in the transformer blocks, a 23-layer-style CLIP text encoder shrunk), random weights:
+**its scores are meaningless**; the folder carries a marker file and every command that loads it says so.
+
+Sizes:
+- ``tiny`` (default): 16 cross-attention layers like SD2 (6 scored by the ``last`` layer set, as on SD2), 128 px.
+- ``micro``: fewer layers and channels, for the fastest tests (10 cross-attention layers), 128 px.
+- ``full``: the full SD2-2.1-base architecture (865.9 M UNet parameters, 512 px): for benchmarks, about 5 GB.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import logging
+import os
+from importlib import resources
+from pathlib import Path
+
+from .errors import ConfigError, OutputError
+from .runtime.tokenizer import bytes_to_unicode
+
+__all__ = ["SIZES", "write_tiny_model", "write_clip_tokenizer"]
+
+logger = logging.getLogger(__name__)
+
+_SCHEDULER = {
+    "_class_name": "PNDMScheduler",
+    "num_train_timesteps": 1000,
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "prediction_type": "epsilon",
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+    "steps_offset": 1,
+}
+
+SIZES = {
+    "micro": {
+        "unet": dict(sample_size=16, block_out_channels=[32, 32, 64, 64], attention_head_dim=[1, 1, 2, 2],
+                     cross_attention_dim=32, layers_per_block=1),
+        "vae": dict(block_out_channels=[32, 32, 32, 32], layers_per_block=1, sample_size=128),
+        "text": dict(hidden_size=32, intermediate_size=64, projection_dim=32, num_hidden_layers=2, num_attention_heads=2),
+    },
+    "tiny": {
+        "unet": dict(sample_size=16, block_out_channels=[32, 64, 128, 128], attention_head_dim=[1, 2, 4, 4],
+                     cross_attention_dim=64, layers_per_block=2),
+        "vae": dict(block_out_channels=[32, 32, 64, 64], layers_per_block=1, sample_size=128),
+        "text": dict(hidden_size=64, intermediate_size=128, projection_dim=64, num_hidden_layers=2, num_attention_heads=2),
+    },
+    "full": {
+        "unet": dict(sample_size=64, block_out_channels=[320, 640, 1280, 1280], attention_head_dim=[5, 10, 20, 20],
+                     cross_attention_dim=1024, layers_per_block=2),
+        "vae": dict(block_out_channels=[128, 256, 512, 512], layers_per_block=2, sample_size=512),
+        "text": dict(hidden_size=1024, intermediate_size=4096, projection_dim=512, num_hidden_layers=23,
+                     num_attention_heads=16),
+    },
+}
+
+
+def write_clip_tokenizer(folder: str | os.PathLike, pad_token: str = "!") -> Path:
+    """Write an SD2-style ``tokenizer/`` folder (vocab.json, merges.txt, tokenizer_config.json, special tokens).
+
+    The vocabulary is CLIP's (49,408 entries, ids in OpenAI's order), rebuilt from the BPE merges file shipped in
+    ``dsdkit/assets`` exactly as OpenAI's ``SimpleTokenizer`` builds it.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    bpe_file = resources.files("dsdkit.assets").joinpath("bpe_simple_vocab_16e6.txt.gz")
+    with bpe_file.open("rb") as raw, gzip.open(raw) as handle:
+        lines = handle.read().decode("utf-8").split("\n")
+    merges = lines[1 : 49152 - 256 - 2 + 1]
+    base = list(bytes_to_unicode().values())
+    vocab_list = base + [token + "</w>" for token in base] + ["".join(m.split()) for m in merges]
+    vocab_list += ["<|startoftext|>", "<|endoftext|>"]
+    vocab = {token: index for index, token in enumerate(vocab_list)}
+    (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+    specials = {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>",
+                "pad_token": pad_token}
+    config = {"tokenizer_class": "CLIPTokenizer", "model_max_length": 77, "do_lower_case": True,
+              "clean_up_tokenization_spaces": True, "errors": "replace", **specials}
+    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
+    (folder / "special_tokens_map.json").write_text(json.dumps(specials, indent=2), encoding="utf-8")
+    return folder
+
+
+def write_tiny_model(folder: str | os.PathLike, size: str = "tiny", seed: int = 0, overwrite: bool = False) -> Path:
+    """Write a seeded random-weight model with SD2's architecture to ``folder``.
+
+    Args:
+        folder: where to write; must be absent or empty unless ``overwrite``.
+        size: ``"micro"``, ``"tiny"`` (default) or ``"full"``; see the module docstring.
+        seed: weights are a pure function of (size, seed, library versions).
+        overwrite: replace the files of an existing dsdkit test model in ``folder``.
+    """
+    if size not in SIZES:
+        raise ConfigError(f"unknown tiny-model size {size!r}; choose one of {', '.join(SIZES)}")
+    folder = Path(folder)
+    from .models import TEST_MODEL_MARKER
+
+    if folder.exists() and any(folder.iterdir()) and not (overwrite and (folder / TEST_MODEL_MARKER).is_file()):
+        raise OutputError(
+            f"{folder} exists and is not empty; choose a new folder (or --overwrite a folder made by dsdkit tiny-model)"
+        )
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    spec = SIZES[size]
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        in_channels=4,
+        out_channels=4,
+        flip_sin_to_cos=True,
+        freq_shift=0,
+        down_block_types=["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
+        mid_block_type="UNetMidBlock2DCrossAttn",
+        up_block_types=["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3,
+        downsample_padding=1,
+        act_fn="silu",
+        norm_num_groups=32,
+        norm_eps=1e-5,
+        use_linear_projection=True,
+        upcast_attention=False,
+        **spec["unet"],
+    )
+    torch.manual_seed(seed + 1)
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=["DownEncoderBlock2D"] * 4,
+        up_block_types=["UpDecoderBlock2D"] * 4,
+        latent_channels=4,
+        norm_num_groups=32,
+        scaling_factor=0.18215,
+        act_fn="silu",
+        **spec["vae"],
+    )
+    torch.manual_seed(seed + 2)
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=49408,
+            max_position_embeddings=77,
+            hidden_act="gelu",
+            layer_norm_eps=1e-5,
+            bos_token_id=49406,
+            eos_token_id=49407,
+            pad_token_id=1,
+            **spec["text"],
+        )
+    )
+    unet.save_pretrained(folder / "unet", safe_serialization=True)
+    vae.save_pretrained(folder / "vae", safe_serialization=True)
+    text_encoder.save_pretrained(folder / "text_encoder", safe_serialization=True)
+    write_clip_tokenizer(folder / "tokenizer")
+    (folder / "scheduler").mkdir(exist_ok=True)
+    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(_SCHEDULER, indent=2), encoding="utf-8")
+    model_index = {
+        "_class_name": "StableDiffusionPipeline",
+        "feature_extractor": [None, None],
+        "requires_safety_checker": False,
+        "safety_checker": [None, None],
+        "scheduler": ["diffusers", "PNDMScheduler"],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+    }
+    (folder / "model_index.json").write_text(json.dumps(model_index, indent=2), encoding="utf-8")
+    marker = {
+        "random_weights": True,
+        "size": size,
+        "seed": seed,
+        "note": "Random-weight model with Stable Diffusion 2's architecture, written by `dsdkit tiny-model` for "
+        "offline trials and tests. Its scores are meaningless. Use real SD2 weights for real matching.",
+    }
+    (folder / TEST_MODEL_MARKER).write_text(json.dumps(marker, indent=2), encoding="utf-8")
+    (folder / "README.md").write_text(
+        f"# dsdkit test model ({size}, seed {seed})\n\n{marker['note']}\n", encoding="utf-8"
+    )
+    logger.info("wrote a random-weight %s SD2-architecture model to %s (scores are meaningless)", size, folder)
+    return folder

@@ -1,0 +1,63 @@
+"""The one exception family of dsdkit.
+
+Every error a user can cause (a bad file, a missing model, an impossible option combination) is a
+:class:`DsdkitError` whose message is one line: what went wrong, where, and what to do about it. The CLI prints
+that line and exits with the class's ``exit_code``; ``--debug`` shows the traceback. Anything else that escapes
+is a bug in dsdkit.
+
+The family lives in the runtime package because the runtime is the bottom of the dependency chain
+(train -> core -> runtime) and must stay importable without torch; ``dsdkit.errors`` re-exports it.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "DsdkitError",
+    "ConfigError",
+    "InputError",
+    "ModelError",
+    "OutputError",
+    "EXIT_CODES",
+]
+
+
+class DsdkitError(Exception):
+    """Base class of every user-facing dsdkit error."""
+
+    exit_code = 1
+
+
+class ConfigError(DsdkitError):
+    """An option or option combination that cannot work (checked before any heavy work starts)."""
+
+    exit_code = 2
+
+
+class InputError(DsdkitError):
+    """A bad input file: an unreadable image, an empty or undecodable caption, a missing folder."""
+
+    exit_code = 3
+
+
+class ModelError(DsdkitError):
+    """Model weights that cannot be found or loaded, or a folder that is not an SD2-architecture model."""
+
+    exit_code = 4
+
+
+class OutputError(DsdkitError):
+    """A result that cannot be written (unknown format, unwritable folder, full disk)."""
+
+    exit_code = 5
+
+
+#: Documented process exit codes of the ``dsdkit`` command.
+EXIT_CODES = {
+    0: "success",
+    1: "unexpected internal error (a bug: rerun with --debug and report the traceback)",
+    ConfigError.exit_code: "invalid options or option combination",
+    InputError.exit_code: "bad input data (images, captions, dataset files)",
+    ModelError.exit_code: "model weights missing, unreadable or of the wrong architecture",
+    OutputError.exit_code: "results could not be written",
+    130: "interrupted (Ctrl-C)",
+}

@@ -1,0 +1,164 @@
+"""Image loading and preprocessing, without torch.
+
+One implementation for every backend: the PyTorch scorer and the ONNX/TensorRT runtime feed the VAE the exact
+same float32 pixels.
+
+Policy (DESIGN.md, scoring contract):
+- EXIF orientation is applied, so a photo is scored the way it is displayed.
+- Transparent pixels are composited on white; palette, grayscale, CMYK and 16-bit images become 8-bit RGB.
+- ``squash`` (default, as the authors' code) resizes to ``resolution x resolution`` ignoring the aspect ratio;
+  ``center-crop`` resizes the short side to ``resolution`` and crops the centre.
+- Bicubic resampling (the authors' PIL default), then ``x / 127.5 - 1`` to [-1, 1], channels first.
+"""
+
+from __future__ import annotations
+
+import os
+from enum import Enum
+from pathlib import Path
+from typing import Union
+
+import numpy as np
+
+from .errors import InputError
+
+__all__ = ["ResizeMode", "ImageInput", "load_image", "to_rgb", "preprocess_image", "describe"]
+
+
+class ResizeMode(str, Enum):
+    squash = "squash"
+    center_crop = "center-crop"
+
+
+ImageInput = Union[str, os.PathLike, "PIL.Image.Image", np.ndarray]  # noqa: F821
+
+
+def describe(image: ImageInput, index: int | None = None) -> str:
+    """A short name for an image in messages and result files."""
+    if isinstance(image, (str, os.PathLike)):
+        return str(image)
+    prefix = f"image #{index}" if index is not None else "image"
+    return f"{prefix} ({type(image).__name__})"
+
+
+def load_image(path: str | os.PathLike) -> PIL.Image.Image:  # noqa: F821
+    """Open an image file fully (decoding every byte now, so a truncated file fails here) as 8-bit RGB."""
+    from PIL import Image, UnidentifiedImageError
+
+    path = Path(path)
+    try:
+        with Image.open(path) as opened:
+            opened.load()
+            image = _exif_upright(opened)
+    except FileNotFoundError:
+        raise InputError(f"{path}: no such image file") from None
+    except IsADirectoryError:
+        raise InputError(f"{path}: is a folder, not an image") from None
+    except PermissionError:
+        raise InputError(f"{path}: permission denied; make the file readable") from None
+    except UnidentifiedImageError:
+        raise InputError(f"{path}: not a readable image (unknown or corrupt format)") from None
+    except Image.DecompressionBombError as exc:
+        raise InputError(f"{path}: image too large to decode safely ({exc})") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise InputError(f"{path}: image is truncated or corrupt ({exc})") from None
+    return to_rgb(image)
+
+
+def _exif_upright(image):
+    """A copy of ``image`` turned upright by its EXIF orientation tag (a broken EXIF block is ignored)."""
+    from PIL import ImageOps
+
+    try:
+        return ImageOps.exif_transpose(image)
+    except Exception:  # noqa: BLE001 - a damaged EXIF block must not make good pixels unreadable
+        return image.copy()
+
+
+def to_rgb(image: PIL.Image.Image) -> PIL.Image.Image:  # noqa: F821
+    """Convert any PIL mode to 8-bit RGB; alpha is composited on white."""
+    from PIL import Image
+
+    if image.mode == "RGB":
+        return image
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        array = np.asarray(image, dtype=np.float64)
+        peak = 65535.0 if array.max(initial=0) > 255 else 255.0
+        return Image.fromarray(np.clip(array / peak * 255.0 + 0.5, 0, 255).astype(np.uint8)).convert("RGB")
+    if image.mode == "F":
+        array = np.nan_to_num(np.asarray(image, dtype=np.float64))
+        lo, hi = float(array.min(initial=0)), float(array.max(initial=1))
+        scaled = (array - lo) / (hi - lo if hi > lo else 1.0) * 255.0
+        return Image.fromarray(np.clip(scaled + 0.5, 0, 255).astype(np.uint8)).convert("RGB")
+    if image.mode == "P":
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def _array_to_pil(array: np.ndarray, name: str):
+    from PIL import Image
+
+    array = np.asarray(array)
+    if array.ndim == 3 and array.shape[0] in (1, 3, 4) and array.shape[-1] not in (1, 3, 4):
+        array = np.moveaxis(array, 0, -1)  # CHW -> HWC
+    if array.ndim == 3 and array.shape[-1] == 1:
+        array = array[..., 0]
+    if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[-1] not in (3, 4)):
+        raise InputError(f"{name}: expected an HxW, HxWx3 or HxWx4 array, got shape {tuple(array.shape)}")
+    if array.size == 0:
+        raise InputError(f"{name}: empty array")
+    if np.issubdtype(array.dtype, np.floating):
+        if not np.isfinite(array).all():
+            raise InputError(f"{name}: array contains NaN or inf")
+        if array.min() < 0.0 or array.max() > 1.0:
+            raise InputError(f"{name}: float arrays must hold values in [0, 1], got [{array.min():g}, {array.max():g}]")
+        array = np.clip(array * 255.0 + 0.5, 0, 255).astype(np.uint8)
+    elif array.dtype == np.uint16:
+        array = (array.astype(np.uint32) * 255 // 65535).astype(np.uint8)
+    elif array.dtype != np.uint8:
+        if array.min() < 0 or array.max() > 255:
+            raise InputError(f"{name}: integer arrays must hold values in [0, 255]")
+        array = array.astype(np.uint8)
+    mode = {2: "L", 3: "RGB", 4: "RGBA"}[array.shape[-1] if array.ndim == 3 else 2]
+    return Image.fromarray(np.ascontiguousarray(array), mode=mode)
+
+
+def as_pil(image: ImageInput, index: int | None = None):
+    """Accept a path, a PIL image or a numpy array and return an 8-bit RGB PIL image."""
+    from PIL import Image
+
+    if isinstance(image, (str, os.PathLike)):
+        return load_image(image)
+    if isinstance(image, Image.Image):
+        return to_rgb(image)
+    if isinstance(image, np.ndarray):
+        return to_rgb(_array_to_pil(image, describe(image, index)))
+    raise InputError(f"{describe(image, index)}: expected a file path, a PIL image or a numpy array")
+
+
+def preprocess_image(
+    image: ImageInput, resolution: int, resize: ResizeMode | str = ResizeMode.squash, index: int | None = None
+) -> np.ndarray:
+    """Return ``float32[3, resolution, resolution]`` pixels in [-1, 1], ready for the VAE encoder."""
+    from PIL import Image
+
+    resize = ResizeMode(resize)
+    pil = as_pil(image, index)
+    width, height = pil.size
+    if width < 1 or height < 1:
+        raise InputError(f"{describe(image, index)}: image has no pixels ({width}x{height})")
+    if resize is ResizeMode.squash:
+        pil = pil.resize((resolution, resolution), Image.Resampling.BICUBIC)
+    else:
+        scale = resolution / min(width, height)
+        new_w, new_h = max(resolution, round(width * scale)), max(resolution, round(height * scale))
+        pil = pil.resize((new_w, new_h), Image.Resampling.BICUBIC)
+        left, top = (new_w - resolution) // 2, (new_h - resolution) // 2
+        pil = pil.crop((left, top, left + resolution, top + resolution))
+    pixels = np.asarray(pil, dtype=np.float32)
+    pixels = pixels / 127.5 - 1.0
+    return np.ascontiguousarray(pixels.transpose(2, 0, 1))
