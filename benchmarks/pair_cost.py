@@ -25,6 +25,16 @@ import time
 from pathlib import Path
 
 
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", help="model folder; default: write a random-weight model of --size to a temp dir")
@@ -79,7 +89,7 @@ def main(argv=None) -> int:
     record = {
         "benchmark": "pair_cost",
         "date": datetime.date.today().isoformat(),
-        "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),
+        "machine": {"platform": platform.platform(), "cpu": _cpu_name(), "cpus": os.cpu_count(),
                     "torch_threads": torch.get_num_threads(), "device": "cpu"},
         "versions": {"python": sys.version.split()[0], "torch": torch.__version__},
         "model": {"size": args.size if not args.model else "given", "resolution": model.resolution,

@@ -191,6 +191,7 @@ def match_command(
     timesteps: Annotated[int | None, typer.Option(help="S for the discffusion timestep table (default 30).")] = None,
     batch_size: Annotated[int, typer.Option(help="UNet batch size (scores do not depend on it).")] = 8,
     top_k: Annotated[int, typer.Option(help="Best captions per image / images per caption in JSON outputs.")] = 5,
+    per_layer: Annotated[bool, typer.Option(help="Also write each scored layer's attention term (JSON outputs).")] = False,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
     dtype: Annotated[DtypeChoice, typer.Option(help="UNet precision; scores are pooled in fp32.")] = DtypeChoice.fp32,
     pooling: Annotated[PoolingChoice | None, typer.Option(help="Override the preset's pooling.")] = None,
@@ -256,6 +257,7 @@ def match_command(
             device=device,
             dtype=dtype.value,
             progress=progress,
+            per_layer=per_layer,
         )
     _print_summary(result)
     if output is not None:

@@ -53,6 +53,7 @@ def match(
     device: str | None = None,
     dtype: str | None = None,
     progress: Callable[[int, int], Callable[[int], None]] | None = None,
+    per_layer: bool = False,
 ) -> MatchResult:
     """Score every image against every caption with the PyTorch scorer and optionally write a result file.
 
@@ -67,6 +68,7 @@ def match(
         device, dtype: where and in which precision the UNet runs (see :func:`dsdkit.load_model`).
         progress: ``progress(total, already_done) -> advance`` makes a progress reporter for a job of ``total``
             UNet evaluations; ``advance(n)`` is called as batches finish.
+        per_layer: keep the attention term of every scored layer (``[N, M, L]``) in the result and JSON outputs.
     """
     from .models import SD2Model, load_model
     from .scorer import Scorer
@@ -109,7 +111,13 @@ def match(
         "truncated_captions": truncated,
         "warnings": warnings,
     }
-    result = MatchResult(images=names, captions=caption_list, scores=output_scores.scores, meta=meta)
+    result = MatchResult(
+        images=names,
+        captions=caption_list,
+        scores=output_scores.scores,
+        meta=meta,
+        layer_scores=output_scores.layer_scores if per_layer else None,
+    )
     if output is not None:
         write_result(result, output, k=top_k)
         logger.info("wrote %s", output)

@@ -259,9 +259,10 @@ class Scorer:
             self._ensure_unconditional([image_encodings[i] for i in sorted(set(pairs[:, 0].tolist()))])
         layers, errors = self._conditional_terms(image_encodings, text_encodings, pairs)  # [P,K,L], [P,K]
 
-        attention = layers
+        # Terms are combined in float64 so the score is exactly the mean of the reported per-layer terms.
+        attention = layers.double()
         if cfg.uncond_in_attention or cfg.normalize is Normalization.uncond:
-            uncond = torch.stack([image_encodings[i].uncond_layers for i in pairs[:, 0]])  # [P, K, L]
+            uncond = torch.stack([image_encodings[i].uncond_layers for i in pairs[:, 0]]).double()  # [P, K, L]
             if cfg.uncond_in_attention:
                 # The authors' attention mean also runs over the unconditional half of the batch (their bug B3).
                 attention = 0.5 * (attention + uncond)
@@ -270,14 +271,14 @@ class Scorer:
         per_step = attention.mean(dim=-1)  # [P, K]
         denoise = None
         if cfg.denoise_term:
-            uncond_error = torch.stack([image_encodings[i].uncond_error for i in pairs[:, 0]])  # [P, K]
-            denoise = uncond_error - errors
+            uncond_error = torch.stack([image_encodings[i].uncond_error for i in pairs[:, 0]]).double()  # [P, K]
+            denoise = uncond_error - errors.double()
             per_step = per_step + denoise
-        scores = per_step.double().mean(dim=1)
+        scores = per_step.mean(dim=1)
         return ScoreOutput(
             scores=scores.cpu().numpy(),
-            layer_scores=attention.double().mean(dim=1).cpu().numpy(),
-            denoise=None if denoise is None else denoise.double().mean(dim=1).cpu().numpy(),
+            layer_scores=attention.mean(dim=1).cpu().numpy(),
+            denoise=None if denoise is None else denoise.mean(dim=1).cpu().numpy(),
             layer_names=list(self.layer_names),
             timesteps=list(self.timesteps),
             truncated=[e.tokens.truncated for e in text_encodings],

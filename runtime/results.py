@@ -31,12 +31,15 @@ class MatchResult:
         scores: ``float[N, M]``; higher means a better match. Values are only comparable under one model and one
             scoring config; see ``meta["scoring"]``.
         meta: provenance written next to the numbers (model, scoring config, versions, warnings).
+        layer_scores: optional ``float[N, M, L]`` attention term per scored layer (``meta["layers"]`` names them);
+            written to JSON/JSONL outputs when present.
     """
 
     images: list[str]
     captions: list[str]
     scores: np.ndarray
     meta: dict[str, Any] = field(default_factory=dict)
+    layer_scores: np.ndarray | None = None
 
     def __post_init__(self):
         self.scores = np.asarray(self.scores, dtype=np.float64)
@@ -90,6 +93,9 @@ def write_result(result: MatchResult, path: str | os.PathLike, k: int = 5) -> Pa
             }
             for i, name in enumerate(result.images)
         ]
+        if result.layer_scores is not None:
+            for i, record in enumerate(image_records):
+                record["layer_scores"] = [[_finite(v) for v in pair] for pair in result.layer_scores[i]]
         caption_records = [
             {
                 "caption": caption,
@@ -103,6 +109,11 @@ def write_result(result: MatchResult, path: str | os.PathLike, k: int = 5) -> Pa
                 "images": result.images,
                 "captions": result.captions,
                 "scores": [[_finite(v) for v in row] for row in result.scores],
+                **(
+                    {"layer_scores": [r["layer_scores"] for r in image_records]}
+                    if result.layer_scores is not None
+                    else {}
+                ),
                 "top_k": {
                     "k": k,
                     # the matrix is already under "scores"; the per-image lists carry only the ranking

@@ -64,10 +64,16 @@ def test_match_knobs_reach_the_config(runner, job, tmp_path, tiny_model_dir):
     out = tmp_path / "paper.json"
     result = runner.invoke(
         app, ["match", str(images), str(captions), "--model", str(tiny_model_dir), "--preset", "paper",
-              "--noise-levels", "0.5", "--lambda", "3", "--tokens", "words", "--normalize", "none", "-o", str(out)]
+              "--noise-levels", "0.5", "--lambda", "3", "--tokens", "words", "--normalize", "none", "--per-layer",
+              "-o", str(out)]
     )
     assert result.exit_code == 0, result.output
-    scoring = json.loads(out.read_text())["meta"]["scoring"]
+    document = json.loads(out.read_text())
+    layer_scores = np.array(document["layer_scores"])
+    assert layer_scores.shape == (3, 4, 16)  # the paper preset scores all 16 cross-attention layers
+    # Without the denoising term a score is the mean of its layers' attention terms.
+    np.testing.assert_allclose(layer_scores.mean(-1), np.array(document["scores"]), atol=1e-9)
+    scoring = document["meta"]["scoring"]
     assert scoring["preset"] == "paper" and scoring["noise_levels"] == [0.5] and scoring["lse_lambda"] == 3.0
     assert scoring["tokens"] == "words" and scoring["heads"] == "dynamic" and scoring["layers"] == "all"
 
