@@ -17,6 +17,10 @@ from typing import Annotated
 import typer
 
 from . import __version__
+
+# The config module and its enums are light (no torch), so the CLI's choices are the library's own enums.
+from .config import PRESETS, HeadWeighting, LayerSet, Normalization, Pooling, ResizeMode, TimestepSchedule, TokenSet
+from .models import Precision
 from .runtime.errors import EXIT_CODES, DsdkitError
 
 app = typer.Typer(
@@ -100,58 +104,13 @@ def cli_errors(command):
 # -- option types ---------------------------------------------------------------------------------------------
 
 
-class PresetName(str, Enum):
-    discffusion = "discffusion"
-    paper = "paper"
+PresetName = Enum("PresetName", {name: name for name in PRESETS}, type=str)
 
 
 class TinySize(str, Enum):
     micro = "micro"
     tiny = "tiny"
     full = "full"
-
-
-# Choices are spelled out here (not imported) so that building the CLI imports nothing heavy.
-class PoolingChoice(str, Enum):
-    text_lse = "text-lse"
-    image_lse = "image-lse"
-
-
-class TokensChoice(str, Enum):
-    all = "all"
-    words_eos = "words-eos"
-    words = "words"
-
-
-class LayersChoice(str, Enum):
-    last = "last"
-    all = "all"
-
-
-class HeadsChoice(str, Enum):
-    uniform = "uniform"
-    dynamic = "dynamic"
-
-
-class ScheduleChoice(str, Enum):
-    discffusion = "discffusion"
-    noise_levels = "noise-levels"
-
-
-class NormalizeChoice(str, Enum):
-    none = "none"
-    uncond = "uncond"
-
-
-class ResizeChoice(str, Enum):
-    squash = "squash"
-    center_crop = "center-crop"
-
-
-class DtypeChoice(str, Enum):
-    fp32 = "fp32"
-    fp16 = "fp16"
-    bf16 = "bf16"
 
 
 def _value(option):
@@ -187,19 +146,19 @@ def match_command(
     output: Annotated[
         Path | None, typer.Option("--output", "-o", help="Result file: .csv (matrix), .json or .jsonl (matrix + top-k).")
     ] = None,
-    preset: Annotated[PresetName, typer.Option(help="Scoring preset (DESIGN.md).")] = PresetName.discffusion,
+    preset: Annotated[PresetName, typer.Option(help="Scoring preset (DESIGN.md).")] = PresetName("discffusion"),
     timesteps: Annotated[int | None, typer.Option(help="S for the discffusion timestep table (default 30).")] = None,
     batch_size: Annotated[int, typer.Option(help="UNet batch size (scores do not depend on it).")] = 8,
     top_k: Annotated[int, typer.Option(help="Best captions per image / images per caption in JSON outputs.")] = 5,
     per_layer: Annotated[bool, typer.Option(help="Also write each scored layer's attention term (JSON outputs).")] = False,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
-    dtype: Annotated[DtypeChoice, typer.Option(help="UNet precision; scores are pooled in fp32.")] = DtypeChoice.fp32,
-    pooling: Annotated[PoolingChoice | None, typer.Option(help="Override the preset's pooling.")] = None,
+    dtype: Annotated[Precision, typer.Option(help="UNet precision; scores are pooled in fp32.")] = Precision.fp32,
+    pooling: Annotated[Pooling | None, typer.Option(help="Override the preset's pooling.")] = None,
     lse_lambda: Annotated[float | None, typer.Option("--lambda", help="LogSumExp temperature λ.")] = None,
-    tokens: Annotated[TokensChoice | None, typer.Option(help="Which text positions are pooled.")] = None,
-    layers: Annotated[LayersChoice | None, typer.Option(help="Which cross-attention layers are scored.")] = None,
-    heads: Annotated[HeadsChoice | None, typer.Option(help="Head weighting.")] = None,
-    schedule: Annotated[ScheduleChoice | None, typer.Option(help="Timestep schedule.")] = None,
+    tokens: Annotated[TokenSet | None, typer.Option(help="Which text positions are pooled.")] = None,
+    layers: Annotated[LayerSet | None, typer.Option(help="Which cross-attention layers are scored.")] = None,
+    heads: Annotated[HeadWeighting | None, typer.Option(help="Head weighting.")] = None,
+    schedule: Annotated[TimestepSchedule | None, typer.Option(help="Timestep schedule.")] = None,
     noise_levels: Annotated[
         str | None, typer.Option(help="Comma-separated noise levels for --schedule noise-levels, e.g. 0.2,0.4.")
     ] = None,
@@ -211,9 +170,9 @@ def match_command(
         typer.Option("--uncond-in-attention/--no-uncond-in-attention", help="Mix empty-caption rows in (authors' B3)."),
     ] = None,
     normalize: Annotated[
-        NormalizeChoice | None, typer.Option(help="uncond: subtract the empty caption's score (for ranking images).")
+        Normalization | None, typer.Option(help="uncond: subtract the empty caption's score (for ranking images).")
     ] = None,
-    resize: Annotated[ResizeChoice | None, typer.Option(help="squash (default) or center-crop.")] = None,
+    resize: Annotated[ResizeMode | None, typer.Option(help="squash (default) or center-crop.")] = None,
     resolution: Annotated[int | None, typer.Option(help="Image size fed to the VAE; default: the model's.")] = None,
     seed: Annotated[int | None, typer.Option(help="Seed of the fixed noise bank.")] = None,
 ) -> None:
