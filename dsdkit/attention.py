@@ -106,68 +106,115 @@ class Recorder:
         return torch.stack([self.scores[i] for i in range(len(self.layer_names))], dim=-1)
 
 
-class ScoringAttnProcessor:
-    """Explicit cross-attention that records its scaled logits and probabilities.
+class _AdaptedProjections:
+    """Shared by the processors: the attention's own projections plus an adapter's deltas, if any."""
 
-    Numerically the layer's output is the default attention's (``softmax(QKᵀ·scale) V``), with the logits and
-    softmax in fp32 so fp16/bf16 UNets score in fp32 ("fp32 islands").
-    """
+    def __init__(self, name: str, adapter=None):
+        self.name = name
+        self.adapter = adapter
 
-    def __init__(self, index: int, recorder: Recorder):
-        self.index = index
-        self.recorder = recorder
+    def project(self, layer, projection: str, inputs: torch.Tensor) -> torch.Tensor:
+        out = layer(inputs)
+        if self.adapter is not None:
+            delta = self.adapter.delta(self.name, projection, inputs)
+            if delta is not None:
+                out = out + delta
+        return out
 
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
-        residual = hidden_states
+    def prepare(self, attn, hidden_states, encoder_hidden_states, temb):
+        """The input handling of diffusers' AttnProcessor2_0, step for step."""
         if attn.spatial_norm is not None:
             hidden_states = attn.spatial_norm(hidden_states, temb)
-        input_ndim = hidden_states.ndim
-        if input_ndim == 4:
-            batch, channels, height, width = hidden_states.shape
-            hidden_states = hidden_states.view(batch, channels, height * width).transpose(1, 2)
+        shape = None
+        if hidden_states.ndim == 4:
+            shape = hidden_states.shape
+            hidden_states = hidden_states.view(shape[0], shape[1], shape[2] * shape[3]).transpose(1, 2)
         if attn.group_norm is not None:
             hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+        query = self.project(attn.to_q, "q", hidden_states)
         if encoder_hidden_states is None:
-            raise RuntimeError("ScoringAttnProcessor is for cross-attention (attn2) layers only")
-        if attn.norm_cross:
+            encoder_hidden_states = hidden_states
+        elif attn.norm_cross:
             encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
-
+        key = self.project(attn.to_k, "k", encoder_hidden_states)
+        value = self.project(attn.to_v, "v", encoder_hidden_states)
         batch = hidden_states.shape[0]
-        query = attn.to_q(hidden_states)
-        key = attn.to_k(encoder_hidden_states)
-        value = attn.to_v(encoder_hidden_states)
         head_dim = key.shape[-1] // attn.heads
-        query = query.view(batch, -1, attn.heads, head_dim).transpose(1, 2)  # [B, H, n, d]
-        key = key.view(batch, -1, attn.heads, head_dim).transpose(1, 2)  # [B, H, T, d]
-        value = value.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
+        heads = [t.view(batch, -1, attn.heads, head_dim).transpose(1, 2) for t in (query, key, value)]
+        return heads, shape
 
-        logits = torch.matmul(query.float(), key.float().transpose(-1, -2)) * attn.scale
-        probs = torch.softmax(logits, dim=-1)
-        self.recorder.record(self.index, logits, probs)
-
-        hidden_states = torch.matmul(probs.to(value.dtype), value)
-        hidden_states = hidden_states.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim)
-        hidden_states = attn.to_out[0](hidden_states)
+    def finish(self, attn, hidden_states, residual, shape):
+        batch, heads, _, head_dim = hidden_states.shape
+        hidden_states = hidden_states.transpose(1, 2).reshape(batch, -1, heads * head_dim)
+        hidden_states = self.project(attn.to_out[0], "out", hidden_states)
         hidden_states = attn.to_out[1](hidden_states)
-        if input_ndim == 4:
-            hidden_states = hidden_states.transpose(-1, -2).reshape(batch, channels, height, width)
+        if shape is not None:
+            hidden_states = hidden_states.transpose(-1, -2).reshape(shape)
         if attn.residual_connection:
             hidden_states = hidden_states + residual
         return hidden_states / attn.rescale_output_factor
 
 
+class ScoringAttnProcessor(_AdaptedProjections):
+    """Explicit cross-attention that records its scaled logits and probabilities.
+
+    Numerically the layer's output is the default attention's (``softmax(QKᵀ·scale) V``), with the logits and
+    softmax in fp32 so fp16/bf16 UNets score in fp32 ("fp32 islands"). An adapter's deltas, if given, are added
+    to the projections.
+    """
+
+    def __init__(self, index: int, recorder: Recorder, name: str = "", adapter=None):
+        super().__init__(name, adapter)
+        self.index = index
+        self.recorder = recorder
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
+        if encoder_hidden_states is None:
+            raise RuntimeError("ScoringAttnProcessor is for cross-attention (attn2) layers only")
+        residual = hidden_states
+        (query, key, value), shape = self.prepare(attn, hidden_states, encoder_hidden_states, temb)
+        logits = torch.matmul(query.float(), key.float().transpose(-1, -2)) * attn.scale
+        probs = torch.softmax(logits, dim=-1)
+        self.recorder.record(self.index, logits, probs)
+        hidden_states = torch.matmul(probs.to(value.dtype), value)
+        return self.finish(attn, hidden_states, residual, shape)
+
+
+class AdaptedAttnProcessor(_AdaptedProjections):
+    """diffusers' SDPA attention with an adapter's deltas on the projections (LoRA on unscored layers)."""
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
+        residual = hidden_states
+        (query, key, value), shape = self.prepare(attn, hidden_states, encoder_hidden_states, temb)
+        if attention_mask is not None:
+            batch, length = value.shape[0], value.shape[2]
+            attention_mask = attn.prepare_attention_mask(attention_mask, length, batch)
+            attention_mask = attention_mask.view(batch, attn.heads, -1, attention_mask.shape[-1])
+        hidden_states = torch.nn.functional.scaled_dot_product_attention(
+            query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False
+        ).to(query.dtype)
+        return self.finish(attn, hidden_states, residual, shape)
+
+
 @contextlib.contextmanager
-def scoring_processors(unet, recorder: Recorder) -> Iterator[Recorder]:
-    """Install scoring processors on ``recorder.layer_names`` for the duration of the block, then restore."""
+def scoring_processors(unet, recorder: Recorder, adapter=None) -> Iterator[Recorder]:
+    """Install scoring processors on ``recorder.layer_names`` (and the adapter's processors on the other layers it
+    touches) for the duration of the block, then restore the originals."""
     originals = dict(unet.attn_processors)
     wanted = {f"{name}.processor": i for i, name in enumerate(recorder.layer_names)}
     unknown = set(wanted) - set(originals)
     if unknown:
         raise ModelError(f"the UNet has no attention layer(s) {sorted(unknown)}")
-    processors = {
-        name: ScoringAttnProcessor(wanted[name], recorder) if name in wanted else processor
-        for name, processor in originals.items()
-    }
+    adapted = {f"{name}.processor" for name in (adapter.layer_names if adapter is not None else [])}
+    processors = {}
+    for name, processor in originals.items():
+        module = name.removesuffix(".processor")
+        if name in wanted:
+            processors[name] = ScoringAttnProcessor(wanted[name], recorder, module, adapter)
+        elif name in adapted:
+            processors[name] = AdaptedAttnProcessor(module, adapter)
+        else:
+            processors[name] = processor
     unet.set_attn_processor(processors)
     try:
         yield recorder

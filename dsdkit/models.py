@@ -251,9 +251,13 @@ def load_model(
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
 
-    # Loading is quick; per-shard progress bars from the upstream libraries would only clutter our output.
+    # Loading is quick; per-shard progress bars and hints from the upstream libraries would only clutter our output.
+    # They configure their loggers on first import, so this has to happen here, after the imports.
     diffusers_logging.disable_progress_bar()
     transformers_logging.disable_progress_bar()
+    if logging.getLogger("dsdkit").getEffectiveLevel() > logging.DEBUG:
+        diffusers_logging.set_verbosity_error()
+        transformers_logging.set_verbosity_error()
     is_test_model = (folder / TEST_MODEL_MARKER).is_file()
     logger.info("loading %s from %s on %s (%s UNet)", source, folder, torch_device, precision.value)
     try:

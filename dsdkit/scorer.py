@@ -31,7 +31,7 @@ from .runtime.images import ImageInput, describe, preprocess_image
 from .runtime.tokenizer import TokenizedText
 from .schedule import noise_bank, timesteps_for
 
-__all__ = ["Scorer", "ScoreOutput", "ImageEncoding", "TextEncoding"]
+__all__ = ["Scorer", "ScoreOutput", "ImageEncoding", "TextEncoding", "unet_pass"]
 
 logger = logging.getLogger(__name__)
 
@@ -89,6 +89,7 @@ class Scorer:
         model: from :func:`dsdkit.load_model`.
         config: how to score; defaults to the ``discffusion`` preset.
         batch_size: UNet batch (pairs x timesteps packed together). Scores do not depend on it.
+        adapter: a trained (or fresh) adapter from :mod:`dsdkit.adapters`; ``None`` scores zero-shot.
         progress: called as ``progress(n)`` after each UNet batch with the n sample-evaluations it ran; see
             :meth:`planned_evaluations` for the total of a job.
     """
@@ -99,8 +100,10 @@ class Scorer:
         config: ScoringConfig | None = None,
         batch_size: int | None = None,
         progress: ProgressCallback | None = None,
+        adapter=None,
     ):
         self.model = model
+        self.adapter = adapter
         self.config = config or ScoringConfig()
         self.batch_size = int(batch_size or 8)
         if self.batch_size < 1:
@@ -329,7 +332,7 @@ class Scorer:
         step_of = torch.arange(num_steps).repeat(num_groups)
         layers = torch.empty(total, len(self.layer_names), device=self.model.device)
         errors = torch.empty(total, device=self.model.device)
-        with scoring_processors(self.model.unet, self._recorder):
+        with scoring_processors(self.model.unet, self._recorder, self.adapter):
             for start in range(0, total, self.batch_size):
                 sl = slice(start, min(start + self.batch_size, total))
                 latents, states, masks = batch(sl)
@@ -339,22 +342,53 @@ class Scorer:
 
     def _unet_pass(self, latents, steps, states, masks):
         """One batched UNet evaluation at per-sample timesteps; returns layer scores [B, L] and ‖ε − ε̂‖₂ [B]."""
-        device, dtype = self.model.device, self.model.precision.torch_dtype
-        steps = steps.to(device)
-        signal = self._signal[steps].view(-1, 1, 1, 1)
-        noise_scale = self._noise_scale[steps].view(-1, 1, 1, 1)
-        noise = self.noise[steps]
-        noisy = signal * latents + noise_scale * noise
-        self._recorder.reset(masks)
-        output = self.model.unet(
-            noisy.to(dtype), self._timestep_tensor[steps], encoder_hidden_states=states.to(dtype)
-        ).sample.float()
-        if self.model.prediction_type == "v_prediction":
-            output = signal * output + noise_scale * noisy  # ε = sqrt(ā) v + sqrt(1 - ā) x_t
-        error = (noise - output).flatten(1).norm(dim=1)
+        steps = steps.to(self.model.device)
+        result = unet_pass(
+            self.model,
+            self._recorder,
+            latents,
+            self._signal[steps],
+            self._noise_scale[steps],
+            self.noise[steps],
+            self._timestep_tensor[steps],
+            states,
+            masks,
+            self.adapter,
+        )
         self._evaluations += latents.shape[0]
-        return self._recorder.layer_scores(), error
+        return result
 
     def _report(self, advance: int) -> None:
         if self.progress is not None:
             self.progress(advance)
+
+
+def unet_pass(model: SD2Model, recorder, latents, signal, noise_scale, noise, timesteps, states, masks, adapter=None):
+    """The scoring forward on one batch, differentiable (the trainer calls it with gradients on).
+
+    Args:
+        model: the frozen SD2 model; its UNet must carry the processors of :func:`scoring_processors`.
+        recorder: the :class:`~dsdkit.attention.Recorder` those processors report to.
+        latents: ``z0`` ``float32[B, C, h, w]``.
+        signal, noise_scale: ``sqrt(ā_t)`` and ``sqrt(1 - ā_t)`` per sample, ``float32[B]``.
+        noise: ``ε`` ``float32[B, C, h, w]``.
+        timesteps: ``int64[B]``.
+        states, masks: text states ``[B, T, D]`` and kept-token masks ``[B, T]``.
+        adapter: optional adapter; a conditioned one gets each sample's image feature.
+
+    Returns:
+        ``(layer_scores float32[B, L], ‖ε − ε̂(x_t, c)‖₂ float32[B])``.
+    """
+    from .adapters import image_feature
+
+    signal, noise_scale = signal.view(-1, 1, 1, 1), noise_scale.view(-1, 1, 1, 1)
+    noisy = signal * latents + noise_scale * noise
+    recorder.reset(masks)
+    if adapter is not None and adapter.conditioned:
+        adapter.set_condition(image_feature(latents, adapter.config.feature_grid))
+    dtype = model.precision.torch_dtype
+    output = model.unet(noisy.to(dtype), timesteps, encoder_hidden_states=states.to(dtype)).sample.float()
+    if model.prediction_type == "v_prediction":
+        output = signal * output + noise_scale * noisy  # ε = sqrt(ā) v + sqrt(1 - ā) x_t
+    error = (noise - output).flatten(1).norm(dim=1)
+    return recorder.layer_scores(), error

@@ -40,20 +40,26 @@ _SCHEDULER = {
     "steps_offset": 1,
 }
 
+# "groups" is GroupNorm's group count. SD2 normalises 320 channels in 32 groups (10 channels each); with the small
+# models' 32 channels, 32 groups would be instance norm, which erases the per-channel statistics (a flat colour, say)
+# that SD2 keeps. 8 groups keep several channels per group, as in SD2.
 SIZES = {
     "micro": {
+        "groups": 8,
         "unet": dict(sample_size=16, block_out_channels=[32, 32, 64, 64], attention_head_dim=[1, 1, 2, 2],
                      cross_attention_dim=32, layers_per_block=1),
         "vae": dict(block_out_channels=[32, 32, 32, 32], layers_per_block=1, sample_size=128),
         "text": dict(hidden_size=32, intermediate_size=64, projection_dim=32, num_hidden_layers=2, num_attention_heads=2),
     },
     "tiny": {
+        "groups": 8,
         "unet": dict(sample_size=16, block_out_channels=[32, 64, 128, 128], attention_head_dim=[1, 2, 4, 4],
                      cross_attention_dim=64, layers_per_block=2),
         "vae": dict(block_out_channels=[32, 32, 64, 64], layers_per_block=1, sample_size=128),
         "text": dict(hidden_size=64, intermediate_size=128, projection_dim=64, num_hidden_layers=2, num_attention_heads=2),
     },
     "full": {
+        "groups": 32,
         "unet": dict(sample_size=64, block_out_channels=[320, 640, 1280, 1280], attention_head_dim=[5, 10, 20, 20],
                      cross_attention_dim=1024, layers_per_block=2),
         "vae": dict(block_out_channels=[128, 256, 512, 512], layers_per_block=2, sample_size=512),
@@ -90,6 +96,28 @@ def write_clip_tokenizer(folder: str | os.PathLike, pad_token: str = "!") -> Pat
     return folder
 
 
+def _calibrate_latent_scale(vae, seed: int) -> None:
+    """Set the VAE's scaling factor so latents have unit standard deviation, as SD's 0.18215 does for real images.
+
+    A random VAE's latents are tiny (std ~0.03); with SD's factor the image would vanish under the noise of every
+    timestep and no adapter could learn anything from it. Calibrated on seeded synthetic images (flat colours,
+    gradients, noise) at the VAE's sample size.
+    """
+    import numpy as np
+    import torch
+
+    rng = np.random.default_rng(seed)
+    size = int(vae.config.sample_size)
+    images = [np.broadcast_to(rng.uniform(-1, 1, (3, 1, 1)), (3, size, size)) for _ in range(4)]
+    ramp = np.linspace(-1, 1, size)
+    images += [np.stack([ramp[None, :].repeat(size, 0), ramp[:, None].repeat(size, 1), -ramp[None, :].repeat(size, 0)])]
+    images += [rng.uniform(-1, 1, (3, size, size)) for _ in range(3)]
+    batch = torch.tensor(np.stack(images), dtype=torch.float32)
+    with torch.no_grad():
+        std = float(vae.encode(batch).latent_dist.mean.std())
+    vae.register_to_config(scaling_factor=round(1.0 / std, 6))
+
+
 def write_tiny_model(folder: str | os.PathLike, size: str = "tiny", seed: int = 0, overwrite: bool = False) -> Path:
     """Write a seeded random-weight model with SD2's architecture to ``folder``.
 
@@ -112,6 +140,11 @@ def write_tiny_model(folder: str | os.PathLike, size: str = "tiny", seed: int = 
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
     spec = SIZES[size]
     folder.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
@@ -125,7 +158,7 @@ def write_tiny_model(folder: str | os.PathLike, size: str = "tiny", seed: int = 
         up_block_types=["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3,
         downsample_padding=1,
         act_fn="silu",
-        norm_num_groups=32,
+        norm_num_groups=spec["groups"],
         norm_eps=1e-5,
         use_linear_projection=True,
         upcast_attention=False,
@@ -138,11 +171,12 @@ def write_tiny_model(folder: str | os.PathLike, size: str = "tiny", seed: int = 
         down_block_types=["DownEncoderBlock2D"] * 4,
         up_block_types=["UpDecoderBlock2D"] * 4,
         latent_channels=4,
-        norm_num_groups=32,
+        norm_num_groups=spec["groups"],
         scaling_factor=0.18215,
         act_fn="silu",
         **spec["vae"],
     )
+    _calibrate_latent_scale(vae, seed)
     torch.manual_seed(seed + 2)
     text_encoder = CLIPTextModel(
         CLIPTextConfig(
