@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
@@ -48,6 +49,8 @@ __all__ = [
     "save_adapter",
     "load_adapter",
     "read_adapter_header",
+    "read_tensors_safely",
+    "import_discffusion_lora",
     "ADAPTER_FORMAT",
 ]
 
@@ -380,3 +383,67 @@ def load_adapter(
         raise ModelError(f"{path}: the adapter's layers do not exist in this UNet; it belongs to another architecture")
     adapter.load_flat_state({k: v.to(model.device) for k, v in load_file(str(path)).items()})
     return adapter, trained
+
+
+# -- the authors' released LoRA checkpoints -----------------------------------------------------------------------
+
+_DISCFFUSION_KEY = re.compile(
+    r"^(?P<module>.+)\.processor\.(?P<projection>to_q|to_k|to_v|to_out)_lora\.(?P<factor>down|up)\.weight$"
+)
+
+
+def read_tensors_safely(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Tensors from a ``.safetensors`` file, or from a PyTorch ``.bin`` through torch's weights-only unpickler,
+    which rebuilds tensors and plain containers and refuses anything else (no pickled code runs)."""
+    import pickle
+
+    path = Path(path)
+    if not path.is_file():
+        raise ModelError(f"{path}: no such file")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path))
+        except Exception as exc:  # noqa: BLE001
+            raise ModelError(f"{path}: not a readable safetensors file ({type(exc).__name__})") from None
+    try:
+        tensors = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        blocked = re.search(r"GLOBAL ([\w.]+)", str(exc))
+        if blocked is None:  # not a refusal: the bytes are simply not a checkpoint
+            raise ModelError(f"{path}: not a readable PyTorch checkpoint (damaged or another format)") from None
+        raise ModelError(
+            f"{path}: refused: the file references {blocked[1]}, not just tensors; dsdkit never executes pickled "
+            "code. Only load checkpoints you trust, converted to safetensors"
+        ) from None
+    except Exception as exc:  # noqa: BLE001 - truncated zip, wrong format, ...
+        raise ModelError(f"{path}: not a readable PyTorch checkpoint ({type(exc).__name__})") from None
+    if not isinstance(tensors, dict) or not all(isinstance(v, torch.Tensor) for v in tensors.values()):
+        raise ModelError(f"{path}: expected a flat dict of tensors (a LoRA state dict)")
+    return tensors
+
+
+def import_discffusion_lora(path: str | os.PathLike, model, scoring: ScoringConfig | None = None) -> LoRAAdapter:
+    """Convert the authors' ``pytorch_model.bin`` (rank-4 LoRA on every attention's q/k/v/out, keys
+    ``{block}.attentions.{i}.transformer_blocks.0.{attn1|attn2}.processor.{to_q|to_k|to_v|to_out}_lora.{down|up}.weight``)
+    into a :class:`LoRAAdapter` for ``model``."""
+    tensors = read_tensors_safely(path)
+    mapped: dict[str, torch.Tensor] = {}
+    unknown = []
+    for key, value in tensors.items():
+        match = _DISCFFUSION_KEY.match(key)
+        if match is None:
+            unknown.append(key)
+            continue
+        projection = match["projection"].removeprefix("to_")
+        mapped[f"{match['module']}.{projection}.{match['factor']}"] = value.float()
+    if unknown:
+        raise ModelError(f"{path}: {len(unknown)} key(s) are not Discffusion LoRA weights (e.g. {unknown[0]})")
+    downs = [v for k, v in mapped.items() if k.endswith(".down")]
+    if not downs:
+        raise ModelError(f"{path}: no LoRA weights found")
+    rank = downs[0].shape[0]
+    adapter = create_adapter(model, scoring or ScoringConfig(), AdapterConfig(kind=AdapterKind.lora, rank=rank))
+    adapter.load_flat_state({k: v.to(model.device) for k, v in mapped.items()})
+    return adapter

@@ -135,6 +135,21 @@ def tiny_model(
     typer.echo(f"wrote {size.value} random-weight SD2-architecture model to {folder} (for testing: scores are meaningless)")
 
 
+@app.command("tiny-data")
+@cli_errors
+def tiny_data(
+    folder: Annotated[Path, typer.Argument(help="Where to write images/ and data.jsonl.")],
+    train: Annotated[int, typer.Option(help="Training examples.")] = 256,
+    test: Annotated[int, typer.Option(help="Held-out examples.")] = 100,
+    seed: Annotated[int, typer.Option(help="Seed of the generated images.")] = 0,
+) -> None:
+    """Write a synthetic task (coloured shapes vs. colour captions) for trying training offline."""
+    from .synthetic import write_colour_shapes
+
+    path = write_colour_shapes(folder, train=train, test=test, seed=seed)
+    typer.echo(f"wrote {path} ({train} train + {test} test examples: which of 4 colour captions fits each shape)")
+
+
 @app.command("match")
 @cli_errors
 def match_command(
@@ -151,6 +166,7 @@ def match_command(
     batch_size: Annotated[int, typer.Option(help="UNet batch size (scores do not depend on it).")] = 8,
     top_k: Annotated[int, typer.Option(help="Best captions per image / images per caption in JSON outputs.")] = 5,
     per_layer: Annotated[bool, typer.Option(help="Also write each scored layer's attention term (JSON outputs).")] = False,
+    adapters: Annotated[Path | None, typer.Option(help="Adapter file from `dsdkit train` (default: zero-shot).")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
     dtype: Annotated[Precision, typer.Option(help="UNet precision; scores are pooled in fp32.")] = Precision.fp32,
     pooling: Annotated[Pooling | None, typer.Option(help="Override the preset's pooling.")] = None,
@@ -217,10 +233,204 @@ def match_command(
             dtype=dtype.value,
             progress=progress,
             per_layer=per_layer,
+            adapters=adapters,
         )
     _print_summary(result)
     if output is not None:
         typer.echo(f"wrote {len(result.images)} x {len(result.captions)} scores to {output}")
+
+
+def parse_knobs(values: list[str] | None) -> dict:
+    """``--set knob=value`` pairs as scoring-config overrides (numbers, true/false and comma lists are parsed)."""
+    from .errors import ConfigError
+
+    knobs = {}
+    for item in values or []:
+        name, sep, raw = item.partition("=")
+        name = name.strip().replace("-", "_")
+        if not sep or not name:
+            raise ConfigError(f"--set {item!r}: expected knob=value, e.g. --set lse_lambda=3")
+        raw = raw.strip()
+        if name == "noise_levels":
+            try:
+                knobs[name] = tuple(float(v) for v in raw.split(",") if v.strip())
+            except ValueError:
+                raise ConfigError(f"--set {item!r}: noise levels are numbers, e.g. 0.2,0.4") from None
+            continue
+        lowered = raw.lower()
+        if lowered in ("true", "false", "on", "off"):
+            knobs[name] = lowered in ("true", "on")
+            continue
+        try:
+            knobs[name] = int(raw)
+        except ValueError:
+            try:
+                knobs[name] = float(raw)
+            except ValueError:
+                knobs[name] = raw
+    return knobs
+
+
+class AdapterChoice(str, Enum):
+    kv_prompt = "kv-prompt"
+    lora = "lora"
+
+
+class LossChoice(str, Enum):
+    ce = "ce"
+    bce = "bce"
+    hinge = "hinge"
+
+
+class FormatChoice(str, Enum):
+    auto = "auto"
+    jsonl = "jsonl"
+    comvg = "comvg"
+    sugarcrepe = "sugarcrepe"
+    winoground = "winoground"
+    refcocog = "refcocog"
+    vqa = "vqa"
+
+
+SetOption = Annotated[
+    list[str] | None,
+    typer.Option("--set", help="Any scoring knob as knob=value (repeatable), e.g. --set lse_lambda=3 --set tokens=all."),
+]
+
+
+@app.command("train")
+@cli_errors
+def train_command(
+    data: Annotated[Path, typer.Argument(help="Dataset file (JSONL, ComVG CSV, SugarCrepe JSON, Winoground, RefCOCOg).")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Run folder (checkpoints, final adapter).")] = Path("dsd-run"),
+    model: Annotated[str | None, typer.Option(help="SD2 folder or hub id.")] = None,
+    data_format: Annotated[FormatChoice, typer.Option("--format", help="Dataset format.")] = FormatChoice.auto,
+    image_root: Annotated[Path | None, typer.Option(help="Folder image paths are relative to.")] = None,
+    adapter: Annotated[AdapterChoice, typer.Option(help="Adapter kind.")] = AdapterChoice.kv_prompt,
+    rank: Annotated[int | None, typer.Option(help="Adapter rank (default 8 kv-prompt, 4 lora).")] = None,
+    preset: Annotated[PresetName, typer.Option(help="Scoring preset.")] = PresetName("discffusion"),
+    timesteps: Annotated[int | None, typer.Option(help="S of the discffusion table.")] = None,
+    denoise: Annotated[bool | None, typer.Option("--denoise/--no-denoise", help="Denoising term.")] = None,
+    knobs: SetOption = None,
+    loss: Annotated[LossChoice, typer.Option(help="ce (default), bce (paper Eq. 6) or hinge (authors').")] = LossChoice.ce,
+    margin: Annotated[float, typer.Option(help="Hinge margin.")] = 0.1,
+    shots: Annotated[int | None, typer.Option(help="Train on this many examples (seeded random).")] = None,
+    fraction: Annotated[float | None, typer.Option(help="Train on this fraction of the examples.")] = None,
+    first: Annotated[bool, typer.Option(help="Take the first rows instead of a random sample (authors' splits).")] = False,
+    train_split: Annotated[str | None, typer.Option(help="Split to train on.")] = None,
+    eval_split: Annotated[str | None, typer.Option(help="Held-out split evaluated after each epoch.")] = None,
+    eval_fraction: Annotated[float, typer.Option(help="Held-out fraction when the dataset has no splits.")] = 0.2,
+    max_eval: Annotated[int | None, typer.Option(help="Evaluate on at most this many held-out examples.")] = None,
+    epochs: Annotated[int, typer.Option(help="Passes over the training examples.")] = 1,
+    max_steps: Annotated[int | None, typer.Option(help="Stop after this many optimizer steps.")] = None,
+    batch_size: Annotated[int, typer.Option(help="Examples per optimizer step.")] = 1,
+    lr: Annotated[float, typer.Option(help="AdamW learning rate.")] = 1e-4,
+    weight_decay: Annotated[float, typer.Option(help="AdamW weight decay.")] = 1e-2,
+    precision: Annotated[Precision, typer.Option(help="Frozen UNet precision (adapters stay fp32).")] = Precision.fp32,
+    gradient_checkpointing: Annotated[bool, typer.Option(help="Recompute UNet activations in backward.")] = False,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    seed: Annotated[int, typer.Option(help="Seed of sampling, noise and adapter init.")] = 0,
+    checkpoint_every: Annotated[int, typer.Option(help="Optimizer steps between checkpoints.")] = 100,
+    evaluate: Annotated[bool, typer.Option("--eval/--no-eval", help="Evaluate the held-out split after each epoch.")] = True,
+    resume: Annotated[bool, typer.Option(help="Continue the run in --output from its latest checkpoint.")] = False,
+) -> None:
+    """Train a few-shot adapter on a frozen SD2 model."""
+    from .train import TrainConfig, train
+
+    scoring = {k: v for k, v in {"num_timesteps": timesteps, "denoise_term": denoise}.items() if v is not None}
+    scoring.update(parse_knobs(knobs))
+    config = TrainConfig(
+        data=str(data), output=str(output), model=model, format=data_format.value,
+        image_root=None if image_root is None else str(image_root), adapter=adapter.value, rank=rank,
+        preset=preset.value, scoring=scoring, loss=loss.value, margin=margin, shots=shots, fraction=fraction,
+        first=first, train_split=train_split, eval_split=eval_split, eval_fraction=eval_fraction,
+        max_eval_examples=max_eval, epochs=epochs, max_steps=max_steps, batch_size=batch_size, lr=lr,
+        weight_decay=weight_decay, precision=precision.value, gradient_checkpointing=gradient_checkpointing,
+        device=device, seed=seed, checkpoint_every=checkpoint_every, eval_every_epoch=evaluate, resume=resume,
+    )
+    with _training_progress() as callbacks:
+        result = train(config, callbacks=callbacks)
+    if result.zero_shot_metrics:
+        typer.echo(f"zero-shot: {_format_metrics(result.zero_shot_metrics)}")
+    if result.final_metrics:
+        typer.echo(f"trained:   {_format_metrics(result.final_metrics)}")
+    typer.echo(f"wrote {result.adapter_path} after {result.steps} steps")
+
+
+@app.command("eval")
+@cli_errors
+def eval_command(
+    data: Annotated[Path, typer.Argument(help="Benchmark file (JSONL, ComVG CSV, SugarCrepe JSON/folder, Winoground, RefCOCOg).")],
+    model: Annotated[str | None, typer.Option(help="SD2 folder or hub id.")] = None,
+    adapters: Annotated[Path | None, typer.Option(help="Adapter file from `dsdkit train` (default: zero-shot).")] = None,
+    data_format: Annotated[FormatChoice, typer.Option("--format", help="Dataset format.")] = FormatChoice.auto,
+    image_root: Annotated[Path | None, typer.Option(help="Folder image paths are relative to.")] = None,
+    split: Annotated[str | None, typer.Option(help="Evaluate only this split.")] = None,
+    max_examples: Annotated[int | None, typer.Option(help="Evaluate the first N examples only.")] = None,
+    preset: Annotated[PresetName | None, typer.Option(help="Scoring preset (default: the adapter's, else discffusion).")] = None,
+    timesteps: Annotated[int | None, typer.Option(help="S of the discffusion table.")] = None,
+    denoise: Annotated[bool | None, typer.Option("--denoise/--no-denoise", help="Denoising term.")] = None,
+    normalize: Annotated[Normalization | None, typer.Option(help="uncond for image-choice tasks.")] = None,
+    knobs: SetOption = None,
+    batch_size: Annotated[int, typer.Option(help="UNet batch size.")] = 8,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    dtype: Annotated[Precision, typer.Option(help="UNet precision.")] = Precision.fp32,
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Write metrics and per-example scores (JSON).")] = None,
+) -> None:
+    """Evaluate zero-shot or with adapters on a benchmark and report its own metrics."""
+    from .evaluation import evaluate, write_report
+    from .scorer import build_scorer
+
+    overrides = {"num_timesteps": timesteps, "denoise_term": denoise, "normalize": _value(normalize)}
+    overrides.update(parse_knobs(knobs))
+    from .datasets import load_dataset
+
+    dataset = load_dataset(data, data_format.value, image_root)
+    scorer = build_scorer(model, adapters, None if preset is None else preset.value, overrides, batch_size, device,
+                        dtype.value)
+    with _progress_bar("examples", "examples") as progress:
+        report = evaluate(scorer, dataset, split=split, max_examples=max_examples, progress=progress)
+    report.meta = {"model": scorer.model.describe(), "adapters": None if adapters is None else str(adapters),
+                   "scoring": scorer.config.to_dict()}
+    _print_metrics(report.metrics, f"{dataset.format}: {report.source}" + (f" [{split}]" if split else ""))
+    if output is not None:
+        write_report(report, output)
+        typer.echo(f"wrote {output}")
+
+
+adapters_app = typer.Typer(help="Inspect and convert adapter files.", no_args_is_help=True)
+app.add_typer(adapters_app, name="adapters")
+
+
+@adapters_app.command("import-discffusion")
+@cli_errors
+def import_discffusion(
+    source: Annotated[Path, typer.Argument(help="The authors' pytorch_model.bin (or a .safetensors with the same keys).")],
+    destination: Annotated[Path, typer.Argument(help="Where to write the dsdkit adapter (.safetensors).")],
+    model: Annotated[str | None, typer.Option(help="The SD2 model the LoRA was trained on (default SD2-1-base).")] = None,
+) -> None:
+    """Convert the authors' released LoRA checkpoint without executing pickled code."""
+    from .adapters import import_discffusion_lora, save_adapter
+    from .config import ScoringConfig
+    from .models import load_model
+
+    sd2 = load_model(model, device="cpu")
+    scoring = ScoringConfig()
+    adapter = import_discffusion_lora(source, sd2, scoring)
+    save_adapter(adapter, destination, sd2.identity(), scoring, extra={"imported_from": source.name})
+    typer.echo(f"wrote {destination}: LoRA rank {adapter.config.rank} on {len(adapter.layer_names)} attention modules "
+               f"({adapter.num_parameters():,} parameters)")
+
+
+@adapters_app.command("info")
+@cli_errors
+def adapter_info(path: Annotated[Path, typer.Argument(help="An adapter file.")]) -> None:
+    """Print an adapter file's header."""
+    import json
+
+    from .adapters import read_adapter_header
+
+    typer.echo(json.dumps(read_adapter_header(path), indent=1))
 
 
 @app.command("exit-codes")
@@ -234,7 +444,10 @@ def exit_codes() -> None:
 
 
 class _progress_bar:
-    """A rich progress bar over UNet evaluations, on stderr; silent when stderr is not a terminal."""
+    """A rich progress bar on stderr; silent when stderr is not a terminal."""
+
+    def __init__(self, label: str = "scoring", unit: str = "UNet evals"):
+        self.label, self.unit = label, unit
 
     def __enter__(self):
         from rich.console import Console
@@ -242,7 +455,7 @@ class _progress_bar:
 
         console = Console(stderr=True)
         self._progress = Progress(
-            TextColumn("scoring"), BarColumn(), MofNCompleteColumn(), TextColumn("UNet evals"), TimeRemainingColumn(),
+            TextColumn(self.label), BarColumn(), MofNCompleteColumn(), TextColumn(self.unit), TimeRemainingColumn(),
             console=console, disable=not console.is_terminal, transient=True,
         )
         self._progress.__enter__()
@@ -254,6 +467,56 @@ class _progress_bar:
 
     def __exit__(self, *exc):
         return self._progress.__exit__(*exc)
+
+
+class _training_progress:
+    """Progress bar over optimizer steps with running loss and accuracy; yields the trainer callbacks."""
+
+    def __enter__(self):
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        console = Console(stderr=True)
+        self._progress = Progress(
+            TextColumn("training"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[status]}"),
+            TimeRemainingColumn(), console=console, disable=not console.is_terminal, transient=True,
+        )
+        self._progress.__enter__()
+        self._task = None
+        self._losses, self._correct = [], []
+
+        def on_step(trainer, step, loss, accuracy):
+            if self._task is None:
+                self._task = self._progress.add_task("train", total=trainer.total_steps, completed=step - 1, status="")
+            self._losses = (self._losses + [loss])[-50:]
+            self._correct = (self._correct + [accuracy])[-50:]
+            status = f"loss {sum(self._losses) / len(self._losses):.4f}  acc {sum(self._correct) / len(self._correct):.2f}"
+            self._progress.update(self._task, completed=step, status=status)
+
+        def on_eval(trainer, metrics, zero_shot):
+            label = "zero-shot" if zero_shot else f"epoch {trainer.state.epoch}"
+            logger.info("%s held-out: %s", label, _format_metrics(metrics))
+
+        return {"on_step_end": [on_step], "on_eval_end": [on_eval]}
+
+    def __exit__(self, *exc):
+        return self._progress.__exit__(*exc)
+
+
+def _format_metrics(metrics: dict) -> str:
+    return "  ".join(f"{k} {v:.4f}" if k != "examples" else f"n={int(v)}" for k, v in metrics.items())
+
+
+def _print_metrics(metrics: dict, title: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title)
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for name, value in metrics.items():
+        table.add_row(name, str(int(value)) if name == "examples" else f"{value:.4f}")
+    Console(width=max(100, Console().width)).print(table)
 
 
 def _print_summary(result, max_rows: int = 20) -> None:

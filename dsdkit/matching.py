@@ -54,6 +54,7 @@ def match(
     dtype: str | None = None,
     progress: Callable[[int, int], Callable[[int], None]] | None = None,
     per_layer: bool = False,
+    adapters: str | os.PathLike | None = None,
 ) -> MatchResult:
     """Score every image against every caption with the PyTorch scorer and optionally write a result file.
 
@@ -69,6 +70,7 @@ def match(
         progress: ``progress(total, already_done) -> advance`` makes a progress reporter for a job of ``total``
             UNet evaluations; ``advance(n)`` is called as batches finish.
         per_layer: keep the attention term of every scored layer (``[N, M, L]``) in the result and JSON outputs.
+        adapters: an adapter file from ``dsdkit train`` (refused if made for another base model or other layers).
     """
     from .models import SD2Model, load_model
     from .scorer import Scorer
@@ -80,7 +82,12 @@ def match(
     config = config or ScoringConfig()
     image_list, names, caption_list, where = gather_inputs(images, captions)
     sd2 = model if isinstance(model, SD2Model) else load_model(model, device=device, dtype=dtype)
-    scorer = Scorer(sd2, config, batch_size=batch_size)
+    adapter = None
+    if adapters is not None:
+        from .adapters import load_adapter
+
+        adapter, _ = load_adapter(adapters, sd2, config)
+    scorer = Scorer(sd2, config, batch_size=batch_size, adapter=adapter)
     started = time.perf_counter()
     image_encodings = scorer.encode_images(image_list)
     text_encodings = scorer.encode_texts(caption_list, where=where)
@@ -104,6 +111,7 @@ def match(
         "backend": "pytorch",
         "model": sd2.describe(),
         "scoring": config.to_dict(),
+        "adapters": None if adapters is None else str(adapters),
         "timesteps": output_scores.timesteps,
         "layers": output_scores.layer_names,
         "unet_evaluations": output_scores.unet_evaluations,

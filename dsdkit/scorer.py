@@ -31,7 +31,7 @@ from .runtime.images import ImageInput, describe, preprocess_image
 from .runtime.tokenizer import TokenizedText
 from .schedule import noise_bank, timesteps_for
 
-__all__ = ["Scorer", "ScoreOutput", "ImageEncoding", "TextEncoding", "unet_pass"]
+__all__ = ["Scorer", "ScoreOutput", "ImageEncoding", "TextEncoding", "unet_pass", "combine_terms"]
 
 logger = logging.getLogger(__name__)
 
@@ -40,12 +40,10 @@ ProgressCallback = Callable[[int], None]
 
 @dataclass
 class ImageEncoding:
-    """One image's cached work: ``z0`` and, once computed, its unconditional terms per timestep."""
+    """One image's cached work: ``z0`` (independent of adapters and timesteps)."""
 
     key: str
     latent: torch.Tensor  # float32[C, h, w], on the model's device
-    uncond_layers: torch.Tensor | None = None  # float32[K, L]: empty caption's layer scores
-    uncond_error: torch.Tensor | None = None  # float32[K]: ‖ε_k − ε̂(x_t, ∅)‖₂
 
 
 @dataclass
@@ -134,9 +132,22 @@ class Scorer:
         self._timestep_tensor = torch.tensor(self.timesteps, dtype=torch.int64, device=device)
         self._images: dict[str, ImageEncoding] = {}
         self._texts: dict[str, TextEncoding] = {}
+        # Per image key: the empty caption's layer scores [K, L] and ‖ε_k − ε̂(x_t, ∅)‖₂ [K] (depend on the adapter).
+        self._uncond: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._empty: TextEncoding | None = None
         self._recorder = Recorder(self.layer_names, cfg)
         self._evaluations = 0
+
+    def noising(self, steps: torch.Tensor):
+        """``(sqrt(ā_t), sqrt(1 - ā_t), t)`` for timestep indices ``steps`` (positions in :attr:`timesteps`)."""
+        steps = steps.to(self.model.device)
+        return self._signal[steps], self._noise_scale[steps], self._timestep_tensor[steps]
+
+    def with_adapter(self, adapter) -> Scorer:
+        """A scorer for another adapter (or its new weights) that reuses this one's image and caption encodings."""
+        other = Scorer(self.model, self.config, self.batch_size, self.progress, adapter)
+        other._images, other._texts, other._empty = self._images, self._texts, self._empty
+        return other
 
     # -- per-image and per-caption work (cached) -----------------------------------------------------------------
 
@@ -263,20 +274,14 @@ class Scorer:
         layers, errors = self._conditional_terms(image_encodings, text_encodings, pairs)  # [P,K,L], [P,K]
 
         # Terms are combined in float64 so the score is exactly the mean of the reported per-layer terms.
-        attention = layers.double()
-        if cfg.uncond_in_attention or cfg.normalize is Normalization.uncond:
-            uncond = torch.stack([image_encodings[i].uncond_layers for i in pairs[:, 0]]).double()  # [P, K, L]
-            if cfg.uncond_in_attention:
-                # The authors' attention mean also runs over the unconditional half of the batch (their bug B3).
-                attention = 0.5 * (attention + uncond)
-            if cfg.normalize is Normalization.uncond:
-                attention = attention - uncond
-        per_step = attention.mean(dim=-1)  # [P, K]
-        denoise = None
-        if cfg.denoise_term:
-            uncond_error = torch.stack([image_encodings[i].uncond_error for i in pairs[:, 0]]).double()  # [P, K]
-            denoise = uncond_error - errors.double()
-            per_step = per_step + denoise
+        image_keys = [image_encodings[i].key for i in pairs[:, 0]]
+        uncond_layers = uncond_errors = None
+        if cfg.needs_unconditional_pass:
+            uncond_layers = torch.stack([self._uncond[key][0] for key in image_keys]).double()  # [P, K, L]
+            uncond_errors = torch.stack([self._uncond[key][1] for key in image_keys]).double()  # [P, K]
+        per_step, attention, denoise = combine_terms(
+            cfg, layers.double(), errors.double(), uncond_layers, uncond_errors
+        )
         scores = per_step.mean(dim=1)
         return ScoreOutput(
             scores=scores.cpu().numpy(),
@@ -307,7 +312,7 @@ class Scorer:
 
     def _ensure_unconditional(self, image_encodings: Sequence[ImageEncoding]) -> None:
         """Compute ε̂(x_t, ∅) errors and the empty caption's layer scores once per (image, timestep)."""
-        todo = list({e.key: e for e in image_encodings if e.uncond_error is None}.values())
+        todo = list({e.key: e for e in image_encodings if e.key not in self._uncond}.values())
         if not todo:
             return
         empty = self.empty_caption
@@ -323,7 +328,7 @@ class Scorer:
         layers = layers.view(len(todo), num_steps, -1)
         errors = errors.view(len(todo), num_steps)
         for index, encoding in enumerate(todo):
-            encoding.uncond_layers, encoding.uncond_error = layers[index].clone(), errors[index].clone()
+            self._uncond[encoding.key] = (layers[index].clone(), errors[index].clone())
 
     def _run_items(self, batch: Callable[[slice], tuple], num_groups: int):
         """Run ``num_groups x K`` work items (group-major, timestep-minor) through the UNet in batches."""
@@ -342,18 +347,10 @@ class Scorer:
 
     def _unet_pass(self, latents, steps, states, masks):
         """One batched UNet evaluation at per-sample timesteps; returns layer scores [B, L] and ‖ε − ε̂‖₂ [B]."""
-        steps = steps.to(self.model.device)
+        signal, noise_scale, timesteps = self.noising(steps)
+        noise = self.noise[steps.to(self.model.device)]
         result = unet_pass(
-            self.model,
-            self._recorder,
-            latents,
-            self._signal[steps],
-            self._noise_scale[steps],
-            self.noise[steps],
-            self._timestep_tensor[steps],
-            states,
-            masks,
-            self.adapter,
+            self.model, self._recorder, latents, signal, noise_scale, noise, timesteps, states, masks, self.adapter
         )
         self._evaluations += latents.shape[0]
         return result
@@ -392,3 +389,60 @@ def unet_pass(model: SD2Model, recorder, latents, signal, noise_scale, noise, ti
         output = signal * output + noise_scale * noisy  # ε = sqrt(ā) v + sqrt(1 - ā) x_t
     error = (noise - output).flatten(1).norm(dim=1)
     return recorder.layer_scores(), error
+
+
+def combine_terms(config: ScoringConfig, layers, errors, uncond_layers=None, uncond_errors=None):
+    """Combine the per-timestep terms of pairs into their score (shared by the scorer and the trainer).
+
+    Args:
+        layers: ``[P, K, L]`` attention term per pair, timestep and layer (conditional pass).
+        errors: ``[P, K]`` ``‖ε − ε̂(x_t, c)‖₂``.
+        uncond_layers, uncond_errors: the same for the empty caption on each pair's image; needed when
+            ``config.needs_unconditional_pass``.
+
+    Returns:
+        ``(per_step [P, K], attention [P, K, L], denoise [P, K] or None)``; the score is ``per_step.mean(1)``.
+    """
+    attention = layers
+    if config.uncond_in_attention:
+        # The authors' attention mean also runs over the unconditional half of the batch (their bug B3).
+        attention = 0.5 * (attention + uncond_layers)
+    if config.normalize is Normalization.uncond:
+        attention = attention - uncond_layers
+    per_step = attention.mean(dim=-1)
+    denoise = None
+    if config.denoise_term:
+        denoise = uncond_errors - errors
+        per_step = per_step + denoise
+    return per_step, attention, denoise
+
+
+def build_scorer(
+    model=None,
+    adapters=None,
+    preset: str | None = None,
+    overrides: dict | None = None,
+    batch_size: int | None = None,
+    device: str | None = None,
+    dtype: str | None = None,
+) -> Scorer:
+    """A scorer from command-line style options: the model (or a loaded one), an optional adapter file, and the
+    scoring config (the adapter's own when no preset is given, else the preset), with knob ``overrides``."""
+    from .adapters import load_adapter
+    from .models import load_model
+
+    sd2 = model if isinstance(model, SD2Model) else load_model(model, device=device, dtype=dtype)
+    overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
+    adapter = None
+    if adapters is not None:
+        adapter, trained = load_adapter(adapters, sd2)
+        base = trained if preset is None else ScoringConfig.from_preset(preset)
+        config = base.replace(**overrides) if overrides else base
+        if config.layers is not trained.layers and adapter.kind.value == "kv-prompt":
+            raise ConfigError(
+                f"{adapters} adapts the '{trained.layers.value}' layers; this scoring config selects "
+                f"'{config.layers.value}'"
+            )
+    else:
+        config = ScoringConfig.from_preset(preset or "discffusion", **overrides)
+    return Scorer(sd2, config, batch_size=batch_size, adapter=adapter)

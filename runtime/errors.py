@@ -17,6 +17,7 @@ __all__ = [
     "InputError",
     "ModelError",
     "OutputError",
+    "TrainingError",
     "EXIT_CODES",
 ]
 
@@ -51,6 +52,12 @@ class OutputError(DsdkitError):
     exit_code = 5
 
 
+class TrainingError(DsdkitError):
+    """Training cannot go on (a NaN/inf loss, an unusable dataset split); the last good checkpoint is kept."""
+
+    exit_code = 6
+
+
 #: Documented process exit codes of the ``dsdkit`` command.
 EXIT_CODES = {
     0: "success",
@@ -59,5 +66,6 @@ EXIT_CODES = {
     InputError.exit_code: "bad input data (images, captions, dataset files)",
     ModelError.exit_code: "model weights missing, unreadable or of the wrong architecture",
     OutputError.exit_code: "results could not be written",
+    TrainingError.exit_code: "training stopped (diverged or no usable examples); the last good checkpoint is kept",
     130: "interrupted (Ctrl-C)",
 }

@@ -1,0 +1,188 @@
+"""`dsdkit eval`: score a benchmark's examples and report the benchmark's own metrics.
+
+| dataset | metrics |
+|---|---|
+| ComVG | accuracy per split (subject / object / verb), their unweighted average, and overall |
+| SugarCrepe | accuracy per subset, their unweighted average, and att / obj / rel (means of their subsets) |
+| Winoground | text, image and group scores (Thrush et al.), overall and per tag |
+| candidate sets (JSONL, RefCOCOg, VQA) | top-1 and top-5 accuracy, overall and per split |
+| labelled pairs (JSONL) | ROC-AUC and accuracy at the best threshold |
+
+A candidate counts as chosen only if it scores strictly higher than every other candidate: ties count as wrong
+(the authors' argmax counted ties in favour of the positive, which sits at index 0: their bug B7).
+
+Pairs are scored in chunks across examples, so images and captions shared by several examples are encoded once
+and unconditional passes are shared.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from .datasets import Dataset, Example, TaskKind
+
+__all__ = ["EvalReport", "score_examples", "compute_metrics", "evaluate", "write_report"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class EvalReport:
+    dataset: str
+    source: str
+    split: str | None
+    metrics: dict[str, float]
+    examples: list[dict[str, Any]] = field(default_factory=list)
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+def score_examples(scorer, examples: list[Example], chunk_pairs: int = 256,
+                   progress: Callable[[int], None] | None = None) -> list[np.ndarray]:
+    """Score matrix ``[images, texts]`` of every example (only the pairs it needs; others are NaN)."""
+    matrices = [np.full((len(e.images), len(e.texts)), np.nan) for e in examples]
+    start = 0
+    while start < len(examples):
+        chunk, count = [], 0
+        while start < len(examples) and (not chunk or count + len(examples[start].candidate_pairs()) <= chunk_pairs):
+            chunk.append(start)
+            count += len(examples[start].candidate_pairs())
+            start += 1
+        image_slot, text_slot, images, texts, pairs, owners = {}, {}, [], [], [], []
+        for index in chunk:
+            example = examples[index]
+            for i, j in example.candidate_pairs():
+                image, text = example.images[i], example.texts[j]
+                if image not in image_slot:
+                    image_slot[image] = len(images)
+                    images.append(image)
+                if text not in text_slot:
+                    text_slot[text] = len(texts)
+                    texts.append(text)
+                pairs.append((image_slot[image], text_slot[text]))
+                owners.append((index, i, j))
+        scores = scorer.score_pairs(images, texts, pairs).scores
+        for (index, i, j), value in zip(owners, scores):
+            matrices[index][i, j] = value
+        if progress is not None:
+            progress(len(chunk))
+    return matrices
+
+
+def _rank(scores: np.ndarray, positive: int) -> int:
+    """How many other candidates score at least as high as the positive (0 = strictly best)."""
+    others = np.delete(scores, positive)
+    return int((others >= scores[positive]).sum())
+
+
+def _candidate_scores(example: Example, matrix: np.ndarray) -> np.ndarray:
+    return matrix[0, :] if example.kind is TaskKind.image_to_text else matrix[:, 0]
+
+
+def _auc(scores: np.ndarray, labels: np.ndarray) -> float:
+    positives, negatives = scores[labels == 1], scores[labels == 0]
+    if len(positives) == 0 or len(negatives) == 0:
+        return float("nan")
+    greater = (positives[:, None] > negatives[None, :]).sum() + 0.5 * (positives[:, None] == negatives[None, :]).sum()
+    return float(greater / (len(positives) * len(negatives)))
+
+
+def compute_metrics(fmt: str, examples: list[Example], matrices: list[np.ndarray]) -> dict[str, float]:
+    """The benchmark's own metrics (see the module docstring), as a flat ``{name: value}`` dict."""
+    metrics: dict[str, float] = {}
+    groups = [(e, m) for e, m in zip(examples, matrices) if e.kind is TaskKind.group]
+    candidates = [(e, m) for e, m in zip(examples, matrices) if e.kind in (TaskKind.image_to_text, TaskKind.text_to_image)]
+    pairs = [(e, m) for e, m in zip(examples, matrices) if e.kind is TaskKind.pair]
+
+    if candidates:
+        per_split: dict[str, list[int]] = defaultdict(list)
+        ranks = []
+        for example, matrix in candidates:
+            rank = _rank(_candidate_scores(example, matrix), example.positive)
+            ranks.append(rank)
+            per_split[example.split or "all"].append(rank)
+        ranks_array = np.array(ranks)
+        if fmt in ("comvg", "sugarcrepe"):
+            split_accuracy = {s: float(np.mean(np.array(r) == 0)) for s, r in sorted(per_split.items())}
+            for split, accuracy in split_accuracy.items():
+                metrics[f"accuracy/{split}"] = accuracy
+            metrics["accuracy/average"] = float(np.mean(list(split_accuracy.values())))
+            if fmt == "sugarcrepe":
+                # The att / obj / rel grouping under which SugarCrepe results are usually reported.
+                for group in ("att", "obj", "rel"):
+                    members = [a for s, a in split_accuracy.items() if s.endswith(f"_{group}")]
+                    if members:
+                        metrics[f"accuracy/{group}"] = float(np.mean(members))
+            metrics["accuracy/overall"] = float(np.mean(ranks_array == 0))
+        else:
+            metrics["top1"] = float(np.mean(ranks_array < 1))
+            metrics["top5"] = float(np.mean(ranks_array < 5))
+            if len(per_split) > 1:
+                for split, split_ranks in sorted(per_split.items()):
+                    metrics[f"top1/{split}"] = float(np.mean(np.array(split_ranks) < 1))
+                    metrics[f"top5/{split}"] = float(np.mean(np.array(split_ranks) < 5))
+        metrics["examples"] = float(len(candidates))
+
+    if groups:
+        tagged: dict[str, list[tuple[bool, bool]]] = defaultdict(list)
+        for example, m in groups:
+            text = m[0, 0] > m[0, 1] and m[1, 1] > m[1, 0]  # each image prefers its own caption
+            image = m[0, 0] > m[1, 0] and m[1, 1] > m[0, 1]  # each caption prefers its own image
+            tagged["all"].append((text, image))
+            if example.split:
+                tagged[example.split].append((text, image))
+        for tag, results in tagged.items():
+            prefix = "" if tag == "all" else f"/{tag}"
+            array = np.array(results, dtype=bool)
+            metrics[f"text{prefix}"] = float(array[:, 0].mean())
+            metrics[f"image{prefix}"] = float(array[:, 1].mean())
+            metrics[f"group{prefix}"] = float((array[:, 0] & array[:, 1]).mean())
+        metrics["examples"] = metrics.get("examples", 0.0) + len(groups)
+
+    if pairs:
+        scores = np.array([m[0, 0] for _, m in pairs])
+        labels = np.array([e.label for e, _ in pairs])
+        metrics["auc"] = _auc(scores, labels)
+        thresholds = np.unique(scores)
+        metrics["accuracy/best_threshold"] = float(max(np.mean((scores >= t) == (labels == 1)) for t in thresholds))
+        metrics["examples"] = metrics.get("examples", 0.0) + len(pairs)
+    return metrics
+
+
+def evaluate(scorer, dataset: Dataset, split: str | None = None, max_examples: int | None = None,
+             progress: Callable[[int, int], Callable[[int], None]] | None = None) -> EvalReport:
+    """Score ``dataset`` (one split of it, optionally the first ``max_examples``) and compute its metrics."""
+    examples = dataset.select(split)
+    if max_examples is not None:
+        examples = examples[:max_examples]
+    advance = progress(len(examples), 0) if progress is not None else None
+    matrices = score_examples(scorer, examples, progress=advance)
+    metrics = compute_metrics(dataset.format, examples, matrices)
+    records = []
+    for example, matrix in zip(examples, matrices):
+        record = {"id": example.id, "split": example.split, "kind": example.kind.value,
+                  "scores": [[None if np.isnan(v) else float(v) for v in row] for row in matrix]}
+        if example.positive is not None:
+            record["positive"] = example.positive
+            record["rank"] = _rank(_candidate_scores(example, matrix), example.positive)
+        if example.label is not None:
+            record["label"] = example.label
+        records.append(record)
+    return EvalReport(dataset.format, str(dataset.source), split, metrics, records)
+
+
+def write_report(report: EvalReport, path: str | os.PathLike) -> None:
+    """Metrics and per-example scores as one JSON file (atomically)."""
+    import json
+
+    from .runtime.files import atomic_write_text
+
+    document = {"dataset": report.dataset, "source": report.source, "split": report.split,
+                "metrics": report.metrics, "meta": report.meta, "examples": report.examples}
+    atomic_write_text(path, json.dumps(document, indent=1, ensure_ascii=False) + "\n")
