@@ -34,7 +34,7 @@ from torch import nn
 
 from . import __version__
 from .attention import select_layers
-from .config import LayerSet, ScoringConfig
+from .config import ScoringConfig
 from .errors import ConfigError, ModelError
 
 __all__ = [

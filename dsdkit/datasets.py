@@ -128,7 +128,7 @@ class _Rows:
         self.examples: list[Example] = []
         self.skipped: list[tuple[str, str]] = []
 
-    def image(self, value: Any, where: str) -> Path:
+    def image(self, value: Any) -> Path:
         if not isinstance(value, str) or not value.strip():
             raise _BadRow(f"image path must be a non-empty string, got {value!r}")
         path = Path(value.strip())
@@ -199,16 +199,16 @@ def read_jsonl(path: Path, root: Path) -> Dataset:
             split, ident = row.get("split"), str(row.get("id", number))
             if "captions" in row:
                 captions = [rows.text(c) for c in row["captions"]]
-                return Example(TaskKind.image_to_text, [rows.image(row["image"], where)], captions,
+                return Example(TaskKind.image_to_text, [rows.image(row["image"])], captions,
                                positive=_positive(row.get("positive", 0), len(captions)), split=split, id=ident)
             if "images" in row:
-                images = [rows.image(i, where) for i in row["images"]]
+                images = [rows.image(i) for i in row["images"]]
                 return Example(TaskKind.text_to_image, images, [rows.text(row["caption"])],
                                positive=_positive(row.get("positive", 0), len(images)), split=split, id=ident)
             label = row.get("label")
             if label not in (0, 1, True, False):
                 raise _BadRow(f"a pair needs \"label\" 0 or 1, got {label!r}")
-            return Example(TaskKind.pair, [rows.image(row["image"], where)], [rows.text(row["caption"])],
+            return Example(TaskKind.pair, [rows.image(row["image"])], [rows.text(row["caption"])],
                            label=int(label), split=split, id=ident)
 
         rows.add(where, build)
@@ -225,7 +225,7 @@ def read_comvg(path: Path, root: Path) -> Dataset:
         where = f"{path.name} line {number}"
 
         def build(row=row, number=number):
-            images = [rows.image(f"{int(row[c])}.jpg", where) for c in ("pos_image_id", "neg_image_id")]
+            images = [rows.image(f"{int(row[c])}.jpg") for c in ("pos_image_id", "neg_image_id")]
             split = (row["neg_value"] or "").strip()
             if not split:
                 raise _BadRow("empty neg_value (subject/object/verb)")
@@ -253,7 +253,7 @@ def read_sugarcrepe(path: Path, root: Path) -> Dataset:
 
             def build(entry=entry, key=key):
                 texts = [rows.text(entry["caption"]), rows.text(entry["negative_caption"])]
-                return Example(TaskKind.image_to_text, [rows.image(entry["filename"], where)], texts, positive=0,
+                return Example(TaskKind.image_to_text, [rows.image(entry["filename"])], texts, positive=0,
                                split=file.stem, id=f"{file.stem}/{key}")
 
             rows.add(where, build)
@@ -278,7 +278,7 @@ def read_winoground(path: Path, root: Path) -> Dataset:
                 stem = row.get(f"image_{k}") or f"ex_{ident}_img_{k}"
                 candidates = [stem] if Path(stem).suffix else [f"{stem}.png", f"{stem}.jpg"]
                 found = next((c for c in candidates if (rows.root / c).exists()), candidates[0])
-                images.append(rows.image(found, where))
+                images.append(rows.image(found))
             texts = [rows.text(row["caption_0"]), rows.text(row["caption_1"])]
             return Example(TaskKind.group, images, texts, split=row.get("collapsed_tag"), id=str(ident))
 
@@ -324,7 +324,7 @@ def read_refcocog(path: Path, root: Path, negatives: int = 9, seed: int = 0) -> 
         def build_all(ref=ref, index=index):
             if not isinstance(ref, dict):
                 raise _BadRow("not a dict")
-            image = rows.image(f"COCO_train2014_{int(ref['image_id']):012d}.jpg", where)
+            image = rows.image(f"COCO_train2014_{int(ref['image_id']):012d}.jpg")
             out = []
             for s, sentence in enumerate(ref["sentences"]):
                 positive = rows.text(sentence["sent"])
@@ -359,7 +359,7 @@ def read_vqa(path: Path, root: Path) -> Dataset:
         where = f"{path.name} line {number}"
 
         def build(row=row, number=number):
-            image = rows.image(f"COCO_val2014_{int(row['pos_image_id']):012d}.jpg", where)
+            image = rows.image(f"COCO_val2014_{int(row['pos_image_id']):012d}.jpg")
             texts = [rows.text(row["sentence"])] + [rows.text(row[c]) for c in negatives]
             return Example(TaskKind.image_to_text, [image], texts, positive=0, id=str(number))
 

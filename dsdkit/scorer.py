@@ -27,7 +27,7 @@ from .config import Normalization, ScoringConfig, TokenSet
 from .errors import ConfigError, InputError
 from .models import SD2Model
 from .pooling import token_mask
-from .runtime.images import ImageInput, describe, preprocess_image
+from .runtime.images import ImageInput, preprocess_image
 from .runtime.tokenizer import TokenizedText
 from .schedule import noise_bank, timesteps_for
 

@@ -39,7 +39,7 @@ def list_images(source: str | os.PathLike) -> list[Path]:
         return [source]
     lines = _read_lines(source)
     images = []
-    for number, line in lines:
+    for _, line in lines:
         line = line.strip()
         if not line or line.startswith("#"):
             continue

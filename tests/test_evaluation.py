@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from dsdkit.datasets import Example, TaskKind
-from dsdkit.evaluation import compute_metrics, evaluate, score_examples
+from dsdkit.evaluation import compute_metrics, score_examples
 
 IMG = [Path(f"/x/{i}.png") for i in range(4)]
 

@@ -158,6 +158,8 @@ class Trainer:
                 "or choose another --output"
             )
         if latest is not None:
+            if not saved_config.is_file():
+                raise ConfigError(f"{self.run_dir} has checkpoints but no train_config.json; it cannot be resumed safely")
             previous = TrainConfig.from_dict(json.loads(saved_config.read_text(encoding="utf-8")))
             changed = cfg.differences(previous)
             if changed:
