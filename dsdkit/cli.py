@@ -392,7 +392,7 @@ def eval_command(
         report = evaluate(scorer, dataset, split=split, max_examples=max_examples, progress=progress)
     report.meta = {"model": scorer.model.describe(), "adapters": None if adapters is None else str(adapters),
                    "scoring": scorer.config.to_dict()}
-    _print_metrics(report.metrics, f"{dataset.format}: {report.source}" + (f" [{split}]" if split else ""))
+    _print_metrics(report.metrics, f"{dataset.format}: {report.source}" + (f", split {split}" if split else ""))
     if output is not None:
         write_report(report, output)
         typer.echo(f"wrote {output}")
@@ -511,12 +511,14 @@ def _print_metrics(metrics: dict, title: str) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=title)
+    table = Table()
     table.add_column("metric")
     table.add_column("value", justify="right")
     for name, value in metrics.items():
         table.add_row(name, str(int(value)) if name == "examples" else f"{value:.4f}")
-    Console(width=max(100, Console().width)).print(table)
+    console = Console(width=max(100, Console().width))
+    console.print(title, markup=False, highlight=False)
+    console.print(table)
 
 
 def _print_summary(result, max_rows: int = 20) -> None:
