@@ -173,9 +173,10 @@ class ScoringAttnProcessor(_AdaptedProjections):
             raise RuntimeError("ScoringAttnProcessor is for cross-attention (attn2) layers only")
         residual = hidden_states
         (query, key, value), shape = self.prepare(attn, hidden_states, encoder_hidden_states, temb)
-        logits = torch.matmul(query.float(), key.float().transpose(-1, -2)) * attn.scale
-        probs = torch.softmax(logits, dim=-1)
-        self.recorder.record(self.index, logits, probs)
+        with torch.autocast(device_type=query.device.type, enabled=False):  # the fp32 island
+            logits = torch.matmul(query.float(), key.float().transpose(-1, -2)) * attn.scale
+            probs = torch.softmax(logits, dim=-1)
+            self.recorder.record(self.index, logits, probs)
         hidden_states = torch.matmul(probs.to(value.dtype), value)
         return self.finish(attn, hidden_states, residual, shape)
 

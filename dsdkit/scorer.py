@@ -384,7 +384,10 @@ def unet_pass(model: SD2Model, recorder, latents, signal, noise_scale, noise, ti
     if adapter is not None and adapter.conditioned:
         adapter.set_condition(image_feature(latents, adapter.config.feature_grid))
     dtype = model.precision.torch_dtype
-    output = model.unet(noisy.to(dtype), timesteps, encoder_hidden_states=states.to(dtype)).sample.float()
+    # fp16/bf16: weights are stored in that precision and autocast runs the remaining fp32 ops (an adapter's fp32
+    # factors, say) in it too; the scoring processors switch autocast off for their fp32 logits and pooling.
+    with torch.autocast(device_type=model.device.type, dtype=dtype, enabled=dtype != torch.float32):
+        output = model.unet(noisy.to(dtype), timesteps, encoder_hidden_states=states.to(dtype)).sample.float()
     if model.prediction_type == "v_prediction":
         output = signal * output + noise_scale * noisy  # ε = sqrt(ā) v + sqrt(1 - ā) x_t
     error = (noise - output).flatten(1).norm(dim=1)
