@@ -182,36 +182,44 @@ def _read_text(path: Path) -> str:
         raise InputError(f"{path}: cannot read ({exc.strerror})") from None
 
 
-def read_jsonl(path: Path, root: Path) -> Dataset:
-    rows = _Rows(path, root)
+def _json_lines(path: Path, rows: _Rows, make) -> None:
+    """Call ``make(row, line_number)`` for every JSON object line; unparsable lines become bad rows."""
     for number, line in enumerate(_read_text(path).splitlines(), start=1):
         if not line.strip():
             continue
-        where = f"{path.name} line {number}"
 
-        def build(line=line):
+        def build(line=line, number=number):
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as exc:
                 raise _BadRow(f"not JSON ({exc.msg})") from None
             if not isinstance(row, dict):
                 raise _BadRow("each line must be a JSON object")
-            split, ident = row.get("split"), str(row.get("id", number))
-            if "captions" in row:
-                captions = [rows.text(c) for c in row["captions"]]
-                return Example(TaskKind.image_to_text, [rows.image(row["image"])], captions,
-                               positive=_positive(row.get("positive", 0), len(captions)), split=split, id=ident)
-            if "images" in row:
-                images = [rows.image(i) for i in row["images"]]
-                return Example(TaskKind.text_to_image, images, [rows.text(row["caption"])],
-                               positive=_positive(row.get("positive", 0), len(images)), split=split, id=ident)
-            label = row.get("label")
-            if label not in (0, 1, True, False):
-                raise _BadRow(f"a pair needs \"label\" 0 or 1, got {label!r}")
-            return Example(TaskKind.pair, [rows.image(row["image"])], [rows.text(row["caption"])],
-                           label=int(label), split=split, id=ident)
+            return make(row, number)
 
-        rows.add(where, build)
+        rows.add(f"{path.name} line {number}", build)
+
+
+def read_jsonl(path: Path, root: Path) -> Dataset:
+    rows = _Rows(path, root)
+
+    def make(row: dict, number: int) -> Example:
+        split, ident = row.get("split"), str(row.get("id", number))
+        if "captions" in row:
+            captions = [rows.text(c) for c in row["captions"]]
+            return Example(TaskKind.image_to_text, [rows.image(row["image"])], captions,
+                           positive=_positive(row.get("positive", 0), len(captions)), split=split, id=ident)
+        if "images" in row:
+            images = [rows.image(i) for i in row["images"]]
+            return Example(TaskKind.text_to_image, images, [rows.text(row["caption"])],
+                           positive=_positive(row.get("positive", 0), len(images)), split=split, id=ident)
+        label = row.get("label")
+        if label not in (0, 1, True, False):
+            raise _BadRow(f"a pair needs \"label\" 0 or 1, got {label!r}")
+        return Example(TaskKind.pair, [rows.image(row["image"])], [rows.text(row["caption"])],
+                       label=int(label), split=split, id=ident)
+
+    _json_lines(path, rows, make)
     return rows.finish("jsonl")
 
 
@@ -262,27 +270,19 @@ def read_sugarcrepe(path: Path, root: Path) -> Dataset:
 
 def read_winoground(path: Path, root: Path) -> Dataset:
     rows = _Rows(path, root)
-    for number, line in enumerate(_read_text(path).splitlines(), start=1):
-        if not line.strip():
-            continue
-        where = f"{path.name} line {number}"
 
-        def build(line=line):
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise _BadRow(f"not JSON ({exc.msg})") from None
-            ident = row["id"]
-            images = []
-            for k in (0, 1):
-                stem = row.get(f"image_{k}") or f"ex_{ident}_img_{k}"
-                candidates = [stem] if Path(stem).suffix else [f"{stem}.png", f"{stem}.jpg"]
-                found = next((c for c in candidates if (rows.root / c).exists()), candidates[0])
-                images.append(rows.image(found))
-            texts = [rows.text(row["caption_0"]), rows.text(row["caption_1"])]
-            return Example(TaskKind.group, images, texts, split=row.get("collapsed_tag"), id=str(ident))
+    def make(row: dict, number: int) -> Example:
+        ident = row["id"]
+        images = []
+        for k in (0, 1):
+            stem = row.get(f"image_{k}") or f"ex_{ident}_img_{k}"
+            candidates = [stem] if Path(stem).suffix else [f"{stem}.png", f"{stem}.jpg"]
+            found = next((c for c in candidates if (rows.root / c).exists()), candidates[0])
+            images.append(rows.image(found))
+        texts = [rows.text(row["caption_0"]), rows.text(row["caption_1"])]
+        return Example(TaskKind.group, images, texts, split=row.get("collapsed_tag"), id=str(ident))
 
-        rows.add(where, build)
+    _json_lines(path, rows, make)
     return rows.finish("winoground")
 
 
