@@ -44,6 +44,7 @@ __all__ = [
     "KVPromptAdapter",
     "LoRAAdapter",
     "FoldedAdapter",
+    "FoldedConditionedAdapter",
     "create_adapter",
     "image_feature",
     "save_adapter",
@@ -132,12 +133,16 @@ class Adapter(nn.Module):
 
     @property
     def conditioned(self) -> bool:
-        """Whether the adapter needs an image feature per sample (:meth:`set_condition`)."""
+        """Whether the adapter needs a per-sample image condition (:meth:`condition`, :meth:`set_condition`)."""
         return False
 
-    def set_condition(self, features: torch.Tensor | None) -> None:
-        """Per-sample image features ``[B, F]`` for the next UNet forward (kv-prompt)."""
-        self._condition = features
+    def condition(self, latents: torch.Tensor) -> torch.Tensor:
+        """The per-sample image condition computed from ``z0`` ``[B, C, h, w]`` (kv-prompt: ``m_θ(x)``, ``[B, r]``)."""
+        raise NotImplementedError(f"{type(self).__name__} is not image-conditioned")
+
+    def set_condition(self, condition: torch.Tensor | None) -> None:
+        """The conditions of the samples of the next UNet forward (from :meth:`condition`)."""
+        self._condition = condition
 
     def delta(self, module: str, projection: str, inputs: torch.Tensor) -> torch.Tensor | None:
         """What to add to ``<module>.to_<projection>(inputs)``, or ``None`` when this adapter does not touch it."""
@@ -195,6 +200,9 @@ class KVPromptAdapter(Adapter):
     def conditioned(self) -> bool:
         return True
 
+    def condition(self, latents):
+        return self.meta(image_feature(latents, self.config.feature_grid))
+
     def delta(self, module, projection, inputs):
         if projection not in ("k", "v"):
             return None
@@ -202,8 +210,8 @@ class KVPromptAdapter(Adapter):
         if key not in self.A:
             return None
         if self._condition is None:
-            raise RuntimeError("kv-prompt adapter: set_condition(image features) must precede the UNet forward")
-        scale = self.p[key] + self.meta(self._condition)  # [B, r]
+            raise RuntimeError("kv-prompt adapter: set_condition(condition(z0)) must precede the UNet forward")
+        scale = self.p[key] + self._condition  # [B, r]: static prompt plus the image-conditioned part
         low = torch.matmul(inputs, self.A[key].to(inputs.dtype).t()) * scale.to(inputs.dtype)[:, None, :]
         return torch.matmul(low, self.B[key].to(inputs.dtype).t())
 
@@ -227,6 +235,30 @@ class KVPromptAdapter(Adapter):
         for name, tensor in self.meta.state_dict(keep_vars=True).items():
             out[f"meta.{name}"] = tensor
         return out
+
+
+class FoldedConditionedAdapter(Adapter):
+    """The image-conditioned remainder of a folded kv-prompt adapter, for export: ``B · diag(m) · A`` on K/V, where
+    ``m = m_θ(x)`` arrives ready-made (the image graph computes it) and the static ``B · diag(p) · A`` has been
+    merged into the weights."""
+
+    kind = AdapterKind.kv_prompt
+
+    def __init__(self, folded: FoldedAdapter, config: AdapterConfig):
+        super().__init__(config, sorted({name.rsplit(".", 1)[0] for name in folded.conditioned}))
+        self.factors = {name: (A, B) for name, (A, B) in folded.conditioned.items()}
+
+    @property
+    def conditioned(self) -> bool:
+        return True
+
+    def delta(self, module, projection, inputs):
+        factors = self.factors.get(f"{module}.to_{projection}")
+        if factors is None:
+            return None
+        A, B = (f.to(inputs.device, inputs.dtype) for f in factors)
+        low = torch.matmul(inputs, A.t()) * self._condition.to(inputs.dtype)[:, None, :]
+        return torch.matmul(low, B.t())
 
 
 class LoRAAdapter(Adapter):

@@ -28,6 +28,7 @@ from .errors import ConfigError, InputError
 from .models import SD2Model
 from .pooling import token_mask
 from .runtime.images import ImageInput, preprocess_image
+from .runtime.scoring import combine_terms as combine
 from .runtime.tokenizer import TokenizedText
 from .schedule import noise_bank, timesteps_for
 
@@ -360,8 +361,10 @@ class Scorer:
             self.progress(advance)
 
 
-def unet_pass(model: SD2Model, recorder, latents, signal, noise_scale, noise, timesteps, states, masks, adapter=None):
-    """The scoring forward on one batch, differentiable (the trainer calls it with gradients on).
+def unet_pass(model: SD2Model, recorder, latents, signal, noise_scale, noise, timesteps, states, masks, adapter=None,
+              condition=None, autocast: bool = True):
+    """The scoring forward on one batch, differentiable (the trainer calls it with gradients on, the exporter
+    traces it).
 
     Args:
         model: the frozen SD2 model; its UNet must carry the processors of :func:`scoring_processors`.
@@ -371,22 +374,23 @@ def unet_pass(model: SD2Model, recorder, latents, signal, noise_scale, noise, ti
         noise: ``ε`` ``float32[B, C, h, w]``.
         timesteps: ``int64[B]``.
         states, masks: text states ``[B, T, D]`` and kept-token masks ``[B, T]``.
-        adapter: optional adapter; a conditioned one gets each sample's image feature.
+        adapter: optional adapter.
+        condition: a conditioned adapter's per-sample condition; default: ``adapter.condition(latents)``.
+        autocast: run fp16/bf16 models under autocast (off when exporting: the weights are already half).
 
     Returns:
         ``(layer_scores float32[B, L], ‖ε − ε̂(x_t, c)‖₂ float32[B])``.
     """
-    from .adapters import image_feature
-
     signal, noise_scale = signal.view(-1, 1, 1, 1), noise_scale.view(-1, 1, 1, 1)
     noisy = signal * latents + noise_scale * noise
     recorder.reset(masks)
     if adapter is not None and adapter.conditioned:
-        adapter.set_condition(image_feature(latents, adapter.config.feature_grid))
+        adapter.set_condition(adapter.condition(latents) if condition is None else condition)
     dtype = model.precision.torch_dtype
     # fp16/bf16: weights are stored in that precision and autocast runs the remaining fp32 ops (an adapter's fp32
     # factors, say) in it too; the scoring processors switch autocast off for their fp32 logits and pooling.
-    with torch.autocast(device_type=model.device.type, dtype=dtype, enabled=dtype != torch.float32):
+    enabled = autocast and dtype != torch.float32
+    with torch.autocast(device_type=model.device.type, dtype=dtype, enabled=enabled):
         output = model.unet(noisy.to(dtype), timesteps, encoder_hidden_states=states.to(dtype)).sample.float()
     if model.prediction_type == "v_prediction":
         output = signal * output + noise_scale * noisy  # ε = sqrt(ā) v + sqrt(1 - ā) x_t
@@ -395,29 +399,16 @@ def unet_pass(model: SD2Model, recorder, latents, signal, noise_scale, noise, ti
 
 
 def combine_terms(config: ScoringConfig, layers, errors, uncond_layers=None, uncond_errors=None):
-    """Combine the per-timestep terms of pairs into their score (shared by the scorer and the trainer).
-
-    Args:
-        layers: ``[P, K, L]`` attention term per pair, timestep and layer (conditional pass).
-        errors: ``[P, K]`` ``‖ε − ε̂(x_t, c)‖₂``.
-        uncond_layers, uncond_errors: the same for the empty caption on each pair's image; needed when
-            ``config.needs_unconditional_pass``.
-
-    Returns:
-        ``(per_step [P, K], attention [P, K, L], denoise [P, K] or None)``; the score is ``per_step.mean(1)``.
-    """
-    attention = layers
-    if config.uncond_in_attention:
-        # The authors' attention mean also runs over the unconditional half of the batch (their bug B3).
-        attention = 0.5 * (attention + uncond_layers)
-    if config.normalize is Normalization.uncond:
-        attention = attention - uncond_layers
-    per_step = attention.mean(dim=-1)
-    denoise = None
-    if config.denoise_term:
-        denoise = uncond_errors - errors
-        per_step = per_step + denoise
-    return per_step, attention, denoise
+    """:func:`dsdkit.runtime.scoring.combine_terms` with the switches taken from ``config``."""
+    return combine(
+        layers,
+        errors,
+        uncond_layers,
+        uncond_errors,
+        uncond_in_attention=config.uncond_in_attention,
+        normalize_uncond=config.normalize is Normalization.uncond,
+        denoise_term=config.denoise_term,
+    )
 
 
 def build_scorer(

@@ -85,7 +85,7 @@ def test_kv_prompt_fold_reproduces_the_deltas(tiny_model):
     meta.load_state_dict(folded.meta_network)
     latents = torch.randn(2, 4, 16, 16)
     features = image_feature(latents, folded.feature_grid)
-    adapter.set_condition(features)
+    adapter.set_condition(adapter.condition(latents))
     name = adapter.layer_names[0]
     layer = tiny_model.unet.get_submodule(name).to_k
     context = torch.randn(2, 77, layer.in_features)

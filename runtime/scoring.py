@@ -1,0 +1,38 @@
+"""How the per-timestep terms of a pair become its DSD score: one implementation for every backend.
+
+Works on numpy arrays (the runtime) and torch tensors (the PyTorch scorer and the trainer) alike.
+"""
+
+from __future__ import annotations
+
+__all__ = ["combine_terms"]
+
+
+def combine_terms(layers, errors, uncond_layers=None, uncond_errors=None, *, uncond_in_attention: bool = False,
+                  normalize_uncond: bool = False, denoise_term: bool = True):
+    """Combine per-timestep terms into scores.
+
+    Args:
+        layers: ``[P, K, L]`` attention term per pair, timestep and scored layer (conditional pass).
+        errors: ``[P, K]`` ``‖ε − ε̂(x_t, c)‖₂``.
+        uncond_layers, uncond_errors: the same for the empty caption on each pair's image (needed by the switches
+            below).
+        uncond_in_attention: average the conditional and unconditional attention terms (the authors' bug B3).
+        normalize_uncond: subtract the empty caption's attention term (``normalize=uncond``).
+        denoise_term: add ``‖ε − ε̂(x_t, ∅)‖₂ − ‖ε − ε̂(x_t, c)‖₂``.
+
+    Returns:
+        ``(per_step [P, K], attention [P, K, L], denoise [P, K] or None)``; a pair's score is the mean of its
+        ``per_step`` over timesteps.
+    """
+    attention = layers
+    if uncond_in_attention:
+        attention = 0.5 * (attention + uncond_layers)
+    if normalize_uncond:
+        attention = attention - uncond_layers
+    per_step = attention.mean(-1)
+    denoise = None
+    if denoise_term:
+        denoise = uncond_errors - errors
+        per_step = per_step + denoise
+    return per_step, attention, denoise
