@@ -19,20 +19,14 @@ from __future__ import annotations
 import torch
 
 from .config import HeadWeighting, Pooling, ScoringConfig, TokenSet
-from .runtime.tokenizer import ROLE_EOS, ROLE_WORD
+from .runtime.tokenizer import token_mask as runtime_token_mask
 
 __all__ = ["token_mask", "text_lse", "image_lse", "dynamic_head_weights", "pool_layer"]
 
 
 def token_mask(roles: torch.Tensor, tokens: TokenSet) -> torch.Tensor:
-    """float32 mask ``[..., T]``: 1 where the token set keeps a position, decided by role (never by id)."""
-    if tokens is TokenSet.all:
-        keep = torch.ones_like(roles, dtype=torch.bool)
-    elif tokens is TokenSet.words_eos:
-        keep = (roles == ROLE_WORD) | (roles == ROLE_EOS)
-    else:
-        keep = roles == ROLE_WORD
-    return keep.to(torch.float32)
+    """float32 mask ``[..., T]``: 1 where the token set keeps a position (see :func:`runtime.tokenizer.token_mask`)."""
+    return torch.from_numpy(runtime_token_mask(roles.cpu().numpy(), TokenSet(tokens).value)).to(roles.device)
 
 
 def text_lse(logits: torch.Tensor, mask: torch.Tensor, lam: float) -> torch.Tensor:

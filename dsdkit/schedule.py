@@ -13,30 +13,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from .config import ScoringConfig, TimestepSchedule
+from .runtime.schedule import discffusion_timesteps, noise_level_timesteps
 
 __all__ = ["discffusion_timesteps", "noise_level_timesteps", "timesteps_for", "NoiseSchedule", "noise_bank"]
-
-
-def discffusion_timesteps(num_steps: int) -> list[int]:
-    """The authors' timestep table, made explicit (``reference-dsd.md`` §2).
-
-    ``idx_k = 10 + k * floor(1000 / S)`` for k = 0, 1, ... while ``idx_k < 990``; ``t_k = 999 - idx_k``; sorted
-    ascending. S=10 gives 89, 189, ..., 989; S=30 gives 30 steps from 32; S=50 gives 49 steps.
-    """
-    if num_steps < 1:
-        raise ValueError("num_steps must be >= 1")
-    rate = 1000 // num_steps
-    indices = []
-    index = 10
-    while index < 990:
-        indices.append(index)
-        index += rate
-    return sorted(999 - i for i in indices)
-
-
-def noise_level_timesteps(levels: tuple[float, ...]) -> list[int]:
-    """Timesteps for noise levels in (0, 1]: ``t = round(level * 999)``, ascending (paper: 0.2, 0.4, 0.6, 0.8)."""
-    return sorted(int(round(level * 999)) for level in levels)
 
 
 def timesteps_for(config: ScoringConfig) -> list[int]:

@@ -18,6 +18,8 @@ __all__ = [
     "ModelError",
     "OutputError",
     "TrainingError",
+    "BundleError",
+    "ParityError",
     "EXIT_CODES",
 ]
 
@@ -58,6 +60,18 @@ class TrainingError(DsdkitError):
     exit_code = 6
 
 
+class BundleError(DsdkitError):
+    """A bundle (or an engine in it) that cannot be used: damaged, incomplete, another format, another GPU."""
+
+    exit_code = 7
+
+
+class ParityError(DsdkitError):
+    """An exported graph disagrees with PyTorch beyond its tolerance; the bundle is not written."""
+
+    exit_code = 8
+
+
 #: Documented process exit codes of the ``dsdkit`` command.
 EXIT_CODES = {
     0: "success",
@@ -67,5 +81,7 @@ EXIT_CODES = {
     ModelError.exit_code: "model weights missing, unreadable or of the wrong architecture",
     OutputError.exit_code: "results could not be written",
     TrainingError.exit_code: "training stopped (diverged or no usable examples); the last good checkpoint is kept",
+    BundleError.exit_code: "bundle or engine unusable (modified, missing, other format, other TensorRT or GPU)",
+    ParityError.exit_code: "an exported graph disagrees with PyTorch beyond its tolerance (nothing was written)",
     130: "interrupted (Ctrl-C)",
 }

@@ -24,12 +24,29 @@ import numpy as np
 
 from .errors import InputError, ModelError
 
-__all__ = ["ClipTokenizer", "TokenizedText", "ROLE_BOS", "ROLE_WORD", "ROLE_EOS", "ROLE_PAD"]
+__all__ = ["ClipTokenizer", "TokenizedText", "token_mask", "ROLE_BOS", "ROLE_WORD", "ROLE_EOS", "ROLE_PAD"]
 
 ROLE_BOS, ROLE_WORD, ROLE_EOS, ROLE_PAD = 0, 1, 2, 3
 
 # CLIP's pre-tokenisation: contractions, runs of letters, single digits, runs of other non-space characters.
 _CLIP_SPLIT_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
+
+
+def token_mask(roles: np.ndarray, tokens: str) -> np.ndarray:
+    """float32 mask over positions: 1 where the token set keeps the position, decided by role (never by id).
+
+    ``tokens``: ``"all"`` (77 positions), ``"words-eos"`` (word tokens and EOS) or ``"words"``.
+    """
+    roles = np.asarray(roles)
+    if tokens == "all":
+        keep = np.ones(roles.shape, dtype=bool)
+    elif tokens == "words-eos":
+        keep = (roles == ROLE_WORD) | (roles == ROLE_EOS)
+    elif tokens == "words":
+        keep = roles == ROLE_WORD
+    else:
+        raise ValueError(f"unknown token set {tokens!r}")
+    return keep.astype(np.float32)
 
 
 @dataclass(frozen=True)

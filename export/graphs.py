@@ -1,0 +1,101 @@
+"""The torch modules that are exported: thin wrappers over the scorer's own code path (no re-implementation).
+
+Adapters are folded before export: LoRA and the static part of kv-prompt (``B · diag(p) · A``) are merged into a
+copy of the UNet's weights; kv-prompt's image-conditioned part ``B · diag(m_θ(x)) · A`` stays as a few ops in the
+scorer, fed by ``condition = m_θ(x)``, which the image encoder computes.
+
+``precision="fp16"`` exports the scorer with fp16 weights and activations and fp32 islands where scores are made:
+the scoring processors compute ``QKᵀ/√d``, the softmax and the LogSumExp pooling in fp32, and the layer means, the
+noise error and the outputs are fp32 (see :mod:`dsdkit.attention`, :func:`dsdkit.scorer.unet_pass`).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+
+import torch
+from torch import nn
+
+from ..adapters import Adapter, AdapterConfig, FoldedConditionedAdapter, image_feature
+from ..attention import Recorder, scoring_processors
+from ..models import Precision, SD2Model
+from ..scorer import unet_pass
+
+__all__ = ["TextEncoderGraph", "ImageEncoderGraph", "ScorerGraph", "fold_adapter"]
+
+
+class TextEncoderGraph(nn.Module):
+    def __init__(self, text_encoder):
+        super().__init__()
+        self.text_encoder = text_encoder
+
+    def forward(self, input_ids):
+        return self.text_encoder(input_ids=input_ids).last_hidden_state
+
+
+class ImageEncoderGraph(nn.Module):
+    """Pixels in [-1, 1] -> ``z0`` (VAE posterior mean x scaling factor) and, for kv-prompt, ``m_θ(x)``."""
+
+    def __init__(self, vae, scaling_factor: float, meta: nn.Module | None = None, feature_grid: int | None = None):
+        super().__init__()
+        self.vae = vae
+        self.scaling_factor = scaling_factor
+        self.meta = meta
+        self.feature_grid = feature_grid
+
+    def forward(self, pixels):
+        latents = self.vae.encode(pixels).latent_dist.mean * self.scaling_factor
+        if self.meta is None:
+            return latents
+        return latents, self.meta(image_feature(latents, self.feature_grid))
+
+
+def fold_adapter(model: SD2Model, adapter: Adapter | None, precision: Precision) -> tuple[SD2Model, Adapter | None,
+                                                                                             nn.Module | None]:
+    """A model whose UNet carries the adapter's foldable part (a copy when anything changes), the adapter's
+    remaining image-conditioned part, and the meta-network for the image graph."""
+    folded = adapter.fold() if adapter is not None else None
+    changes = bool(folded and folded.weight_deltas) or precision is not model.precision
+    unet = copy.deepcopy(model.unet) if changes else model.unet
+    if folded is not None:
+        with torch.no_grad():
+            for name, delta in folded.weight_deltas.items():
+                layer = unet.get_submodule(name + ".0" if name.endswith("to_out") else name)
+                layer.weight += delta.to(layer.weight.device, layer.weight.dtype)
+    if precision is not model.precision:
+        unet = unet.to(precision.torch_dtype)
+    remainder, meta = None, None
+    if folded is not None and folded.conditioned:
+        remainder = FoldedConditionedAdapter(folded, AdapterConfig.from_dict(adapter.config.to_dict()))
+        meta = copy.deepcopy(adapter.meta).float()
+    return dataclasses.replace(model, unet=unet, precision=precision), remainder, meta
+
+
+class ScorerGraph(nn.Module):
+    """One timestep of DSD for a batch of pairs; the noise schedule and the noise bank are constants."""
+
+    def __init__(self, model: SD2Model, layer_names: list[str], config, noise_bank: torch.Tensor,
+                 adapter: Adapter | None = None):
+        super().__init__()
+        self.model = model
+        self.unet = model.unet
+        self.adapter = adapter
+        self.recorder = Recorder(layer_names, config)
+        abar = torch.tensor(model.schedule.alphas_cumprod, dtype=torch.float64)
+        self.register_buffer("signal", abar.sqrt().float())
+        self.register_buffer("noise_scale", (1.0 - abar).sqrt().float())
+        self.register_buffer("noise_bank", noise_bank.float())
+        self._processors = scoring_processors(self.unet, self.recorder, adapter)
+        self._processors.__enter__()  # installed for the module's lifetime; :meth:`release` restores them
+
+    def release(self) -> None:
+        self._processors.__exit__(None, None, None)
+
+    def forward(self, latents, states, token_mask, timestep, noise_index, condition=None):
+        layers, error = unet_pass(
+            self.model, self.recorder, latents, self.signal[timestep], self.noise_scale[timestep],
+            self.noise_bank[noise_index], timestep, states, token_mask, self.adapter, condition=condition,
+            autocast=False,
+        )
+        return layers.mean(dim=-1), layers, error

@@ -1,0 +1,133 @@
+"""Runners: one interface over ONNX Runtime (and, with the TensorRT issue, TensorRT), Polygraphy-style.
+
+A runner has a lifecycle: construct (cheap, nothing loaded), :meth:`activate` (create the session), :meth:`infer`
+any number of times, :meth:`close`. It is a context manager.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import BundleError, ConfigError
+
+__all__ = ["Runner", "OrtRunner", "ort_providers"]
+
+logger = logging.getLogger(__name__)
+
+
+class Runner:
+    """Base class of backends: ``activate`` / ``infer`` / ``close``."""
+
+    name = "runner"
+
+    def __init__(self):
+        self.active = False
+
+    def activate(self) -> Runner:
+        if not self.active:
+            self._activate()
+            self.active = True
+        return self
+
+    def infer(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if not self.active:
+            self.activate()
+        return self._infer(feed)
+
+    def close(self) -> None:
+        if self.active:
+            self._close()
+            self.active = False
+
+    def __enter__(self):
+        return self.activate()
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def _activate(self) -> None:
+        raise NotImplementedError
+
+    def _infer(self, feed):
+        raise NotImplementedError
+
+    def _close(self) -> None:
+        pass
+
+
+def ort_providers(device: str = "auto") -> list[str]:
+    """Providers to ask ONNX Runtime for: CUDA first when the installed build offers it (``auto``/``cuda``)."""
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    if device == "cpu":
+        return ["CPUExecutionProvider"]
+    if device in ("auto", "cuda") and "CUDAExecutionProvider" in available:
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    if device == "cuda":
+        raise ConfigError("--device cuda: this onnxruntime build has no CUDA provider; install onnxruntime-gpu")
+    return ["CPUExecutionProvider"]
+
+
+class OrtRunner(Runner):
+    """An ONNX Runtime session over one graph file.
+
+    Args:
+        path: the ``.onnx`` file (external data beside it is found automatically).
+        providers: execution providers in order of preference; default :func:`ort_providers`.
+        threads: intra-op threads (default: ONNX Runtime's choice).
+    """
+
+    name = "onnxruntime"
+
+    def __init__(self, path: str | os.PathLike, providers: list[str] | None = None, threads: int | None = None):
+        super().__init__()
+        self.path = Path(path)
+        self.providers = providers
+        self.threads = threads
+        self.session = None
+
+    def _activate(self) -> None:
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            raise ConfigError(
+                "onnxruntime is not installed; install dsdkit[ort] (CPU) or dsdkit[ort-gpu] (CUDA)"
+            ) from None
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        if self.threads:
+            options.intra_op_num_threads = self.threads
+        requested = self.providers or ort_providers()
+        try:
+            self.session = ort.InferenceSession(str(self.path), sess_options=options, providers=requested)
+        except Exception as exc:  # noqa: BLE001 - ORT raises its own exception types
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise BundleError(f"{self.path}: ONNX Runtime cannot load this graph ({first[:200]}); re-export it") from None
+        got = self.session.get_providers()  # what the session really uses, not what is "available"
+        if requested[0] != got[0]:
+            logger.warning("%s: asked ONNX Runtime for %s, the session runs on %s", self.path.name, requested[0], got[0])
+        self.input_names = [i.name for i in self.session.get_inputs()]
+        self.output_names = [o.name for o in self.session.get_outputs()]
+
+    def _infer(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        missing = [n for n in self.input_names if n not in feed]
+        if missing:
+            raise ValueError(f"{self.path.name}: missing inputs {missing}")
+        outputs = self.session.run(None, {n: feed[n] for n in self.input_names})
+        return dict(zip(self.output_names, outputs))
+
+    def _close(self) -> None:
+        self.session = None
+
+    @property
+    def providers_in_use(self) -> list[str]:
+        return list(self.session.get_providers()) if self.session is not None else []
+
+    def describe(self) -> dict[str, Any]:
+        return {"backend": self.name, "providers": self.providers_in_use}
