@@ -433,6 +433,134 @@ def adapter_info(path: Annotated[Path, typer.Argument(help="An adapter file.")])
     typer.echo(json.dumps(read_adapter_header(path), indent=1))
 
 
+class ExporterChoice(str, Enum):
+    dynamo = "dynamo"
+    torchscript = "torchscript"
+
+
+@app.command("export")
+@cli_errors
+def export_command(
+    out: Annotated[Path, typer.Option("--out", "-o", help="The bundle folder to write.")],
+    model: Annotated[str | None, typer.Option(help="SD2 folder or hub id (default SD2-1-base).")] = None,
+    adapters: Annotated[Path | None, typer.Option(help="Adapter file from `dsdkit train`, folded into the graphs.")] = None,
+    preset: Annotated[
+        PresetName | None, typer.Option(help="Scoring preset (default: the adapter's own config, else discffusion).")
+    ] = None,
+    timesteps: Annotated[int | None, typer.Option(help="Default S of the discffusion table for the runtime.")] = None,
+    knobs: SetOption = None,
+    fp16: Annotated[bool, typer.Option("--fp16", help="fp16 scorer graph with fp32 score islands.")] = False,
+    opset: Annotated[int, typer.Option(help="ONNX opset.")] = 18,
+    batch: Annotated[str, typer.Option(help="Batch profile MIN:OPT:MAX (OPT is the runtime's batch).")] = "1:8:32",
+    engines: Annotated[
+        bool | None,
+        typer.Option("--engines/--no-engines", help="Build TensorRT engines (default: when TensorRT and a GPU are here)."),
+    ] = None,
+    exporter: Annotated[ExporterChoice, typer.Option(help="torch ONNX exporter.")] = ExporterChoice.dynamo,
+    device: Annotated[str, typer.Option(help="Where the PyTorch side runs: cpu or cuda.")] = "cpu",
+    parity_size: Annotated[int, typer.Option(help="Parity check on N generated images x N captions.")] = 4,
+    parity_timesteps: Annotated[int, typer.Option(help="Timesteps of the end-to-end parity check.")] = 1,
+    licence: Annotated[
+        str | None, typer.Option("--license", help="The base model's licence, if its folder does not state it.")
+    ] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing bundle at --out.")] = False,
+) -> None:
+    """Export ONNX scoring graphs (adapters folded), check parity with PyTorch, build engines: a bundle."""
+    from .errors import ConfigError
+    from .export import ExportConfig, ParitySettings, export_bundle, parse_batch
+
+    if parity_size < 1 or parity_timesteps < 1:
+        raise ConfigError("--parity-size and --parity-timesteps must be >= 1 (parity is always checked)")
+    overrides = parse_knobs(knobs)
+    if timesteps is not None:
+        overrides["num_timesteps"] = timesteps
+    config = ExportConfig(
+        precision="fp16" if fp16 else "fp32", opset=opset, batch=parse_batch(batch), exporter=exporter.value,
+        engines=engines, device=device, licence=licence,
+        parity=ParitySettings(images=parity_size, captions=parity_size, timesteps=parity_timesteps),
+    )
+    manifest = export_bundle(model, out, adapters=adapters, preset=None if preset is None else preset.value,
+                             overrides=overrides, config=config, overwrite=overwrite)
+    typer.echo(_bundle_summary(out, manifest, verified=True))
+
+
+@app.command("inspect")
+@cli_errors
+def inspect_command(
+    bundle: Annotated[Path, typer.Argument(help="A bundle folder from `dsdkit export`.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the whole manifest as JSON.")] = False,
+    verify: Annotated[bool, typer.Option("--verify/--no-verify", help="Check every file's size and sha256.")] = True,
+) -> None:
+    """Print a bundle's manifest readably and verify the hashes of its files."""
+    import json
+
+    from .runtime.bundle import Bundle
+
+    opened = Bundle.open(bundle, verify=verify)
+    if as_json:
+        typer.echo(json.dumps(opened.manifest, indent=1))
+    else:
+        typer.echo(_bundle_summary(bundle, opened.manifest, verified=verify))
+
+
+@app.command("build-engines")
+@cli_errors
+def build_engines_command(
+    bundle: Annotated[Path, typer.Argument(help="A bundle folder from `dsdkit export`.")],
+    workspace_gb: Annotated[float | None, typer.Option(help="TensorRT builder workspace limit in GB.")] = None,
+) -> None:
+    """Build TensorRT engines into a bundle, on the GPU machine that will run them."""
+    from .export import add_engines
+
+    manifest = add_engines(bundle, workspace_gb)
+    typer.echo(_bundle_summary(bundle, manifest, verified=True))
+
+
+def _bundle_summary(path: Path, manifest: dict, verified: bool) -> str:
+    """A bundle's manifest in a few readable lines."""
+    model, scoring, files = manifest["model"], manifest["scoring"], manifest.get("files", {})
+    size = sum(record["size"] for record in files.values())
+    adapter = manifest.get("adapter")
+    lines = [
+        f"bundle    {path}  ({manifest['format']}, dsdkit {manifest['dsdkit_version']}, {manifest.get('created', '?')})",
+        f"model     {model['source']}  identity {model['identity'][:12]}  {model['resolution']}px  "
+        f"licence: {model['licence']}",
+        "adapter   " + (f"{adapter['file']} ({adapter['header'].get('kind', '?')}, sha256 "
+                        f"{adapter['sha256'][:12]}), folded" if adapter else "none (zero-shot)"),
+        f"scoring   preset {scoring['preset']}, pooling {scoring['pooling']}, layers {len(manifest['layers'])}, "
+        f"heads {scoring['heads']}, timesteps {scoring['timesteps']}"
+        + (f" S={scoring['num_timesteps']}" if scoring["timesteps"] == "discffusion" else "")
+        + f", denoise {'on' if scoring['denoise_term'] else 'off'}, normalize {scoring['normalize']}",
+        f"export    {manifest['precision']}, {manifest['export']['exporter']} exporter, opset {manifest['export']['opset']}, "
+        f"batch {':'.join(map(str, manifest['export']['batch']))}, noise bank {manifest['noise']['bank_size']}",
+    ]
+    for name, graph in manifest["graphs"].items():
+        inputs = ", ".join(f"{k}{v['shape']}" for k, v in graph["inputs"].items())
+        outputs = ", ".join(f"{k}{v['shape']}" for k, v in graph["outputs"].items())
+        lines.append(f"graph     {name} ({graph['precision']}): {inputs} -> {outputs}")
+    parity = manifest.get("parity", {})
+    for name, outputs in parity.get("graphs", {}).items():
+        worst = max(outputs.items(), key=lambda item: item[1]["max_abs"])
+        lines.append(f"parity    {name}: max abs {worst[1]['max_abs']:.2g} ({worst[0]}), "
+                     f"{'ok' if all(o['ok'] for o in outputs.values()) else 'FAILED'}")
+    if parity.get("end_to_end"):
+        end = parity["end_to_end"]
+        lines.append(
+            f"parity    scores {end['matrix'][0]}x{end['matrix'][1]} at t={end['timesteps']}: max abs "
+            f"{end['scores']['max_abs']:.2g}, max rel {end['scores']['max_rel']:.2g}, top-1 agreement "
+            f"{end['ranking']['top1_agreement']:.3f}, Spearman {end['ranking']['spearman_mean']:.4f}"
+        )
+    engines = manifest.get("engines", {})
+    if engines.get("built"):
+        lines.append(f"engines   TensorRT {engines['tensorrt']} for {engines['gpu']} (sm {engines['compute_capability']}): "
+                     + ", ".join(engines["graphs"]))
+    else:
+        lines.append(f"engines   none ({engines.get('reason', 'not built')})")
+    state = "verified (size and sha256)" if verified else "not verified"
+    lines.append(f"files     {len(files)} files, {size / 1e6:.1f} MB, {state}")
+    return "\n".join(lines)
+
+
 @app.command("exit-codes")
 def exit_codes() -> None:
     """List the exit codes of the dsdkit command."""

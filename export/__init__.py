@@ -1,1 +1,11 @@
-"""dsdkit.export: ONNX scoring graphs, fp16, TensorRT engines and bundles (see the Export issue; not implemented yet)."""
+"""dsdkit.export: ONNX scoring graphs with folded adapters, fp16, parity reports, TensorRT engines and bundles.
+
+Heavy imports (torch, onnx) happen inside the functions, so importing this package is cheap.
+"""
+
+from __future__ import annotations
+
+from .bundle import ExportConfig, add_engines, export_bundle, parse_batch
+from .parity import ParitySettings
+
+__all__ = ["ExportConfig", "ParitySettings", "export_bundle", "add_engines", "parse_batch"]

@@ -48,7 +48,16 @@ class ImageEncoderGraph(nn.Module):
         latents = self.vae.encode(pixels).latent_dist.mean * self.scaling_factor
         if self.meta is None:
             return latents
-        return latents, self.meta(image_feature(latents, self.feature_grid))
+        return latents, self.meta(_exportable_feature(latents, self.feature_grid))
+
+
+def _exportable_feature(latents, grid: int):
+    """:func:`dsdkit.adapters.image_feature` as a fixed-window average pool when the latent side divides evenly (the
+    same averages; the TorchScript exporter cannot export adaptive pooling over a dynamic batch)."""
+    side = latents.shape[-1]
+    if latents.shape[-2] == side and side % grid == 0:
+        return torch.nn.functional.avg_pool2d(latents.float(), side // grid).flatten(1)
+    return image_feature(latents, grid)
 
 
 def fold_adapter(model: SD2Model, adapter: Adapter | None, precision: Precision) -> tuple[SD2Model, Adapter | None,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 import warnings
@@ -41,14 +42,14 @@ def export_graph(module: torch.nn.Module, spec: ExportSpec, path: Path, exporter
     path.parent.mkdir(parents=True, exist_ok=True)
     inputs = tuple(t.to(device) if device is not None else t for t in spec.dummy_inputs(2, _dummy))
     started = time.perf_counter()
-    with torch.no_grad(), warnings.catch_warnings():
+    with torch.no_grad(), warnings.catch_warnings(), _quiet_exporter_logs():
         warnings.simplefilter("ignore")  # tracer and deprecation chatter; results are checked below
         if exporter == "dynamo":
             # diffusers' upsampler branches on batch >= 64, so the symbolic batch stays below it.
             batch = torch.export.Dim(BATCH, min=1, max=63)
             torch.onnx.export(
                 module, inputs, str(path), input_names=spec.input_names, output_names=spec.output_names,
-                dynamo=True, opset_version=opset, external_data=True,
+                dynamo=True, opset_version=opset, external_data=True, verbose=False,
                 dynamic_shapes={name: {0: batch} for name in spec.input_names},
             )
         else:
@@ -64,6 +65,21 @@ def export_graph(module: torch.nn.Module, spec: ExportSpec, path: Path, exporter
     files = [p.name for p in path.parent.iterdir() if p.name.startswith(path.name)]
     logger.info("exported %s in %.1f s (%s)", path.name, seconds, ", ".join(sorted(files)))
     return {"seconds": round(seconds, 2), "files": sorted(files)}
+
+
+@contextlib.contextmanager
+def _quiet_exporter_logs():
+    """The dynamo exporter and onnxscript log every pass at INFO and warn about optional torchvision ops; our own log
+    line says what was exported, and the checker and parity report say whether it is right."""
+    names = ("torch.onnx", "onnxscript", "onnx_ir")
+    saved = {name: logging.getLogger(name).level for name in names}
+    for name in names:
+        logging.getLogger(name).setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for name, level in saved.items():
+            logging.getLogger(name).setLevel(level)
 
 
 def _gather_external_data(path: Path) -> None:

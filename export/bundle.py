@@ -1,0 +1,432 @@
+"""``export_bundle``: (SD2 weights, adapter, scoring config) -> a self-contained, verified bundle folder.
+
+Order of work, each step logged: load and fold -> export the three graphs (one spec each) -> copy the tokenizer ->
+parity against PyTorch on generated images and captions (the export fails, writing nothing, when a tolerance is
+exceeded) -> TensorRT engines where TensorRT and a GPU are present -> manifest with every file's sha256. Everything
+is written into a temporary folder beside the target and renamed into place at the end, so an interrupted export never
+leaves a folder that looks like a bundle.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import logging
+import os
+import re
+import resource
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import ConfigError, DsdkitError
+from ..runtime.bundle import BUNDLE_FORMAT, Bundle, file_records, sha256_file
+from .parity import ParitySettings, check_report, compare_outputs, parity_inputs, ranking_agreement
+
+__all__ = ["ExportConfig", "export_bundle", "add_engines", "model_licence"]
+
+logger = logging.getLogger(__name__)
+
+PRECISIONS = ("fp32", "fp16")
+# End-to-end score tolerance (atol, rtol): |ours - PyTorch| <= atol + rtol |PyTorch| for every pair.
+SCORE_TOLERANCE = (1e-5, 1e-5)
+# fp16 graphs against fp32 PyTorch (fp16 carries 11 significant bits, ~5e-4 relative per rounding).
+FP16_TOLERANCE = (5e-3, 5e-3)
+_TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json")
+
+
+@dataclass
+class ExportConfig:
+    """How to export (written into the manifest).
+
+    Args:
+        precision: ``fp32``, or ``fp16`` (the scorer graph in fp16 with fp32 score islands; encoders stay fp32).
+        opset: ONNX opset (18 by default; the dynamo exporter produces nothing lower).
+        batch: TensorRT profile ``(min, opt, max)`` over the batch axis; ``opt`` is also the runtime's batch.
+        exporter: ``dynamo`` (default; one external-data file, lower memory) or ``torchscript`` (faster on small
+            models, deprecated upstream).
+        engines: ``None`` builds TensorRT engines when possible, ``True`` requires them, ``False`` skips them.
+        noise_bank_size: noise latents stored in the scorer graph (the most timesteps a bundle can use).
+        parity: the parity check's size.
+        licence: the base model's licence when the model folder does not state it.
+        device: where the PyTorch side runs (``cpu`` or ``cuda``).
+    """
+
+    precision: str = "fp32"
+    opset: int = 18
+    batch: tuple[int, int, int] = (1, 8, 32)
+    exporter: str = "dynamo"
+    engines: bool | None = None
+    noise_bank_size: int = 200
+    parity: ParitySettings = field(default_factory=ParitySettings)
+    licence: str | None = None
+    device: str = "cpu"
+
+    def validate(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"export precision {self.precision!r}: use fp32 or fp16")
+        low, opt, high = self.batch
+        if not 1 <= low <= opt <= high <= 63:
+            raise ConfigError(f"--batch {low}:{opt}:{high}: need 1 <= min <= opt <= max <= 63")
+        if self.opset < 18:
+            raise ConfigError(f"--opset {self.opset}: the exporter produces opset 18 at the lowest; use 18 or higher")
+        if not 1 <= self.noise_bank_size <= 1000:
+            raise ConfigError(f"noise bank size {self.noise_bank_size}: use 1..1000")
+
+
+def parse_batch(text: str) -> tuple[int, int, int]:
+    """``"1:8:32"`` -> ``(1, 8, 32)``; a single number means min = opt = max."""
+    try:
+        values = [int(v) for v in text.split(":")]
+    except ValueError:
+        values = []
+    if len(values) == 1:
+        values = values * 3
+    if len(values) != 3:
+        raise ConfigError(f"--batch {text!r}: expected MIN:OPT:MAX, e.g. 1:8:32")
+    return values[0], values[1], values[2]
+
+
+def model_licence(folder: Path, is_test_model: bool, override: str | None) -> dict[str, str]:
+    """The base model's licence: ``--license``, else the model card's front matter, else ``unknown``."""
+    if override:
+        return {"licence": override, "licence_source": "--license"}
+    if is_test_model:
+        return {"licence": "none (random weights made by `dsdkit tiny-model`)", "licence_source": "dsdkit test-model marker"}
+    card = folder / "README.md"
+    if card.is_file():
+        text = card.read_text(encoding="utf-8", errors="replace")
+        front = re.match(r"^---\s*\n(.*?)\n---", text, re.S)
+        found = re.search(r"^license:\s*(\S.*)$", front.group(1), re.M) if front else None
+        if found:
+            return {"licence": found.group(1).strip().strip("'\""), "licence_source": "model card README.md"}
+    logger.warning("%s: no licence found in the model card; pass --license to record it in the manifest", folder)
+    return {"licence": "unknown", "licence_source": "not stated in the model folder; pass --license"}
+
+
+def _peak_rss_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+
+
+def export_bundle(
+    model: str | os.PathLike,
+    out: str | os.PathLike,
+    adapters: str | os.PathLike | None = None,
+    preset: str | None = None,
+    overrides: dict[str, Any] | None = None,
+    config: ExportConfig | None = None,
+    overwrite: bool = False,
+) -> dict[str, Any]:
+    """Export a bundle to ``out``; returns its manifest.
+
+    Args:
+        model: SD2 model folder or hub id.
+        out: the bundle folder to create.
+        adapters: an adapter file from ``dsdkit train`` (folded into the graphs).
+        preset, overrides: the scoring config (default: the adapter's own, else ``discffusion``).
+        config: how to export.
+        overwrite: replace an existing bundle at ``out``.
+
+    Raises:
+        ConfigError: bad options, ``out`` exists, or engines were required but cannot be built here.
+        ParityError: the exported graphs disagree with PyTorch beyond tolerance (nothing is written).
+    """
+    import torch
+
+    from .. import __version__
+    from ..scorer import build_scorer
+
+    config = config or ExportConfig()
+    config.validate()
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise ConfigError(f"{out} already exists; pass --overwrite to replace it or choose another --out")
+    if config.engines is True and (reason := _trt_reason()) is not None:
+        raise ConfigError(f"--engines: cannot build TensorRT engines here: {reason}; use --no-engines")
+    started = time.perf_counter()
+    scorer = build_scorer(model, adapters, preset, overrides, batch_size=config.batch[1], device=config.device)
+    sd2 = scorer.model
+    staging = out.parent / f".{out.name}.partial-{os.getpid()}"
+    if staging.exists():
+        shutil.rmtree(staging)
+    staging.mkdir(parents=True)
+    try:
+        manifest = _base_manifest(scorer, adapters, config, __version__)
+        with torch.no_grad():
+            timings = _export_graphs(scorer, staging, manifest, config)
+        _copy_tokenizer(sd2.folder / "tokenizer", staging / "tokenizer")
+        manifest["export"]["seconds"] = timings
+        if config.parity.enabled:
+            manifest["parity"] = run_parity(scorer, staging, manifest, config)
+            check_report(manifest["parity"])
+        else:
+            manifest["parity"] = {"skipped": True}
+        manifest["files"] = file_records(staging)
+        manifest["engines"] = _maybe_engines(staging, manifest, config)
+        manifest["files"] = file_records(staging)
+        manifest["export"]["total_seconds"] = round(time.perf_counter() - started, 1)
+        manifest["export"]["peak_rss_gb"] = round(_peak_rss_gb(), 2)
+        (staging / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
+        Bundle.open(staging)  # the bundle reads back and every hash matches before it is moved into place
+        _move_into_place(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    logger.info("wrote bundle %s in %.0f s (peak RSS %.1f GB)", out, manifest["export"]["total_seconds"],
+                manifest["export"]["peak_rss_gb"])
+    return manifest
+
+
+def _trt_reason() -> str | None:
+    from .tensorrt import tensorrt_unavailable_reason
+
+    return tensorrt_unavailable_reason()
+
+
+def _base_manifest(scorer, adapters, config: ExportConfig, version: str) -> dict[str, Any]:
+    import onnx
+    import torch
+
+    sd2 = scorer.model
+    scoring = scorer.config.to_dict()
+    scoring["resolution"] = scorer.resolution
+    latent = scorer.resolution // sd2.vae_scale_factor
+    adapter = None
+    if adapters is not None:
+        from ..adapters import read_adapter_header
+
+        adapter = {"file": Path(adapters).name, "sha256": sha256_file(adapters), "header": read_adapter_header(adapters)}
+    return {
+        "format": BUNDLE_FORMAT,
+        "dsdkit_version": version,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "model": {
+            "source": sd2.source if not Path(sd2.source).exists() else Path(sd2.source).name,
+            "identity": sd2.identity(),
+            "resolution": scorer.resolution,
+            "latent_shape": [sd2.latent_channels, latent, latent],
+            "text_length": sd2.tokenizer.max_length,
+            "hidden_size": int(sd2.text_encoder.config.hidden_size),
+            "prediction_type": sd2.prediction_type,
+            "test_model_random_weights": sd2.is_test_model,
+            **model_licence(sd2.folder, sd2.is_test_model, config.licence),
+        },
+        "adapter": adapter,
+        "scoring": scoring,
+        "layers": list(scorer.layer_names),
+        "precision": config.precision,
+        "export": {
+            "exporter": config.exporter,
+            "opset": config.opset,
+            "batch": list(config.batch),
+            "torch": torch.__version__.split("+")[0],
+            "onnx": onnx.__version__,
+            "device": config.device,
+        },
+        "noise": {"seed": scorer.config.noise_seed, "bank_size": config.noise_bank_size},
+        "tokenizer": {"folder": "tokenizer"},
+        "graphs": {},
+    }
+
+
+def _export_graphs(scorer, staging: Path, manifest: dict[str, Any], config: ExportConfig) -> dict[str, float]:
+    from ..models import Precision
+    from ..schedule import noise_bank
+    from .graphs import ImageEncoderGraph, ScorerGraph, TextEncoderGraph, fold_adapter
+    from .specs import graph_specs
+    from .to_onnx import export_graph
+
+    sd2 = scorer.model
+    folded_model, remainder, meta = fold_adapter(sd2, scorer.adapter, Precision(config.precision))
+    grid = scorer.adapter.config.feature_grid if meta is not None else None
+    condition_size = scorer.adapter.config.rank if meta is not None else None
+    specs = graph_specs(sd2, scorer.resolution, len(scorer.layer_names), condition_size)
+    bank = noise_bank(scorer.config.noise_seed, config.noise_bank_size, tuple(manifest["model"]["latent_shape"]))
+    modules = {
+        "text_encoder": lambda: TextEncoderGraph(sd2.text_encoder),
+        "image_encoder": lambda: ImageEncoderGraph(sd2.vae, sd2.scaling_factor, meta, grid),
+        "scorer": lambda: ScorerGraph(folded_model, scorer.layer_names, scorer.config, bank.to(sd2.device), remainder),
+    }
+    timings = {}
+    for name, build in modules.items():
+        module = build().eval()
+        file = f"onnx/{name}.onnx"
+        try:
+            info = export_graph(module, specs[name], staging / file, config.exporter, config.opset, sd2.device)
+        finally:
+            if isinstance(module, ScorerGraph):
+                module.release()  # the UNet's own processors return; the unfolded scorer below needs them
+        timings[name] = info["seconds"]
+        precision = config.precision if name == "scorer" else "fp32"
+        manifest["graphs"][name] = {**specs[name].to_dict(file, config.batch), "precision": precision}
+    del folded_model, remainder
+    return timings
+
+
+def _copy_tokenizer(source: Path, target: Path) -> None:
+    target.mkdir()
+    for name in _TOKENIZER_FILES:
+        if (source / name).is_file():
+            shutil.copy2(source / name, target / name)
+
+
+# -- parity ------------------------------------------------------------------------------------------------------
+
+
+def _tolerance(graph: dict[str, Any], output: str, precision: str) -> tuple[float, float]:
+    tol = graph["tolerance"].get(output, {"atol": 1e-4, "rtol": 1e-4})
+    if precision == "fp16":  # fp16 weights and activations against fp32 PyTorch: a few fp16 ulps of the output
+        return max(tol["atol"], FP16_TOLERANCE[0]), max(tol["rtol"], FP16_TOLERANCE[1])
+    return tol["atol"], tol["rtol"]
+
+
+def run_parity(scorer, staging: Path, manifest: dict[str, Any], config: ExportConfig) -> dict[str, Any]:
+    """Per-graph and end-to-end parity of the staged bundle against the (unfolded, fp32) PyTorch scorer."""
+    from ..runtime.backends import OrtRunner, ort_providers
+    from ..runtime.images import preprocess_image
+    from ..runtime.matcher import Matcher
+    from ..scorer import Scorer
+
+    settings = config.parity
+    images, captions = parity_inputs(settings)
+    providers = ort_providers("cuda" if str(config.device).startswith("cuda") else "cpu")
+    bundle = Bundle(staging, manifest)
+    runners = {name: OrtRunner(staging / graph["file"], providers) for name, graph in manifest["graphs"].items()}
+    report: dict[str, Any] = {"inputs": asdict(settings), "providers": providers, "graphs": {}}
+    started = time.perf_counter()
+    try:
+        reference = _reference_outputs(scorer, images, captions, manifest, preprocess_image)
+        for name, (feed, expected) in reference.items():
+            got = runners[name].infer(feed)
+            graph = manifest["graphs"][name]
+            report["graphs"][name] = {
+                output: compare_outputs(output, got[output], value, *_tolerance(graph, output, graph["precision"]))
+                for output, value in expected.items()
+            }
+        # End to end: the runtime on the bundle vs the PyTorch scorer, same reduced number of timesteps.
+        steps = settings.timesteps if scorer.config.timesteps.value == "discffusion" else None
+        matcher = Matcher(bundle, runners, num_timesteps=steps)
+        ours = matcher.score(images, captions)
+        reduced = scorer.config.replace(num_timesteps=steps or scorer.config.num_timesteps)
+        torch_scorer = Scorer(scorer.model, reduced, batch_size=scorer.batch_size, adapter=scorer.adapter)
+        theirs = torch_scorer.score(images, captions)
+    finally:
+        for runner in runners.values():
+            runner.close()
+    atol, rtol = SCORE_TOLERANCE if config.precision == "fp32" else FP16_TOLERANCE
+    scores = compare_outputs("scores", ours, theirs, atol, rtol)
+    report["end_to_end"] = {
+        "timesteps": matcher.timesteps,
+        "matrix": [len(images), len(captions)],
+        "scores": scores,
+        "ranking": ranking_agreement(ours, theirs, tie=2 * scores["max_abs"] if config.precision == "fp16" else 0.0),
+        "onnxruntime": np.asarray(ours).round(7).tolist(),
+        "pytorch": np.asarray(theirs).round(7).tolist(),
+    }
+    report["seconds"] = round(time.perf_counter() - started, 1)
+    logger.info(
+        "parity (%s): scores max abs %.2g, top-1 agreement %.3f, Spearman %.4f",
+        config.precision, scores["max_abs"], report["end_to_end"]["ranking"]["top1_agreement"],
+        report["end_to_end"]["ranking"]["spearman_mean"],
+    )
+    return report
+
+
+def _reference_outputs(scorer, images, captions, manifest, preprocess_image) -> dict[str, tuple[dict, dict]]:
+    """Feeds for each graph built from the parity inputs, and PyTorch's outputs for them (unfolded, fp32)."""
+    import torch
+
+    from ..attention import Recorder, scoring_processors
+    from ..schedule import noise_bank
+    from ..scorer import unet_pass
+
+    sd2 = scorer.model
+    device = sd2.device
+    pixels = np.stack([preprocess_image(im, scorer.resolution, scorer.config.resize) for im in images]).astype(np.float32)
+    texts = scorer.encode_texts(captions)
+    ids = np.stack([t.tokens.ids for t in texts]).astype(np.int64)
+    with torch.no_grad():
+        states = sd2.text_encoder(input_ids=torch.from_numpy(ids).to(device)).last_hidden_state.float()
+        latents = sd2.vae.encode(torch.from_numpy(pixels).to(device)).latent_dist.mean.float() * sd2.scaling_factor
+        condition = scorer.adapter.condition(latents) if scorer.adapter is not None and scorer.adapter.conditioned else None
+    out = {
+        "text_encoder": ({"input_ids": ids}, {"states": states.cpu().numpy()}),
+        "image_encoder": ({"pixels": pixels}, {"latents": latents.cpu().numpy(),
+                                              **({"condition": condition.cpu().numpy()} if condition is not None else {})}),
+    }
+    # Scorer graph: pairs (image i, caption i mod M) at spread-out timesteps and noise-bank entries.
+    count = len(images)
+    pick = [i % len(texts) for i in range(count)]
+    timesteps = np.linspace(50, 950, count).round().astype(np.int64)
+    noise_index = (np.arange(count) * 7) % manifest["noise"]["bank_size"]
+    masks = torch.stack([texts[j].mask for j in pick])
+    feed = {
+        "latents": latents.cpu().numpy(),
+        "states": states[pick].cpu().numpy(),
+        "token_mask": masks.cpu().numpy().astype(np.float32),
+        "timestep": timesteps,
+        "noise_index": noise_index.astype(np.int64),
+    }
+    if condition is not None:
+        feed["condition"] = condition.cpu().numpy()
+    signal, noise_scale = sd2.schedule.coefficients(timesteps.tolist())
+    bank = noise_bank(scorer.config.noise_seed, int(noise_index.max()) + 1, tuple(manifest["model"]["latent_shape"]))
+    recorder = Recorder(scorer.layer_names, scorer.config)
+    with torch.no_grad(), scoring_processors(sd2.unet, recorder, scorer.adapter):
+        layers, error = unet_pass(
+            sd2, recorder, latents, torch.tensor(signal, dtype=torch.float32, device=device),
+            torch.tensor(noise_scale, dtype=torch.float32, device=device), bank[noise_index].to(device),
+            torch.from_numpy(timesteps).to(device), states[pick], masks.to(device), scorer.adapter, condition=condition,
+        )
+    out["scorer"] = (feed, {"attention": layers.mean(-1).cpu().numpy(), "layer_scores": layers.cpu().numpy(),
+                            "noise_error": error.cpu().numpy()})
+    return out
+
+
+# -- engines and the final move ----------------------------------------------------------------------------------
+
+
+def _maybe_engines(staging: Path, manifest: dict[str, Any], config: ExportConfig) -> dict[str, Any]:
+    if config.engines is False:
+        return {"built": False, "reason": "--no-engines"}
+    reason = _trt_reason()
+    if reason is not None:
+        logger.warning("TensorRT engines not built: %s; the ONNX bundle is complete (build engines on a GPU machine "
+                       "with `dsdkit build-engines %s`)", reason, staging.name.split(".partial-")[0].lstrip("."))
+        return {"built": False, "reason": reason}
+    from .tensorrt import build_engines
+
+    return build_engines(staging, manifest)
+
+
+def add_engines(bundle_path: str | os.PathLike, workspace_gb: float | None = None) -> dict[str, Any]:
+    """Build TensorRT engines into an existing bundle (on the GPU machine that will run them)."""
+    from .tensorrt import build_engines
+
+    bundle = Bundle.open(bundle_path)
+    manifest = bundle.manifest
+    manifest["engines"] = build_engines(bundle.path, manifest, workspace_gb)
+    manifest["files"] = file_records(bundle.path)
+    from ..runtime.files import atomic_write_text
+
+    atomic_write_text(bundle.path / "manifest.json", json.dumps(manifest, indent=1) + "\n")
+    return manifest
+
+
+def _move_into_place(staging: Path, out: Path) -> None:
+    old = None
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        out.rename(old)
+    try:
+        staging.rename(out)
+    except OSError as exc:
+        if old is not None:
+            old.rename(out)
+        raise DsdkitError(f"{out}: cannot move the finished bundle into place ({exc})") from None
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
