@@ -191,12 +191,28 @@ def match_command(
     resize: Annotated[ResizeMode | None, typer.Option(help="squash (default) or center-crop.")] = None,
     resolution: Annotated[int | None, typer.Option(help="Image size fed to the VAE; default: the model's.")] = None,
     seed: Annotated[int | None, typer.Option(help="Seed of the fixed noise bank.")] = None,
+    bundle: Annotated[
+        Path | None, typer.Option(help="Score with an exported bundle (torch-free runtime) instead of --model.")
+    ] = None,
+    backend: Annotated[str, typer.Option(help="Bundle backend: auto, onnxruntime or tensorrt.")] = "auto",
+    chunk_size: Annotated[int, typer.Option(help="Images per chunk (memory stays flat; the unit of --resume).")] = 64,
+    resume: Annotated[bool, typer.Option(help="Continue an interrupted run from <output>.partial/.")] = False,
+    dry_run: Annotated[bool, typer.Option(help="Print pairs, UNet evaluations and an estimated time; score nothing.")] = False,
 ) -> None:
     """Score every image against every caption and show the best caption per image."""
     from .config import ScoringConfig
     from .errors import ConfigError
     from .matching import match
 
+    knobs_given = [name for name, value in {
+        "--preset": None if preset.value == "discffusion" else preset, "--pooling": pooling, "--lambda": lse_lambda,
+        "--tokens": tokens, "--layers": layers, "--heads": heads, "--schedule": schedule, "--noise-levels": noise_levels,
+        "--denoise/--no-denoise": denoise, "--uncond-in-attention": uncond_in_attention, "--normalize": normalize,
+        "--resize": resize, "--resolution": resolution, "--seed": seed, "--adapters": adapters, "--model": model,
+        "--dtype": None if dtype is Precision.fp32 else dtype}.items() if value is not None]
+    if bundle is not None and knobs_given:
+        raise ConfigError(f"{', '.join(knobs_given)}: a bundle fixes the model, adapter and scoring config at export "
+                          "(only --timesteps can change); re-export with `dsdkit export` to change them")
     levels = None
     if noise_levels is not None:
         try:
@@ -220,6 +236,14 @@ def match_command(
         resolution=resolution,
         noise_seed=seed,
     )
+    if dry_run:
+        from .matching import plan_match
+
+        plan = plan_match(images, captions, model=model, config=config, batch_size=batch_size, device=device,
+                          dtype=dtype.value, adapters=adapters, bundle=bundle, backend=backend,
+                          num_timesteps=timesteps if bundle is not None else None)
+        typer.echo(_format_plan(plan))
+        return
     with _progress_bar() as progress:
         result = match(
             images,
@@ -234,10 +258,31 @@ def match_command(
             progress=progress,
             per_layer=per_layer,
             adapters=adapters,
+            bundle=bundle,
+            backend=backend,
+            num_timesteps=timesteps if bundle is not None else None,
+            chunk_size=chunk_size,
+            resume=resume,
         )
     _print_summary(result)
     if output is not None:
         typer.echo(f"wrote {len(result.images)} x {len(result.captions)} scores to {output}")
+
+
+def _format_plan(plan: dict) -> str:
+    def clock(seconds: float) -> str:
+        seconds = int(round(seconds))
+        return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+    t = plan["calibration"]
+    return "\n".join([
+        f"job        {plan['images']} images x {plan['captions']} captions = {plan['pairs']:,} pairs, "
+        f"S = {plan['timesteps']} timesteps",
+        f"work       {plan['unet_evaluations']:,} UNet evaluations in batches of {plan['batch_size']}",
+        f"calibrated {plan['engine']}: {t['batch_s']:.3g} s per batch, {t['image_s']:.3g} s per image encoding, "
+        f"{t['caption_s']:.3g} s per caption encoding",
+        f"estimate   {clock(plan['estimated_seconds'])} (h:mm:ss) for the whole job",
+    ])
 
 
 def parse_knobs(values: list[str] | None) -> dict:
@@ -431,6 +476,36 @@ def adapter_info(path: Annotated[Path, typer.Argument(help="An adapter file.")])
     from .adapters import read_adapter_header
 
     typer.echo(json.dumps(read_adapter_header(path), indent=1))
+
+
+@app.command("explain")
+@cli_errors
+def explain_command(
+    image: Annotated[Path, typer.Argument(help="An image file.")],
+    caption: Annotated[str, typer.Argument(help="The caption to explain.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="PNG to write: one heat-map panel per word token.")] = Path(
+        "heat.png"),
+    model: Annotated[str | None, typer.Option(help="SD2 folder or hub id.")] = None,
+    adapters: Annotated[Path | None, typer.Option(help="Adapter file from `dsdkit train`.")] = None,
+    preset: Annotated[PresetName | None, typer.Option(help="Scoring preset (default: the adapter's, else discffusion).")] = None,
+    timesteps: Annotated[int | None, typer.Option(help="S of the discffusion table (default 30).")] = None,
+    knobs: SetOption = None,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    dtype: Annotated[Precision, typer.Option(help="UNet precision.")] = Precision.fp32,
+) -> None:
+    """Per-word cross-attention heat maps of one image-caption pair (the attention the score pools)."""
+    from .explain import explain, render_heat_maps
+    from .scorer import build_scorer
+
+    overrides = parse_knobs(knobs)
+    if timesteps is not None:
+        overrides["num_timesteps"] = timesteps
+    scorer = build_scorer(model, adapters, None if preset is None else preset.value, overrides, device=device,
+                          dtype=dtype.value)
+    explanation = explain(scorer, image, caption)
+    render_heat_maps(explanation, out, caption=caption)
+    typer.echo(f"wrote {out}: {len(explanation.tokens)} panels ({', '.join(explanation.tokens)}), "
+               f"{len(explanation.timesteps)} timesteps, {len(scorer.layer_names)} layers")
 
 
 class ExporterChoice(str, Enum):

@@ -1,4 +1,5 @@
-"""`dsdkit match` as a library function: images x captions -> score matrix (+ result file), on the PyTorch path."""
+"""`dsdkit match` as a library function: images x captions -> score matrix (+ result file), on the PyTorch scorer
+or on an exported bundle."""
 
 from __future__ import annotations
 
@@ -9,11 +10,14 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from . import __version__
 from .config import ScoringConfig
 from .errors import ConfigError
 from .runtime.images import ImageInput, describe
 from .runtime.inputs import list_images, read_captions
+from .runtime.jobs import finish, job_fingerprint, run_resumable
 from .runtime.results import OUTPUT_FORMATS, MatchResult, write_result
 
 __all__ = ["match", "gather_inputs"]
@@ -55,78 +59,312 @@ def match(
     progress: Callable[[int, int], Callable[[int], None]] | None = None,
     per_layer: bool = False,
     adapters: str | os.PathLike | None = None,
+    bundle: str | os.PathLike | None = None,
+    backend: str = "auto",
+    num_timesteps: int | None = None,
+    chunk_size: int = 64,
+    resume: bool = False,
 ) -> MatchResult:
-    """Score every image against every caption with the PyTorch scorer and optionally write a result file.
+    """Score every image against every caption and optionally write a result file.
+
+    Two engines: the PyTorch scorer (``model``, ``config``, ``adapters``) or an exported bundle (``bundle``,
+    ``backend``; torch is not imported). Rows are computed in chunks of ``chunk_size`` images; with an ``output``,
+    each finished chunk is saved atomically in ``<output>.partial/`` and ``resume`` continues an interrupted job.
 
     Args:
         images: a folder, an image-list file, or a list of paths / PIL images / arrays.
         captions: a captions file (one per line) or a list of strings.
         model: a loaded :class:`~dsdkit.models.SD2Model`, a model folder or a hub id. Defaults to SD2-1-base.
-        config: scoring config. Defaults to the ``discffusion`` preset.
+        config: scoring config (PyTorch path). Defaults to the ``discffusion`` preset.
         output: ``.csv`` (full matrix), ``.json`` or ``.jsonl`` (matrix and top-k lists); written atomically.
         top_k: how many best captions per image and images per caption the JSON outputs list.
-        batch_size: UNet batch size. Defaults to 8.
-        device, dtype: where and in which precision the UNet runs (see :func:`dsdkit.load_model`).
+        batch_size: UNet / scorer-graph batch size.
+        device, dtype: where and in which precision the UNet runs (see :func:`dsdkit.load_model`); for a bundle,
+            ``device`` picks the ONNX Runtime provider.
         progress: ``progress(total, already_done) -> advance`` makes a progress reporter for a job of ``total``
             UNet evaluations; ``advance(n)`` is called as batches finish.
-        per_layer: keep the attention term of every scored layer (``[N, M, L]``) in the result and JSON outputs.
+        per_layer: keep the attention term of every scored layer (``[N, M, L]``; PyTorch path).
         adapters: an adapter file from ``dsdkit train`` (refused if made for another base model or other layers).
+        bundle: a bundle folder from ``dsdkit export`` (its scoring config is fixed at export).
+        backend: ``auto``, ``onnxruntime`` or ``tensorrt`` (bundles only).
+        num_timesteps: S of the discffusion table for a bundle (default: the bundle's).
+        chunk_size: images per chunk (memory stays flat; the unit of ``resume``).
+        resume: continue from ``<output>.partial/``.
     """
-    from .models import SD2Model, load_model
-    from .scorer import Scorer
-
     if output is not None and Path(output).suffix.lower() not in OUTPUT_FORMATS:
         raise ConfigError(f"--output {output}: unknown format; use a file ending in {', '.join(OUTPUT_FORMATS)}")
     if top_k < 1:
         raise ConfigError(f"--top-k must be >= 1, got {top_k}")
-    config = config or ScoringConfig()
+    if chunk_size < 1:
+        raise ConfigError(f"--chunk-size must be >= 1, got {chunk_size}")
+    if per_layer and resume:
+        raise ConfigError("--per-layer cannot be combined with --resume (per-layer terms are not kept between runs)")
     image_list, names, caption_list, where = gather_inputs(images, captions)
-    sd2 = model if isinstance(model, SD2Model) else load_model(model, device=device, dtype=dtype)
-    adapter = None
-    if adapters is not None:
-        from .adapters import load_adapter
-
-        adapter, _ = load_adapter(adapters, sd2, config)
-    scorer = Scorer(sd2, config, batch_size=batch_size, adapter=adapter)
     started = time.perf_counter()
-    image_encodings = scorer.encode_images(image_list)
-    text_encodings = scorer.encode_texts(caption_list, where=where)
-    unique_images = len({e.key for e in image_encodings})
-    unique_texts = len({e.text for e in text_encodings})
-    total = scorer.planned_evaluations(unique_images, unique_images * unique_texts)
-    if progress is not None:
-        scorer.progress = progress(total, 0)
-    output_scores = scorer.score_encoded_matrix(image_encodings, text_encodings)
-    elapsed = time.perf_counter() - started
-    truncated = {where[j]: count for j, count in enumerate(output_scores.truncated) if count}
-    warnings = []
-    if sd2.is_test_model:
-        warnings.append("random-weight test model: scores are meaningless")
-    if truncated:
-        warnings.append(f"{len(truncated)} caption(s) longer than {sd2.tokenizer.max_length} tokens were truncated")
-        for name, count in truncated.items():
-            logger.warning("%s: %d token(s) beyond the 77-token context were dropped", name, count)
-    meta = {
-        "dsdkit_version": __version__,
-        "backend": "pytorch",
-        "model": sd2.describe(),
-        "scoring": config.to_dict(),
-        "adapters": None if adapters is None else str(adapters),
-        "timesteps": output_scores.timesteps,
-        "layers": output_scores.layer_names,
-        "unet_evaluations": output_scores.unet_evaluations,
-        "seconds": round(elapsed, 3),
-        "truncated_captions": truncated,
-        "warnings": warnings,
-    }
-    result = MatchResult(
-        images=names,
-        captions=caption_list,
-        scores=output_scores.scores,
-        meta=meta,
-        layer_scores=output_scores.layer_scores if per_layer else None,
-    )
+    if bundle is not None:
+        if per_layer:
+            raise ConfigError("--per-layer comes from the PyTorch path (--model); bundles output pooled scores only")
+        engine = _BundleEngine(bundle, backend, device, batch_size, num_timesteps, chunk_size)
+    else:
+        engine = _TorchEngine(model, config or ScoringConfig(), adapters, batch_size, device, dtype, chunk_size)
+    with engine:
+        text_count = engine.encode_texts(caption_list, where)
+        fingerprint = job_fingerprint({"images": [_identify(i, name) for i, name in zip(image_list, names)],
+                                       "captions": caption_list, **engine.identity()})
+        total = engine.planned_evaluations(len(image_list), text_count)
+        if progress is not None:
+            engine.set_progress(progress(total, 0))
+        scores = run_resumable(lambda start: engine.blocks(image_list, caption_list, start),
+                               (len(image_list), len(caption_list)), output, fingerprint, resume)
+        meta = engine.meta(caption_list, where)
+    meta["seconds"] = round(time.perf_counter() - started, 3)
+    result = MatchResult(images=names, captions=caption_list, scores=scores, meta=meta,
+                         layer_scores=engine.layer_scores() if per_layer else None)
     if output is not None:
         write_result(result, output, k=top_k)
+        finish(output)
         logger.info("wrote %s", output)
     return result
+
+
+def _identify(image: ImageInput, name: str) -> str:
+    """What a resumed job compares: a file's path, size and modification time, or an in-memory image's name."""
+    if isinstance(image, (str, os.PathLike)):
+        try:
+            stat = os.stat(image)
+            return f"{name}:{stat.st_size}:{stat.st_mtime_ns}"
+        except OSError:
+            return name
+    return name
+
+
+class _TorchEngine:
+    """The PyTorch scorer behind :func:`match`."""
+
+    def __init__(self, model, config, adapters, batch_size, device, dtype, chunk_size):
+        from .models import SD2Model, load_model
+        from .scorer import Scorer
+
+        self.model = model if isinstance(model, SD2Model) else load_model(model, device=device, dtype=dtype)
+        adapter = None
+        if adapters is not None:
+            from .adapters import load_adapter
+
+            adapter, _ = load_adapter(adapters, self.model, config)
+        self.adapters = adapters
+        self.config = config
+        self.scorer = Scorer(self.model, config, batch_size=batch_size, adapter=adapter)
+        self.chunk_size = chunk_size
+        self._layers: list[np.ndarray] = []
+        self._truncated: list[int] = []
+        self._evaluations = 0
+        self._layer_names: list[str] = list(self.scorer.layer_names)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return None
+
+    def encode_texts(self, captions, where) -> int:
+        self._texts = self.scorer.encode_texts(captions, where=where)
+        self._truncated = [e.tokens.truncated for e in self._texts]
+        return len({e.text for e in self._texts})
+
+    def identity(self) -> dict:
+        return {"engine": "pytorch", "model": self.model.identity(), "scoring": self.config.to_dict(),
+                "adapters": None if self.adapters is None else str(self.adapters), "timesteps": self.scorer.timesteps}
+
+    def planned_evaluations(self, num_images: int, num_texts: int) -> int:
+        return self.scorer.planned_evaluations(num_images, num_images * num_texts)
+
+    def set_progress(self, advance) -> None:
+        self.scorer.progress = advance
+
+    def blocks(self, images, captions, start):
+        for begin in range(start, len(images), self.chunk_size):
+            rows = slice(begin, min(begin + self.chunk_size, len(images)))
+            out = self.scorer.score_encoded_matrix(self.scorer.encode_images(images[rows]), self._texts)
+            self._layers.append(out.layer_scores)
+            self._evaluations += out.unet_evaluations
+            yield rows, out.scores
+
+    def layer_scores(self):
+        return np.concatenate(self._layers) if self._layers else None
+
+    def meta(self, captions, where) -> dict:
+        truncated = {where[j]: count for j, count in enumerate(self._truncated) if count}
+        warnings = []
+        if self.model.is_test_model:
+            warnings.append("random-weight test model: scores are meaningless")
+        _warn_truncated(truncated, warnings, self.model.tokenizer.max_length)
+        return {
+            "dsdkit_version": __version__,
+            "backend": "pytorch",
+            "model": self.model.describe(),
+            "scoring": self.config.to_dict(),
+            "adapters": None if self.adapters is None else str(self.adapters),
+            "timesteps": list(self.scorer.timesteps),
+            "layers": self._layer_names,
+            "unet_evaluations": self._evaluations,
+            "truncated_captions": truncated,
+            "warnings": warnings,
+        }
+
+
+class _BundleEngine:
+    """The torch-free runtime behind :func:`match` (``--bundle``)."""
+
+    def __init__(self, bundle, backend, device, batch_size, num_timesteps, chunk_size):
+        from .runtime.matcher import Matcher
+
+        self.matcher = Matcher.from_bundle(bundle, backend=backend, device=device or "auto", batch_size=batch_size,
+                                           num_timesteps=num_timesteps, chunk_size=chunk_size)
+        self.path = Path(bundle)
+        self._evaluations = 0
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.matcher.close()
+
+    def encode_texts(self, captions, where) -> int:
+        self._texts = self.matcher.encode_texts(captions, where=where)
+        return len({e.text for e in self._texts})
+
+    def identity(self) -> dict:
+        manifest = self.matcher.bundle.manifest
+        return {"engine": "bundle", "scorer": manifest["files"][manifest["graphs"]["scorer"]["file"]]["sha256"],
+                "scoring": self.matcher.scoring, "timesteps": self.matcher.timesteps}
+
+    def planned_evaluations(self, num_images: int, num_texts: int) -> int:
+        return self.matcher.planned_evaluations(num_images, num_texts)
+
+    def set_progress(self, advance) -> None:
+        def counted(n: int) -> None:
+            self._evaluations += n
+            advance(n)
+
+        self.matcher.progress = counted
+
+    def blocks(self, images, captions, start):
+        return self.matcher.iter_blocks(images, captions, start)
+
+    def layer_scores(self):
+        return None
+
+    def meta(self, captions, where) -> dict:
+        manifest = self.matcher.bundle.manifest
+        truncated = {where[j]: e.tokens.truncated for j, e in enumerate(self._texts) if e.tokens.truncated}
+        warnings = []
+        if manifest["model"].get("test_model_random_weights"):
+            warnings.append("random-weight test model: scores are meaningless")
+        _warn_truncated(truncated, warnings, manifest["model"]["text_length"])
+        return {
+            "dsdkit_version": __version__,
+            "backend": next(iter(self.matcher.runners.values())).name,
+            "bundle": str(self.path),
+            "model": {k: manifest["model"][k] for k in ("source", "identity", "resolution", "licence")},
+            "adapters": (manifest.get("adapter") or {}).get("file"),
+            "precision": manifest["precision"],
+            "scoring": self.matcher.scoring,
+            "timesteps": self.matcher.timesteps,
+            "layers": manifest["layers"],
+            "unet_evaluations": self._evaluations,
+            "truncated_captions": truncated,
+            "warnings": warnings,
+        }
+
+
+def _warn_truncated(truncated: dict, warnings: list, length: int) -> None:
+    if truncated:
+        warnings.append(f"{len(truncated)} caption(s) longer than {length} tokens were truncated")
+        for name, count in truncated.items():
+            logger.warning("%s: %d token(s) beyond the 77-token context were dropped", name, count)
+
+
+def plan_match(
+    images: str | os.PathLike | Sequence[ImageInput],
+    captions: str | os.PathLike | Sequence[str],
+    model: Any = None,
+    config: ScoringConfig | None = None,
+    batch_size: int | None = None,
+    device: str | None = None,
+    dtype: str | None = None,
+    adapters: str | os.PathLike | None = None,
+    bundle: str | os.PathLike | None = None,
+    backend: str = "auto",
+    num_timesteps: int | None = None,
+) -> dict[str, Any]:
+    """What a match job will cost, from a short calibration on its first image and caption (``--dry-run``).
+
+    Returns pairs, UNet evaluations (``N·S`` unconditional when needed + ``N·M·S``), measured seconds per image
+    encoding, caption encoding and scorer evaluation, and the estimated total seconds.
+    """
+    image_list, _, caption_list, where = gather_inputs(images, captions)
+    if not image_list or not caption_list:
+        from .errors import InputError
+
+        raise InputError("nothing to score: give at least one image and one caption")
+    n, m = len(image_list), len(caption_list)
+    if bundle is not None:
+        from .runtime.matcher import Matcher
+
+        engine = Matcher.from_bundle(bundle, backend=backend, device=device or "auto", batch_size=batch_size,
+                                     num_timesteps=num_timesteps)
+        with engine:
+            timing = _calibrate_bundle(engine, image_list[0], caption_list[0], where[0])
+            steps, batch = len(engine.timesteps), engine.batch_size
+            evaluations = engine.planned_evaluations(n, m)
+            label = f"{next(iter(engine.runners.values())).name} ({bundle})"
+    else:
+        from .scorer import build_scorer
+
+        config = config or ScoringConfig()
+        scorer = build_scorer(model, adapters, None, None, batch_size=batch_size, device=device, dtype=dtype)
+        scorer = scorer.__class__(scorer.model, config, batch_size=batch_size, adapter=scorer.adapter)
+        timing = _calibrate_torch(scorer, image_list[0], caption_list[0], where[0])
+        steps, batch = len(scorer.timesteps), scorer.batch_size
+        evaluations = scorer.planned_evaluations(n, n * m)
+        label = f"pytorch ({scorer.model.device}, {scorer.model.precision.value})"
+    batches = -(-evaluations // batch)
+    estimate = n * timing["image_s"] + m * timing["caption_s"] + batches * timing["batch_s"]
+    return {"images": n, "captions": m, "pairs": n * m, "timesteps": steps, "unet_evaluations": evaluations,
+            "batch_size": batch, "calibration": timing, "estimated_seconds": estimate, "engine": label}
+
+
+def _timed(function) -> float:
+    started = time.perf_counter()
+    function()
+    return time.perf_counter() - started
+
+
+def _calibrate_bundle(matcher, image, caption, where) -> dict[str, float]:
+    image_s = _timed(lambda: matcher.encode_images([image]))
+    caption_s = _timed(lambda: matcher.encode_texts([caption], where=[where]))
+    encoded, text = matcher.encode_images([image])[0], matcher.encode_texts([caption], where=[where])[0]
+    count = matcher.batch_size
+    feed = {"latents": np.repeat(encoded.latent[None], count, 0), "states": np.repeat(text.states[None], count, 0),
+            "token_mask": np.repeat(text.mask[None], count, 0),
+            "timestep": np.full(count, matcher.timesteps[0], dtype=np.int64), "noise_index": np.zeros(count, np.int64)}
+    if matcher.conditioned:
+        feed["condition"] = np.repeat(encoded.condition[None], count, 0)
+    matcher.runners["scorer"].infer(feed)  # warm-up: session creation, allocations
+    batch_s = _timed(lambda: matcher.runners["scorer"].infer(feed))
+    return {"image_s": image_s, "caption_s": caption_s, "batch_s": batch_s}
+
+
+def _calibrate_torch(scorer, image, caption, where) -> dict[str, float]:
+    image_s = _timed(lambda: scorer.encode_images([image]))
+    caption_s = _timed(lambda: scorer.encode_texts([caption], where=[where]))
+    # One batch of the job's size at one timestep (the unconditional pass off so only the timed batch runs).
+    probe = scorer.__class__(scorer.model, scorer.config.replace(num_timesteps=1, noise_levels=(0.5,),
+                                                                 denoise_term=False, normalize="none",
+                                                                 uncond_in_attention=False),
+                             batch_size=scorer.batch_size, adapter=scorer.adapter)
+    encoded, text = probe.encode_images([image]), probe.encode_texts([caption], where=[where])
+    pairs = [(0, 0)] * scorer.batch_size
+    probe.score_encoded_pairs(encoded, text, pairs[:1])  # warm-up
+    batch_s = _timed(lambda: probe.score_encoded_pairs(encoded, text, pairs))
+    return {"image_s": image_s, "caption_s": caption_s, "batch_s": batch_s}

@@ -10,6 +10,7 @@ leaves a folder that looks like a bundle.
 from __future__ import annotations
 
 import datetime as _dt
+import gc
 import json
 import logging
 import os
@@ -32,8 +33,11 @@ __all__ = ["ExportConfig", "export_bundle", "add_engines", "model_licence"]
 logger = logging.getLogger(__name__)
 
 PRECISIONS = ("fp32", "fp16")
-# End-to-end score tolerance (atol, rtol): |ours - PyTorch| <= atol + rtol |PyTorch| for every pair.
-SCORE_TOLERANCE = (1e-5, 1e-5)
+# End-to-end score tolerance (atol, rtol): |ours - PyTorch| <= atol + rtol |PyTorch| for every pair. The tiny model
+# agrees to ~5e-6 relative (its tests assert 1e-5); at full size ONNX Runtime's CPU GroupNorm reduces over ~1e6
+# elements per group at 512 px with plain fp32 sums, and the VAE latents differ by ~4e-4, which moves scores by
+# ~6e-5 relative (measured on the random-weight SD2-2.1-base architecture).
+SCORE_TOLERANCE = (1e-5, 1e-4)
 # fp16 graphs against fp32 PyTorch (fp16 carries 11 significant bits, ~5e-4 relative per rounding).
 FP16_TOLERANCE = (5e-3, 5e-3)
 _TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json")
@@ -161,7 +165,12 @@ def export_bundle(
         _copy_tokenizer(sd2.folder / "tokenizer", staging / "tokenizer")
         manifest["export"]["seconds"] = timings
         if config.parity.enabled:
-            manifest["parity"] = run_parity(scorer, staging, manifest, config)
+            references = pytorch_references(scorer, manifest, config.parity)
+            # Free the PyTorch model before ONNX Runtime loads the same weights: at full size the two together would
+            # need twice the memory (feasibility.md: 24 GB machines).
+            del scorer, sd2
+            gc.collect()
+            manifest["parity"] = run_parity(staging, manifest, references, config)
             check_report(manifest["parity"])
         else:
             manifest["parity"] = {"skipped": True}
@@ -263,7 +272,6 @@ def _export_graphs(scorer, staging: Path, manifest: dict[str, Any], config: Expo
         timings[name] = info["seconds"]
         precision = config.precision if name == "scorer" else "fp32"
         manifest["graphs"][name] = {**specs[name].to_dict(file, config.batch), "precision": precision}
-    del folded_model, remainder
     return timings
 
 
@@ -284,50 +292,67 @@ def _tolerance(graph: dict[str, Any], output: str, precision: str) -> tuple[floa
     return tol["atol"], tol["rtol"]
 
 
-def run_parity(scorer, staging: Path, manifest: dict[str, Any], config: ExportConfig) -> dict[str, Any]:
-    """Per-graph and end-to-end parity of the staged bundle against the (unfolded, fp32) PyTorch scorer."""
-    from ..runtime.backends import OrtRunner, ort_providers
+def pytorch_references(scorer, manifest: dict[str, Any], settings: ParitySettings) -> dict[str, Any]:
+    """Everything parity compares against, computed with the (unfolded, fp32) PyTorch scorer: per-graph feeds and
+    outputs, and the end-to-end score matrix at the parity's number of timesteps."""
     from ..runtime.images import preprocess_image
-    from ..runtime.matcher import Matcher
     from ..scorer import Scorer
 
-    settings = config.parity
     images, captions = parity_inputs(settings)
-    providers = ort_providers("cuda" if str(config.device).startswith("cuda") else "cpu")
-    bundle = Bundle(staging, manifest)
-    runners = {name: OrtRunner(staging / graph["file"], providers) for name, graph in manifest["graphs"].items()}
-    report: dict[str, Any] = {"inputs": asdict(settings), "providers": providers, "graphs": {}}
     started = time.perf_counter()
+    graphs = _reference_outputs(scorer, images, captions, manifest, preprocess_image)
+    steps = settings.timesteps if scorer.config.timesteps.value == "discffusion" else None
+    reduced = scorer.config.replace(num_timesteps=steps or scorer.config.num_timesteps)
+    matrix = Scorer(scorer.model, reduced, batch_size=scorer.batch_size, adapter=scorer.adapter).score(images, captions)
+    return {"images": images, "captions": captions, "graphs": graphs, "matrix": matrix, "num_timesteps": steps,
+            "seconds": time.perf_counter() - started}
+
+
+def run_parity(staging: Path, manifest: dict[str, Any], references: dict[str, Any], config: ExportConfig) -> dict:
+    """Per-graph and end-to-end parity of the staged bundle on ONNX Runtime against :func:`pytorch_references`."""
+    from ..runtime.backends import OrtRunner, ort_providers
+    from ..runtime.matcher import Matcher
+
+    providers = ort_providers("cuda" if str(config.device).startswith("cuda") else "cpu")
+    report: dict[str, Any] = {"inputs": asdict(config.parity), "providers": providers, "graphs": {}}
+    started = time.perf_counter()
+    # One session at a time for the per-graph checks, so peak memory is one graph's weights.
+    for name, (feed, expected) in references["graphs"].items():
+        graph = manifest["graphs"][name]
+        with OrtRunner(staging / graph["file"], providers) as runner:
+            got = runner.infer(feed)
+        report["graphs"][name] = {
+            output: compare_outputs(output, got[output], value, *_tolerance(graph, output, graph["precision"]))
+            for output, value in expected.items()
+        }
+    # End to end: the runtime on the bundle vs the PyTorch scorer. Encode first and close the encoders' sessions
+    # before the scorer's opens.
+    images, captions, theirs = references["images"], references["captions"], references["matrix"]
+    runners = {name: OrtRunner(staging / graph["file"], providers) for name, graph in manifest["graphs"].items()}
+    matcher = Matcher(Bundle(staging, manifest), runners, num_timesteps=references["num_timesteps"])
     try:
-        reference = _reference_outputs(scorer, images, captions, manifest, preprocess_image)
-        for name, (feed, expected) in reference.items():
-            got = runners[name].infer(feed)
-            graph = manifest["graphs"][name]
-            report["graphs"][name] = {
-                output: compare_outputs(output, got[output], value, *_tolerance(graph, output, graph["precision"]))
-                for output, value in expected.items()
-            }
-        # End to end: the runtime on the bundle vs the PyTorch scorer, same reduced number of timesteps.
-        steps = settings.timesteps if scorer.config.timesteps.value == "discffusion" else None
-        matcher = Matcher(bundle, runners, num_timesteps=steps)
+        matcher.encode_images(images)
+        matcher.encode_texts(captions)
+        if matcher.needs_unconditional_pass:
+            _ = matcher.empty_caption
+        runners["text_encoder"].close()
+        runners["image_encoder"].close()
         ours = matcher.score(images, captions)
-        reduced = scorer.config.replace(num_timesteps=steps or scorer.config.num_timesteps)
-        torch_scorer = Scorer(scorer.model, reduced, batch_size=scorer.batch_size, adapter=scorer.adapter)
-        theirs = torch_scorer.score(images, captions)
     finally:
-        for runner in runners.values():
-            runner.close()
+        matcher.close()
     atol, rtol = SCORE_TOLERANCE if config.precision == "fp32" else FP16_TOLERANCE
     scores = compare_outputs("scores", ours, theirs, atol, rtol)
     report["end_to_end"] = {
         "timesteps": matcher.timesteps,
         "matrix": [len(images), len(captions)],
         "scores": scores,
-        "ranking": ranking_agreement(ours, theirs, tie=2 * scores["max_abs"] if config.precision == "fp16" else 0.0),
+        # A top-1 flip between candidates whose reference scores differ by less than twice the measured error is a
+        # numerical tie, not a disagreement.
+        "ranking": ranking_agreement(ours, theirs, tie=2 * scores["max_abs"]),
         "onnxruntime": np.asarray(ours).round(7).tolist(),
         "pytorch": np.asarray(theirs).round(7).tolist(),
     }
-    report["seconds"] = round(time.perf_counter() - started, 1)
+    report["seconds"] = {"pytorch": round(references["seconds"], 1), "onnxruntime": round(time.perf_counter() - started, 1)}
     logger.info(
         "parity (%s): scores max abs %.2g, top-1 agreement %.3f, Spearman %.4f",
         config.precision, scores["max_abs"], report["end_to_end"]["ranking"]["top1_agreement"],

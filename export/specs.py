@@ -88,7 +88,9 @@ def graph_specs(model, resolution: int, num_layers: int, condition_size: int | N
         "image_encoder": ExportSpec(
             "image_encoder", [TensorSpec("pixels", "float32", (BATCH, 3, resolution, resolution))],
             [latents, *condition],
-            tolerance={"latents": (1e-4, 1e-4), "condition": (1e-4, 1e-4)},
+            # The VAE encoder is deep and GroupNorm amplifies fp32 rounding on smooth image regions; latents have unit
+            # variance, so 1e-3 is 0.1% of their scale (an export mistake shows up as O(1) differences).
+            tolerance={"latents": (1e-3, 1e-3), "condition": (1e-3, 1e-3)},
         ),
         "scorer": ExportSpec(
             "scorer",

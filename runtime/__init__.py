@@ -6,8 +6,8 @@ onnxruntime (or TensorRT) once a bundle is scored.
 
 from .bundle import Bundle
 from .errors import BundleError, ConfigError, DsdkitError, InputError, ModelError, OutputError, ParityError
-from .matcher import Matcher
 from .images import ResizeMode, load_image, preprocess_image
+from .matcher import Matcher
 from .results import MatchResult, top_k, write_result
 from .tokenizer import ClipTokenizer, TokenizedText
 

@@ -15,7 +15,7 @@ import numpy as np
 
 from .errors import BundleError, ConfigError
 
-__all__ = ["Runner", "OrtRunner", "ort_providers"]
+__all__ = ["Runner", "OrtRunner", "TrtRunner", "ort_providers", "make_runners", "BACKENDS"]
 
 logger = logging.getLogger(__name__)
 
@@ -131,3 +131,84 @@ class OrtRunner(Runner):
 
     def describe(self) -> dict[str, Any]:
         return {"backend": self.name, "providers": self.providers_in_use}
+
+
+class TrtRunner(Runner):
+    """A TensorRT engine from a bundle, through Polygraphy's runner (thin on purpose).
+
+    The engine's metadata (written by ``dsdkit build-engines``) is checked before loading: an engine built with
+    another TensorRT version, or one that this GPU cannot deserialize, is refused with the command that rebuilds it.
+    """
+
+    name = "tensorrt"
+
+    def __init__(self, path: str | os.PathLike, meta: dict[str, Any], bundle_path: str | os.PathLike):
+        super().__init__()
+        self.path = Path(path)
+        self.meta = meta
+        self.rebuild = f"rebuild the engines on this machine with `dsdkit build-engines {bundle_path}`"
+        first = next(iter(meta["profile"].values()))
+        self.max_batch = int(first["max"][0])
+        self._runner = None
+
+    def _activate(self) -> None:
+        try:
+            import tensorrt as trt
+            from polygraphy.backend.common import BytesFromPath
+            from polygraphy.backend.trt import EngineFromBytes
+            from polygraphy.backend.trt import TrtRunner as PolygraphyTrtRunner
+        except ImportError:
+            raise ConfigError("the TensorRT backend needs tensorrt and polygraphy (install dsdkit[trt]); or use "
+                              "--backend onnxruntime") from None
+        if self.meta.get("tensorrt") != trt.__version__:
+            raise BundleError(f"{self.path}: engine built with TensorRT {self.meta.get('tensorrt')}, this machine has "
+                              f"{trt.__version__}; {self.rebuild}")
+        try:
+            engine = EngineFromBytes(BytesFromPath(str(self.path)))()
+        except Exception:  # noqa: BLE001 - TensorRT reports deserialization failures in several ways
+            engine = None
+        if engine is None:
+            raise BundleError(f"{self.path}: TensorRT cannot load this engine here (built for {self.meta.get('gpu')}, "
+                              f"compute capability {self.meta.get('compute_capability')}); {self.rebuild}")
+        self._runner = PolygraphyTrtRunner(engine)
+        self._runner.activate()
+
+    def _infer(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        batch = len(next(iter(feed.values())))
+        if batch > self.max_batch:
+            raise ConfigError(f"{self.path.name}: batch {batch} exceeds the engine's profile maximum {self.max_batch}")
+        outputs = self._runner.infer({k: np.ascontiguousarray(v) for k, v in feed.items()})
+        return {name: np.asarray(value) for name, value in outputs.items()}
+
+    def _close(self) -> None:
+        if self._runner is not None:
+            self._runner.deactivate()
+            self._runner = None
+
+    def describe(self) -> dict[str, Any]:
+        return {"backend": self.name, "engine": self.path.name, "gpu": self.meta.get("gpu"),
+                "tensorrt": self.meta.get("tensorrt")}
+
+
+BACKENDS = ("auto", "onnxruntime", "tensorrt")
+
+
+def make_runners(bundle, backend: str = "auto", device: str = "auto") -> dict[str, Runner]:
+    """One runner per graph of ``bundle``: TensorRT engines or ONNX Runtime sessions (not yet activated)."""
+    if backend not in BACKENDS:
+        raise ConfigError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    engines = bundle.manifest.get("engines") or {}
+    if backend == "auto":
+        try:
+            import tensorrt  # noqa: F401
+
+            backend = "tensorrt" if engines.get("built") else "onnxruntime"
+        except ImportError:
+            backend = "onnxruntime"
+    if backend == "tensorrt":
+        if not engines.get("built"):
+            raise BundleError(f"{bundle.path}: the bundle has no TensorRT engines; build them on this machine with "
+                              f"`dsdkit build-engines {bundle.path}`, or use --backend onnxruntime")
+        return {name: TrtRunner(bundle.path / meta["file"], meta, bundle.path) for name, meta in engines["graphs"].items()}
+    providers = ort_providers(device)
+    return {name: OrtRunner(bundle.graph_path(name), providers) for name in bundle.manifest["graphs"]}

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .backends import OrtRunner, Runner, ort_providers
+from .backends import Runner, make_runners
 from .bundle import Bundle
 from .errors import ConfigError, InputError
 from .images import ImageInput, preprocess_image
@@ -60,7 +60,8 @@ class Matcher:
     """
 
     def __init__(self, bundle: Bundle, runners: dict[str, Runner], batch_size: int | None = None,
-                 num_timesteps: int | None = None, progress: Callable[[int], None] | None = None):
+                 num_timesteps: int | None = None, progress: Callable[[int], None] | None = None,
+                 chunk_size: int = 64, max_cached_images: int = 4096):
         self.bundle = bundle
         self.runners = runners
         self.scoring = dict(bundle.scoring)
@@ -77,8 +78,18 @@ class Matcher:
         self.resolution = int(self.scoring.get("resolution") or model["resolution"])
         self.resize = self.scoring.get("resize", "squash")
         self.conditioned = "condition" in bundle.graph("scorer")["inputs"]
-        self.batch_size = int(batch_size or bundle.manifest["export"]["batch"][1])
+        profile = bundle.manifest["export"]["batch"]
+        self.batch_size = int(batch_size or profile[1])
+        if self.batch_size < 1:
+            raise ConfigError(f"batch size must be >= 1, got {self.batch_size}")
+        if any(getattr(r, "max_batch", None) for r in runners.values()):  # engines cannot exceed their profile
+            self.batch_size = min(self.batch_size, int(profile[2]))
         self.progress = progress
+        if chunk_size < 1:
+            raise ConfigError(f"chunk size must be >= 1, got {chunk_size}")
+        self.chunk_size = int(chunk_size)
+        # Bounded caches (oldest first out) keep memory flat over thousands of images; captions are few and stay.
+        self.max_cached_images = max(int(max_cached_images), self.chunk_size)
         self._images: dict[str, _Image] = {}
         self._texts: dict[str, _Text] = {}
         self._uncond: dict[str, tuple[np.ndarray, np.ndarray]] = {}
@@ -86,23 +97,24 @@ class Matcher:
 
     @classmethod
     def from_bundle(cls, path: str | os.PathLike, backend: str = "auto", device: str = "auto",
-                    batch_size: int | None = None, num_timesteps: int | None = None, verify: bool = True) -> Matcher:
+                    batch_size: int | None = None, num_timesteps: int | None = None, verify: bool = True,
+                    chunk_size: int = 64, progress: Callable[[int], None] | None = None) -> Matcher:
         """Open a bundle and prepare its runners (sessions are created on first use).
 
         Args:
-            backend: ``auto`` (TensorRT when the bundle has engines for this machine, else ONNX Runtime) or
-                ``onnxruntime``.
+            backend: ``auto`` (TensorRT when the bundle has engines and TensorRT is installed, else ONNX Runtime),
+                ``onnxruntime`` or ``tensorrt``.
             device: ``auto``, ``cpu`` or ``cuda`` (for ONNX Runtime: the CUDA provider, when installed).
-            batch_size: pairs per scorer run (default: the export profile's optimal batch).
+            batch_size: pairs per scorer run (default: the export profile's optimal batch; at most its maximum).
             num_timesteps: another S for the discffusion table (the graph serves any S up to its noise bank).
             verify: check every file's sha256 first.
+            chunk_size: images per streamed chunk (see :meth:`iter_blocks`).
+            progress: called with the number of scorer evaluations after each batch.
         """
         bundle = Bundle.open(path, verify=verify)
-        if backend not in ("auto", "onnxruntime"):
-            raise ConfigError(f"backend {backend!r} is not available in this runtime; use onnxruntime")
-        providers = ort_providers(device)
-        runners = {name: OrtRunner(bundle.graph_path(name), providers) for name in bundle.manifest["graphs"]}
-        return cls(bundle, runners, batch_size=batch_size, num_timesteps=num_timesteps)
+        runners = make_runners(bundle, backend, device)
+        return cls(bundle, runners, batch_size=batch_size, num_timesteps=num_timesteps, chunk_size=chunk_size,
+                   progress=progress)
 
     def close(self) -> None:
         for runner in self.runners.values():
@@ -125,10 +137,12 @@ class Matcher:
                 outputs.setdefault(name, []).append(value)
         return {name: np.concatenate(values) for name, values in outputs.items()}
 
-    def encode_images(self, images: Sequence[ImageInput]) -> list[_Image]:
+    def encode_images(self, images: Sequence[ImageInput], offset: int = 0) -> list[_Image]:
+        """Latents (and kv-prompt conditions) of ``images``, cached by pixel content; ``offset`` numbers them in
+        error messages when they are a chunk of a longer list."""
         keys, todo = [], {}
         for index, image in enumerate(images):
-            pixels = preprocess_image(image, self.resolution, self.resize, index=index)
+            pixels = preprocess_image(image, self.resolution, self.resize, index=offset + index)
             key = hashlib.sha1(pixels.tobytes()).hexdigest()
             keys.append(key)
             if key not in self._images:
@@ -138,7 +152,16 @@ class Matcher:
             for i, key in enumerate(todo):
                 condition = out["condition"][i] if "condition" in out else None
                 self._images[key] = _Image(key, out["latents"][i], condition)
-        return [self._images[key] for key in keys]
+        encodings = [self._images[key] for key in keys]
+        self._evict(set(keys))
+        return encodings
+
+    def _evict(self, keep: set[str]) -> None:
+        """Drop the oldest cached images (and their unconditional terms) beyond :attr:`max_cached_images`."""
+        excess = len(self._images) - self.max_cached_images
+        for key in [k for k in self._images if k not in keep][: max(0, excess)]:
+            del self._images[key]
+            self._uncond.pop(key, None)
 
     def _encode_tokens(self, todo: dict[str, TokenizedText]) -> None:
         if not todo:
@@ -237,18 +260,51 @@ class Matcher:
         return self.score_encoded_pairs(self.encode_images(images), self.encode_texts(texts), pairs)["scores"]
 
     def score(self, images: Sequence[ImageInput], texts: Sequence[str]) -> np.ndarray:
-        """``float64[N, M]`` scores of every image against every caption."""
+        """``float64[N, M]`` scores of every image against every caption (streamed in chunks of images)."""
+        out = np.empty((len(images), len(texts)), dtype=np.float64)
+        for rows, block in self.iter_blocks(images, texts):
+            out[rows] = block
+        return out
+
+    def iter_blocks(self, images: Sequence[ImageInput], texts: Sequence[str], start: int = 0):
+        """Yield ``(rows, scores[rows, M])`` for consecutive chunks of :attr:`chunk_size` images from ``start``.
+
+        Only one chunk of images is loaded and encoded at a time, so memory stays flat however many images there
+        are; captions are encoded once. Duplicate images or captions are scored once.
+        """
         if len(images) == 0 or len(texts) == 0:
             raise InputError("nothing to score: give at least one image and one caption")
-        image_enc, text_enc = self.encode_images(images), self.encode_texts(texts)
-        unique_images = list({e.key: e for e in image_enc}.values())
+        text_enc = self.encode_texts(texts)
         unique_texts = list({e.text: e for e in text_enc}.values())
-        pairs = [(i, j) for i in range(len(unique_images)) for j in range(len(unique_texts))]
-        flat = self.score_encoded_pairs(unique_images, unique_texts, pairs)["scores"].reshape(len(unique_images), -1)
-        rows = [next(i for i, u in enumerate(unique_images) if u.key == e.key) for e in image_enc]
-        cols = [next(j for j, u in enumerate(unique_texts) if u.text == e.text) for e in text_enc]
-        return flat[np.ix_(rows, cols)]
+        cols = np.array([next(j for j, u in enumerate(unique_texts) if u.text == e.text) for e in text_enc])
+        for begin in range(start, len(images), self.chunk_size):
+            rows = slice(begin, min(begin + self.chunk_size, len(images)))
+            image_enc = self.encode_images(images[rows], offset=begin)
+            unique_images = list({e.key: e for e in image_enc}.values())
+            slot = {e.key: i for i, e in enumerate(unique_images)}
+            pairs = [(i, j) for i in range(len(unique_images)) for j in range(len(unique_texts))]
+            flat = self.score_encoded_pairs(unique_images, unique_texts, pairs)["scores"].reshape(len(unique_images), -1)
+            yield rows, flat[np.ix_([slot[e.key] for e in image_enc], cols)]
+
+    def rank_texts(self, image: ImageInput, texts: Sequence[str]) -> list[tuple[str, float]]:
+        """``texts`` sorted best first for ``image``, as ``(caption, score)``."""
+        scores = self.score([image], texts)[0]
+        return [(texts[j], float(scores[j])) for j in np.argsort(-scores, kind="stable")]
+
+    def rank_images(self, text: str, images: Sequence[ImageInput]) -> list[tuple[int, float]]:
+        """Images sorted best first for ``text``, as ``(index into images, score)``.
+
+        Ranking images under one caption is where ``normalize=uncond`` bundles help (DESIGN.md).
+        """
+        scores = self.score(images, [text])[:, 0]
+        return [(int(i), float(scores[i])) for i in np.argsort(-scores, kind="stable")]
+
+    def planned_evaluations(self, num_images: int, num_texts: int) -> int:
+        """Scorer evaluations for an ``N x M`` job with nothing cached: ``N·S`` unconditional (when needed) + ``N·M·S``."""
+        steps = len(self.timesteps)
+        return num_images * steps * (num_texts + (1 if self.needs_unconditional_pass else 0))
 
     def describe(self) -> dict:
-        return {name: getattr(runner, "describe", lambda: {"backend": runner.name})() for name, runner in self.runners.items()}
+        return {name: runner.describe() if hasattr(runner, "describe") else {"backend": runner.name}
+                for name, runner in self.runners.items()}
 

@@ -41,6 +41,14 @@ def tiny_model_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def full_model_dir(tmp_path_factory):
+    """The full-size SD2-2.1-base architecture with random weights (about 5 GB on disk; slow tests only)."""
+    from dsdkit.tiny import write_tiny_model
+
+    return write_tiny_model(tmp_path_factory.mktemp("full") / "sd2-full", size="full")
+
+
+@pytest.fixture(scope="session")
 def tiny_model(tiny_model_dir):
     from dsdkit.models import load_model
 
@@ -75,3 +83,80 @@ def shape_images():
 @pytest.fixture(scope="session")
 def image_factory():
     return make_shape_image
+
+
+# -- exported bundles (shared by tests/export and tests/runtime) ---------------------------------------------------
+
+
+def perturbed_adapter(model, scoring, kind: str, seed: int = 0, scale: float = 0.05):
+    """An adapter of ``kind`` with every parameter random and non-zero, as after training."""
+    import torch
+
+    from dsdkit.adapters import AdapterConfig, create_adapter
+
+    adapter = create_adapter(model, scoring, AdapterConfig(kind=kind, init_seed=seed))
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in adapter.parameters():
+            parameter.copy_(torch.randn(parameter.shape, generator=generator) * scale)
+    return adapter
+
+
+@pytest.fixture(scope="session")
+def adapter_files(tiny_model, tmp_path_factory):
+    """Trained-looking kv-prompt (discffusion config) and LoRA (paper config) adapter files."""
+    from dsdkit.adapters import save_adapter
+    from dsdkit.config import ScoringConfig
+
+    folder = tmp_path_factory.mktemp("adapters")
+    files = {}
+    for kind, preset in (("kv-prompt", "discffusion"), ("lora", "paper")):
+        scoring = ScoringConfig.from_preset(preset)
+        adapter = perturbed_adapter(tiny_model, scoring, kind)
+        files[kind] = save_adapter(adapter, folder / f"{kind}.safetensors", tiny_model.identity(), scoring)
+    return files
+
+
+@pytest.fixture(scope="session")
+def export_case(tiny_model_dir, adapter_files, tmp_path_factory):
+    """``export_case(name)`` -> (bundle path, manifest), exported at most once per session."""
+    from dsdkit.export import ExportConfig, ParitySettings, export_bundle
+
+    cases = {
+        "discffusion-kv-prompt": dict(adapters=adapter_files["kv-prompt"], config={}),
+        "paper-lora": dict(adapters=adapter_files["lora"], preset="paper", config={}),
+        "discffusion-fp16": dict(config={"precision": "fp16"}),
+    }
+    done = {}
+
+    def get(name):
+        if name not in done:
+            case = dict(cases[name])
+            config = ExportConfig(exporter="torchscript", parity=ParitySettings(images=3, captions=3, timesteps=2),
+                                  **case.pop("config"))
+            out = tmp_path_factory.mktemp("bundles") / name
+            manifest = export_bundle(tiny_model_dir, out, config=config, **case)
+            done[name] = (out, manifest)
+        return done[name]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def pytorch_scores():
+    """``pytorch_scores(model, manifest, adapters, images, captions, S)``: the unfolded PyTorch scorer with a bundle's
+    scoring config (and an adapter file, if any) -- the reference every bundle test compares with."""
+
+    def compute(model, bundle_manifest, adapters, images, captions, num_timesteps=None):
+        from dsdkit.adapters import load_adapter
+        from dsdkit.config import ScoringConfig
+        from dsdkit.scorer import Scorer
+
+        scoring = dict(bundle_manifest["scoring"])
+        if num_timesteps is not None:
+            scoring["num_timesteps"] = num_timesteps
+        config = ScoringConfig.from_dict(scoring)
+        adapter = load_adapter(adapters, model)[0] if adapters is not None else None
+        return Scorer(model, config, batch_size=5, adapter=adapter).score(images, captions)
+
+    return compute

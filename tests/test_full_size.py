@@ -23,12 +23,10 @@ SD2_SCORED_LAYERS = [
 
 
 @pytest.fixture(scope="module")
-def full_model(tmp_path_factory):
+def full_model(full_model_dir):
     from dsdkit.models import load_model
-    from dsdkit.tiny import write_tiny_model
 
-    folder = write_tiny_model(tmp_path_factory.mktemp("full") / "sd2-full", size="full")
-    return load_model(folder, device="cpu", dtype="fp32")
+    return load_model(full_model_dir, device="cpu", dtype="fp32")
 
 
 def test_full_size_layers_heads_and_one_pair(full_model, image_factory):

@@ -12,22 +12,8 @@ from typer.testing import CliRunner
 CAPTIONS = ["a red circle", "a blue square on a table", "green triangle!", "two yellow circles and a dog"]
 
 
-def _pytorch_scores(model, bundle_manifest, adapters, images, captions, num_timesteps=None):
-    """The unfolded PyTorch scorer with the bundle's scoring config (and the adapter file, if any)."""
-    from dsdkit.adapters import load_adapter
-    from dsdkit.config import ScoringConfig
-    from dsdkit.scorer import Scorer
-
-    scoring = dict(bundle_manifest["scoring"])
-    if num_timesteps is not None:
-        scoring["num_timesteps"] = num_timesteps
-    config = ScoringConfig.from_dict(scoring)
-    adapter = load_adapter(adapters, model)[0] if adapters is not None else None
-    return Scorer(model, config, batch_size=5, adapter=adapter).score(images, captions)
-
-
 @pytest.mark.parametrize("case", ["discffusion-kv-prompt", "paper-lora"])
-def test_onnxruntime_matches_pytorch_fp32(case, export_case, adapter_files, tiny_model, shape_images):
+def test_onnxruntime_matches_pytorch_fp32(case, export_case, adapter_files, tiny_model, shape_images, pytorch_scores):
     """Fresh images and captions (not the export's parity inputs): the runtime on the bundle == PyTorch, 1e-5."""
     from dsdkit.runtime import Matcher
 
@@ -36,11 +22,11 @@ def test_onnxruntime_matches_pytorch_fp32(case, export_case, adapter_files, tiny
     steps = 2 if manifest["scoring"]["timesteps"] == "discffusion" else None
     with Matcher.from_bundle(path, num_timesteps=steps, batch_size=5) as matcher:
         ours = matcher.score(shape_images, CAPTIONS)
-    reference = _pytorch_scores(tiny_model, manifest, adapters, shape_images, CAPTIONS, steps)
+    reference = pytorch_scores(tiny_model, manifest, adapters, shape_images, CAPTIONS, steps)
     assert ours.shape == (4, 4)
     np.testing.assert_allclose(ours, reference, atol=1e-5, rtol=1e-5)
     # Folding did something: the adapter moves the scores far more than the export's error.
-    zero_shot = _pytorch_scores(tiny_model, manifest, None, shape_images, CAPTIONS, steps)
+    zero_shot = pytorch_scores(tiny_model, manifest, None, shape_images, CAPTIONS, steps)
     effect = np.abs(reference - zero_shot).max()
     assert effect > 1e-4 and effect > 50 * np.abs(ours - reference).max()
 
@@ -120,7 +106,7 @@ def test_fp16_graph_keeps_score_islands_in_fp32(export_case):
     assert attention.op_type == "ReduceMean" and out_type(attention) == TensorProto.FLOAT
 
 
-def test_fp16_ranks_like_fp32_pytorch(export_case, tiny_model, image_factory, capsys):
+def test_fp16_ranks_like_fp32_pytorch(export_case, tiny_model, image_factory, capsys, pytorch_scores):
     """≥ 99% top-1 agreement of the fp16 bundle with fp32 PyTorch over 16 candidate sets (every one must agree)."""
     from dsdkit.export.parity import ranking_agreement
     from dsdkit.runtime import Matcher
@@ -131,7 +117,7 @@ def test_fp16_ranks_like_fp32_pytorch(export_case, tiny_model, image_factory, ca
     captions = [f"a {c} {s}" for c in colours for s in shapes]
     with Matcher.from_bundle(path, num_timesteps=1) as matcher:
         ours = matcher.score(images, captions)
-    reference = _pytorch_scores(tiny_model, manifest, None, images, captions, 1)
+    reference = pytorch_scores(tiny_model, manifest, None, images, captions, 1)
     agreement = ranking_agreement(ours, reference)
     with capsys.disabled():
         print(f"\nfp16 bundle vs fp32 PyTorch (8x8, S=1): max abs {np.abs(ours - reference).max():.3g}, "
@@ -143,9 +129,10 @@ def test_fp16_ranks_like_fp32_pytorch(export_case, tiny_model, image_factory, ca
 
 def test_parity_failure_writes_nothing(tiny_model_dir, tmp_path, monkeypatch):
     """A tolerance the export cannot meet raises ParityError naming the output and numbers; no bundle appears."""
-    from dsdkit.errors import ParityError
     from dsdkit.export import ExportConfig, ParitySettings, export_bundle
     from dsdkit.export import bundle as bundle_module
+
+    from dsdkit.errors import ParityError
 
     monkeypatch.setattr(bundle_module, "SCORE_TOLERANCE", (0.0, 0.0))
     config = ExportConfig(exporter="torchscript", parity=ParitySettings(images=2, captions=2, timesteps=1))
@@ -191,8 +178,9 @@ def test_modified_file_is_refused(bundle_copy):
 
 
 def test_missing_file_is_refused(bundle_copy):
-    from dsdkit.errors import BundleError
     from dsdkit.runtime.bundle import Bundle
+
+    from dsdkit.errors import BundleError
 
     (bundle_copy / "tokenizer" / "vocab.json").unlink()
     with pytest.raises(BundleError, match="bundle file tokenizer/vocab.json is missing; re-export it"):
@@ -200,8 +188,9 @@ def test_missing_file_is_refused(bundle_copy):
 
 
 def test_truncated_file_is_refused(bundle_copy):
-    from dsdkit.errors import BundleError
     from dsdkit.runtime.bundle import Bundle
+
+    from dsdkit.errors import BundleError
 
     target = bundle_copy / "onnx" / "text_encoder.onnx"
     target.write_bytes(target.read_bytes()[:1000])
@@ -226,10 +215,11 @@ def test_not_a_bundle(tmp_path):
 # -- the command ---------------------------------------------------------------------------------------------------
 
 
-def test_cli_export_dynamo_then_inspect(tiny_model_dir, tiny_model, shape_images, tmp_path):
+def test_cli_export_dynamo_then_inspect(tiny_model_dir, tiny_model, shape_images, tmp_path, pytorch_scores):
     """The default exporter (dynamo) through the command line; the bundle scores like PyTorch."""
-    from dsdkit.cli import app
     from dsdkit.runtime import Matcher
+
+    from dsdkit.cli import app
 
     out = tmp_path / "bundle"
     runner = CliRunner()
@@ -246,7 +236,7 @@ def test_cli_export_dynamo_then_inspect(tiny_model_dir, tiny_model, shape_images
     assert manifest["engines"]["built"] is False and "TensorRT" in manifest["engines"]["reason"]
     with Matcher.from_bundle(out, num_timesteps=2) as matcher:
         ours = matcher.score(shape_images[:2], CAPTIONS[:3])
-    reference = _pytorch_scores(tiny_model, manifest, None, shape_images[:2], CAPTIONS[:3], 2)
+    reference = pytorch_scores(tiny_model, manifest, None, shape_images[:2], CAPTIONS[:3], 2)
     np.testing.assert_allclose(ours, reference, atol=1e-5, rtol=1e-5)
 
     again = runner.invoke(app, ["export", "--model", str(tiny_model_dir), "--out", str(out)])

@@ -1,0 +1,24 @@
+"""Embed dsdkit's runtime in your own program: no torch, only numpy, Pillow, tokenizers and onnxruntime.
+
+    pip install "dsdkit[ort]"          # or dsdkit[ort-gpu] on a CUDA machine (never both)
+    python examples/embed_runtime.py BUNDLE [IMAGES_DIR] [CAPTIONS_TXT]
+
+BUNDLE comes from `dsdkit export`. Defaults: this folder's images and captions.
+"""
+
+import sys
+from pathlib import Path
+
+from dsdkit.runtime import Matcher
+
+here = Path(__file__).parent
+bundle = sys.argv[1]
+images = sorted(Path(sys.argv[2] if len(sys.argv) > 2 else here / "images").glob("*.png"))
+captions = Path(sys.argv[3] if len(sys.argv) > 3 else here / "captions.txt").read_text().splitlines()
+
+with Matcher.from_bundle(bundle, num_timesteps=4) as matcher:  # fewer timesteps: faster, a little noisier
+    scores = matcher.score(images, captions)  # numpy [len(images), len(captions)], higher = better match
+    for image, row in zip(images, scores):
+        print(f"{image.name}: {captions[row.argmax()]!r} ({row.max():.4f})")
+    best = matcher.rank_images(captions[0], images)[0]  # (index, score), best first
+    print(f"best image for {captions[0]!r}: {images[best[0]].name}")

@@ -1,0 +1,60 @@
+"""Full-size export (slow, run once in CI): the random-weight SD2-2.1-base architecture through `dsdkit export` with
+the default dynamo exporter, external data, the parity check, and a peak-memory budget for 24 GB machines."""
+
+from __future__ import annotations
+
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.slow
+
+# The export process must leave room on a 24 GB machine for the test process and the OS (feasibility.md §10).
+PEAK_BUDGET_GB = 20.0
+
+
+def test_full_size_export_external_data_parity_and_memory(full_model_dir, tmp_path, capsys):
+    from dsdkit.export.parity import ParitySettings, parity_inputs
+    from dsdkit.runtime import Matcher
+
+    out = tmp_path / "bundle"
+    dsdkit = Path(sys.executable).with_name("dsdkit")
+    started = time.perf_counter()
+    run = subprocess.run(
+        [str(dsdkit), "export", "--model", str(full_model_dir), "--out", str(out), "--parity-size", "2",
+         "--parity-timesteps", "1"],
+        capture_output=True, text=True,
+    )
+    seconds = time.perf_counter() - started
+    peak_gb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20
+    assert run.returncode == 0, run.stderr[-2000:]
+    manifest = json.loads((out / "manifest.json").read_text())
+    data = out / "onnx" / "scorer.onnx.data"
+    assert data.stat().st_size > 3_000_000_000  # 865.9 M fp32 parameters live in external data
+    assert (out / "onnx" / "scorer.onnx").stat().st_size < 2**31
+    assert manifest["graphs"]["scorer"]["inputs"]["latents"]["shape"] == ["batch", 4, 64, 64]
+    assert manifest["graphs"]["scorer"]["inputs"]["states"]["shape"] == ["batch", 77, 1024]
+    assert len(manifest["layers"]) == 6
+    parity = manifest["parity"]
+    assert all(o["ok"] for outputs in parity["graphs"].values() for o in outputs.values())
+    assert parity["end_to_end"]["scores"]["ok"]
+
+    # An independent ONNX Runtime run of one pair in this process against the export's PyTorch number.
+    images, captions = parity_inputs(ParitySettings(images=2, captions=2))
+    with Matcher.from_bundle(out, num_timesteps=1) as matcher:
+        ours = matcher.score(images[:1], captions[:1])[0, 0]
+    reference = parity["end_to_end"]["pytorch"][0][0]
+    np.testing.assert_allclose(ours, reference, atol=1e-5, rtol=1e-5)
+    with capsys.disabled():
+        print(
+            f"\nfull-size export: {seconds:.0f} s wall ({json.dumps(manifest['export']['seconds'])} per graph), "
+            f"peak RSS {peak_gb:.1f} GB; parity {json.dumps(parity['graphs']['scorer'])[:300]}; "
+            f"scores max abs {parity['end_to_end']['scores']['max_abs']:.3g}; one pair {ours:.6f} vs {reference:.6f}"
+        )
+    assert peak_gb < PEAK_BUDGET_GB
