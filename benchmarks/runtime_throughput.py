@@ -90,7 +90,7 @@ def main(argv=None) -> int:
         "date": datetime.date.today().isoformat(),
         "machine": {"cpu": _cpu_name(), "cores": __import__("os").cpu_count(), "platform": platform.platform()},
         "versions": {"dsdkit": __version__, "torch": torch.__version__, "onnxruntime": onnxruntime.__version__},
-        "model": str(args.model or f"random-weight {args.size}"),
+        "model": f"random-weight {args.size}" if args.model is None else f"{args.size}: {Path(args.model).name}",
         "job": {"images": args.images, "captions": args.captions, "pairs": pairs, "timesteps": args.timesteps,
                 "batch_size": args.batch_size, "unet_evaluations": evaluations, "preset": scoring["preset"],
                 "denoise_term": scoring["denoise_term"]},
@@ -102,7 +102,7 @@ def main(argv=None) -> int:
         "max_abs_diff": float(np.abs(ours - theirs).max()),
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"runtime_throughput-{args.size if args.model is None else 'model'}-{record['date']}.json"
+    path = args.out / f"runtime_throughput-{args.size}-{record['date']}.json"  # --size labels a --model run too
     path.write_text(json.dumps(record, indent=1) + "\n")
     print(json.dumps(record, indent=1))
     print(f"wrote {path}")

@@ -218,3 +218,22 @@ def test_dry_run_on_the_pytorch_path(tiny_model_dir):
                                       str(tiny_model_dir), "--timesteps", "3", "--no-denoise", "--dry-run"])
     assert result.exit_code == 0, result.output
     assert "S = 3 timesteps" in result.output and "calibrated pytorch" in result.output
+
+
+def test_tensorrt_backend_without_engines_names_the_fix(bundle):
+    result = CliRunner().invoke(app, ["match", str(EXAMPLES / "images"), str(EXAMPLES / "captions.txt"), "--bundle",
+                                      str(bundle), "--backend", "tensorrt"])
+    assert result.exit_code == 7
+    assert "the bundle has no TensorRT engines; build them on this machine with `dsdkit build-engines" in result.output
+
+
+def test_build_engines_without_tensorrt_is_one_line(bundle):
+    try:
+        import tensorrt  # noqa: F401
+
+        pytest.skip("TensorRT is installed here; this checks the message on machines without it")
+    except ImportError:
+        pass
+    result = CliRunner().invoke(app, ["build-engines", str(bundle)])
+    assert result.exit_code == 2 and result.output.count("\n") == 1
+    assert "cannot build TensorRT engines here: TensorRT is not installed" in result.output
