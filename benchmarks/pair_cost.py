@@ -15,8 +15,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
-import platform
 import resource
 import statistics
 import sys
@@ -24,15 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
+from machine import machine  # benchmarks/machine.py (scripts run from their folder)
 
 
 def main(argv=None) -> int:
@@ -89,8 +79,7 @@ def main(argv=None) -> int:
     record = {
         "benchmark": "pair_cost",
         "date": datetime.date.today().isoformat(),
-        "machine": {"platform": platform.platform(), "cpu": _cpu_name(), "cpus": os.cpu_count(),
-                    "torch_threads": torch.get_num_threads(), "device": "cpu"},
+        "machine": machine(torch_threads=torch.get_num_threads(), device="cpu"),
         "versions": {"python": sys.version.split()[0], "torch": torch.__version__},
         "model": {"size": args.size if not args.model else "given", "resolution": model.resolution,
                   "unet_parameters": sum(p.numel() for p in model.unet.parameters())},

@@ -14,20 +14,11 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import platform
 import tempfile
 import time
 from pathlib import Path
 
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
+from machine import machine  # benchmarks/machine.py (scripts run from their folder)
 
 
 def main(argv=None) -> int:
@@ -45,13 +36,13 @@ def main(argv=None) -> int:
     import numpy as np
     import onnxruntime
     import torch
+    from dsdkit.export import ExportConfig, ParitySettings, export_bundle
+    from dsdkit.export.parity import parity_inputs
+    from dsdkit.runtime import Matcher
 
     from dsdkit import __version__
     from dsdkit.config import ScoringConfig
-    from dsdkit.export import ExportConfig, ParitySettings, export_bundle
-    from dsdkit.export.parity import parity_inputs
     from dsdkit.models import load_model
-    from dsdkit.runtime import Matcher
     from dsdkit.scorer import Scorer
     from dsdkit.tiny import write_tiny_model
 
@@ -88,7 +79,7 @@ def main(argv=None) -> int:
     record = {
         "benchmark": "runtime_throughput",
         "date": datetime.date.today().isoformat(),
-        "machine": {"cpu": _cpu_name(), "cores": __import__("os").cpu_count(), "platform": platform.platform()},
+        "machine": machine(),
         "versions": {"dsdkit": __version__, "torch": torch.__version__, "onnxruntime": onnxruntime.__version__},
         "model": f"random-weight {args.size}" if args.model is None else f"{args.size}: {Path(args.model).name}",
         "job": {"images": args.images, "captions": args.captions, "pairs": pairs, "timesteps": args.timesteps,

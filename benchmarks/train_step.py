@@ -34,10 +34,10 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     import torch
+    from dsdkit.train import TrainConfig, Trainer
 
     from dsdkit.synthetic import write_colour_shapes
     from dsdkit.tiny import write_tiny_model
-    from dsdkit.train import TrainConfig, Trainer
 
     with tempfile.TemporaryDirectory() as scratch:
         scratch = Path(scratch)
