@@ -508,6 +508,63 @@ def explain_command(
                f"{len(explanation.timesteps)} timesteps, {len(scorer.layer_names)} layers")
 
 
+@app.command("bench")
+@cli_errors
+def bench_command(
+    model: Annotated[str | None, typer.Option(help="SD2 folder (default: a random-weight model of --size).")] = None,
+    size: Annotated[TinySize, typer.Option(help="Random-weight model size when no --model is given.")] = TinySize.tiny,
+    preset: Annotated[PresetName, typer.Option(help="Scoring preset.")] = PresetName("discffusion"),
+    timesteps: Annotated[int, typer.Option(help="S of the discffusion table.")] = 10,
+    denoise: Annotated[bool, typer.Option("--denoise/--no-denoise", help="Denoising term.")] = False,
+    images: Annotated[int, typer.Option(help="N generated images.")] = 2,
+    captions: Annotated[int, typer.Option(help="M captions.")] = 2,
+    batch_size: Annotated[list[int] | None, typer.Option(help="UNet batch size (repeatable).")] = None,
+    engine: Annotated[
+        list[str] | None, typer.Option(help="pytorch, reference, onnxruntime (repeatable; default pytorch + reference).")
+    ] = None,
+    bundle: Annotated[Path | None, typer.Option(help="Bundle for the onnxruntime engine.")] = None,
+    device: Annotated[str, typer.Option(help="cpu, cuda or cuda:N.")] = "cpu",
+    dtype: Annotated[Precision, typer.Option(help="UNet precision.")] = Precision.fp32,
+    table: Annotated[bool, typer.Option(help="Run the README's scaling table instead of one job.")] = False,
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Write the JSON record(s) here.")] = None,
+) -> None:
+    """Throughput of our engines vs the authors' cost structure, side by side, with counted UNet FLOPs."""
+    import json
+    import time
+
+    from .bench import SCALING_TABLE, BenchConfig, format_record, run_bench
+    from .runtime.files import atomic_write_text
+
+    base = dict(preset=preset.value, timesteps=timesteps, denoise=denoise, batch_sizes=batch_size or [8],
+                engines=engine or ["pytorch", "reference"], bundle=None if bundle is None else str(bundle),
+                device=device, dtype=dtype.value)
+    if not table:
+        jobs = [BenchConfig(model=model, size=size.value, images=images, captions=captions, **base)]
+    else:
+        base["timesteps"] = 4
+        jobs = [BenchConfig(size=s, images=n, captions=m, **{**base, "timesteps": steps})
+                for s, n, m, steps in SCALING_TABLE]
+    records = []
+    folders: dict[str, Path] = {}
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as scratch:
+        for job in jobs:
+            started = time.perf_counter()
+            if job.model is None and job.size not in folders:
+                from .tiny import write_tiny_model
+
+                folders[job.size] = write_tiny_model(Path(scratch) / job.size, size=job.size)
+            record = run_bench(job, folder=folders.get(job.size))
+            record["row_wall_s"] = round(time.perf_counter() - started, 1)
+            records.append(record)
+            typer.echo(format_record(record))
+            typer.echo(f"(this job took {record['row_wall_s']:.0f} s wall, model writing included)\n")
+    if output is not None:
+        atomic_write_text(output, json.dumps(records if table else records[0], indent=1) + "\n")
+        typer.echo(f"wrote {output}")
+
+
 class ExporterChoice(str, Enum):
     dynamo = "dynamo"
     torchscript = "torchscript"

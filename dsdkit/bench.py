@@ -1,0 +1,291 @@
+"""``dsdkit bench``: DSD throughput of our engines against the reference cost, measured side by side in one run.
+
+Every job is scored from scratch (nothing cached between engines) on generated colour-shape images and captions:
+
+* ``pytorch``: :class:`~dsdkit.scorer.Scorer` (caches per image and caption, unconditional pass per image and
+  timestep, pairs x timesteps packed into batches, SDPA outside the scored layers);
+* ``reference``: :func:`dsdkit.reference.reference_scores`, the authors' cost structure (VAE per timestep, an
+  unconditional and a conditional UNet half per pair and timestep, eager attention everywhere);
+* ``onnxruntime``: the runtime :class:`~dsdkit.runtime.Matcher` on a bundle (``--bundle``).
+
+Before any ratio is printed, the reference is checked against our scorer with the same config and the authors'
+unconditional-row mixing switched on (their B3), which must agree within 1e-5: the two compute the same numbers and
+differ only in cost. Reported per engine and batch size: wall seconds, pairs/s, UNet evaluations/s, median latency
+per UNet batch, process peak RSS, peak device memory, and, on a GPU, the achieved fraction of the device's dense
+fp16/bf16 peak from *counted* UNet FLOPs (``torch.utils.flop_counter``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import logging
+import os
+import platform
+import resource
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import ConfigError
+
+__all__ = ["BenchConfig", "run_bench", "unet_flops", "SCALING_TABLE"]
+
+logger = logging.getLogger(__name__)
+
+ENGINES = ("pytorch", "reference", "onnxruntime")
+# Dense (no sparsity) tensor-core peaks in TFLOP/s for fp16/bf16, from NVIDIA's datasheets.
+DENSE_PEAK_TFLOPS = {"H100 SXM": 989.0, "H100 PCIe": 756.0, "H100 NVL": 835.0, "H200": 989.0, "A100": 312.0,
+                     "L40S": 362.0, "L4": 121.0, "A10": 125.0}
+AGREEMENT_TOLERANCE = 1e-5
+# The README's scaling table: (model size, images, captions, timesteps).
+SCALING_TABLE = [("tiny", 2, 2, 4), ("tiny", 8, 8, 4), ("tiny", 32, 32, 4), ("full", 2, 2, 4)]
+
+
+@dataclass
+class BenchConfig:
+    """One benchmark job (written into the result JSON)."""
+
+    model: str | None = None  # a model folder; None writes a random-weight model of ``size``
+    size: str = "tiny"
+    preset: str = "discffusion"
+    timesteps: int = 10
+    denoise: bool = False
+    images: int = 2
+    captions: int = 2
+    batch_sizes: list[int] = field(default_factory=lambda: [8])
+    engines: list[str] = field(default_factory=lambda: ["pytorch", "reference"])
+    bundle: str | None = None
+    device: str = "cpu"
+    dtype: str = "fp32"
+    check: bool = True  # compare reference and pytorch (B3 on) before reporting ratios
+
+    def validate(self) -> None:
+        unknown = set(self.engines) - set(ENGINES)
+        if unknown:
+            raise ConfigError(f"unknown engine(s) {sorted(unknown)}; choose from {', '.join(ENGINES)}")
+        if "onnxruntime" in self.engines and not self.bundle:
+            raise ConfigError("--engine onnxruntime needs --bundle (export one with `dsdkit export`)")
+        if min(self.images, self.captions, self.timesteps, *self.batch_sizes) < 1:
+            raise ConfigError("images, captions, timesteps and batch sizes must be >= 1")
+
+
+def _peak_rss_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+class _Clock:
+    """Progress callback that timestamps every UNet batch (for latency per batch)."""
+
+    def __init__(self):
+        self.stamps = [time.perf_counter()]
+        self.evaluations = 0
+
+    def __call__(self, n: int) -> None:
+        self.evaluations += n
+        self.stamps.append(time.perf_counter())
+
+    def latency_ms(self) -> float | None:
+        gaps = np.diff(self.stamps[1:]) if len(self.stamps) > 2 else np.diff(self.stamps)
+        return round(float(statistics.median(gaps)) * 1000, 2) if len(gaps) else None
+
+
+def unet_flops(scorer) -> int:
+    """FLOPs of one scorer UNet evaluation at batch 1, counted by ``torch.utils.flop_counter`` (matmuls and
+    convolutions, 2 per multiply-add), with the scoring processors installed."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from .attention import Recorder, scoring_processors
+    from .scorer import unet_pass
+
+    model = scorer.model
+    latent = scorer.resolution // model.vae_scale_factor
+    z0 = torch.zeros(1, model.latent_channels, latent, latent, device=model.device)
+    states = torch.zeros(1, model.tokenizer.max_length, int(model.text_encoder.config.hidden_size), device=model.device)
+    mask = torch.ones(1, model.tokenizer.max_length, device=model.device)
+    recorder = Recorder(scorer.layer_names, scorer.config)
+    signal, noise_scale, timesteps = scorer.noising(torch.tensor([0]))
+    # torch's table has the CUDA flash/efficient SDPA kernels but not the CPU one the self-attention layers use here.
+    from torch.utils.flop_counter import sdpa_flop_count
+
+    def cpu_sdpa(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs):
+        return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+    aten = torch.ops.aten
+    custom = {}
+    if hasattr(aten, "_scaled_dot_product_flash_attention_for_cpu"):
+        custom[aten._scaled_dot_product_flash_attention_for_cpu] = cpu_sdpa
+    counter = FlopCounterMode(display=False, custom_mapping=custom)
+    with torch.inference_mode(), scoring_processors(model.unet, recorder, scorer.adapter), counter:
+        unet_pass(model, recorder, z0, signal, noise_scale, scorer.noise[:1], timesteps, states, mask, scorer.adapter)
+    return int(counter.get_total_flops())
+
+
+def _device_peak_tflops(name: str) -> float | None:
+    for key, value in DENSE_PEAK_TFLOPS.items():
+        if all(part in name for part in key.split()):
+            return value
+    return None
+
+
+def run_bench(config: BenchConfig, folder: str | os.PathLike | None = None) -> dict[str, Any]:
+    """Run one benchmark job; returns the JSON-ready record (see the module doc)."""
+    import tempfile
+
+    import torch
+
+    from . import __version__
+    from .config import ScoringConfig
+    from .export.parity import ParitySettings, parity_inputs
+    from .models import load_model
+    from .reference import reference_scores
+    from .scorer import Scorer
+    from .tiny import write_tiny_model
+
+    config.validate()
+    with tempfile.TemporaryDirectory() as scratch:
+        model_dir = config.model or folder or write_tiny_model(Path(scratch) / "model", size=config.size)
+        started = time.perf_counter()
+        model = load_model(model_dir, device=config.device, dtype=config.dtype)
+        load_s = time.perf_counter() - started
+        scoring = ScoringConfig.from_preset(config.preset, num_timesteps=config.timesteps, denoise_term=config.denoise)
+        images, captions = parity_inputs(ParitySettings(images=config.images, captions=config.captions, seed=2))
+        pairs = config.images * config.captions
+        cuda = model.device.type == "cuda"
+        probe = Scorer(model, scoring, batch_size=1)
+        flops = unet_flops(probe)
+        peak = _device_peak_tflops(torch.cuda.get_device_name(model.device)) if cuda else None
+        rows, results = [], {}
+
+        def measure(engine: str, batch: int, run) -> None:
+            if cuda:
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+            clock = _Clock()
+            begin = time.perf_counter()
+            scores = run(clock)
+            if cuda:
+                torch.cuda.synchronize()
+            seconds = time.perf_counter() - begin
+            evals_per_s = clock.evaluations / seconds
+            row = {
+                "engine": engine, "batch": batch, "seconds": round(seconds, 3), "pairs_per_s": round(pairs / seconds, 5),
+                "unet_evaluations": clock.evaluations, "evaluations_per_s": round(evals_per_s, 4),
+                "latency_per_batch_ms": clock.latency_ms(), "peak_rss_gb_so_far": round(_peak_rss_gb(), 2),
+                "peak_device_gb": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
+                "mfu": round(evals_per_s * flops / (peak * 1e12), 4) if peak else None,
+            }
+            logger.info("%-26s batch %3d: %8.2f s, %.4g pairs/s, %.4g UNet evals/s", engine, batch, seconds,
+                        row["pairs_per_s"], row["evaluations_per_s"])
+            rows.append(row)
+            results[(engine, batch)] = scores
+
+        for batch in config.batch_sizes:
+            if "pytorch" in config.engines:
+                def ours(clock, batch=batch):
+                    return Scorer(model, scoring, batch_size=batch, progress=clock).score(images, captions)
+
+                measure("pytorch", batch, ours)
+                if config.check and "reference" in config.engines and not scoring.uncond_in_attention:
+                    b3 = scoring.replace(uncond_in_attention=True)
+
+                    def ours_b3(clock, batch=batch):
+                        return Scorer(model, b3, batch_size=batch, progress=clock).score(images, captions)
+
+                    measure("pytorch (B3 on)", batch, ours_b3)
+            if "onnxruntime" in config.engines:
+                from .runtime import Matcher
+
+                def runtime(clock, batch=batch):
+                    with Matcher.from_bundle(config.bundle, num_timesteps=config.timesteps if
+                                             scoring.timesteps.value == "discffusion" else None,
+                                             batch_size=batch, progress=clock) as matcher:
+                        return matcher.score(images, captions)
+
+                measure("onnxruntime", batch, runtime)
+        if "reference" in config.engines:
+            reference_config = scoring.replace(uncond_in_attention=True) if config.check else scoring
+
+            def reference(clock):
+                return reference_scores(Scorer(model, reference_config, batch_size=2), images, captions, progress=clock)
+
+            measure("reference", 2, reference)
+
+    record = {
+        "benchmark": "dsdkit bench",
+        "date": datetime.date.today().isoformat(),
+        "machine": _machine(torch, cuda, model.device),
+        "versions": {"dsdkit": __version__, "python": sys.version.split()[0], "torch": torch.__version__},
+        "config": dataclasses.asdict(config),
+        "model": {"source": str(config.model or f"random-weight {config.size}"), "resolution": probe.resolution,
+                  "unet_parameters": int(sum(p.numel() for p in model.unet.parameters())), "load_s": round(load_s, 2)},
+        "unet_gflops_per_evaluation": round(flops / 1e9, 3),
+        "device_dense_peak_tflops": peak,
+        "pairs": pairs,
+        "rows": rows,
+    }
+    record.update(_ratios(rows, results, config))
+    return record
+
+
+def _machine(torch, cuda: bool, device) -> dict[str, Any]:
+    cpu = "unknown"
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                   if line.startswith("model name"))
+    except (OSError, StopIteration):
+        cpu = platform.processor() or cpu
+    info = {"platform": platform.platform(), "cpu": cpu, "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads()}
+    if cuda:
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def _ratios(rows, results, config: BenchConfig) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    reference = next((r for r in rows if r["engine"] == "reference"), None)
+    if reference is None:
+        return out
+    b3 = [key for key in results if key[0] == "pytorch (B3 on)"]
+    if b3:
+        diff = float(np.abs(results[b3[0]] - results[("reference", 2)]).max())
+        out["agreement"] = {"max_abs_diff": diff, "tolerance": AGREEMENT_TOLERANCE, "ok": diff <= AGREEMENT_TOLERANCE}
+        if diff > AGREEMENT_TOLERANCE:
+            raise ConfigError(f"bench: the reference computation and our scorer (B3 on) differ by {diff:.3g} > "
+                              f"{AGREEMENT_TOLERANCE:g}; ratios would compare different computations")
+    out["ratios_vs_reference"] = {
+        f"{r['engine']} batch {r['batch']}": round(r["pairs_per_s"] / reference["pairs_per_s"], 3)
+        for r in rows if r["engine"] != "reference"
+    }
+    return out
+
+
+def format_record(record: dict[str, Any]) -> str:
+    """A readable table of one record."""
+    lines = [
+        f"model {record['model']['source']} ({record['model']['unet_parameters']:,} UNet params, "
+        f"{record['model']['resolution']} px), {record['config']['preset']} S={record['config']['timesteps']} "
+        f"denoise {'on' if record['config']['denoise'] else 'off'}, {record['config']['images']}x"
+        f"{record['config']['captions']} pairs, {record['config']['device']} {record['config']['dtype']}; "
+        f"UNet {record['unet_gflops_per_evaluation']:.4g} GFLOP/evaluation (counted)",
+        f"{'engine':<18}{'batch':>6}{'seconds':>10}{'pairs/s':>11}{'evals/s':>10}{'ms/batch':>10}{'ratio':>8}"
+        + ("   MFU" if record.get("device_dense_peak_tflops") else ""),
+    ]
+    ratios = record.get("ratios_vs_reference", {})
+    for row in record["rows"]:
+        ratio = ratios.get(f"{row['engine']} batch {row['batch']}", 1.0 if row["engine"] == "reference" else None)
+        lines.append(
+            f"{row['engine']:<18}{row['batch']:>6}{row['seconds']:>10.2f}{row['pairs_per_s']:>11.4g}"
+            f"{row['evaluations_per_s']:>10.4g}{(row['latency_per_batch_ms'] or 0):>10.1f}"
+            f"{'' if ratio is None else f'{ratio:.2f}x':>8}" + (f"  {row['mfu']:.1%}" if row.get("mfu") else "")
+        )
+    if "agreement" in record:
+        lines.append(f"reference vs pytorch (B3 on): max abs diff {record['agreement']['max_abs_diff']:.2g} "
+                     f"(tolerance {record['agreement']['tolerance']:g})")
+    return "\n".join(lines)
