@@ -44,7 +44,7 @@ DENSE_PEAK_TFLOPS = {"H100 SXM": 989.0, "H100 PCIe": 756.0, "H100 NVL": 835.0, "
                      "L40S": 362.0, "L4": 121.0, "A10": 125.0}
 AGREEMENT_TOLERANCE = 1e-5
 # The README's scaling table: (model size, images, captions, timesteps).
-SCALING_TABLE = [("tiny", 2, 2, 4), ("tiny", 8, 8, 4), ("tiny", 32, 32, 4), ("full", 2, 2, 4)]
+SCALING_TABLE = [("tiny", 2, 2, 4), ("tiny", 8, 8, 4), ("tiny", 32, 32, 4), ("full", 2, 2, 2)]
 
 
 @dataclass

@@ -110,16 +110,23 @@ def ranking_agreement(ours: np.ndarray, reference: np.ndarray, tie: float = 0.0)
     }
 
 
+_CAPTION_TEMPLATES = ("a {} {}", "a small {} {}", "a large {} {}", "one {} {} on a white background",
+                     "a picture of a {} {}", "a {} {} in the middle")
+
+
 def parity_inputs(settings: ParitySettings) -> tuple[list, list[str]]:
-    """Generated colour-shape images and captions naming colours and shapes (real inputs, not noise)."""
+    """Generated colour-shape images and distinct captions naming colours and shapes (real inputs, not noise).
+
+    Up to 72 captions are distinct (so benchmarks measure real work, not the cache); images are all distinct.
+    """
     from ..synthetic import COLOURS, SHAPES, colour_shape_image
 
     rng = np.random.default_rng(settings.seed)
     combos = [(c, s) for s in SHAPES for c in COLOURS]
     images = [_textured(colour_shape_image(*combos[i % len(combos)], rng), rng) for i in range(settings.images)]
-    shift = max(1, len(combos) // max(1, settings.captions))
-    captions = [f"a {c} {s}" for c, s in (combos[(i * shift + 1) % len(combos)] for i in range(settings.captions))]
-    captions[0] = f"a {combos[0][0]} {combos[0][1]} on a white background"
+    every = [template.format(c, s) for template in _CAPTION_TEMPLATES for c, s in combos]
+    # Steps of 13 visit all 72 in an order that mixes colours, shapes and templates early on.
+    captions = [every[(1 + 13 * i) % len(every)] for i in range(settings.captions)]
     return images, captions
 
 
