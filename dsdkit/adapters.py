@@ -48,6 +48,7 @@ __all__ = [
     "create_adapter",
     "image_feature",
     "save_adapter",
+    "adapter_file_bytes",
     "load_adapter",
     "read_adapter_header",
     "read_tensors_safely",
@@ -347,17 +348,25 @@ def _header(adapter: Adapter, model_identity: str, scoring: ScoringConfig, extra
     }
 
 
-def save_adapter(
-    adapter: Adapter, path: str | os.PathLike, model_identity: str, scoring: ScoringConfig, extra: dict | None = None
-) -> Path:
-    """Write ``adapter`` as safetensors with a JSON header, atomically."""
+def adapter_file_bytes(
+    adapter: Adapter, model_identity: str, scoring: ScoringConfig, extra: dict | None = None
+) -> bytes:
+    """The bytes of ``adapter``'s file (safetensors with a JSON header), without writing anything."""
     from safetensors.torch import save
-
-    from .runtime.files import atomic_write_bytes
 
     tensors = {k: v.detach().float().cpu().contiguous() for k, v in adapter.flat_state().items()}
     header = _header(adapter, model_identity, scoring, extra)
-    atomic_write_bytes(path, save(tensors, metadata={"dsdkit": json.dumps(header)}))
+    return save(tensors, metadata={"dsdkit": json.dumps(header)})
+
+
+def save_adapter(
+    adapter: Adapter, path: str | os.PathLike, model_identity: str, scoring: ScoringConfig, extra: dict | None = None
+) -> Path:
+    """Write ``adapter`` as safetensors with a JSON header, atomically (a full disk is an ``OutputError``; the file
+    under ``path`` before, if any, is left as it was)."""
+    from .runtime.files import atomic_write_bytes
+
+    atomic_write_bytes(path, adapter_file_bytes(adapter, model_identity, scoring, extra))
     return Path(path)
 
 
@@ -384,6 +393,33 @@ def read_adapter_header(path: str | os.PathLike) -> dict[str, Any]:
     return header
 
 
+#: Knobs that define what a score *is*: an adapter is trained for one setting of them and refused with another.
+#: Timesteps, S, the denoising term, normalisation and image resizing may differ (evaluation choices).
+SCORE_DEFINING_KNOBS = ("pooling", "lse_lambda", "tokens", "layers", "heads", "uncond_in_attention")
+
+
+def check_scoring_matches(path: str | os.PathLike, trained: ScoringConfig, scoring: ScoringConfig) -> None:
+    """Refuse to score with an adapter under another definition of the score than it was trained with.
+
+    Raises:
+        ConfigError: one line naming the adapter file, the knobs that differ, and the values it needs.
+    """
+    mine, theirs = trained.to_dict(), scoring.to_dict()
+    differ = [k for k in SCORE_DEFINING_KNOBS if mine.get(k) != theirs.get(k)]
+    if differ:
+
+        def flag(knob: str, value) -> str:
+            if isinstance(value, bool):
+                return f"--{'' if value else 'no-'}{knob.replace('_', '-')}"
+            return f"--{'lambda' if knob == 'lse_lambda' else knob.replace('_', '-')} {value}"
+
+        raise ConfigError(
+            f"{path} was trained with another scoring config ({', '.join(f'{k}={mine[k]}' for k in differ)}; this "
+            f"run asks for {', '.join(f'{k}={theirs[k]}' for k in differ)}); score with the adapter's own settings "
+            f"(--preset {trained.preset} {' '.join(flag(k, mine[k]) for k in differ)}) or retrain the adapter"
+        )
+
+
 def load_adapter(
     path: str | os.PathLike, model, scoring: ScoringConfig | None = None, check_base_model: bool = True
 ) -> tuple[Adapter, ScoringConfig]:
@@ -405,11 +441,8 @@ def load_adapter(
             f"model's is {model.identity()[:12]}...); use the model it was trained on or retrain the adapter"
         )
     trained = ScoringConfig.from_dict(header["scoring"])
-    if scoring is not None and scoring.layers is not trained.layers and header["kind"] == AdapterKind.kv_prompt.value:
-        raise ConfigError(
-            f"{path} adapts the '{trained.layers.value}' cross-attention layers but the scoring config selects "
-            f"'{scoring.layers.value}'; use --layers {trained.layers.value}"
-        )
+    if scoring is not None:
+        check_scoring_matches(path, trained, scoring)
     adapter = create_adapter(model, scoring or trained, AdapterConfig.from_dict(header["adapter"]))
     if adapter.layer_names != header["layers"]:
         raise ModelError(f"{path}: the adapter's layers do not exist in this UNet; it belongs to another architecture")

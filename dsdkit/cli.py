@@ -198,8 +198,15 @@ def match_command(
     chunk_size: Annotated[int, typer.Option(help="Images per chunk (memory stays flat; the unit of --resume).")] = 64,
     resume: Annotated[bool, typer.Option(help="Continue an interrupted run from <output>.partial/.")] = False,
     dry_run: Annotated[bool, typer.Option(help="Print pairs, UNet evaluations and an estimated time; score nothing.")] = False,
+    strict: Annotated[
+        bool, typer.Option(help="Fail on the first unusable image or blank caption line instead of skipping it.")
+    ] = False,
 ) -> None:
-    """Score every image against every caption and show the best caption per image."""
+    """Score every image against every caption and show the best caption per image.
+
+    Unusable images (unreadable, corrupt, truncated, over the pixel limit) and blank caption lines are skipped with
+    a one-line reason and listed in <output stem>.skipped.json; --strict makes them an error instead.
+    """
     from .config import ScoringConfig
     from .errors import ConfigError
     from .matching import match
@@ -263,10 +270,17 @@ def match_command(
             num_timesteps=timesteps if bundle is not None else None,
             chunk_size=chunk_size,
             resume=resume,
+            strict=strict,
         )
     _print_summary(result)
     if output is not None:
-        typer.echo(f"wrote {len(result.images)} x {len(result.captions)} scores to {output}")
+        from .matching import skipped_report_path
+
+        skipped = result.meta["skipped"]
+        typer.echo(f"wrote {len(result.images)} x {len(result.captions)} scores to {output} "
+                   f"({len(skipped['images'])} images and {len(skipped['caption_lines'])} caption lines skipped, "
+                   f"{len(result.meta.get('truncated_captions', {}))} captions truncated: "
+                   f"{skipped_report_path(output)})")
 
 
 def _format_plan(plan: dict) -> str:
@@ -277,7 +291,8 @@ def _format_plan(plan: dict) -> str:
     t = plan["calibration"]
     return "\n".join([
         f"job        {plan['images']} images x {plan['captions']} captions = {plan['pairs']:,} pairs, "
-        f"S = {plan['timesteps']} timesteps",
+        f"S = {plan['timesteps']} timesteps"
+        + (f" ({plan['skipped_images']} unusable images skipped)" if plan.get("skipped_images") else ""),
         f"work       {plan['unet_evaluations']:,} UNet evaluations in batches of {plan['batch_size']}",
         f"calibrated {plan['engine']}: {t['batch_s']:.3g} s per batch, {t['image_s']:.3g} s per image encoding, "
         f"{t['caption_s']:.3g} s per caption encoding",
@@ -438,9 +453,11 @@ def eval_command(
     report.meta = {"model": scorer.model.describe(), "adapters": None if adapters is None else str(adapters),
                    "scoring": scorer.config.to_dict()}
     _print_metrics(report.metrics, f"{dataset.format}: {report.source}" + (f", split {split}" if split else ""))
+    for item in report.skipped[:20]:
+        typer.echo(f"skipped: {item['where']}: {item['reason']}")
     if output is not None:
         write_report(report, output)
-        typer.echo(f"wrote {output}")
+        typer.echo(f"wrote {output} ({len(report.skipped)} rows or examples skipped, listed under \"skipped\")")
 
 
 adapters_app = typer.Typer(help="Inspect and convert adapter files.", no_args_is_help=True)
@@ -804,6 +821,11 @@ def _print_summary(result, max_rows: int = 20) -> None:
         console.print(f"... {len(result.images) - max_rows} more images in the result file")
     for warning in result.meta.get("warnings", []):
         console.print(f"note: {warning}")
+    skipped = result.meta.get("skipped", {})
+    for item in skipped.get("images", [])[:max_rows]:
+        console.print(f"skipped: {item['reason']}", markup=False, highlight=False)
+    for item in skipped.get("caption_lines", [])[:max_rows]:
+        console.print(f"skipped: {item['where']}: {item['reason']}", markup=False, highlight=False)
 
 
 def main() -> None:

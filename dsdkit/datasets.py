@@ -132,7 +132,10 @@ class _Rows:
         if not isinstance(value, str) or not value.strip():
             raise _BadRow(f"image path must be a non-empty string, got {value!r}")
         path = Path(value.strip())
-        resolved = (path if path.is_absolute() else self.root / path).resolve()
+        try:
+            resolved = (path if path.is_absolute() else self.root / path).resolve()
+        except (RuntimeError, OSError) as exc:  # a symlink loop (RuntimeError before Python 3.13), an unreadable dir
+            raise _BadRow(f"image path {value!r} cannot be resolved ({exc}); fix or remove the link") from None
         if not resolved.is_relative_to(self.root):
             raise _BadRow(f"image path {value!r} escapes the image root {self.root}")
         return resolved
@@ -423,16 +426,52 @@ def load_dataset(
     dataset = reader(path, root)
     if check_images:
         images = sorted({image for example in dataset.examples for image in example.images})
-        missing = [image for image in images if not image.is_file()]
+        # Absent files mean a wrong image root or an incomplete download: refused at once. A link that points
+        # nowhere or loops is a bad file like a corrupt one: its examples are skipped below.
+        missing = [image for image in images if not image.is_file() and not image.is_symlink()]
         if missing:
             shown = ", ".join(str(m.relative_to(dataset.image_root)) for m in missing[:5])
             raise InputError(
                 f"{len(missing)} of {len(images)} images referenced by {path} are missing under {dataset.image_root} "
                 f"(e.g. {shown}); check --image-root or download the images"
             )
+        _drop_unusable_images(dataset, images)
     logger.info("%s: %d %s examples%s", path, len(dataset.examples), fmt,
                 f" in splits {', '.join(dataset.splits())}" if dataset.splits() else "")
     return dataset
+
+
+def _drop_unusable_images(dataset: Dataset, images: list[Path]) -> None:
+    """Decode every image once, up front; examples that need an unusable one (corrupt, truncated, too large) move to
+    ``dataset.skipped`` with the reason, so a bad file costs one example, not the run."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from .runtime.images import load_image
+
+    def problem(image: Path) -> str | None:
+        try:
+            load_image(image)  # Pillow decodes outside the GIL: threads overlap the files
+        except InputError as exc:
+            return str(exc)
+        return None
+
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        bad = {image: why for image, why in zip(images, pool.map(problem, images)) if why is not None}
+    if not bad:
+        return
+    kept = []
+    for example in dataset.examples:
+        reason = next((bad[image] for image in example.images if image in bad), None)
+        if reason is None:
+            kept.append(example)
+        else:
+            dataset.skipped.append((f"example {example.id}", reason))
+    logger.warning("%s: skipped %d example(s) with unusable images: %s", dataset.source, len(dataset.examples) - len(kept),
+                   "; ".join(list(bad.values())[:3]))
+    if not kept:
+        raise InputError(f"{dataset.source}: no usable examples: every one needs an unusable image "
+                         f"(first: {next(iter(bad.values()))}); check the images")
+    dataset.examples = kept
 
 
 def few_shot(

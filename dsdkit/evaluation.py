@@ -41,6 +41,7 @@ class EvalReport:
     metrics: dict[str, float]
     examples: list[dict[str, Any]] = field(default_factory=list)
     meta: dict[str, Any] = field(default_factory=dict)
+    skipped: list[dict[str, str]] = field(default_factory=list)  # rows and examples left out, with the reason
 
 
 def score_examples(scorer, examples: list[Example], chunk_pairs: int = 256,
@@ -174,7 +175,8 @@ def evaluate(scorer, dataset: Dataset, split: str | None = None, max_examples: i
         if example.label is not None:
             record["label"] = example.label
         records.append(record)
-    return EvalReport(dataset.format, str(dataset.source), split, metrics, records)
+    skipped = [{"where": where, "reason": why} for where, why in dataset.skipped]
+    return EvalReport(dataset.format, str(dataset.source), split, metrics, records, skipped=skipped)
 
 
 def write_report(report: EvalReport, path: str | os.PathLike) -> None:
@@ -184,5 +186,6 @@ def write_report(report: EvalReport, path: str | os.PathLike) -> None:
     from .runtime.files import atomic_write_text
 
     document = {"dataset": report.dataset, "source": report.source, "split": report.split,
-                "metrics": report.metrics, "meta": report.meta, "examples": report.examples}
+                "metrics": report.metrics, "meta": report.meta, "skipped": report.skipped,
+                "examples": report.examples}
     atomic_write_text(path, json.dumps(document, indent=1, ensure_ascii=False) + "\n")

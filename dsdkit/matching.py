@@ -3,10 +3,12 @@ or on an exported bundle."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -14,23 +16,40 @@ import numpy as np
 
 from . import __version__
 from .config import ScoringConfig
-from .errors import ConfigError
-from .runtime.images import ImageInput, describe
+from .errors import ConfigError, InputError
+from .runtime.files import atomic_write_text
+from .runtime.images import ImageInput, Pixels, ResizeMode, check_image, describe, preprocess_image
 from .runtime.inputs import list_images, read_captions
 from .runtime.jobs import finish, job_fingerprint, run_resumable
 from .runtime.results import OUTPUT_FORMATS, MatchResult, write_result
 
-__all__ = ["match", "gather_inputs"]
+__all__ = ["match", "gather_inputs", "JobInputs", "skipped_report_path"]
 
 logger = logging.getLogger(__name__)
 
 
-def gather_inputs(images: str | os.PathLike | Sequence[ImageInput], captions: str | os.PathLike | Sequence[str]):
-    """Resolve a folder / image-list file and a captions file (or in-memory lists) into two lists.
+@dataclass
+class JobInputs:
+    """The inputs of a match job, resolved.
 
-    Returns ``(images, image_names, captions, caption_where)``; ``caption_where`` names each caption's origin for
-    error messages (``"captions.txt line 3"``).
+    Attributes:
+        images: paths / PIL images / arrays, in job order.
+        names: each image's name in messages and result files.
+        captions: the captions, in job order (blank lines dropped).
+        where: each caption's origin for messages (``"captions.txt line 3"``).
+        skipped_lines: ``(where, why)`` of caption-file lines that were skipped (blank lines).
     """
+
+    images: list[ImageInput]
+    names: list[str]
+    captions: list[str]
+    where: list[str]
+    skipped_lines: list[tuple[str, str]] = field(default_factory=list)
+
+
+def gather_inputs(images: str | os.PathLike | Sequence[ImageInput],
+                  captions: str | os.PathLike | Sequence[str]) -> JobInputs:
+    """Resolve a folder / image-list file and a captions file (or in-memory lists)."""
     if isinstance(images, (str, os.PathLike)):
         image_list: list[ImageInput] = list(list_images(images))
     else:
@@ -38,12 +57,40 @@ def gather_inputs(images: str | os.PathLike | Sequence[ImageInput], captions: st
     names = [describe(image, i) for i, image in enumerate(image_list)]
     if isinstance(captions, (str, os.PathLike)):
         read = read_captions(captions)
-        caption_list = read.captions
-        where = [f"{captions} line {n}" for n in read.line_numbers]
-    else:
-        caption_list = list(captions)
-        where = [f"caption #{i}" for i in range(len(caption_list))]
-    return image_list, names, caption_list, where
+        return JobInputs(image_list, names, read.captions, [f"{captions} line {n}" for n in read.line_numbers],
+                         [(f"{captions} line {n}", why) for n, why in read.skipped])
+    caption_list = list(captions)
+    return JobInputs(image_list, names, caption_list, [f"caption #{i}" for i in range(len(caption_list))])
+
+
+def skipped_report_path(output: str | os.PathLike) -> Path:
+    """Where the skipped-items report of a result file goes: ``results.csv`` -> ``results.skipped.json``."""
+    output = Path(output)
+    return output.with_name(f"{output.stem}.skipped.json")
+
+
+class _Skips:
+    """Images skipped in a job (index -> reason), shared with the resumable state so a resumed run keeps them.
+
+    ``strict`` turns the first skip into an :class:`InputError` instead.
+    """
+
+    def __init__(self, names: list[str], strict: bool):
+        self.names, self.strict = names, strict
+        self.images: dict[str, str] = {}  # str(index) -> reason; str keys survive the JSON round trip of state.json
+
+    def skip(self, index: int, error: InputError) -> None:
+        if self.strict:
+            raise InputError(f"{error} (--strict: fix or remove it, or drop --strict to skip it)") from None
+        logger.warning("skipping %s", error)
+        self.images[str(index)] = str(error)
+
+    def __contains__(self, index: int) -> bool:
+        return str(index) in self.images
+
+    def records(self) -> list[dict]:
+        return [{"index": int(i), "image": self.names[int(i)], "reason": why}
+                for i, why in sorted(self.images.items(), key=lambda item: int(item[0]))]
 
 
 def match(
@@ -64,6 +111,7 @@ def match(
     num_timesteps: int | None = None,
     chunk_size: int = 64,
     resume: bool = False,
+    strict: bool = False,
 ) -> MatchResult:
     """Score every image against every caption and optionally write a result file.
 
@@ -90,6 +138,12 @@ def match(
         num_timesteps: S of the discffusion table for a bundle (default: the bundle's).
         chunk_size: images per chunk (memory stays flat; the unit of ``resume``).
         resume: continue from ``<output>.partial/``.
+        strict: refuse the job at the first unusable image or blank caption line instead of skipping it.
+
+    Images that cannot be used (unreadable, corrupt, truncated, too large: see :func:`~dsdkit.runtime.images.
+    check_image`) are skipped with a one-line reason: they get no row in the result, and the reasons go to
+    ``<output stem>.skipped.json`` and ``result.meta["skipped"]``. Blank caption lines are skipped likewise; captions
+    over the text encoder's context are truncated and counted.
     """
     if output is not None and Path(output).suffix.lower() not in OUTPUT_FORMATS:
         raise ConfigError(f"--output {output}: unknown format; use a file ending in {', '.join(OUTPUT_FORMATS)}")
@@ -99,7 +153,17 @@ def match(
         raise ConfigError(f"--chunk-size must be >= 1, got {chunk_size}")
     if per_layer and resume:
         raise ConfigError("--per-layer cannot be combined with --resume (per-layer terms are not kept between runs)")
-    image_list, names, caption_list, where = gather_inputs(images, captions)
+    job = gather_inputs(images, captions)
+    if strict and job.skipped_lines:
+        where_line, why = job.skipped_lines[0]
+        raise InputError(f"{where_line}: {why} (--strict: remove it, or drop --strict to skip it)")
+    skips = _Skips(job.names, strict)
+    for index, image in enumerate(job.images):  # header-only screen: bad files are known before any scoring
+        if isinstance(image, (str, os.PathLike)):
+            try:
+                check_image(image)
+            except InputError as exc:
+                skips.skip(index, exc)
     started = time.perf_counter()
     if bundle is not None:
         if per_layer:
@@ -108,23 +172,62 @@ def match(
     else:
         engine = _TorchEngine(model, config or ScoringConfig(), adapters, batch_size, device, dtype, chunk_size)
     with engine:
-        text_count = engine.encode_texts(caption_list, where)
-        fingerprint = job_fingerprint({"images": [_identify(i, name) for i, name in zip(image_list, names)],
-                                       "captions": caption_list, **engine.identity()})
-        total = engine.planned_evaluations(len(image_list), text_count)
+        text_count = engine.encode_texts(job.captions, job.where)
+        fingerprint = job_fingerprint({"images": [_identify(i, name) for i, name in zip(job.images, job.names)],
+                                       "captions": job.captions, **engine.identity()})
+        total = engine.planned_evaluations(len(job.images) - len(skips.images), text_count)
         if progress is not None:
             engine.set_progress(progress(total, 0))
-        scores = run_resumable(lambda start: engine.blocks(image_list, caption_list, start),
-                               (len(image_list), len(caption_list)), output, fingerprint, resume)
-        meta = engine.meta(caption_list, where)
+        notes = {"skipped_images": skips.images}
+        scores = run_resumable(lambda start: _blocks(engine, job, skips, chunk_size, start),
+                               (len(job.images), len(job.captions)), output, fingerprint, resume, notes)
+        skips.images = notes["skipped_images"]
+        meta = engine.meta(job.captions, job.where)
+        layer_scores = engine.layer_scores() if per_layer else None
+    keep = [i for i in range(len(job.images)) if i not in skips]
+    if not keep:
+        first = skips.records()[0]
+        raise InputError(f"no usable image: all {len(job.images)} were skipped (first: {first['reason']}); "
+                         "check the image folder")
     meta["seconds"] = round(time.perf_counter() - started, 3)
-    result = MatchResult(images=names, captions=caption_list, scores=scores, meta=meta,
-                         layer_scores=engine.layer_scores() if per_layer else None)
+    meta["skipped"] = {"images": skips.records(),
+                       "caption_lines": [{"where": w, "reason": why} for w, why in job.skipped_lines]}
+    result = MatchResult(images=[job.names[i] for i in keep], captions=job.captions, scores=scores[keep], meta=meta,
+                         layer_scores=None if layer_scores is None else layer_scores[keep])
     if output is not None:
         write_result(result, output, k=top_k)
+        report = {"format": "dsdkit-skipped/1", "result": Path(output).name, **meta["skipped"],
+                  "truncated_captions": meta.get("truncated_captions", {})}
+        atomic_write_text(skipped_report_path(output), json.dumps(report, indent=1, ensure_ascii=False) + "\n")
         finish(output)
         logger.info("wrote %s", output)
     return result
+
+
+def _blocks(engine, job: JobInputs, skips: _Skips, chunk_size: int, start: int):
+    """Rows of the score matrix from ``start``, a chunk of images at a time; unusable images stay NaN rows.
+
+    Each image is decoded once, here: a file that passed the header screen but fails to decode (truncated) is
+    skipped now, and the others reach the engine as :class:`Pixels`.
+    """
+    count = len(job.captions)
+    for begin in range(start, len(job.images), chunk_size):
+        rows = slice(begin, min(begin + chunk_size, len(job.images)))
+        block = np.full((rows.stop - begin, count), np.nan)
+        ready, at = [], []
+        for index in range(rows.start, rows.stop):
+            if index in skips:
+                continue
+            try:
+                pixels = preprocess_image(job.images[index], engine.resolution, engine.resize, index=index)
+            except InputError as exc:
+                skips.skip(index, exc)
+                continue
+            ready.append(Pixels(pixels, engine.resize, job.names[index]))
+            at.append(index - begin)
+        if ready:
+            block[at] = engine.score_rows(ready, job.captions, at, rows.stop - begin)
+        yield rows, block
 
 
 def _identify(image: ImageInput, name: str) -> str:
@@ -181,13 +284,21 @@ class _TorchEngine:
     def set_progress(self, advance) -> None:
         self.scorer.progress = advance
 
-    def blocks(self, images, captions, start):
-        for begin in range(start, len(images), self.chunk_size):
-            rows = slice(begin, min(begin + self.chunk_size, len(images)))
-            out = self.scorer.score_encoded_matrix(self.scorer.encode_images(images[rows]), self._texts)
-            self._layers.append(out.layer_scores)
-            self._evaluations += out.unet_evaluations
-            yield rows, out.scores
+    @property
+    def resolution(self) -> int:
+        return self.scorer.resolution
+
+    @property
+    def resize(self) -> str:
+        return ResizeMode(self.config.resize).value
+
+    def score_rows(self, images, captions, at, num_rows) -> np.ndarray:
+        out = self.scorer.score_encoded_matrix(self.scorer.encode_images(images), self._texts)
+        layers = np.full((num_rows, *out.layer_scores.shape[1:]), np.nan)
+        layers[at] = out.layer_scores
+        self._layers.append(layers)
+        self._evaluations += out.unet_evaluations
+        return out.scores
 
     def layer_scores(self):
         return np.concatenate(self._layers) if self._layers else None
@@ -248,8 +359,16 @@ class _BundleEngine:
 
         self.matcher.progress = counted
 
-    def blocks(self, images, captions, start):
-        return self.matcher.iter_blocks(images, captions, start)
+    @property
+    def resolution(self) -> int:
+        return self.matcher.resolution
+
+    @property
+    def resize(self) -> str:
+        return ResizeMode(self.matcher.resize).value
+
+    def score_rows(self, images, captions, at, num_rows) -> np.ndarray:
+        return self.matcher.score(images, captions)
 
     def layer_scores(self):
         return None
@@ -302,11 +421,18 @@ def plan_match(
     Returns pairs, UNet evaluations (``N·S`` unconditional when needed + ``N·M·S``), measured seconds per image
     encoding, caption encoding and scorer evaluation, and the estimated total seconds.
     """
-    image_list, _, caption_list, where = gather_inputs(images, captions)
+    job = gather_inputs(images, captions)
+    skips = _Skips(job.names, strict=False)
+    for index, image in enumerate(job.images):
+        if isinstance(image, (str, os.PathLike)):
+            try:
+                check_image(image)
+            except InputError as exc:
+                skips.skip(index, exc)
+    image_list = [image for i, image in enumerate(job.images) if i not in skips]
+    caption_list, where = job.captions, job.where
     if not image_list or not caption_list:
-        from .errors import InputError
-
-        raise InputError("nothing to score: give at least one image and one caption")
+        raise InputError("nothing to score: give at least one usable image and one caption")
     n, m = len(image_list), len(caption_list)
     if bundle is not None:
         from .runtime.matcher import Matcher
@@ -330,7 +456,8 @@ def plan_match(
         label = f"pytorch ({scorer.model.device}, {scorer.model.precision.value})"
     batches = -(-evaluations // batch)
     estimate = n * timing["image_s"] + m * timing["caption_s"] + batches * timing["batch_s"]
-    return {"images": n, "captions": m, "pairs": n * m, "timesteps": steps, "unet_evaluations": evaluations,
+    return {"images": n, "captions": m, "skipped_images": len(skips.images), "pairs": n * m, "timesteps": steps,
+            "unet_evaluations": evaluations,
             "batch_size": batch, "calibration": timing, "estimated_seconds": estimate, "engine": label}
 
 

@@ -247,6 +247,13 @@ def load_model(
         )
     if unet_config.get("cross_attention_dim") == 768:
         logger.warning("%s looks like an SD1.x model (768-dim text states); dsdkit is validated on SD2 only", folder)
+    if prediction_type == "v_prediction":
+        latent = unet_config.get("sample_size")
+        logger.warning(
+            "%s is a v-prediction model (%s px, like SD2-1 768-v); dsdkit is validated on epsilon-prediction "
+            "SD2-1-base (512 px): its outputs are converted to epsilon for scoring, but expect other score ranges",
+            folder, "?" if not isinstance(latent, int) else latent * 8,
+        )
 
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging

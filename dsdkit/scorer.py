@@ -422,7 +422,7 @@ def build_scorer(
 ) -> Scorer:
     """A scorer from command-line style options: the model (or a loaded one), an optional adapter file, and the
     scoring config (the adapter's own when no preset is given, else the preset), with knob ``overrides``."""
-    from .adapters import load_adapter
+    from .adapters import check_scoring_matches, load_adapter
     from .models import load_model
 
     sd2 = model if isinstance(model, SD2Model) else load_model(model, device=device, dtype=dtype)
@@ -432,11 +432,7 @@ def build_scorer(
         adapter, trained = load_adapter(adapters, sd2)
         base = trained if preset is None else ScoringConfig.from_preset(preset)
         config = base.replace(**overrides) if overrides else base
-        if config.layers is not trained.layers and adapter.kind.value == "kv-prompt":
-            raise ConfigError(
-                f"{adapters} adapts the '{trained.layers.value}' layers; this scoring config selects "
-                f"'{config.layers.value}'"
-            )
+        check_scoring_matches(adapters, trained, config)
     else:
         config = ScoringConfig.from_preset(preset or "discffusion", **overrides)
     return Scorer(sd2, config, batch_size=batch_size, adapter=adapter)

@@ -40,13 +40,23 @@ def colour_shape_image(colour: str, shape: str, rng: np.random.Generator, size: 
 
 
 def write_colour_shapes(folder: str | os.PathLike, train: int = 256, test: int = 100, seed: int = 0) -> Path:
-    """Write ``images/`` and ``data.jsonl`` (splits ``train`` and ``test``) to ``folder``; returns the JSONL path."""
+    """Write ``images/`` and ``data.jsonl`` (splits ``train`` and ``test``) to ``folder``; returns the JSONL path.
+
+    Every file is written atomically and ``data.jsonl`` last, so an interrupted run or a full disk (an
+    ``OutputError``) never leaves a dataset file that lists missing or half-written images.
+    """
+    import io
+
     from .errors import ConfigError
+    from .runtime.files import atomic_write_bytes, atomic_write_text, output_error
 
     if train < 1 or test < 0:
         raise ConfigError("tiny-data needs at least one training example")
     folder = Path(folder)
-    (folder / "images").mkdir(parents=True, exist_ok=True)
+    try:
+        (folder / "images").mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise output_error(folder / "images", exc) from None
     rng = np.random.default_rng(seed)
     names = list(COLOURS)
     captions = [f"a {colour} shape" for colour in names]
@@ -56,9 +66,11 @@ def write_colour_shapes(folder: str | os.PathLike, train: int = 256, test: int =
             colour = names[int(rng.integers(len(names)))]
             shape = SHAPES[int(rng.integers(len(SHAPES)))]
             relative = f"images/{split}_{index:04d}_{colour}_{shape}.png"
-            colour_shape_image(colour, shape, rng).save(folder / relative)
+            buffer = io.BytesIO()
+            colour_shape_image(colour, shape, rng).save(buffer, format="PNG")
+            atomic_write_bytes(folder / relative, buffer.getvalue())
             record = {"image": relative, "captions": captions, "positive": names.index(colour), "split": split}
             lines.append(json.dumps(record))
     path = folder / "data.jsonl"
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    atomic_write_text(path, "\n".join(lines) + "\n")
     return path

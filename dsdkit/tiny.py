@@ -22,6 +22,7 @@ from importlib import resources
 from pathlib import Path
 
 from .errors import ConfigError, OutputError
+from .runtime.files import atomic_write_text, output_error, staged_folder
 from .runtime.tokenizer import bytes_to_unicode
 
 __all__ = ["SIZES", "write_tiny_model", "write_clip_tokenizer"]
@@ -76,7 +77,10 @@ def write_clip_tokenizer(folder: str | os.PathLike, pad_token: str = "!") -> Pat
     ``dsdkit/assets`` exactly as OpenAI's ``SimpleTokenizer`` builds it.
     """
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise output_error(folder, exc) from None
     bpe_file = resources.files("dsdkit.assets").joinpath("bpe_simple_vocab_16e6.txt.gz")
     with bpe_file.open("rb") as raw, gzip.open(raw) as handle:
         lines = handle.read().decode("utf-8").split("\n")
@@ -85,14 +89,14 @@ def write_clip_tokenizer(folder: str | os.PathLike, pad_token: str = "!") -> Pat
     vocab_list = base + [token + "</w>" for token in base] + ["".join(m.split()) for m in merges]
     vocab_list += ["<|startoftext|>", "<|endoftext|>"]
     vocab = {token: index for index, token in enumerate(vocab_list)}
-    (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+    atomic_write_text(folder / "vocab.json", json.dumps(vocab, ensure_ascii=False))
+    atomic_write_text(folder / "merges.txt", "#version: 0.2\n" + "\n".join(merges) + "\n")
     specials = {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>",
                 "pad_token": pad_token}
     config = {"tokenizer_class": "CLIPTokenizer", "model_max_length": 77, "do_lower_case": True,
               "clean_up_tokenization_spaces": True, "errors": "replace", **specials}
-    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
-    (folder / "special_tokens_map.json").write_text(json.dumps(specials, indent=2), encoding="utf-8")
+    atomic_write_text(folder / "tokenizer_config.json", json.dumps(config, indent=2))
+    atomic_write_text(folder / "special_tokens_map.json", json.dumps(specials, indent=2))
     return folder
 
 
@@ -125,7 +129,10 @@ def write_tiny_model(folder: str | os.PathLike, size: str = "tiny", seed: int = 
         folder: where to write; must be absent or empty unless ``overwrite``.
         size: ``"micro"``, ``"tiny"`` (default) or ``"full"``; see the module docstring.
         seed: weights are a pure function of (size, seed, library versions).
-        overwrite: replace the files of an existing dsdkit test model in ``folder``.
+        overwrite: replace an existing dsdkit test model in ``folder``.
+
+    The model is written into a temporary folder beside ``folder`` and renamed into place when complete, so an
+    interrupted run or a full disk (an ``OutputError``) never leaves a partial model that looks loadable.
     """
     if size not in SIZES:
         raise ConfigError(f"unknown tiny-model size {size!r}; choose one of {', '.join(SIZES)}")
@@ -146,7 +153,10 @@ def write_tiny_model(folder: str | os.PathLike, size: str = "tiny", seed: int = 
     diffusers_logging.disable_progress_bar()
     transformers_logging.disable_progress_bar()
     spec = SIZES[size]
-    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise output_error(folder, exc) from None
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
         in_channels=4,
@@ -190,34 +200,36 @@ def write_tiny_model(folder: str | os.PathLike, size: str = "tiny", seed: int = 
             **spec["text"],
         )
     )
-    unet.save_pretrained(folder / "unet", safe_serialization=True)
-    vae.save_pretrained(folder / "vae", safe_serialization=True)
-    text_encoder.save_pretrained(folder / "text_encoder", safe_serialization=True)
-    write_clip_tokenizer(folder / "tokenizer")
-    (folder / "scheduler").mkdir(exist_ok=True)
-    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(_SCHEDULER, indent=2), encoding="utf-8")
-    model_index = {
-        "_class_name": "StableDiffusionPipeline",
-        "feature_extractor": [None, None],
-        "requires_safety_checker": False,
-        "safety_checker": [None, None],
-        "scheduler": ["diffusers", "PNDMScheduler"],
-        "text_encoder": ["transformers", "CLIPTextModel"],
-        "tokenizer": ["transformers", "CLIPTokenizer"],
-        "unet": ["diffusers", "UNet2DConditionModel"],
-        "vae": ["diffusers", "AutoencoderKL"],
-    }
-    (folder / "model_index.json").write_text(json.dumps(model_index, indent=2), encoding="utf-8")
-    marker = {
-        "random_weights": True,
-        "size": size,
-        "seed": seed,
-        "note": "Random-weight model with Stable Diffusion 2's architecture, written by `dsdkit tiny-model` for "
-        "offline trials and tests. Its scores are meaningless. Use real SD2 weights for real matching.",
-    }
-    (folder / TEST_MODEL_MARKER).write_text(json.dumps(marker, indent=2), encoding="utf-8")
-    (folder / "README.md").write_text(
-        f"# dsdkit test model ({size}, seed {seed})\n\n{marker['note']}\n", encoding="utf-8"
-    )
+    with staged_folder(folder) as staging:
+        unet.save_pretrained(staging / "unet", safe_serialization=True)
+        vae.save_pretrained(staging / "vae", safe_serialization=True)
+        text_encoder.save_pretrained(staging / "text_encoder", safe_serialization=True)
+        write_clip_tokenizer(staging / "tokenizer")
+        (staging / "scheduler").mkdir()
+        (staging / "scheduler" / "scheduler_config.json").write_text(json.dumps(_SCHEDULER, indent=2),
+                                                                      encoding="utf-8")
+        model_index = {
+            "_class_name": "StableDiffusionPipeline",
+            "feature_extractor": [None, None],
+            "requires_safety_checker": False,
+            "safety_checker": [None, None],
+            "scheduler": ["diffusers", "PNDMScheduler"],
+            "text_encoder": ["transformers", "CLIPTextModel"],
+            "tokenizer": ["transformers", "CLIPTokenizer"],
+            "unet": ["diffusers", "UNet2DConditionModel"],
+            "vae": ["diffusers", "AutoencoderKL"],
+        }
+        (staging / "model_index.json").write_text(json.dumps(model_index, indent=2), encoding="utf-8")
+        marker = {
+            "random_weights": True,
+            "size": size,
+            "seed": seed,
+            "note": "Random-weight model with Stable Diffusion 2's architecture, written by `dsdkit tiny-model` for "
+            "offline trials and tests. Its scores are meaningless. Use real SD2 weights for real matching.",
+        }
+        (staging / TEST_MODEL_MARKER).write_text(json.dumps(marker, indent=2), encoding="utf-8")
+        (staging / "README.md").write_text(
+            f"# dsdkit test model ({size}, seed {seed})\n\n{marker['note']}\n", encoding="utf-8"
+        )
     logger.info("wrote a random-weight %s SD2-architecture model to %s (scores are meaningless)", size, folder)
     return folder

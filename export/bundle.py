@@ -3,8 +3,8 @@
 Order of work, each step logged: load and fold -> export the three graphs (one spec each) -> copy the tokenizer ->
 parity against PyTorch on generated images and captions (the export fails, writing nothing, when a tolerance is
 exceeded) -> TensorRT engines where TensorRT and a GPU are present -> manifest with every file's sha256. Everything
-is written into a temporary folder beside the target and renamed into place at the end, so an interrupted export never
-leaves a folder that looks like a bundle.
+is written into a temporary folder beside the target, fsynced and renamed into place at the end, so an interrupted
+export or a full disk (an ``OutputError``) never leaves a folder that looks like a bundle.
 """
 
 from __future__ import annotations
@@ -24,8 +24,9 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import ConfigError, DsdkitError
+from ..errors import ConfigError
 from ..runtime.bundle import BUNDLE_FORMAT, Bundle, file_records, sha256_file
+from ..runtime.files import atomic_write_text, output_error, staged_folder
 from .parity import ParitySettings, check_report, compare_outputs, parity_inputs, ranking_agreement
 
 __all__ = ["ExportConfig", "export_bundle", "add_engines", "model_licence"]
@@ -154,11 +155,13 @@ def export_bundle(
     started = time.perf_counter()
     scorer = build_scorer(model, adapters, preset, overrides, batch_size=config.batch[1], device=config.device)
     sd2 = scorer.model
-    staging = out.parent / f".{out.name}.partial-{os.getpid()}"
-    if staging.exists():
-        shutil.rmtree(staging)
-    staging.mkdir(parents=True)
     try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise output_error(out, exc) from None
+    # Written into a temporary folder beside ``out`` (files.staged_folder: fsynced, then renamed into place): an
+    # interrupted export, a failed parity check or a full disk (an OutputError) leaves ``out`` as it was.
+    with staged_folder(out) as staging:
         manifest = _base_manifest(scorer, adapters, config, __version__)
         with torch.no_grad():
             timings = _export_graphs(scorer, staging, manifest, config)
@@ -175,16 +178,12 @@ def export_bundle(
         else:
             manifest["parity"] = {"skipped": True}
         manifest["files"] = file_records(staging)
-        manifest["engines"] = _maybe_engines(staging, manifest, config)
+        manifest["engines"] = _maybe_engines(staging, manifest, config, out)
         manifest["files"] = file_records(staging)
         manifest["export"]["total_seconds"] = round(time.perf_counter() - started, 1)
         manifest["export"]["peak_rss_gb"] = round(_peak_rss_gb(), 2)
-        (staging / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
+        atomic_write_text(staging / "manifest.json", json.dumps(manifest, indent=1) + "\n")
         Bundle.open(staging)  # the bundle reads back and every hash matches before it is moved into place
-        _move_into_place(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     logger.info("wrote bundle %s in %.0f s (peak RSS %.1f GB)", out, manifest["export"]["total_seconds"],
                 manifest["export"]["peak_rss_gb"])
     return manifest
@@ -412,16 +411,16 @@ def _reference_outputs(scorer, images, captions, manifest, preprocess_image) -> 
     return out
 
 
-# -- engines and the final move ----------------------------------------------------------------------------------
+# -- engines -------------------------------------------------------------------------------------------------
 
 
-def _maybe_engines(staging: Path, manifest: dict[str, Any], config: ExportConfig) -> dict[str, Any]:
+def _maybe_engines(staging: Path, manifest: dict[str, Any], config: ExportConfig, out: Path) -> dict[str, Any]:
     if config.engines is False:
         return {"built": False, "reason": "--no-engines"}
     reason = _trt_reason()
     if reason is not None:
         logger.warning("TensorRT engines not built: %s; the ONNX bundle is complete (build engines on a GPU machine "
-                       "with `dsdkit build-engines %s`)", reason, staging.name.split(".partial-")[0].lstrip("."))
+                       "with `dsdkit build-engines %s`)", reason, out)
         return {"built": False, "reason": reason}
     from .tensorrt import build_engines
 
@@ -436,22 +435,5 @@ def add_engines(bundle_path: str | os.PathLike, workspace_gb: float | None = Non
     manifest = bundle.manifest
     manifest["engines"] = build_engines(bundle.path, manifest, workspace_gb)
     manifest["files"] = file_records(bundle.path)
-    from ..runtime.files import atomic_write_text
-
     atomic_write_text(bundle.path / "manifest.json", json.dumps(manifest, indent=1) + "\n")
     return manifest
-
-
-def _move_into_place(staging: Path, out: Path) -> None:
-    old = None
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
-        out.rename(old)
-    try:
-        staging.rename(out)
-    except OSError as exc:
-        if old is not None:
-            old.rename(out)
-        raise DsdkitError(f"{out}: cannot move the finished bundle into place ({exc})") from None
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)

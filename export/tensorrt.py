@@ -19,11 +19,13 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
+from ..runtime.files import atomic_write_text, disk_full, output_error
 
 __all__ = ["tensorrt_unavailable_reason", "engine_cache_key", "build_engine", "build_engines"]
 
@@ -74,12 +76,31 @@ def build_engine(onnx_path: Path, engine_path: Path, profile: dict[str, dict[str
         trt_profile.add(name, min=shapes["min"], opt=shapes["opt"], max=shapes["max"])
     limits = {trt.MemoryPoolType.WORKSPACE: int(workspace_gb * 2**30)} if workspace_gb else None
     network = NetworkFromOnnxPath(str(onnx_path), strongly_typed=True)
+    # The plan and the timing cache are saved under temporary names and renamed into place, so a crash or a full
+    # disk never leaves a truncated engine (or a cache that breaks the next build) under the final names.
+    new_cache = timing_cache.with_name(f".{timing_cache.name}.{os.getpid()}.tmp")
+    new_plan = engine_path.with_name(f".{engine_path.name}.{os.getpid()}.tmp")
     config = CreateConfig(profiles=[trt_profile], load_timing_cache=str(timing_cache) if timing_cache.exists() else None,
                           memory_pool_limits=limits)
-    engine = EngineFromNetwork(network, config=config, save_timing_cache=str(timing_cache))
+    engine = EngineFromNetwork(network, config=config, save_timing_cache=str(new_cache))
     started = time.perf_counter()
-    SaveEngine(engine, path=str(engine_path))()
-    return time.perf_counter() - started
+    try:
+        SaveEngine(engine, path=str(new_plan))()
+        seconds = time.perf_counter() - started
+        for path in (new_plan, new_cache):
+            if path.exists():
+                with path.open("rb") as handle:
+                    os.fsync(handle.fileno())
+        os.replace(new_plan, engine_path)
+        if new_cache.exists():
+            os.replace(new_cache, timing_cache)
+    except BaseException as exc:
+        new_plan.unlink(missing_ok=True)
+        new_cache.unlink(missing_ok=True)
+        if isinstance(exc, Exception) and disk_full(exc):
+            raise output_error(engine_path, exc) from None
+        raise
+    return seconds
 
 
 def build_engines(bundle_dir: Path, manifest: dict[str, Any], workspace_gb: float | None = None) -> dict[str, Any]:
@@ -95,7 +116,10 @@ def build_engines(bundle_dir: Path, manifest: dict[str, Any], workspace_gb: floa
 
     device = device_description()
     folder = bundle_dir / "engines"
-    folder.mkdir(exist_ok=True)
+    try:
+        folder.mkdir(exist_ok=True)
+    except OSError as exc:
+        raise output_error(folder, exc) from None
     timing_cache = folder / "timing.cache"
     entries = {}
     for name, graph in manifest["graphs"].items():
@@ -112,7 +136,7 @@ def build_engines(bundle_dir: Path, manifest: dict[str, Any], workspace_gb: floa
         engine_file = f"engines/{name}.plan"
         seconds = build_engine(onnx_path, bundle_dir / engine_file, graph["profile"], timing_cache, workspace_gb)
         meta = {**fields, **device, "file": engine_file, "key": engine_cache_key(fields), "build_seconds": round(seconds, 1)}
-        (folder / f"{name}.json").write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n", encoding="utf-8")
+        atomic_write_text(folder / f"{name}.json", json.dumps(meta, indent=1, sort_keys=True) + "\n")
         logger.info("built TensorRT engine %s in %.1f s (%s, sm %s)", engine_file, seconds, device["gpu"],
                     device["compute_capability"])
         entries[name] = meta

@@ -13,7 +13,12 @@ Policy (DESIGN.md, scoring contract):
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
+import struct
+import warnings
+from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 from typing import Union
@@ -22,7 +27,10 @@ import numpy as np
 
 from .errors import InputError
 
-__all__ = ["ResizeMode", "ImageInput", "load_image", "to_rgb", "preprocess_image", "describe"]
+__all__ = [
+    "ResizeMode", "ImageInput", "MAX_IMAGE_PIXELS", "Pixels", "check_image", "load_image", "to_rgb",
+    "preprocess_image", "describe",
+]
 
 
 class ResizeMode(str, Enum):
@@ -33,25 +41,62 @@ class ResizeMode(str, Enum):
 ImageInput = Union[str, os.PathLike, "PIL.Image.Image", np.ndarray]  # noqa: F821
 
 
+@dataclass(frozen=True)
+class Pixels:
+    """An image already through :func:`preprocess_image`; passed through unchanged, so a file is decoded once even
+    when it was screened (loaded) before the engine that scores it saw it.
+
+    Attributes:
+        array: ``float32[3, resolution, resolution]`` in [-1, 1].
+        resize: the resize mode the array was made with.
+        name: the image's name in messages (usually its path).
+    """
+
+    array: np.ndarray
+    resize: str
+    name: str
+
+
 def describe(image: ImageInput, index: int | None = None) -> str:
     """A short name for an image in messages and result files."""
     if isinstance(image, (str, os.PathLike)):
         return str(image)
+    if isinstance(image, Pixels):
+        return image.name
     prefix = f"image #{index}" if index is not None else "image"
     return f"{prefix} ({type(image).__name__})"
 
 
-def load_image(path: str | os.PathLike) -> PIL.Image.Image:  # noqa: F821
-    """Open an image file fully (decoding every byte now, so a truncated file fails here) as 8-bit RGB."""
+#: Largest image dsdkit decodes (width x height). Larger files are refused from their header, before any pixel
+#: is decoded, so a crafted or huge file cannot exhaust memory (a 100 MP RGB image needs ~300 MB once decoded).
+MAX_IMAGE_PIXELS = 100_000_000
+
+
+@contextlib.contextmanager
+def _opened(path: Path):
+    """Open an image file's header, mapping every way a file can be bad to a one-line :class:`InputError`."""
     from PIL import Image, UnidentifiedImageError
 
-    path = Path(path)
     try:
-        with Image.open(path) as opened:
-            opened.load()
-            image = _exif_upright(opened)
+        if path.is_file() and path.stat().st_size == 0:
+            raise InputError(f"{path}: empty file (0 bytes); remove it or replace it with the image")
+        with warnings.catch_warnings():
+            # Our own pixel limit below is the guard; Pillow's warning band under it would only add noise.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as opened:
+                width, height = opened.size
+                if width * height > MAX_IMAGE_PIXELS:
+                    raise InputError(
+                        f"{path}: {width}x{height} pixels is over the {MAX_IMAGE_PIXELS:,}-pixel limit "
+                        "(decompression-bomb guard); downscale the image"
+                    )
+                if width < 1 or height < 1:
+                    raise InputError(f"{path}: image has no pixels ({width}x{height})")
+                yield opened
+    except InputError:
+        raise
     except FileNotFoundError:
-        raise InputError(f"{path}: no such image file") from None
+        raise InputError(f"{path}: no such image file (or a broken link)") from None
     except IsADirectoryError:
         raise InputError(f"{path}: is a folder, not an image") from None
     except PermissionError:
@@ -60,8 +105,38 @@ def load_image(path: str | os.PathLike) -> PIL.Image.Image:  # noqa: F821
         raise InputError(f"{path}: not a readable image (unknown or corrupt format)") from None
     except Image.DecompressionBombError as exc:
         raise InputError(f"{path}: image too large to decode safely ({exc})") from None
-    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise InputError(f"{path}: symbolic link loop; fix or remove the link") from None
         raise InputError(f"{path}: image is truncated or corrupt ({exc})") from None
+    except (SyntaxError, ValueError, EOFError, struct.error, IndexError, KeyError, ZeroDivisionError) as exc:
+        # Pillow's format plugins raise these on malformed headers and chunks.
+        raise InputError(f"{path}: image is truncated or corrupt ({type(exc).__name__}: {exc})") from None
+
+
+def check_image(path: str | os.PathLike) -> None:
+    """Cheap screen of an image file from its header alone (no pixel decoded): exists, readable, a known format,
+    within :data:`MAX_IMAGE_PIXELS`. A truncated file passes; :func:`load_image` catches it when decoding.
+
+    Raises:
+        InputError: one line naming the file, what is wrong and what to do.
+    """
+    with _opened(Path(path)):
+        pass
+
+
+def load_image(path: str | os.PathLike) -> PIL.Image.Image:  # noqa: F821
+    """Open an image file fully (decoding every byte now, so a truncated file fails here) as 8-bit RGB.
+
+    Animated GIF/PNG/WebP and multi-page TIFF files are scored by their first frame.
+
+    Raises:
+        InputError: one line naming the file and what is wrong (see :func:`check_image`), or a truncated file.
+    """
+    path = Path(path)
+    with _opened(path) as opened:
+        opened.load()
+        image = _exif_upright(opened)
     return to_rgb(image)
 
 
@@ -86,12 +161,19 @@ def to_rgb(image: PIL.Image.Image) -> PIL.Image.Image:  # noqa: F821
         peak = 65535.0 if array.max(initial=0) > 255 else 255.0
         return Image.fromarray(np.clip(array / peak * 255.0 + 0.5, 0, 255).astype(np.uint8)).convert("RGB")
     if image.mode == "F":
-        array = np.nan_to_num(np.asarray(image, dtype=np.float64))
-        lo, hi = float(array.min(initial=0)), float(array.max(initial=1))
-        scaled = (array - lo) / (hi - lo if hi > lo else 1.0) * 255.0
+        array = np.asarray(image, dtype=np.float64)
+        finite = np.isfinite(array)
+        # The range spans [0, 1] and every finite value; NaN is 0, +-inf the range's ends (never part of it, so
+        # one inf pixel cannot flatten the image or overflow the arithmetic).
+        lo = min(0.0, float(array[finite].min())) if finite.any() else 0.0
+        hi = max(1.0, float(array[finite].max())) if finite.any() else 1.0
+        array = np.clip(np.where(np.isnan(array), 0.0, array), lo, hi)
+        scaled = (array - lo) / (hi - lo) * 255.0
         return Image.fromarray(np.clip(scaled + 0.5, 0, 255).astype(np.uint8)).convert("RGB")
     if image.mode == "P":
         image = image.convert("RGBA")
+    if image.mode == "La":  # premultiplied; Pillow converts it to LA only
+        image = image.convert("LA")
     if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
@@ -103,6 +185,12 @@ def _array_to_pil(array: np.ndarray, name: str):
     from PIL import Image
 
     array = np.asarray(array)
+    if array.dtype.kind not in "biuf":
+        raise InputError(
+            f"{name}: arrays of dtype {array.dtype} are not images; pass uint8 (0-255), uint16 or float (0-1) pixels"
+        )
+    if array.dtype == np.bool_:
+        array = array.astype(np.uint8) * 255  # a mask: True is white
     if array.ndim == 3 and array.shape[0] in (1, 3, 4) and array.shape[-1] not in (1, 3, 4):
         array = np.moveaxis(array, 0, -1)  # CHW -> HWC
     if array.ndim == 3 and array.shape[-1] == 1:
@@ -147,6 +235,11 @@ def preprocess_image(
     from PIL import Image
 
     resize = ResizeMode(resize)
+    if isinstance(image, Pixels):
+        if image.array.shape != (3, resolution, resolution) or ResizeMode(image.resize) is not resize:
+            raise ValueError(f"{image.name}: preprocessed for {image.array.shape}/{image.resize}, "
+                             f"not {resolution} px/{resize.value}")
+        return image.array
     pil = as_pil(image, index)
     width, height = pil.size
     if width < 1 or height < 1:

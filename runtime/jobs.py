@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from .errors import ConfigError
-from .files import atomic_write_bytes, atomic_write_text
+from .files import atomic_write_bytes, atomic_write_text, output_error
 
 __all__ = ["PARTIAL_FORMAT", "job_fingerprint", "partial_folder", "run_resumable", "finish"]
 
@@ -43,8 +43,11 @@ def partial_folder(output: str | Path) -> Path:
 
 
 def run_resumable(blocks: Blocks, shape: tuple[int, int], output: str | Path | None, fingerprint: str,
-                  resume: bool = False) -> np.ndarray:
+                  resume: bool = False, notes: dict[str, dict] | None = None) -> np.ndarray:
     """Fill a ``float64[N, M]`` matrix from ``blocks(start_row)`` and, with an ``output``, save progress per chunk.
+
+    ``notes`` (JSON-able dicts the blocks fill as they go, e.g. skipped images) are saved with every chunk; on
+    resume the saved ones are merged back into them, key by key, before ``blocks`` runs.
 
     Raises:
         ConfigError: partial results of another job are in the way, or they exist and ``resume`` is off.
@@ -62,11 +65,11 @@ def run_resumable(blocks: Blocks, shape: tuple[int, int], output: str | Path | N
         if not resume:
             raise ConfigError(f"{folder} holds partial results of an interrupted run; pass --resume to continue it, or "
                               "delete the folder to start over")
-        start = _load(folder, scores, fingerprint)
+        start = _load(folder, scores, fingerprint, notes)
         logger.warning("resuming %s: %d of %d image rows already scored", output, start, shape[0])
     for rows, block in blocks(start):
         scores[rows] = block
-        _save(folder, scores, rows.stop, fingerprint)
+        _save(folder, scores, rows.stop, fingerprint, notes)
     return scores
 
 
@@ -75,16 +78,20 @@ def finish(output: str | Path) -> None:
     shutil.rmtree(partial_folder(output), ignore_errors=True)
 
 
-def _save(folder: Path, scores: np.ndarray, done_rows: int, fingerprint: str) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
+def _save(folder: Path, scores: np.ndarray, done_rows: int, fingerprint: str, notes: dict | None = None) -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise output_error(folder, exc) from None
     buffer = io.BytesIO()
     np.save(buffer, scores, allow_pickle=False)
     atomic_write_bytes(folder / "scores.npy", buffer.getvalue())
-    state = {"format": PARTIAL_FORMAT, "fingerprint": fingerprint, "done_rows": done_rows, "shape": list(scores.shape)}
+    state = {"format": PARTIAL_FORMAT, "fingerprint": fingerprint, "done_rows": done_rows, "shape": list(scores.shape),
+             "notes": notes or {}}
     atomic_write_text(folder / "state.json", json.dumps(state) + "\n")
 
 
-def _load(folder: Path, scores: np.ndarray, fingerprint: str) -> int:
+def _load(folder: Path, scores: np.ndarray, fingerprint: str, notes: dict | None) -> int:
     try:
         state = json.loads((folder / "state.json").read_text(encoding="utf-8"))
         saved = np.load(folder / "scores.npy", allow_pickle=False)
@@ -99,4 +106,7 @@ def _load(folder: Path, scores: np.ndarray, fingerprint: str) -> int:
     if saved.shape != scores.shape or not 0 <= done <= scores.shape[0]:
         raise ConfigError(f"{folder}: partial results do not fit this job; delete the folder to start over")
     scores[:done] = saved[:done]
+    if notes is not None:
+        for key, saved_note in (state.get("notes") or {}).items():
+            notes.setdefault(key, {}).update(saved_note)
     return done

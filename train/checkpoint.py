@@ -6,16 +6,14 @@ A checkpoint is a folder ``checkpoints/step-NNNNNNNN/`` holding
 - ``state.safetensors``: optimizer moments, loss calibration, the noise generator's state;
 - ``state.json``: step, epoch, position in the epoch, optimizer hyper-parameters, history.
 
-It is written to a temporary folder and renamed into place; ``latest.json`` (itself replaced atomically) then
-points at it. A crash at any moment leaves the previous checkpoint and ``latest.json`` intact.
+It is written to a temporary folder beside it (``runtime.files.staged_folder``: fsynced, then renamed into place);
+``latest.json`` (itself replaced atomically) then points at it. A crash at any moment leaves the previous checkpoint
+and ``latest.json`` intact; a full disk is an ``OutputError`` naming the checkpoint, with nothing half-written left.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,7 +21,7 @@ from typing import Any
 import torch
 
 from ..errors import ModelError
-from ..runtime.files import atomic_write_text
+from ..runtime.files import atomic_write_text, output_error, staged_folder
 
 __all__ = ["TrainerState", "save_checkpoint", "load_checkpoint", "latest_checkpoint"]
 
@@ -59,30 +57,23 @@ def save_checkpoint(run: Path, adapter_bytes: bytes, optimizer, loss_module, gen
     from safetensors.torch import save
 
     folder = run / "checkpoints"
-    folder.mkdir(parents=True, exist_ok=True)
-    final = folder / f"step-{state.step:08d}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=folder))
     try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise output_error(folder, exc) from None
+    final = folder / f"step-{state.step:08d}"
+    tensors, optimizer_meta = _optimizer_tensors(optimizer)
+    for name, value in loss_module.state_dict().items():
+        tensors[f"loss.{name}"] = value.detach().cpu().contiguous()
+    tensors["generator.state"] = generator.get_state()
+    meta = {"step": state.step, "epoch": state.epoch, "position": state.position,
+            "epoch_loss_sum": state.epoch_loss_sum, "epoch_steps": state.epoch_steps,
+            "epoch_correct": state.epoch_correct, "epoch_seen": state.epoch_seen,
+            "optimizer": optimizer_meta, "history": state.history or []}
+    with staged_folder(final) as tmp:
         (tmp / "adapter.safetensors").write_bytes(adapter_bytes)
-        tensors, optimizer_meta = _optimizer_tensors(optimizer)
-        for name, value in loss_module.state_dict().items():
-            tensors[f"loss.{name}"] = value.detach().cpu().contiguous()
-        tensors["generator.state"] = generator.get_state()
         (tmp / "state.safetensors").write_bytes(save(tensors))
-        meta = {"step": state.step, "epoch": state.epoch, "position": state.position,
-                "epoch_loss_sum": state.epoch_loss_sum, "epoch_steps": state.epoch_steps,
-                "epoch_correct": state.epoch_correct, "epoch_seen": state.epoch_seen,
-                "optimizer": optimizer_meta, "history": state.history or []}
         (tmp / "state.json").write_text(json.dumps(meta, indent=1), encoding="utf-8")
-        for path in tmp.iterdir():
-            with path.open("rb") as handle:
-                os.fsync(handle.fileno())
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     atomic_write_text(run / "latest.json", json.dumps({"step": state.step, "path": str(final.relative_to(run))}) + "\n")
     return final
 

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..adapters import AdapterConfig, create_adapter, save_adapter
+from ..adapters import AdapterConfig, adapter_file_bytes, create_adapter
 from ..config import ScoringConfig
 from ..datasets import Dataset, Example, TaskKind, few_shot, load_dataset
 from ..errors import ConfigError, TrainingError
@@ -172,6 +172,9 @@ class Trainer:
         elif cfg.resume:
             logger.info("%s has no checkpoint yet: starting a new run", self.run_dir)
         atomic_write_text(saved_config, cfg.to_json() + "\n")
+        # The rows and examples training leaves out (bad rows, unusable images), next to the run's other records.
+        skipped = [{"where": where, "reason": why} for where, why in self.dataset.skipped]
+        atomic_write_text(self.run_dir / "skipped.json", json.dumps(skipped, indent=1, ensure_ascii=False) + "\n")
 
     # -- one step ------------------------------------------------------------------------------------------------
 
@@ -255,13 +258,8 @@ class Trainer:
         return compute_metrics(self.dataset.format, self.eval_examples, matrices)
 
     def _adapter_bytes(self) -> bytes:
-        import tempfile
-
-        with tempfile.TemporaryDirectory() as scratch:
-            path = Path(scratch) / "adapter.safetensors"
-            save_adapter(self.adapter, path, self.model.identity(), self.scoring,
-                         extra={"trained_steps": self.state.step, "loss": self.config.loss})
-            return path.read_bytes()
+        return adapter_file_bytes(self.adapter, self.model.identity(), self.scoring,
+                                  extra={"trained_steps": self.state.step, "loss": self.config.loss})
 
     def checkpoint(self) -> Path:
         path = save_checkpoint(self.run_dir, self._adapter_bytes(), self.optimizer, self.loss_fn, self.generator,
