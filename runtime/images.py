@@ -77,9 +77,13 @@ def _opened(path: Path):
     """Open an image file's header, mapping every way a file can be bad to a one-line :class:`InputError`."""
     from PIL import Image, UnidentifiedImageError
 
+    # Messages stay one line whatever the file is called (a newline is legal in a Linux file name).
+    name = str(path) if str(path).isprintable() else ascii(str(path))
+    if "\x00" in str(path):
+        raise InputError(f"{name}: a file name cannot contain a NUL byte; check the image list")
     try:
         if path.is_file() and path.stat().st_size == 0:
-            raise InputError(f"{path}: empty file (0 bytes); remove it or replace it with the image")
+            raise InputError(f"{name}: empty file (0 bytes); remove it or replace it with the image")
         with warnings.catch_warnings():
             # Our own pixel limit below is the guard; Pillow's warning band under it would only add noise.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -87,31 +91,33 @@ def _opened(path: Path):
                 width, height = opened.size
                 if width * height > MAX_IMAGE_PIXELS:
                     raise InputError(
-                        f"{path}: {width}x{height} pixels is over the {MAX_IMAGE_PIXELS:,}-pixel limit "
+                        f"{name}: {width}x{height} pixels is over the {MAX_IMAGE_PIXELS:,}-pixel limit "
                         "(decompression-bomb guard); downscale the image"
                     )
                 if width < 1 or height < 1:
-                    raise InputError(f"{path}: image has no pixels ({width}x{height})")
+                    raise InputError(f"{name}: image has no pixels ({width}x{height})")
                 yield opened
     except InputError:
         raise
     except FileNotFoundError:
-        raise InputError(f"{path}: no such image file (or a broken link)") from None
+        raise InputError(f"{name}: no such image file (or a broken link)") from None
     except IsADirectoryError:
-        raise InputError(f"{path}: is a folder, not an image") from None
+        raise InputError(f"{name}: is a folder, not an image") from None
     except PermissionError:
-        raise InputError(f"{path}: permission denied; make the file readable") from None
+        raise InputError(f"{name}: permission denied; make the file readable") from None
     except UnidentifiedImageError:
-        raise InputError(f"{path}: not a readable image (unknown or corrupt format)") from None
+        raise InputError(f"{name}: not a readable image (unknown or corrupt format)") from None
     except Image.DecompressionBombError as exc:
-        raise InputError(f"{path}: image too large to decode safely ({exc})") from None
+        raise InputError(f"{name}: image too large to decode safely ({exc})") from None
     except OSError as exc:
         if exc.errno == errno.ELOOP:
-            raise InputError(f"{path}: symbolic link loop; fix or remove the link") from None
-        raise InputError(f"{path}: image is truncated or corrupt ({exc})") from None
+            raise InputError(f"{name}: symbolic link loop; fix or remove the link") from None
+        if exc.errno in (errno.ENAMETOOLONG, errno.ENOTDIR, errno.EACCES, errno.ENXIO, errno.ENODEV):
+            raise InputError(f"{name}: cannot be opened ({exc.strerror}); check the path") from None
+        raise InputError(f"{name}: image is truncated or corrupt ({exc})") from None
     except (SyntaxError, ValueError, EOFError, struct.error, IndexError, KeyError, ZeroDivisionError) as exc:
         # Pillow's format plugins raise these on malformed headers and chunks.
-        raise InputError(f"{path}: image is truncated or corrupt ({type(exc).__name__}: {exc})") from None
+        raise InputError(f"{name}: image is truncated or corrupt ({type(exc).__name__}: {exc})") from None
 
 
 def check_image(path: str | os.PathLike) -> None:
@@ -136,8 +142,8 @@ def load_image(path: str | os.PathLike) -> PIL.Image.Image:  # noqa: F821
     path = Path(path)
     with _opened(path) as opened:
         opened.load()
-        image = _exif_upright(opened)
-    return to_rgb(image)
+        # Inside the guard: a decoder may only fail while converting (lazy plugins), and that is a bad file too.
+        return to_rgb(_exif_upright(opened))
 
 
 def _exif_upright(image):

@@ -181,10 +181,19 @@ class ClipTokenizer:
             where: how to name the caption in an error message (e.g. ``"captions.txt line 4"``).
 
         Raises:
-            InputError: the caption is not a string, or is empty after normalisation.
+            InputError: the caption is not a string, holds a lone surrogate, or is empty after normalisation.
         """
         if not isinstance(text, str):
             raise InputError(f"{where}: a caption must be a string, got {type(text).__name__}")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            # A lone surrogate (e.g. from bytes decoded with errors="surrogateescape") is not text; the tokenizer
+            # library would fail on it with a TypeError.
+            raise InputError(
+                f"{where}: not valid Unicode text (lone surrogate U+{ord(text[exc.start]):04X} at character "
+                f"{exc.start}); decode the caption as UTF-8 without errors='surrogateescape'"
+            ) from None
         text = unicodedata.normalize("NFC", text).strip()
         words = self.word_ids(text) if text else []
         if not words:
