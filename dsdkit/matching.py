@@ -85,6 +85,16 @@ class _Skips:
         logger.warning("skipping %s", error)
         self.images[str(index)] = str(error)
 
+    def screen(self, images: list[ImageInput]) -> _Skips:
+        """Header-only check of every image file, so bad files are known (or refused) before any scoring."""
+        for index, image in enumerate(images):
+            if isinstance(image, (str, os.PathLike)):
+                try:
+                    check_image(image)
+                except InputError as exc:
+                    self.skip(index, exc)
+        return self
+
     def __contains__(self, index: int) -> bool:
         return str(index) in self.images
 
@@ -157,13 +167,7 @@ def match(
     if strict and job.skipped_lines:
         where_line, why = job.skipped_lines[0]
         raise InputError(f"{where_line}: {why} (--strict: remove it, or drop --strict to skip it)")
-    skips = _Skips(job.names, strict)
-    for index, image in enumerate(job.images):  # header-only screen: bad files are known before any scoring
-        if isinstance(image, (str, os.PathLike)):
-            try:
-                check_image(image)
-            except InputError as exc:
-                skips.skip(index, exc)
+    skips = _Skips(job.names, strict).screen(job.images)
     started = time.perf_counter()
     if bundle is not None:
         if per_layer:
@@ -422,13 +426,7 @@ def plan_match(
     encoding, caption encoding and scorer evaluation, and the estimated total seconds.
     """
     job = gather_inputs(images, captions)
-    skips = _Skips(job.names, strict=False)
-    for index, image in enumerate(job.images):
-        if isinstance(image, (str, os.PathLike)):
-            try:
-                check_image(image)
-            except InputError as exc:
-                skips.skip(index, exc)
+    skips = _Skips(job.names, strict=False).screen(job.images)
     image_list = [image for i, image in enumerate(job.images) if i not in skips]
     caption_list, where = job.captions, job.where
     if not image_list or not caption_list:
