@@ -407,16 +407,10 @@ def check_scoring_matches(path: str | os.PathLike, trained: ScoringConfig, scori
     mine, theirs = trained.to_dict(), scoring.to_dict()
     differ = [k for k in SCORE_DEFINING_KNOBS if mine.get(k) != theirs.get(k)]
     if differ:
-
-        def flag(knob: str, value) -> str:
-            if isinstance(value, bool):
-                return f"--{'' if value else 'no-'}{knob.replace('_', '-')}"
-            return f"--{'lambda' if knob == 'lse_lambda' else knob.replace('_', '-')} {value}"
-
         raise ConfigError(
             f"{path} was trained with another scoring config ({', '.join(f'{k}={mine[k]}' for k in differ)}; this "
-            f"run asks for {', '.join(f'{k}={theirs[k]}' for k in differ)}); score with the adapter's own settings "
-            f"(--preset {trained.preset} {' '.join(flag(k, mine[k]) for k in differ)}) or retrain the adapter"
+            f"run asks for {', '.join(f'{k}={theirs[k]}' for k in differ)}); leave out --preset and those knob options "
+            "to score the way the adapter was trained, or retrain the adapter"
         )
 
 

@@ -161,7 +161,9 @@ def match_command(
     output: Annotated[
         Path | None, typer.Option("--output", "-o", help="Result file: .csv (matrix), .json or .jsonl (matrix + top-k).")
     ] = None,
-    preset: Annotated[PresetName, typer.Option(help="Scoring preset (DESIGN.md).")] = PresetName("discffusion"),
+    preset: Annotated[
+        PresetName | None, typer.Option(help="Scoring preset (DESIGN.md). Default: the adapter's, else discffusion.")
+    ] = None,
     timesteps: Annotated[int | None, typer.Option(help="S for the discffusion timestep table (default 30).")] = None,
     batch_size: Annotated[int, typer.Option(help="UNet batch size (scores do not depend on it).")] = 8,
     top_k: Annotated[int, typer.Option(help="Best captions per image / images per caption in JSON outputs.")] = 5,
@@ -212,7 +214,7 @@ def match_command(
     from .matching import match
 
     knobs_given = [name for name, value in {
-        "--preset": None if preset.value == "discffusion" else preset, "--pooling": pooling, "--lambda": lse_lambda,
+        "--preset": preset, "--pooling": pooling, "--lambda": lse_lambda,
         "--tokens": tokens, "--layers": layers, "--heads": heads, "--schedule": schedule, "--noise-levels": noise_levels,
         "--denoise/--no-denoise": denoise, "--uncond-in-attention": uncond_in_attention, "--normalize": normalize,
         "--resize": resize, "--resolution": resolution, "--seed": seed, "--adapters": adapters, "--model": model,
@@ -226,8 +228,16 @@ def match_command(
             levels = tuple(float(v) for v in noise_levels.split(",") if v.strip())
         except ValueError:
             raise ConfigError(f"--noise-levels {noise_levels!r}: expected comma-separated numbers like 0.2,0.4") from None
-    config = ScoringConfig.from_preset(
-        preset.value,
+    if adapters is not None and preset is None:
+        # Score the way the adapter was trained, with any knob given here on top.
+        from .adapters import read_adapter_header
+
+        preset_name, base = None, read_adapter_header(adapters)["scoring"]
+    else:
+        preset_name, base = (preset.value if preset is not None else "discffusion"), None
+    config = _scoring_config(
+        preset_name,
+        base,
         num_timesteps=timesteps,
         pooling=_value(pooling),
         lse_lambda=lse_lambda,
@@ -281,6 +291,15 @@ def match_command(
                    f"({len(skipped['images'])} images and {len(skipped['caption_lines'])} caption lines skipped, "
                    f"{len(result.meta.get('truncated_captions', {}))} captions truncated: "
                    f"{skipped_report_path(output)})")
+
+
+def _scoring_config(preset: str | None, base: dict | None, **knobs):
+    """A preset, or a saved scoring config (``base``, e.g. an adapter's), with the given knobs (``None``: unset)."""
+    from .config import ScoringConfig
+
+    if base is None:
+        return ScoringConfig.from_preset(preset, **knobs)
+    return ScoringConfig.from_dict({**base, **{k: v for k, v in knobs.items() if v is not None}})
 
 
 def _format_plan(plan: dict) -> str:

@@ -426,9 +426,9 @@ def load_dataset(
     dataset = reader(path, root)
     if check_images:
         images = sorted({image for example in dataset.examples for image in example.images})
-        # Absent files mean a wrong image root or an incomplete download: refused at once. A link that points
-        # nowhere or loops is a bad file like a corrupt one: its examples are skipped below.
-        missing = [image for image in images if not image.is_file() and not image.is_symlink()]
+        # Absent files mean a wrong image root or an incomplete download: refused at once. Rows were resolved,
+        # so a link that points nowhere counts as absent here; one that loops was already a bad row.
+        missing = [image for image in images if not image.is_file()]
         if missing:
             shown = ", ".join(str(m.relative_to(dataset.image_root)) for m in missing[:5])
             raise InputError(

@@ -95,6 +95,11 @@ class _Skips:
                     self.skip(index, exc)
         return self
 
+    def raise_if_all_skipped(self, count: int) -> None:
+        if count and len(self.images) == count:
+            raise InputError(f"no usable image: all {count} were skipped (first: {self.records()[0]['reason']}); "
+                             "check the images")
+
     def __contains__(self, index: int) -> bool:
         return str(index) in self.images
 
@@ -133,7 +138,8 @@ def match(
         images: a folder, an image-list file, or a list of paths / PIL images / arrays.
         captions: a captions file (one per line) or a list of strings.
         model: a loaded :class:`~dsdkit.models.SD2Model`, a model folder or a hub id. Defaults to SD2-1-base.
-        config: scoring config (PyTorch path). Defaults to the ``discffusion`` preset.
+        config: scoring config (PyTorch path). Defaults to the adapter's own (with ``adapters``), else the
+            ``discffusion`` preset. An adapter is refused under a config that scores differently from its training.
         output: ``.csv`` (full matrix), ``.json`` or ``.jsonl`` (matrix and top-k lists); written atomically.
         top_k: how many best captions per image and images per caption the JSON outputs list.
         batch_size: UNet / scorer-graph batch size.
@@ -167,14 +173,17 @@ def match(
     if strict and job.skipped_lines:
         where_line, why = job.skipped_lines[0]
         raise InputError(f"{where_line}: {why} (--strict: remove it, or drop --strict to skip it)")
+    if not job.images or not job.captions:
+        raise InputError("nothing to score: give at least one image and one caption")
     skips = _Skips(job.names, strict).screen(job.images)
+    skips.raise_if_all_skipped(len(job.images))  # before any model is loaded
     started = time.perf_counter()
     if bundle is not None:
         if per_layer:
             raise ConfigError("--per-layer comes from the PyTorch path (--model); bundles output pooled scores only")
         engine = _BundleEngine(bundle, backend, device, batch_size, num_timesteps, chunk_size)
     else:
-        engine = _TorchEngine(model, config or ScoringConfig(), adapters, batch_size, device, dtype, chunk_size)
+        engine = _TorchEngine(model, config, adapters, batch_size, device, dtype, chunk_size)
     with engine:
         text_count = engine.encode_texts(job.captions, job.where)
         fingerprint = job_fingerprint({"images": [_identify(i, name) for i, name in zip(job.images, job.names)],
@@ -186,13 +195,13 @@ def match(
         scores = run_resumable(lambda start: _blocks(engine, job, skips, chunk_size, start),
                                (len(job.images), len(job.captions)), output, fingerprint, resume, notes)
         skips.images = notes["skipped_images"]
+        if strict and skips.images:  # skipped by an earlier run without --strict, merged back by --resume
+            raise InputError(f"{skips.records()[0]['reason']} (--strict: an earlier run skipped it; fix or remove it, "
+                             "or resume without --strict)")
         meta = engine.meta(job.captions, job.where)
         layer_scores = engine.layer_scores() if per_layer else None
+    skips.raise_if_all_skipped(len(job.images))
     keep = [i for i in range(len(job.images)) if i not in skips]
-    if not keep:
-        first = skips.records()[0]
-        raise InputError(f"no usable image: all {len(job.images)} were skipped (first: {first['reason']}); "
-                         "check the image folder")
     meta["seconds"] = round(time.perf_counter() - started, 3)
     meta["skipped"] = {"images": skips.records(),
                        "caption_lines": [{"where": w, "reason": why} for w, why in job.skipped_lines]}
@@ -229,8 +238,8 @@ def _blocks(engine, job: JobInputs, skips: _Skips, chunk_size: int, start: int):
                 continue
             ready.append(Pixels(pixels, engine.resize, job.names[index]))
             at.append(index - begin)
-        if ready:
-            block[at] = engine.score_rows(ready, job.captions, at, rows.stop - begin)
+        # Called for an all-skipped chunk too, so per-row side outputs (per-layer terms) stay aligned with rows.
+        block[at] = engine.score_rows(ready, job.captions, at, rows.stop - begin)
         yield rows, block
 
 
@@ -257,7 +266,10 @@ class _TorchEngine:
         if adapters is not None:
             from .adapters import load_adapter
 
-            adapter, _ = load_adapter(adapters, self.model, config)
+            # Without a scoring config of its own, the job scores the way the adapter was trained.
+            adapter, trained = load_adapter(adapters, self.model, config)
+            config = config or trained
+        config = config or ScoringConfig()
         self.adapters = adapters
         self.config = config
         self.scorer = Scorer(self.model, config, batch_size=batch_size, adapter=adapter)
@@ -297,10 +309,12 @@ class _TorchEngine:
         return ResizeMode(self.config.resize).value
 
     def score_rows(self, images, captions, at, num_rows) -> np.ndarray:
-        out = self.scorer.score_encoded_matrix(self.scorer.encode_images(images), self._texts)
-        layers = np.full((num_rows, *out.layer_scores.shape[1:]), np.nan)
-        layers[at] = out.layer_scores
+        layers = np.full((num_rows, len(self._texts), len(self._layer_names)), np.nan)
         self._layers.append(layers)
+        if not images:
+            return np.empty((0, len(self._texts)))
+        out = self.scorer.score_encoded_matrix(self.scorer.encode_images(images), self._texts)
+        layers[at] = out.layer_scores
         self._evaluations += out.unet_evaluations
         return out.scores
 
@@ -372,6 +386,8 @@ class _BundleEngine:
         return ResizeMode(self.matcher.resize).value
 
     def score_rows(self, images, captions, at, num_rows) -> np.ndarray:
+        if not images:
+            return np.empty((0, len(captions)))
         return self.matcher.score(images, captions)
 
     def layer_scores(self):
@@ -445,8 +461,12 @@ def plan_match(
     else:
         from .scorer import build_scorer
 
-        config = config or ScoringConfig()
         scorer = build_scorer(model, adapters, None, None, batch_size=batch_size, device=device, dtype=dtype)
+        if adapters is not None and config is not None:
+            from .adapters import check_scoring_matches
+
+            check_scoring_matches(adapters, scorer.config, config)
+        config = config or scorer.config
         scorer = scorer.__class__(scorer.model, config, batch_size=batch_size, adapter=scorer.adapter)
         timing = _calibrate_torch(scorer, image_list[0], caption_list[0], where[0])
         steps, batch = len(scorer.timesteps), scorer.batch_size

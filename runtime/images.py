@@ -17,7 +17,6 @@ import contextlib
 import errno
 import os
 import struct
-import warnings
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
@@ -60,7 +59,7 @@ class Pixels:
 def describe(image: ImageInput, index: int | None = None) -> str:
     """A short name for an image in messages and result files."""
     if isinstance(image, (str, os.PathLike)):
-        return str(image)
+        return _printable(str(image))
     if isinstance(image, Pixels):
         return image.name
     prefix = f"image #{index}" if index is not None else "image"
@@ -72,31 +71,38 @@ def describe(image: ImageInput, index: int | None = None) -> str:
 MAX_IMAGE_PIXELS = 100_000_000
 
 
+def _printable(name: str) -> str:
+    """``name`` as is, or escaped when it holds line breaks or bytes that are not UTF-8 (a Linux file name can), so
+    messages stay one line and result files stay valid UTF-8."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return ascii(name)
+    return name if name.isprintable() else ascii(name)
+
+
 @contextlib.contextmanager
 def _opened(path: Path):
     """Open an image file's header, mapping every way a file can be bad to a one-line :class:`InputError`."""
     from PIL import Image, UnidentifiedImageError
 
     # Messages stay one line whatever the file is called (a newline is legal in a Linux file name).
-    name = str(path) if str(path).isprintable() else ascii(str(path))
+    name = _printable(str(path))
     if "\x00" in str(path):
         raise InputError(f"{name}: a file name cannot contain a NUL byte; check the image list")
     try:
         if path.is_file() and path.stat().st_size == 0:
             raise InputError(f"{name}: empty file (0 bytes); remove it or replace it with the image")
-        with warnings.catch_warnings():
-            # Our own pixel limit below is the guard; Pillow's warning band under it would only add noise.
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path) as opened:
-                width, height = opened.size
-                if width * height > MAX_IMAGE_PIXELS:
-                    raise InputError(
-                        f"{name}: {width}x{height} pixels is over the {MAX_IMAGE_PIXELS:,}-pixel limit "
-                        "(decompression-bomb guard); downscale the image"
-                    )
-                if width < 1 or height < 1:
-                    raise InputError(f"{name}: image has no pixels ({width}x{height})")
-                yield opened
+        with Image.open(path) as opened:
+            width, height = opened.size
+            if width * height > MAX_IMAGE_PIXELS:
+                raise InputError(
+                    f"{name}: {width}x{height} pixels is over the {MAX_IMAGE_PIXELS:,}-pixel limit "
+                    "(decompression-bomb guard); downscale the image"
+                )
+            if width < 1 or height < 1:
+                raise InputError(f"{name}: image has no pixels ({width}x{height})")
+            yield opened
     except InputError:
         raise
     except FileNotFoundError:
@@ -228,7 +234,11 @@ def as_pil(image: ImageInput, index: int | None = None):
     if isinstance(image, (str, os.PathLike)):
         return load_image(image)
     if isinstance(image, Image.Image):
-        return to_rgb(image)
+        try:  # a lazily opened image decodes here, so a truncated file fails here
+            return to_rgb(image)
+        except (OSError, SyntaxError, ValueError, EOFError, struct.error, IndexError, KeyError) as exc:
+            raise InputError(f"{describe(image, index)}: cannot be decoded ({type(exc).__name__}: "
+                             f"{' '.join(str(exc).split())})") from None
     if isinstance(image, np.ndarray):
         return to_rgb(_array_to_pil(image, describe(image, index)))
     raise InputError(f"{describe(image, index)}: expected a file path, a PIL image or a numpy array")

@@ -381,6 +381,72 @@ def test_bad_images_through_match(cli, job, micro_model, micro_bundle, tmp_path,
     assert f"{skipped} images and 0 caption lines skipped" in result.output
 
 
+def test_per_layer_with_a_chunk_of_only_bad_images(cli, job, micro_model, tmp_path):
+    """Per-layer terms stay aligned with rows when a whole chunk is skipped (not the last chunk)."""
+    root, good, mixed, made, captions, _ = job
+    folder = tmp_path / "images"
+    folder.mkdir()
+    shutil.copy(made["corrupt JPEG"], folder / "0-corrupt.jpg")
+    shutil.copy(made["zero-byte file"], folder / "1-zero.png")
+    for i in range(2):
+        shutil.copy(good / f"good-{i}.png", folder / f"{2 + i}-good.png")
+    out = tmp_path / "layers.json"
+    result = match_run(cli, folder, captions, out, ["--model", str(micro_model)], "--per-layer", "--chunk-size", "2")
+    crashed = crash_reason(result, {0})
+    document = json.loads(out.read_text()) if out.exists() else {}
+    if not crashed and (len(document.get("scores", [])) != 2 or len(document.get("layer_scores", [])) != 2):
+        crashed = "rows and per-layer terms do not line up"
+    LEDGER.record("a chunk of only bad images", "match --per-layer", crashed)
+    assert not crashed, crashed
+
+
+def test_resuming_a_skipping_run_with_strict_is_refused(job, micro_bundle, tmp_path, monkeypatch):
+    import dsdkit.runtime.jobs as jobs
+    from dsdkit.errors import InputError
+    from dsdkit.matching import match
+
+    root, good, mixed, made, captions, _ = job
+    folder = tmp_path / "images"
+    folder.mkdir()
+    shutil.copy(made["truncated PNG"], folder / "0-truncated.png")  # passes the header screen, fails to decode
+    shutil.copy(good / "good-0.png", folder / "1-good.png")
+    shutil.copy(good / "good-1.png", folder / "2-good.png")
+    original = jobs._save
+    calls = {"n": 0}
+
+    def save_then_die(*args, **kwargs):
+        original(*args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise Interrupt("after the chunk with the bad image")
+
+    monkeypatch.setattr(jobs, "_save", save_then_die)
+    with pytest.raises(Interrupt):
+        match(folder, captions, output=tmp_path / "s.json", bundle=micro_bundle, num_timesteps=1, chunk_size=1)
+    monkeypatch.undo()
+    crashed = None
+    try:
+        match(folder, captions, output=tmp_path / "s.json", bundle=micro_bundle, num_timesteps=1, chunk_size=1,
+              resume=True, strict=True)
+        crashed = "--strict accepted an image skipped by the earlier run"
+    except InputError as exc:
+        crashed = None if "0-truncated.png" in str(exc) and "--strict" in str(exc) else f"unclear: {exc}"
+    LEDGER.record("skipped image, then --resume --strict", "match", crashed)
+    assert not crashed, crashed
+    resumed = match(folder, captions, output=tmp_path / "s.json", bundle=micro_bundle, num_timesteps=1, chunk_size=1,
+                    resume=True)
+    assert [Path(n).name for n in resumed.images] == ["1-good.png", "2-good.png"]
+
+
+def test_empty_image_list_is_an_input_error(job, micro_bundle):
+    from dsdkit.errors import InputError
+    from dsdkit.matching import match
+
+    with pytest.raises(InputError, match="nothing to score"):
+        match([], CAPTIONS, bundle=micro_bundle, num_timesteps=1)
+    LEDGER.record("empty image list", "match (API)")
+
+
 def test_strict_refuses_the_first_bad_image(cli, job, micro_bundle, tmp_path):
     root, good, mixed, made, captions, _ = job
     result = match_run(cli, mixed, captions, tmp_path / "strict.json", ["--bundle", str(micro_bundle)], "--strict")
@@ -575,9 +641,15 @@ def test_adapters_for_another_model_or_scoring_are_refused(cli, job, micro_model
     paper = ScoringConfig.from_preset("paper")
     lora = create_adapter(model, paper, AdapterConfig(kind="lora"))
     other_layers = save_adapter(lora, tmp_path / "other-scoring.safetensors", model.identity(), paper)
-    # The paper preset scores every cross-attention layer; match's default (discffusion) scores the last ones.
+    # Without --preset, match scores the way the adapter was trained (paper preset here): that works.
+    own = match_run(cli, good, captions, tmp_path / "own.json", ["--model", str(micro_model)], "--adapters",
+                    str(other_layers))
+    assert own.exit_code == 0, own.output
+    assert json.loads((tmp_path / "own.json").read_text())["meta"]["scoring"]["preset"] == "paper"
+    # The paper preset scores every cross-attention layer with other pooling; discffusion is another definition.
     for fault, path, flags in (("adapter trained on another base model", other_model, []),
-                               ("adapter trained with another scoring config", other_layers, [])):
+                               ("adapter trained with another scoring config", other_layers,
+                                ["--preset", "discffusion"])):
         result = match_run(cli, good, captions, tmp_path / "scores.json", ["--model", str(micro_model)],
                            "--adapters", str(path), *flags)
         crashed = crash_reason(result, {2, 4}, name_in_error=str(path))
