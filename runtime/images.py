@@ -235,6 +235,7 @@ def as_pil(image: ImageInput, index: int | None = None):
         return load_image(image)
     if isinstance(image, Image.Image):
         try:  # a lazily opened image decodes here, so a truncated file fails here
+            image.load()
             return to_rgb(image)
         except (OSError, SyntaxError, ValueError, EOFError, struct.error, IndexError, KeyError) as exc:
             raise InputError(f"{describe(image, index)}: cannot be decoded ({type(exc).__name__}: "

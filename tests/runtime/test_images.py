@@ -83,3 +83,25 @@ def test_unreadable_files_are_one_line_input_errors(tmp_path):
             load_image(path)
         message = str(info.value)
         assert str(path) in message and "\n" not in message
+
+
+def test_lazily_opened_truncated_image_is_an_input_error(tmp_path):
+    """A PIL image handed over unopened decodes on conversion; a truncated file must fail as an InputError then."""
+    rng = np.random.default_rng(1)
+    path = tmp_path / "cut.png"
+    Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(path)
+    path.write_bytes(path.read_bytes()[:2000])
+    lazy = Image.open(path)  # header only: pixels not decoded yet
+    with pytest.raises(InputError, match="cannot be decoded"):
+        preprocess_image(lazy, 32)
+
+
+def test_names_that_are_not_utf8_or_one_line_are_escaped(tmp_path):
+    from dsdkit.runtime.images import describe
+
+    surrogate = tmp_path / "caf\udce9.png"  # how Python names a Latin-1 file name on a UTF-8 system
+    assert describe(surrogate).encode("utf-8") and "\\udce9" in describe(surrogate)
+    assert "\n" not in describe(tmp_path / "two\nlines.png")
+    with pytest.raises(InputError) as error:
+        load_image(surrogate)
+    str(error.value).encode("utf-8")  # printable and writable as UTF-8
