@@ -183,7 +183,7 @@ def match(
             raise ConfigError("--per-layer comes from the PyTorch path (--model); bundles output pooled scores only")
         engine = _BundleEngine(bundle, backend, device, batch_size, num_timesteps, chunk_size)
     else:
-        engine = _TorchEngine(model, config, adapters, batch_size, device, dtype, chunk_size)
+        engine = _TorchEngine(model, config, adapters, batch_size, device, dtype)
     with engine:
         text_count = engine.encode_texts(job.captions, job.where)
         fingerprint = job_fingerprint({"images": [_identify(i, name) for i, name in zip(job.images, job.names)],
@@ -239,7 +239,7 @@ def _blocks(engine, job: JobInputs, skips: _Skips, chunk_size: int, start: int):
             ready.append(Pixels(pixels, engine.resize, job.names[index]))
             at.append(index - begin)
         # Called for an all-skipped chunk too, so per-row side outputs (per-layer terms) stay aligned with rows.
-        block[at] = engine.score_rows(ready, job.captions, at, rows.stop - begin)
+        block[at] = engine.score_rows(ready, at, rows.stop - begin)
         yield rows, block
 
 
@@ -257,7 +257,7 @@ def _identify(image: ImageInput, name: str) -> str:
 class _TorchEngine:
     """The PyTorch scorer behind :func:`match`."""
 
-    def __init__(self, model, config, adapters, batch_size, device, dtype, chunk_size):
+    def __init__(self, model, config, adapters, batch_size, device, dtype):
         from .models import SD2Model, load_model
         from .scorer import Scorer
 
@@ -273,7 +273,6 @@ class _TorchEngine:
         self.adapters = adapters
         self.config = config
         self.scorer = Scorer(self.model, config, batch_size=batch_size, adapter=adapter)
-        self.chunk_size = chunk_size
         self._layers: list[np.ndarray] = []
         self._truncated: list[int] = []
         self._evaluations = 0
@@ -308,7 +307,7 @@ class _TorchEngine:
     def resize(self) -> str:
         return ResizeMode(self.config.resize).value
 
-    def score_rows(self, images, captions, at, num_rows) -> np.ndarray:
+    def score_rows(self, images, at, num_rows) -> np.ndarray:
         layers = np.full((num_rows, len(self._texts), len(self._layer_names)), np.nan)
         self._layers.append(layers)
         if not images:
@@ -385,10 +384,10 @@ class _BundleEngine:
     def resize(self) -> str:
         return ResizeMode(self.matcher.resize).value
 
-    def score_rows(self, images, captions, at, num_rows) -> np.ndarray:
+    def score_rows(self, images, at, num_rows) -> np.ndarray:
         if not images:
-            return np.empty((0, len(captions)))
-        return self.matcher.score(images, captions)
+            return np.empty((0, len(self._texts)))
+        return self.matcher.score_encoded_matrix(self.matcher.encode_images(images), self._texts)
 
     def layer_scores(self):
         return None

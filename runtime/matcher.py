@@ -275,16 +275,19 @@ class Matcher:
         if len(images) == 0 or len(texts) == 0:
             raise InputError("nothing to score: give at least one image and one caption")
         text_enc = self.encode_texts(texts)
-        unique_texts = list({e.text: e for e in text_enc}.values())
-        cols = np.array([next(j for j, u in enumerate(unique_texts) if u.text == e.text) for e in text_enc])
         for begin in range(start, len(images), self.chunk_size):
             rows = slice(begin, min(begin + self.chunk_size, len(images)))
-            image_enc = self.encode_images(images[rows], offset=begin)
-            unique_images = list({e.key: e for e in image_enc}.values())
-            slot = {e.key: i for i, e in enumerate(unique_images)}
-            pairs = [(i, j) for i in range(len(unique_images)) for j in range(len(unique_texts))]
-            flat = self.score_encoded_pairs(unique_images, unique_texts, pairs)["scores"].reshape(len(unique_images), -1)
-            yield rows, flat[np.ix_([slot[e.key] for e in image_enc], cols)]
+            yield rows, self.score_encoded_matrix(self.encode_images(images[rows], offset=begin), text_enc)
+
+    def score_encoded_matrix(self, images: list[_Image], texts: list[_Text]) -> np.ndarray:
+        """``float64[len(images), len(texts)]`` scores of encoded images x encoded captions; duplicates scored once."""
+        unique_images = list({e.key: e for e in images}.values())
+        unique_texts = list({e.text: e for e in texts}.values())
+        rows = {e.key: i for i, e in enumerate(unique_images)}
+        cols = {e.text: j for j, e in enumerate(unique_texts)}
+        pairs = [(i, j) for i in range(len(unique_images)) for j in range(len(unique_texts))]
+        flat = self.score_encoded_pairs(unique_images, unique_texts, pairs)["scores"].reshape(len(unique_images), -1)
+        return flat[np.ix_([rows[e.key] for e in images], [cols[e.text] for e in texts])]
 
     def rank_texts(self, image: ImageInput, texts: Sequence[str]) -> list[tuple[str, float]]:
         """``texts`` sorted best first for ``image``, as ``(caption, score)``."""
