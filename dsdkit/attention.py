@@ -22,7 +22,10 @@ from .config import LayerSet, ScoringConfig
 from .errors import ModelError
 from .pooling import pool_layer
 
-__all__ = ["cross_attention_layers", "select_layers", "Recorder", "ScoringAttnProcessor", "scoring_processors"]
+__all__ = [
+    "cross_attention_layers", "select_layers", "Recorder", "ScoringAttnProcessor", "build_scoring_processors",
+    "installed", "scoring_processors",
+]
 
 
 def _attn2_names(block, prefix: str) -> list[list[str]]:
@@ -197,18 +200,17 @@ class AdaptedAttnProcessor(_AdaptedProjections):
         return self.finish(attn, hidden_states, residual, shape)
 
 
-@contextlib.contextmanager
-def scoring_processors(unet, recorder: Recorder, adapter=None) -> Iterator[Recorder]:
-    """Install scoring processors on ``recorder.layer_names`` (and the adapter's processors on the other layers it
-    touches) for the duration of the block, then restore the originals."""
-    originals = dict(unet.attn_processors)
+def build_scoring_processors(unet, recorder: Recorder, adapter=None) -> dict:
+    """The processor of every attention layer of ``unet``: scoring processors on ``recorder.layer_names``, the
+    adapter's processors on the other layers it touches, the current ones elsewhere (for :func:`installed`)."""
+    current = dict(unet.attn_processors)
     wanted = {f"{name}.processor": i for i, name in enumerate(recorder.layer_names)}
-    unknown = set(wanted) - set(originals)
+    unknown = set(wanted) - set(current)
     if unknown:
         raise ModelError(f"the UNet has no attention layer(s) {sorted(unknown)}")
     adapted = {f"{name}.processor" for name in (adapter.layer_names if adapter is not None else [])}
     processors = {}
-    for name, processor in originals.items():
+    for name, processor in current.items():
         module = name.removesuffix(".processor")
         if name in wanted:
             processors[name] = ScoringAttnProcessor(wanted[name], recorder, module, adapter)
@@ -216,8 +218,24 @@ def scoring_processors(unet, recorder: Recorder, adapter=None) -> Iterator[Recor
             processors[name] = AdaptedAttnProcessor(module, adapter)
         else:
             processors[name] = processor
-    unet.set_attn_processor(processors)
+    return processors
+
+
+@contextlib.contextmanager
+def installed(unet, processors: dict) -> Iterator[None]:
+    """Install ``processors`` (from :func:`build_scoring_processors`) for the duration of the block, then restore
+    the originals. Installing the same processor objects again keeps a compiled UNet's guards valid."""
+    originals = dict(unet.attn_processors)
+    unet.set_attn_processor(dict(processors))  # diffusers pops the entries of the dict it is given
     try:
-        yield recorder
+        yield
     finally:
         unet.set_attn_processor(originals)
+
+
+@contextlib.contextmanager
+def scoring_processors(unet, recorder: Recorder, adapter=None) -> Iterator[Recorder]:
+    """Install scoring processors on ``recorder.layer_names`` (and the adapter's processors on the other layers it
+    touches) for the duration of the block, then restore the originals."""
+    with installed(unet, build_scoring_processors(unet, recorder, adapter)):
+        yield recorder

@@ -6,7 +6,12 @@ Every job is scored from scratch (nothing cached between engines) on generated c
   timestep, pairs x timesteps packed into batches, SDPA outside the scored layers);
 * ``reference``: :func:`dsdkit.reference.reference_scores`, the authors' cost structure (VAE per timestep, an
   unconditional and a conditional UNet half per pair and timestep, eager attention everywhere);
-* ``onnxruntime``: the runtime :class:`~dsdkit.runtime.Matcher` on a bundle (``--bundle``).
+* ``pytorch-compiled``: the same scorer with ``torch.compile`` (``--compile-mode``; ``auto`` = CUDA graphs on a GPU)
+  and channels-last weights (:mod:`dsdkit.acceleration`); its scores must agree with ``pytorch``'s within the
+  export's parity tolerances, checked in the run. Compilation happens in the untimed warm-up and is reported as
+  ``warm_up_s``;
+* ``onnxruntime`` / ``tensorrt``: the runtime :class:`~dsdkit.runtime.Matcher` on a bundle (``--bundle``; TensorRT
+  needs engines in the bundle and ``import tensorrt``).
 
 Before any ratio is printed, the reference is checked against our scorer with the same config and the authors'
 unconditional-row mixing switched on (their B3), which must agree within 1e-5: the two compute the same numbers and
@@ -34,15 +39,19 @@ import numpy as np
 
 from .errors import ConfigError
 
-__all__ = ["BenchConfig", "run_bench", "unet_flops", "SCALING_TABLE"]
+__all__ = ["BenchConfig", "run_bench", "unet_flops", "unet_flop_counts", "SCALING_TABLE"]
 
 logger = logging.getLogger(__name__)
 
-ENGINES = ("pytorch", "reference", "onnxruntime")
+ENGINES = ("pytorch", "pytorch-compiled", "reference", "onnxruntime", "tensorrt")
+BUNDLE_ENGINES = ("onnxruntime", "tensorrt")
 # Dense (no sparsity) tensor-core peaks in TFLOP/s for fp16/bf16, from NVIDIA's datasheets.
 DENSE_PEAK_TFLOPS = {"H100 SXM": 989.0, "H100 PCIe": 756.0, "H100 NVL": 835.0, "H200": 989.0, "A100": 312.0,
                      "L40S": 362.0, "L4": 121.0, "A10": 125.0}
 AGREEMENT_TOLERANCE = 1e-5
+# Compiled vs eager scores: the export's parity gates (absolute + relative to |eager score|), by UNet precision.
+# bf16 keeps 7 mantissa bits to fp16's 10: its gate is fp16's times 8 (not yet measured on a GPU).
+ACCELERATION_TOLERANCE = {"fp32": (1e-5, 1e-4), "fp16": (5e-3, 5e-3), "bf16": (4e-2, 4e-2)}
 # The README's scaling table: (model size, images, captions, timesteps).
 SCALING_TABLE = [("tiny", 2, 2, 4), ("tiny", 8, 8, 4), ("tiny", 32, 32, 4), ("full", 2, 2, 2)]
 
@@ -63,14 +72,20 @@ class BenchConfig:
     bundle: str | None = None
     device: str = "cpu"
     dtype: str = "fp32"
+    compile_mode: str = "auto"  # torch.compile mode of the pytorch-compiled engine
     check: bool = True  # compare reference and pytorch (B3 on) before reporting ratios
 
     def validate(self) -> None:
+        from .acceleration import COMPILE_MODES
+
         unknown = set(self.engines) - set(ENGINES)
         if unknown:
             raise ConfigError(f"unknown engine(s) {sorted(unknown)}; choose from {', '.join(ENGINES)}")
-        if "onnxruntime" in self.engines and not self.bundle:
-            raise ConfigError("--engine onnxruntime needs --bundle (export one with `dsdkit export`)")
+        for engine in set(self.engines) & set(BUNDLE_ENGINES):
+            if not self.bundle:
+                raise ConfigError(f"--engine {engine} needs --bundle (export one with `dsdkit export`)")
+        if self.compile_mode not in COMPILE_MODES:
+            raise ConfigError(f"--compile-mode {self.compile_mode!r} is not one of {', '.join(COMPILE_MODES)}")
         if min(self.images, self.captions, self.timesteps, *self.batch_sizes) < 1:
             raise ConfigError("images, captions, timesteps and batch sizes must be >= 1")
 
@@ -96,10 +111,17 @@ class _Clock:
 
 
 def unet_flops(scorer) -> int:
+    """FLOPs of one scorer UNet evaluation at batch 1 (see :func:`unet_flop_counts`)."""
+    return unet_flop_counts(scorer)["total"]
+
+
+def unet_flop_counts(scorer) -> dict[str, int]:
     """FLOPs of one scorer UNet evaluation at batch 1, counted by ``torch.utils.flop_counter`` (matmuls and
-    convolutions, 2 per multiply-add), with the scoring processors installed."""
+    convolutions, 2 per multiply-add), with the scoring processors installed: ``total`` and, of it,
+    ``attention_scores``, the ``QKᵀ`` and ``PV`` products of every attention layer (the part that grows with the
+    square of the token count, and which module-level counters that only see ``Linear``/``Conv`` layers omit)."""
     import torch
-    from torch.utils.flop_counter import FlopCounterMode
+    from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
     from .attention import Recorder, scoring_processors
     from .scorer import unet_pass
@@ -111,9 +133,8 @@ def unet_flops(scorer) -> int:
     mask = torch.ones(1, model.tokenizer.max_length, device=model.device)
     recorder = Recorder(scorer.layer_names, scorer.config)
     signal, noise_scale, timesteps = scorer.noising(torch.tensor([0]))
-    # torch's table has the CUDA flash/efficient SDPA kernels but not the CPU one the self-attention layers use here.
-    from torch.utils.flop_counter import sdpa_flop_count
 
+    # torch's table has the CUDA flash/efficient SDPA kernels but not the CPU one the self-attention layers use here.
     def cpu_sdpa(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs):
         return sdpa_flop_count(query_shape, key_shape, value_shape)
 
@@ -124,7 +145,17 @@ def unet_flops(scorer) -> int:
     counter = FlopCounterMode(display=False, custom_mapping=custom)
     with torch.inference_mode(), scoring_processors(model.unet, recorder, scorer.adapter), counter:
         unet_pass(model, recorder, z0, signal, noise_scale, scorer.noise[:1], timesteps, states, mask, scorer.adapter)
-    return int(counter.get_total_flops())
+    # The counter attributes FLOPs to every module on the stack. An attention layer's products are what it runs
+    # beyond its own projections (op names cannot tell them apart: a Linear on a 3-D input may run as bmm too).
+    by_module = {name: sum(int(n) for n in ops.values()) for name, ops in counter.get_flop_counts().items()}
+    root = type(model.unet).__name__
+    attention = 0
+    for name, module in model.unet.named_modules():
+        if hasattr(module, "to_q") and hasattr(module, "to_out") and f"{root}.{name}" in by_module:
+            projections = sum(by_module.get(f"{root}.{name}.{child}", 0)
+                              for child, submodule in module.named_modules() if isinstance(submodule, torch.nn.Linear))
+            attention += by_module[f"{root}.{name}"] - projections
+    return {"total": int(counter.get_total_flops()), "attention_scores": attention}
 
 
 def _device_peak_tflops(name: str) -> float | None:
@@ -141,6 +172,7 @@ def run_bench(config: BenchConfig, folder: str | os.PathLike | None = None) -> d
     import torch
 
     from . import __version__
+    from .acceleration import Acceleration, set_channels_last
     from .config import ScoringConfig
     from .export.parity import ParitySettings, parity_inputs
     from .models import load_model
@@ -158,8 +190,10 @@ def run_bench(config: BenchConfig, folder: str | os.PathLike | None = None) -> d
         images, captions = parity_inputs(ParitySettings(images=config.images, captions=config.captions, seed=2))
         pairs = config.images * config.captions
         cuda = model.device.type == "cuda"
+        runtime_device = "cuda" if cuda else "cpu"
         probe = Scorer(model, scoring, batch_size=1)
-        flops = unet_flops(probe)
+        flop_counts = unet_flop_counts(probe)
+        flops = flop_counts["total"]
         peak = _device_peak_tflops(torch.cuda.get_device_name(model.device)) if cuda else None
         rows, results = [], {}
 
@@ -168,8 +202,13 @@ def run_bench(config: BenchConfig, folder: str | os.PathLike | None = None) -> d
         warm_scoring = scoring.replace(num_timesteps=1) if scoring.timesteps.value == "discffusion" else scoring
 
         def measure(engine: str, batch: int, run, warm_up=None) -> None:
+            warm_up_s = None
             if warm_up is not None:
+                begin = time.perf_counter()
                 warm_up()
+                if cuda:
+                    torch.cuda.synchronize()
+                warm_up_s = round(time.perf_counter() - begin, 2)
             if cuda:
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()
@@ -186,6 +225,7 @@ def run_bench(config: BenchConfig, folder: str | os.PathLike | None = None) -> d
                 "latency_per_batch_ms": clock.latency_ms(), "peak_rss_gb_so_far": round(_peak_rss_gb(), 2),
                 "peak_device_gb": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
                 "mfu": round(evals_per_s * flops / (peak * 1e12), 4) if peak else None,
+                "warm_up_s": warm_up_s,
             }
             logger.info("%-26s batch %3d: %8.2f s, %.4g pairs/s, %.4g UNet evals/s", engine, batch, seconds,
                         row["pairs_per_s"], row["evaluations_per_s"])
@@ -206,21 +246,36 @@ def run_bench(config: BenchConfig, folder: str | os.PathLike | None = None) -> d
                         return Scorer(model, b3, batch_size=batch, progress=clock).score(images, captions)
 
                     measure("pytorch (B3 on)", batch, ours_b3)
-            if "onnxruntime" in config.engines:
+            if "pytorch-compiled" in config.engines:
+                acceleration = Acceleration(compile=config.compile_mode)
+
+                def compiled(clock, batch=batch, acceleration=acceleration):
+                    return Scorer(model, scoring, batch_size=batch, progress=clock,
+                                  acceleration=acceleration).score(images, captions)
+
+                def compiled_warm_up(batch=batch, acceleration=acceleration):  # compiles: one shape per batch size
+                    Scorer(model, warm_scoring, batch_size=batch, acceleration=acceleration).score(
+                        images[:1], captions[:1])
+
+                measure("pytorch-compiled", batch, compiled, compiled_warm_up)
+                set_channels_last(model, False)  # the engines measured after this one run as they would alone
+            for backend in (e for e in BUNDLE_ENGINES if e in config.engines):
                 from .runtime import Matcher
 
-                def runtime(clock, batch=batch):
-                    with Matcher.from_bundle(config.bundle, num_timesteps=config.timesteps if
+                def runtime(clock, batch=batch, backend=backend):
+                    with Matcher.from_bundle(config.bundle, backend=backend, device=runtime_device,
+                                             num_timesteps=config.timesteps if
                                              scoring.timesteps.value == "discffusion" else None,
                                              batch_size=batch, progress=clock) as matcher:
                         return matcher.score(images, captions)
 
-                def runtime_warm_up(batch=batch):
-                    with Matcher.from_bundle(config.bundle, num_timesteps=1 if scoring.timesteps.value == "discffusion"
-                                             else None, batch_size=batch) as matcher:
+                def runtime_warm_up(batch=batch, backend=backend):
+                    with Matcher.from_bundle(config.bundle, backend=backend, device=runtime_device,
+                                             num_timesteps=1 if scoring.timesteps.value == "discffusion" else None,
+                                             batch_size=batch) as matcher:
                         matcher.score(images[:1], captions[:1])
 
-                measure("onnxruntime", batch, runtime, runtime_warm_up)
+                measure(backend, batch, runtime, runtime_warm_up)
         if "reference" in config.engines:
             reference_config = scoring.replace(uncond_in_attention=True) if config.check else scoring
 
@@ -240,6 +295,7 @@ def run_bench(config: BenchConfig, folder: str | os.PathLike | None = None) -> d
         "model": {"source": str(config.model or f"random-weight {config.size}"), "resolution": probe.resolution,
                   "unet_parameters": int(sum(p.numel() for p in model.unet.parameters())), "load_s": round(load_s, 2)},
         "unet_gflops_per_evaluation": round(flops / 1e9, 3),
+        "unet_gflops_attention_scores": round(flop_counts["attention_scores"] / 1e9, 3),
         "device_dense_peak_tflops": peak,
         "pairs": pairs,
         "rows": rows,
@@ -261,8 +317,27 @@ def _machine(torch, cuda: bool, device) -> dict[str, Any]:
     return info
 
 
+def _compiled_parity(results, config: BenchConfig) -> dict[str, Any] | None:
+    """Compiled vs eager scores at each batch size both ran, against the export's parity gate for the precision."""
+    pairs = [(results[("pytorch-compiled", b)], results[("pytorch", b)]) for e, b in results
+             if e == "pytorch-compiled" and ("pytorch", b) in results]
+    if not pairs:
+        return None
+    atol, rtol = ACCELERATION_TOLERANCE[config.dtype]
+    diff = max(float(np.abs(c - e).max()) for c, e in pairs)
+    excess = max(float((np.abs(c - e) - (atol + rtol * np.abs(e))).max()) for c, e in pairs)
+    if excess > 0:
+        raise ConfigError(f"bench: compiled and eager scores differ by up to {diff:.3g}, beyond the parity gate "
+                          f"{atol:g} + {rtol:g}*|score| for {config.dtype}: torch.compile changed the computation "
+                          "here; score without --compile and report your torch version")
+    return {"max_abs_diff": diff, "atol": atol, "rtol": rtol, "ok": True}
+
+
 def _ratios(rows, results, config: BenchConfig) -> dict[str, Any]:
     out: dict[str, Any] = {}
+    parity = _compiled_parity(results, config)
+    if parity is not None:
+        out["compiled_vs_eager"] = parity
     reference = next((r for r in rows if r["engine"] == "reference"), None)
     if reference is None:
         return out
@@ -287,7 +362,8 @@ def format_record(record: dict[str, Any]) -> str:
         f"{record['model']['resolution']} px), {record['config']['preset']} S={record['config']['timesteps']} "
         f"denoise {'on' if record['config']['denoise'] else 'off'}, {record['config']['images']}x"
         f"{record['config']['captions']} pairs, {record['config']['device']} {record['config']['dtype']}; "
-        f"UNet {record['unet_gflops_per_evaluation']:.4g} GFLOP/evaluation (counted)",
+        f"UNet {record['unet_gflops_per_evaluation']:.4g} GFLOP/evaluation (counted; "
+        f"{record['unet_gflops_attention_scores']:.4g} of them in attention QKᵀ/PV products)",
         f"{'engine':<18}{'batch':>6}{'seconds':>10}{'pairs/s':>11}{'evals/s':>10}{'ms/batch':>10}{'ratio':>8}"
         + ("   MFU" if record.get("device_dense_peak_tflops") else ""),
     ]
@@ -299,6 +375,12 @@ def format_record(record: dict[str, Any]) -> str:
             f"{row['evaluations_per_s']:>10.4g}{(row['latency_per_batch_ms'] or 0):>10.1f}"
             f"{'' if ratio is None else f'{ratio:.2f}x':>8}" + (f"  {row['mfu']:.1%}" if row.get("mfu") else "")
         )
+    if "compiled_vs_eager" in record:
+        parity = record["compiled_vs_eager"]
+        lines.append(f"pytorch-compiled vs pytorch: max abs diff {parity['max_abs_diff']:.2g} "
+                     f"(gate {parity['atol']:g} + {parity['rtol']:g}*|score|); compile/warm-up " + ", ".join(
+                         f"{row['warm_up_s']:.0f} s at batch {row['batch']}" for row in record["rows"]
+                         if row["engine"] == "pytorch-compiled"))
     if "agreement" in record:
         lines.append(f"reference vs pytorch (B3 on): max abs diff {record['agreement']['max_abs_diff']:.2g} "
                      f"(tolerance {record['agreement']['tolerance']:g})")

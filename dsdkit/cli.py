@@ -19,6 +19,7 @@ import typer
 from . import __version__
 
 # The config module and its enums are light (no torch), so the CLI's choices are the library's own enums.
+from .acceleration import COMPILE_MODES
 from .config import PRESETS, HeadWeighting, LayerSet, Normalization, Pooling, ResizeMode, TimestepSchedule, TokenSet
 from .models import Precision
 from .runtime.errors import EXIT_CODES, DsdkitError
@@ -105,6 +106,10 @@ def cli_errors(command):
 
 
 PresetName = Enum("PresetName", {name: name for name in PRESETS}, type=str)
+
+
+# torch.compile modes of the PyTorch scorer (dsdkit.acceleration imports no torch at module level).
+CompileMode = Enum("CompileMode", {mode.replace("-", "_"): mode for mode in COMPILE_MODES}, type=str)
 
 
 class TinySize(str, Enum):
@@ -203,6 +208,11 @@ def match_command(
     strict: Annotated[
         bool, typer.Option(help="Fail on the first unusable image or blank caption line instead of skipping it.")
     ] = False,
+    compile: Annotated[
+        CompileMode | None,
+        typer.Option("--compile", help="PyTorch path: torch.compile the scoring UNet (auto: CUDA graphs on a GPU) with "
+                     "channels-last weights; the first batch compiles (minutes).")
+    ] = None,
 ) -> None:
     """Score every image against every caption and show the best caption per image.
 
@@ -281,6 +291,7 @@ def match_command(
             chunk_size=chunk_size,
             resume=resume,
             strict=strict,
+            compile=_value(compile),
         )
     _print_summary(result)
     if output is not None:
@@ -556,9 +567,14 @@ def bench_command(
     captions: Annotated[int, typer.Option(help="M captions.")] = 2,
     batch_size: Annotated[list[int] | None, typer.Option(help="UNet batch size (repeatable).")] = None,
     engine: Annotated[
-        list[str] | None, typer.Option(help="pytorch, reference, onnxruntime (repeatable; default pytorch + reference).")
+        list[str] | None,
+        typer.Option(help="pytorch, pytorch-compiled, reference, onnxruntime, tensorrt (repeatable; default pytorch + "
+                     "reference)."),
     ] = None,
-    bundle: Annotated[Path | None, typer.Option(help="Bundle for the onnxruntime engine.")] = None,
+    bundle: Annotated[Path | None, typer.Option(help="Bundle for the onnxruntime and tensorrt engines.")] = None,
+    compile_mode: Annotated[
+        CompileMode, typer.Option(help="torch.compile mode of pytorch-compiled (auto: CUDA graphs on a GPU).")
+    ] = CompileMode("auto"),
     device: Annotated[str, typer.Option(help="cpu, cuda or cuda:N.")] = "cpu",
     dtype: Annotated[Precision, typer.Option(help="UNet precision.")] = Precision.fp32,
     table: Annotated[bool, typer.Option(help="Run the README's scaling table instead of one job.")] = False,
@@ -573,7 +589,7 @@ def bench_command(
 
     base = dict(preset=preset.value, timesteps=timesteps, denoise=denoise, batch_sizes=batch_size or [8],
                 engines=engine or ["pytorch", "reference"], bundle=None if bundle is None else str(bundle),
-                device=device, dtype=dtype.value)
+                device=device, dtype=dtype.value, compile_mode=compile_mode.value)
     if not table:
         jobs = [BenchConfig(model=model, size=size.value, images=images, captions=captions, **base)]
     else:

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from .acceleration import Acceleration, compiled_forward, set_channels_last
 from .attention import Recorder, scoring_processors, select_layers
 from .config import Normalization, ScoringConfig, TokenSet
 from .errors import ConfigError, InputError
@@ -91,6 +92,9 @@ class Scorer:
         adapter: a trained (or fresh) adapter from :mod:`dsdkit.adapters`; ``None`` scores zero-shot.
         progress: called as ``progress(n)`` after each UNet batch with the n sample-evaluations it ran; see
             :meth:`planned_evaluations` for the total of a job.
+        acceleration: ``torch.compile`` and channels-last (:class:`~dsdkit.acceleration.Acceleration`); scores
+            agree with the eager scorer's within the export's parity tolerances. Compiled scorers pad a short last
+            batch to ``batch_size`` (one static shape per batch size).
     """
 
     def __init__(
@@ -100,8 +104,10 @@ class Scorer:
         batch_size: int | None = None,
         progress: ProgressCallback | None = None,
         adapter=None,
+        acceleration: Acceleration | None = None,
     ):
         self.model = model
+        self.acceleration = acceleration or Acceleration()
         self.adapter = adapter
         self.config = config or ScoringConfig()
         self.batch_size = int(batch_size or 8)
@@ -138,6 +144,10 @@ class Scorer:
         self._empty: TextEncoding | None = None
         self._recorder = Recorder(self.layer_names, cfg)
         self._evaluations = 0
+        if self.acceleration.uses_channels_last:
+            set_channels_last(model, True)
+        mode = self.acceleration.mode_for(device.type)
+        self._compiled = None if mode is None else compiled_forward(model, self.layer_names, cfg, adapter, mode)
 
     def noising(self, steps: torch.Tensor):
         """``(sqrt(ā_t), sqrt(1 - ā_t), t)`` for timestep indices ``steps`` (positions in :attr:`timesteps`)."""
@@ -146,7 +156,7 @@ class Scorer:
 
     def with_adapter(self, adapter) -> Scorer:
         """A scorer for another adapter (or its new weights) that reuses this one's image and caption encodings."""
-        other = Scorer(self.model, self.config, self.batch_size, self.progress, adapter)
+        other = Scorer(self.model, self.config, self.batch_size, self.progress, adapter, self.acceleration)
         other._images, other._texts, other._empty = self._images, self._texts, self._empty
         return other
 
@@ -338,7 +348,11 @@ class Scorer:
         step_of = torch.arange(num_steps).repeat(num_groups)
         layers = torch.empty(total, len(self.layer_names), device=self.model.device)
         errors = torch.empty(total, device=self.model.device)
-        with scoring_processors(self.model.unet, self._recorder, self.adapter):
+        if self._compiled is not None:
+            processors = self._compiled.installed()
+        else:
+            processors = scoring_processors(self.model.unet, self._recorder, self.adapter)
+        with processors:
             for start in range(0, total, self.batch_size):
                 sl = slice(start, min(start + self.batch_size, total))
                 latents, states, masks = batch(sl)
@@ -348,13 +362,26 @@ class Scorer:
 
     def _unet_pass(self, latents, steps, states, masks):
         """One batched UNet evaluation at per-sample timesteps; returns layer scores [B, L] and ‖ε − ε̂‖₂ [B]."""
+        count = latents.shape[0]
+        if self._compiled is not None and count < self.batch_size:
+            # One static shape per batch size: repeat the last item (its results are dropped below).
+            fill = self.batch_size - count
+            steps = torch.cat([steps, steps[-1:].expand(fill)])
+            latents, states, masks = (torch.cat([t, t[-1:].expand(fill, *t.shape[1:])])
+                                      for t in (latents, states, masks))
         signal, noise_scale, timesteps = self.noising(steps)
         noise = self.noise[steps.to(self.model.device)]
-        result = unet_pass(
-            self.model, self._recorder, latents, signal, noise_scale, noise, timesteps, states, masks, self.adapter
-        )
-        self._evaluations += latents.shape[0]
-        return result
+        if self.acceleration.uses_channels_last:
+            latents = latents.contiguous(memory_format=torch.channels_last)
+            noise = noise.contiguous(memory_format=torch.channels_last)
+        if self._compiled is not None:
+            layers, errors = self._compiled(latents, signal, noise_scale, noise, timesteps, states, masks)
+        else:
+            layers, errors = unet_pass(
+                self.model, self._recorder, latents, signal, noise_scale, noise, timesteps, states, masks, self.adapter
+            )
+        self._evaluations += count
+        return layers[:count], errors[:count]
 
     def _report(self, advance: int) -> None:
         if self.progress is not None:

@@ -8,8 +8,9 @@ import pytest
 from typer.testing import CliRunner
 
 
-def _hand_counted_flops(scorer) -> int:
-    """2 x multiply-adds of every Conv2d, Linear and attention product, from module shapes seen by hooks."""
+def _hand_counted_flops(scorer) -> tuple[int, int]:
+    """2 x multiply-adds of every Conv2d, Linear and attention product, from module shapes seen by hooks:
+    ``(total, attention products alone)``."""
     import torch
     from diffusers.models.attention_processor import Attention
 
@@ -18,6 +19,7 @@ def _hand_counted_flops(scorer) -> int:
 
     model = scorer.model
     total = [0]
+    products = [0]
 
     def conv(module, inputs, output):
         total[0] += 2 * output.numel() * (module.in_channels // module.groups) * module.kernel_size[0] * module.kernel_size[1]
@@ -33,6 +35,7 @@ def _hand_counted_flops(scorer) -> int:
         keys = hidden.shape[1] if context is None else context.shape[1]
         inner = module.to_q.out_features
         total[0] += 2 * 2 * hidden.shape[0] * hidden.shape[1] * keys * inner  # QKᵀ and P·V
+        products[0] += 2 * 2 * hidden.shape[0] * hidden.shape[1] * keys * inner
 
     handles = []
     for module in model.unet.modules():
@@ -54,18 +57,19 @@ def _hand_counted_flops(scorer) -> int:
     finally:
         for handle in handles:
             handle.remove()
-    return total[0]
+    return total[0], products[0]
 
 
 def test_counted_unet_flops_match_a_hand_count(tiny_model):
-    from dsdkit.bench import unet_flops
+    from dsdkit.bench import unet_flop_counts, unet_flops
     from dsdkit.scorer import Scorer
 
     scorer = Scorer(tiny_model)
-    counted = unet_flops(scorer)
-    by_hand = _hand_counted_flops(scorer)
-    assert counted == pytest.approx(by_hand, rel=0.02)
-    assert counted > 1e6
+    counted = unet_flop_counts(scorer)
+    by_hand, products_by_hand = _hand_counted_flops(scorer)
+    assert counted["total"] == unet_flops(scorer) == pytest.approx(by_hand, rel=0.02)
+    assert counted["attention_scores"] == pytest.approx(products_by_hand, rel=0.02)
+    assert counted["total"] > counted["attention_scores"] > 1e6
 
 
 def test_bench_reference_agrees_and_reports(tiny_model_dir):
@@ -106,3 +110,34 @@ def test_bench_cli_writes_json(tiny_model_dir, tmp_path):
     assert "reference vs pytorch (B3 on): max abs diff" in result.output
     record = json.loads(out.read_text())
     assert record["config"]["timesteps"] == 1 and record["rows"][-1]["engine"] == "reference"
+
+
+def test_bench_compiled_engine_is_checked_against_eager(tiny_model_dir, monkeypatch):
+    from dsdkit import bench
+    from dsdkit.errors import ConfigError
+
+    config = bench.BenchConfig(model=str(tiny_model_dir), timesteps=2, images=2, captions=2, batch_sizes=[4],
+                               engines=["pytorch", "pytorch-compiled", "reference"], compile_mode="default")
+    record = bench.run_bench(config)
+    rows = {r["engine"]: r for r in record["rows"]}
+    assert rows["pytorch-compiled"]["unet_evaluations"] == rows["pytorch"]["unet_evaluations"] == 2 * 2 * 2
+    assert rows["pytorch-compiled"]["warm_up_s"] > 0  # the compilation, outside the timed run
+    parity = record["compiled_vs_eager"]
+    assert parity["ok"] and parity["max_abs_diff"] <= parity["atol"] + parity["rtol"] * 10
+    assert "pytorch-compiled batch 4" in record["ratios_vs_reference"]
+    assert "pytorch-compiled vs pytorch: max abs diff" in bench.format_record(record)
+
+    # A compiled run outside the gate is an error, not a ratio (forced here with a gate nothing can pass).
+    monkeypatch.setitem(bench.ACCELERATION_TOLERANCE, "fp32", (-1.0, 0.0))
+    with pytest.raises(ConfigError, match="torch.compile changed the computation"):
+        bench.run_bench(bench.BenchConfig(**{**config.__dict__, "engines": ["pytorch", "pytorch-compiled"]}))
+
+
+def test_bench_refuses_bundle_engines_without_a_bundle_and_unknown_modes():
+    from dsdkit.bench import BenchConfig
+    from dsdkit.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="--engine tensorrt needs --bundle"):
+        BenchConfig(engines=["tensorrt"]).validate()
+    with pytest.raises(ConfigError, match="--compile-mode 'turbo' is not one of"):
+        BenchConfig(compile_mode="turbo").validate()
