@@ -20,13 +20,16 @@ How the compiled path is built, and why:
 
 from __future__ import annotations
 
+import contextlib
+import inspect
 import logging
 from dataclasses import dataclass
 from typing import Any
 
 from .errors import ConfigError, ModelError
 
-__all__ = ["COMPILE_MODES", "Acceleration", "CompiledForward", "compiled_forward", "set_channels_last"]
+__all__ = ["COMPILE_MODES", "Acceleration", "CompiledForward", "compiled_forward", "release_compiled",
+           "set_channels_last"]
 
 logger = logging.getLogger(__name__)
 
@@ -90,7 +93,17 @@ class CompiledForward:
         self.recorder = Recorder(list(layer_names), config)
         self.processors = build_scoring_processors(model.unet, self.recorder, adapter)
         self.cuda_graphs = model.device.type == "cuda" and mode in _CUDA_GRAPH_MODES
-        self._compiled = torch.compile(self._forward, mode=mode, dynamic=False)
+        # Every instance compiles the same code object (_forward). Without isolation all of them would share one
+        # recompile budget per process, and past it dynamo silently runs the frame eagerly: a "compiled" scorer
+        # that is not. Where this torch can isolate them, each instance gets its own budget, and exceeding it is an
+        # error (see __call__), never a silent fallback.
+        options: dict[str, Any] = {}
+        if "isolate_recompiles" in inspect.signature(torch.compile).parameters:
+            options["isolate_recompiles"] = True
+        try:
+            self._compiled = torch.compile(self._forward, mode=mode, dynamic=False, **options)
+        except Exception as error:  # e.g. a Python build torch.compile does not support
+            raise _compile_error(error) from error
         self._shapes: set[tuple] = set()
 
     def installed(self):
@@ -116,11 +129,16 @@ class CompiledForward:
             torch.compiler.cudagraph_mark_step_begin()
         # Guards check strides: an expanded (stride-0) caption batch must not compile a second graph.
         states, masks = states.contiguous(), masks.contiguous()
+        first = shape not in self._shapes
         try:
-            layers, errors = self._compiled(latents, signal, noise_scale, noise, timesteps, states, masks)
-        except torch._dynamo.exc.TorchDynamoException as error:
-            reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-            raise ModelError(f"torch.compile failed ({reason[:300]}); run without --compile") from None
+            with _no_silent_fallback():
+                layers, errors = self._compiled(latents, signal, noise_scale, noise, timesteps, states, masks)
+        except Exception as error:
+            # Compiling (and, with CUDA graphs, recording) happens on the first call of a shape; errors there are
+            # the compiler's, whatever their type. Later calls run compiled code: their errors are the run's own.
+            if first or isinstance(error, torch._dynamo.exc.TorchDynamoException):
+                raise _compile_error(error) from error
+            raise
         finally:
             # Guards also check the recorder's state: every call must find it as the first one did (empty).
             self.recorder.mask = None
@@ -131,12 +149,46 @@ class CompiledForward:
         return (layers.clone(), errors.clone()) if self.cuda_graphs else (layers, errors)
 
 
+def _compile_error(error: BaseException) -> ModelError:
+    text = str(error).strip()
+    reason = text.splitlines()[0] if text else type(error).__name__
+    return ModelError(f"torch.compile failed ({type(error).__name__}: {reason[:300]}); run without --compile")
+
+
+@contextlib.contextmanager
+def _no_silent_fallback():
+    """Past its recompile limit dynamo runs a frame eagerly with a one-time warning; make that an error instead."""
+    import torch._dynamo.config as dynamo_config
+
+    if not hasattr(dynamo_config, "fail_on_recompile_limit_hit"):
+        yield
+        return
+    with dynamo_config.patch(fail_on_recompile_limit_hit=True):
+        yield
+
+
+# Compiled forwards kept per model: each holds compiled code (and, with CUDA graphs, a memory pool) and its adapter.
+MAX_CACHED_FORWARDS = 4
+
+
 def compiled_forward(model, layer_names: list[str], config, adapter, mode: str) -> CompiledForward:
-    """The shared :class:`CompiledForward` for this model, mode, adapter and pooling definition (made on first use)."""
+    """The shared :class:`CompiledForward` for this model, mode, adapter and pooling definition (made on first use;
+    the least recently used of more than :data:`MAX_CACHED_FORWARDS` is dropped)."""
     cache: dict = model.__dict__.setdefault("_compiled_forwards", {})
     # What the recorder computes depends on these and nothing else of the scoring config (the timesteps, noise bank
     # and token masks are inputs); the adapter is held by the entry, so its id cannot be reused while cached.
     key = (mode, id(adapter), tuple(layer_names), config.pooling, float(config.lse_lambda), config.heads)
-    if key not in cache:
-        cache[key] = CompiledForward(model, layer_names, config, adapter, mode)
-    return cache[key]
+    entry = cache.pop(key, None) or CompiledForward(model, layer_names, config, adapter, mode)
+    cache[key] = entry  # most recently used last
+    while len(cache) > MAX_CACHED_FORWARDS:
+        cache.pop(next(iter(cache)))
+    return entry
+
+
+def release_compiled(model) -> None:
+    """Drop every compiled forward kept on ``model`` (their code, CUDA-graph memory and adapters)."""
+    model.__dict__.pop("_compiled_forwards", None)
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

@@ -466,6 +466,11 @@ def eval_command(
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
     dtype: Annotated[Precision, typer.Option(help="UNet precision.")] = Precision.fp32,
     output: Annotated[Path | None, typer.Option("--output", "-o", help="Write metrics and per-example scores (JSON).")] = None,
+    compile: Annotated[
+        CompileMode | None,
+        typer.Option("--compile", help="torch.compile the scoring UNet (auto: CUDA graphs on a GPU) with channels-last "
+                     "weights; the first batch compiles (minutes).")
+    ] = None,
 ) -> None:
     """Evaluate zero-shot or with adapters on a benchmark and report its own metrics."""
     from .evaluation import evaluate, write_report
@@ -477,11 +482,11 @@ def eval_command(
 
     dataset = load_dataset(data, data_format.value, image_root)
     scorer = build_scorer(model, adapters, None if preset is None else preset.value, overrides, batch_size, device,
-                        dtype.value)
+                          dtype.value, compile=_value(compile))
     with _progress_bar("examples", "examples") as progress:
         report = evaluate(scorer, dataset, split=split, max_examples=max_examples, progress=progress)
     report.meta = {"model": scorer.model.describe(), "adapters": None if adapters is None else str(adapters),
-                   "scoring": scorer.config.to_dict()}
+                   "scoring": scorer.config.to_dict(), "compile": scorer.acceleration.compile}
     _print_metrics(report.metrics, f"{dataset.format}: {report.source}" + (f", split {split}" if split else ""))
     for item in report.skipped[:20]:
         typer.echo(f"skipped: {item['where']}: {item['reason']}")

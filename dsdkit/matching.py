@@ -338,6 +338,7 @@ class _TorchEngine:
         return {
             "dsdkit_version": __version__,
             "backend": "pytorch",
+            "compile": self.scorer.acceleration.compile,
             "model": self.model.describe(),
             "scoring": self.config.to_dict(),
             "adapters": None if self.adapters is None else str(self.adapters),

@@ -446,12 +446,15 @@ def build_scorer(
     batch_size: int | None = None,
     device: str | None = None,
     dtype: str | None = None,
+    compile: str | None = None,
 ) -> Scorer:
-    """A scorer from command-line style options: the model (or a loaded one), an optional adapter file, and the
-    scoring config (the adapter's own when no preset is given, else the preset), with knob ``overrides``."""
+    """A scorer from command-line style options: the model (or a loaded one), an optional adapter file, the
+    scoring config (the adapter's own when no preset is given, else the preset), with knob ``overrides``, and an
+    optional ``torch.compile`` mode (:class:`~dsdkit.acceleration.Acceleration`)."""
     from .adapters import check_scoring_matches, load_adapter
     from .models import load_model
 
+    acceleration = Acceleration(compile=compile)  # a bad mode is refused before the model loads
     sd2 = model if isinstance(model, SD2Model) else load_model(model, device=device, dtype=dtype)
     overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
     adapter = None
@@ -462,4 +465,4 @@ def build_scorer(
         check_scoring_matches(adapters, trained, config)
     else:
         config = ScoringConfig.from_preset(preset or "discffusion", **overrides)
-    return Scorer(sd2, config, batch_size=batch_size, adapter=adapter)
+    return Scorer(sd2, config, batch_size=batch_size, adapter=adapter, acceleration=acceleration)

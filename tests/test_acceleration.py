@@ -12,17 +12,28 @@ from dsdkit.config import ScoringConfig
 ATOL, RTOL = 1e-5, 1e-4
 
 
-def _within_gate(got: np.ndarray, expected: np.ndarray) -> None:
+def _within_gate(got, expected) -> None:
+    got, expected = np.asarray(got, dtype=float), np.asarray(expected, dtype=float)  # None (not scored) -> NaN
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(expected))
+    assert np.isfinite(expected).any()
     excess = np.abs(got - expected) - (ATOL + RTOL * np.abs(expected))
-    assert excess.max() <= 0, f"max abs diff {np.abs(got - expected).max():.3g}"
+    assert np.nanmax(excess) <= 0, f"max abs diff {np.nanmax(np.abs(got - expected)):.3g}"
 
 
 @pytest.fixture(scope="module")
-def fresh_model(tiny_model_dir):
+def micro_model_dir(tmp_path_factory):
+    """The micro test model: half the tiny model's layers, so compiling it costs half as much (CI runs cold)."""
+    from dsdkit.tiny import write_tiny_model
+
+    return write_tiny_model(tmp_path_factory.mktemp("micro") / "micro", size="micro", seed=0)
+
+
+@pytest.fixture(scope="module")
+def fresh_model(micro_model_dir):
     """A model of its own: compiling converts its UNet to channels-last and caches graphs on it."""
     from dsdkit.models import load_model
 
-    return load_model(tiny_model_dir, device="cpu", dtype="fp32")
+    return load_model(micro_model_dir, device="cpu", dtype="fp32")
 
 
 def test_compiled_scorer_matches_eager_and_compiles_once(fresh_model, shape_images):
@@ -97,3 +108,103 @@ def test_bad_compile_requests_are_refused_in_one_line(tmp_path):
     assert Acceleration(compile="auto").mode_for("cuda") == "reduce-overhead"
     assert Acceleration(compile="auto").mode_for("cpu") == "default"
     assert Acceleration(compile="max-autotune").mode_for("cpu") == "max-autotune"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype,mode", [("fp16", "reduce-overhead"), ("bf16", "max-autotune-no-cudagraphs")])
+def test_compiled_scorer_on_cuda_matches_eager(tiny_model_dir, shape_images, dtype, mode):
+    """CUDA graphs (reduce-overhead) and inductor's GPU kernels in half precision, against the eager scorer in the
+    same precision, under the bench's gate for that precision."""
+    from dsdkit.acceleration import Acceleration
+    from dsdkit.bench import ACCELERATION_TOLERANCE
+    from dsdkit.models import load_model
+    from dsdkit.scorer import Scorer
+
+    model = load_model(tiny_model_dir, device="cuda", dtype=dtype)
+    config = ScoringConfig.from_preset("discffusion", num_timesteps=3, uncond_in_attention=True)
+    images, captions = shape_images[:3], ["a red circle", "a blue square"]
+    eager = Scorer(model, config, batch_size=4).score(images, captions)
+    compiled = Scorer(model, config, batch_size=4, acceleration=Acceleration(compile=mode))
+    first = compiled.score(images, captions)
+    again = compiled.score(images[::-1], captions)  # CUDA-graph replays must not leak earlier batches' outputs
+    atol, rtol = ACCELERATION_TOLERANCE[dtype]
+    for got, expected in ((first, eager), (again[::-1], eager)):
+        assert (np.abs(got - expected) - (atol + rtol * np.abs(expected))).max() <= 0
+
+
+def test_match_and_eval_cli_compile(micro_model_dir, shape_images, tmp_path):
+    """`--compile` reaches the scorer from the command line and changes no score beyond the gate."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from dsdkit.cli import app
+
+    images = tmp_path / "images"
+    images.mkdir()
+    for i, image in enumerate(shape_images[:3]):
+        image.save(images / f"{i}.png")
+    captions = tmp_path / "captions.txt"
+    captions.write_text("a red circle\na blue square\n", encoding="utf-8")
+    runner, matrices = CliRunner(), {}
+    for name, extra in (("eager", []), ("compiled", ["--compile", "default"])):
+        out = tmp_path / f"{name}.json"
+        result = runner.invoke(app, ["match", str(images), str(captions), "--model", str(micro_model_dir),
+                                     "--timesteps", "2", "--batch-size", "4", "-o", str(out), *extra])
+        assert result.exit_code == 0, result.output
+        document = json.loads(out.read_text())
+        assert document["meta"]["compile"] == (extra[1] if extra else None)
+        matrices[name] = np.array(document["scores"])
+    _within_gate(matrices["compiled"], matrices["eager"])
+
+    data = tmp_path / "data"
+    assert runner.invoke(app, ["tiny-data", str(data), "--train", "2", "--test", "3"]).exit_code == 0
+    reports = {}
+    for name, extra in (("eager", []), ("compiled", ["--compile", "default"])):
+        out = tmp_path / f"eval-{name}.json"
+        result = runner.invoke(app, ["eval", str(data / "data.jsonl"), "--model", str(micro_model_dir), "--split",
+                                     "test", "--timesteps", "2", "--batch-size", "4", "-o", str(out), *extra])
+        assert result.exit_code == 0, result.output
+        reports[name] = json.loads(out.read_text())
+        assert reports[name]["meta"]["compile"] == (extra[1] if extra else None)
+    for eager, compiled in zip(reports["eager"]["examples"], reports["compiled"]["examples"], strict=True):
+        _within_gate(compiled["scores"], eager["scores"])
+
+
+def test_compiled_forwards_are_bounded_and_released(micro_model_dir):
+    """Entries hold compiled code and their adapter: at most MAX_CACHED_FORWARDS per model, least recently used out.
+    (Building an entry compiles nothing yet: torch.compile compiles on the first call.)"""
+    from dsdkit.acceleration import MAX_CACHED_FORWARDS, compiled_forward, release_compiled
+    from dsdkit.attention import select_layers
+    from dsdkit.models import load_model
+
+    model = load_model(micro_model_dir, device="cpu", dtype="fp32")
+    base = ScoringConfig.from_preset("discffusion")
+    layers = select_layers(model.unet, base.layers)
+    configs = [base.replace(lse_lambda=float(v)) for v in range(1, MAX_CACHED_FORWARDS + 2)]
+    entries = [compiled_forward(model, layers, config, None, "default") for config in configs]
+    assert compiled_forward(model, layers, configs[-1], None, "default") is entries[-1]
+    cached = list(model._compiled_forwards.values())
+    assert len(cached) == MAX_CACHED_FORWARDS and entries[0] not in cached and entries[1] in cached
+    assert compiled_forward(model, layers, configs[0], None, "default") is not entries[0]  # rebuilt
+    release_compiled(model)
+    assert not getattr(model, "_compiled_forwards", None)
+
+
+def test_a_compiler_failure_is_one_line(micro_model_dir, monkeypatch):
+    import torch
+
+    from dsdkit.acceleration import Acceleration
+    from dsdkit.errors import ModelError
+    from dsdkit.models import load_model
+    from dsdkit.scorer import Scorer
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("Windows not yet supported for torch.compile\nmore detail")
+
+    monkeypatch.setattr(torch, "compile", broken)
+    model = load_model(micro_model_dir, device="cpu", dtype="fp32")
+    with pytest.raises(ModelError) as caught:
+        Scorer(model, ScoringConfig.from_preset("discffusion"), acceleration=Acceleration(compile="default"))
+    assert str(caught.value) == ("torch.compile failed (RuntimeError: Windows not yet supported for torch.compile); "
+                                 "run without --compile")
