@@ -41,6 +41,14 @@ def tiny_model_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def micro_model_dir(tmp_path_factory):
+    """The smallest random-weight SD2-architecture model (fewer layers and channels than tiny)."""
+    from dsdkit.tiny import write_tiny_model
+
+    return write_tiny_model(tmp_path_factory.mktemp("micro") / "model", size="micro", seed=0)
+
+
+@pytest.fixture(scope="session")
 def full_model_dir(tmp_path_factory):
     """The full-size SD2-2.1-base architecture with random weights (about 5 GB on disk; slow tests only)."""
     from dsdkit.tiny import write_tiny_model

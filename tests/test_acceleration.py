@@ -21,16 +21,9 @@ def _within_gate(got, expected) -> None:
 
 
 @pytest.fixture(scope="module")
-def micro_model_dir(tmp_path_factory):
-    """The micro test model: half the tiny model's layers, so compiling it costs half as much (CI runs cold)."""
-    from dsdkit.tiny import write_tiny_model
-
-    return write_tiny_model(tmp_path_factory.mktemp("micro") / "micro", size="micro", seed=0)
-
-
-@pytest.fixture(scope="module")
 def fresh_model(micro_model_dir):
-    """A model of its own: compiling converts its UNet to channels-last and caches graphs on it."""
+    """A model of its own: compiling converts its UNet to channels-last and caches graphs on it. The micro model has
+    half the tiny model's layers, so compiling it costs half as much (CI compiles cold)."""
     from dsdkit.models import load_model
 
     return load_model(micro_model_dir, device="cpu", dtype="fp32")

@@ -142,13 +142,6 @@ def test_match_result_into_a_new_file_leaves_nothing(tmp_path, monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def micro_model_dir(tmp_path_factory):
-    from dsdkit.tiny import write_tiny_model
-
-    return write_tiny_model(tmp_path_factory.mktemp("micro") / "model", size="micro", seed=0)
-
-
-@pytest.fixture(scope="module")
 def micro_model(micro_model_dir):
     from dsdkit.models import load_model
 
