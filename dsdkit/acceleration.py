@@ -121,7 +121,8 @@ class CompiledForward:
         import torch
 
         shape = (tuple(latents.shape), tuple(states.shape))
-        if shape not in self._shapes:
+        first = shape not in self._shapes
+        if first:
             logger.info("compiling the scoring UNet (torch.compile mode %s, batch %d): the first batch of this shape "
                         "takes minutes", self.mode, latents.shape[0])
         if self.cuda_graphs:
@@ -129,7 +130,6 @@ class CompiledForward:
             torch.compiler.cudagraph_mark_step_begin()
         # Guards check strides: an expanded (stride-0) caption batch must not compile a second graph.
         states, masks = states.contiguous(), masks.contiguous()
-        first = shape not in self._shapes
         try:
             with _no_silent_fallback():
                 layers, errors = self._compiled(latents, signal, noise_scale, noise, timesteps, states, masks)

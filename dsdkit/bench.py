@@ -203,16 +203,13 @@ def run_bench(config: BenchConfig, folder: str | os.PathLike | None = None) -> d
         warm_scoring = scoring.replace(num_timesteps=1) if scoring.timesteps.value == "discffusion" else scoring
 
         def measure(engine: str, batch: int, run, warm_up=None) -> None:
-            warm_up_s = None
+            begin = time.perf_counter()
             if warm_up is not None:
-                begin = time.perf_counter()
                 warm_up()
-                if cuda:
-                    torch.cuda.synchronize()
-                warm_up_s = round(time.perf_counter() - begin, 2)
             if cuda:
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()
+            warm_up_s = None if warm_up is None else round(time.perf_counter() - begin, 2)
             clock = _Clock()
             begin = time.perf_counter()
             scores = run(clock)
@@ -256,11 +253,12 @@ def run_bench(config: BenchConfig, folder: str | os.PathLike | None = None) -> d
                                   acceleration=acceleration).score(images, captions)
 
                 def compiled_warm_up(batch=batch, acceleration=acceleration):
-                    # Compiles (one static shape per batch size). Three batches: CUDA-graph trees run a shape
-                    # eagerly once, record it on the second call and replay from the third.
-                    for caption in captions[:3] if len(captions) >= 3 else captions[:1] * 3:
+                    # Compiles (one static shape per batch size). Three batches, each by a fresh scorer so nothing
+                    # is cached: CUDA-graph trees run a shape eagerly once, record it on the second call and replay
+                    # from the third.
+                    for _ in range(3):
                         Scorer(model, warm_scoring, batch_size=batch, acceleration=acceleration).score(
-                            images[:1], [caption])
+                            images[:1], captions[:1])
 
                 measure("pytorch-compiled", batch, compiled, compiled_warm_up)
                 # The engines measured after this one run as they would alone: contiguous weights, and no

@@ -110,6 +110,11 @@ PresetName = Enum("PresetName", {name: name for name in PRESETS}, type=str)
 
 # torch.compile modes of the PyTorch scorer (dsdkit.acceleration imports no torch at module level).
 CompileMode = Enum("CompileMode", {mode.replace("-", "_"): mode for mode in COMPILE_MODES}, type=str)
+CompileOption = Annotated[
+    CompileMode | None,
+    typer.Option("--compile", help="PyTorch scorer: torch.compile the scoring UNet (auto: CUDA graphs on a GPU) with "
+                 "channels-last weights; the first batch compiles (minutes)."),
+]
 
 
 class TinySize(str, Enum):
@@ -208,11 +213,7 @@ def match_command(
     strict: Annotated[
         bool, typer.Option(help="Fail on the first unusable image or blank caption line instead of skipping it.")
     ] = False,
-    compile: Annotated[
-        CompileMode | None,
-        typer.Option("--compile", help="PyTorch path: torch.compile the scoring UNet (auto: CUDA graphs on a GPU) with "
-                     "channels-last weights; the first batch compiles (minutes).")
-    ] = None,
+    compile: CompileOption = None,
 ) -> None:
     """Score every image against every caption and show the best caption per image.
 
@@ -466,11 +467,7 @@ def eval_command(
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
     dtype: Annotated[Precision, typer.Option(help="UNet precision.")] = Precision.fp32,
     output: Annotated[Path | None, typer.Option("--output", "-o", help="Write metrics and per-example scores (JSON).")] = None,
-    compile: Annotated[
-        CompileMode | None,
-        typer.Option("--compile", help="torch.compile the scoring UNet (auto: CUDA graphs on a GPU) with channels-last "
-                     "weights; the first batch compiles (minutes).")
-    ] = None,
+    compile: CompileOption = None,
 ) -> None:
     """Evaluate zero-shot or with adapters on a benchmark and report its own metrics."""
     from .evaluation import evaluate, write_report
