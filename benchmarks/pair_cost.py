@@ -54,7 +54,10 @@ def main(argv=None) -> int:
         latent = scorer.encode_images([image])[0].latent[None]
         text = scorer.encode_texts([caption])[0]
         steps = torch.tensor([len(scorer.timesteps) // 2])
-        x_t = scorer._signal[steps].view(-1, 1, 1, 1) * latent + scorer._noise_scale[steps].view(-1, 1, 1, 1) * scorer.noise[steps]
+        x_t = (
+            scorer._signal[steps].view(-1, 1, 1, 1) * latent
+            + scorer._noise_scale[steps].view(-1, 1, 1, 1) * scorer.noise[steps]
+        )
         t = scorer._timestep_tensor[steps]
 
         def timed(fn):
@@ -69,7 +72,9 @@ def main(argv=None) -> int:
         with torch.inference_mode():
             plain, plain_all = timed(lambda: model.unet(x_t, t, encoder_hidden_states=text.states[None]))
             with scoring_processors(model.unet, scorer._recorder):
-                scoring, scoring_all = timed(lambda: scorer._unet_pass(latent, steps, text.states[None], text.mask[None]))
+                scoring, scoring_all = timed(
+                    lambda: scorer._unet_pass(latent, steps, text.states[None], text.mask[None])
+                )
 
         fresh = Scorer(model, config, batch_size=1)
         start = time.perf_counter()
@@ -81,8 +86,11 @@ def main(argv=None) -> int:
         "date": datetime.date.today().isoformat(),
         "machine": machine(torch_threads=torch.get_num_threads(), device="cpu"),
         "versions": {"python": sys.version.split()[0], "torch": torch.__version__},
-        "model": {"size": args.size if not args.model else "given", "resolution": model.resolution,
-                  "unet_parameters": sum(p.numel() for p in model.unet.parameters())},
+        "model": {
+            "size": args.size if not args.model else "given",
+            "resolution": model.resolution,
+            "unet_parameters": sum(p.numel() for p in model.unet.parameters()),
+        },
         "precision": "fp32",
         "scoring": config.to_dict(),
         "unet_plain_s": plain,
@@ -98,8 +106,22 @@ def main(argv=None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"pair_cost-{record['model']['size']}-{record['date']}.json"
     path.write_text(json.dumps(record, indent=1) + "\n")
-    print(json.dumps({k: record[k] for k in ("unet_plain_s", "unet_scoring_s", "scoring_overhead_ratio",
-                                               "pair_score_s", "pair_unet_evaluations", "peak_rss_gb")}, indent=1))
+    print(
+        json.dumps(
+            {
+                k: record[k]
+                for k in (
+                    "unet_plain_s",
+                    "unet_scoring_s",
+                    "scoring_overhead_ratio",
+                    "pair_score_s",
+                    "pair_unet_evaluations",
+                    "peak_rss_gb",
+                )
+            },
+            indent=1,
+        )
+    )
     print(f"wrote {path}")
     return 0
 

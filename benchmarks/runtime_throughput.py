@@ -51,8 +51,11 @@ def main(argv=None) -> int:
         bundle = args.bundle
         if bundle is None:
             bundle = Path(scratch) / "bundle"
-            export_bundle(folder, bundle, config=ExportConfig(exporter="torchscript",
-                                                              parity=ParitySettings(images=2, captions=2)))
+            export_bundle(
+                folder,
+                bundle,
+                config=ExportConfig(exporter="torchscript", parity=ParitySettings(images=2, captions=2)),
+            )
         images, captions = parity_inputs(ParitySettings(images=args.images, captions=args.captions, seed=1))
         pairs = args.images * args.captions
 
@@ -69,8 +72,9 @@ def main(argv=None) -> int:
 
         started = time.perf_counter()
         model = load_model(folder, device="cpu", dtype="fp32")
-        scorer = Scorer(model, ScoringConfig.from_dict({**scoring, "num_timesteps": args.timesteps}),
-                        batch_size=args.batch_size)
+        scorer = Scorer(
+            model, ScoringConfig.from_dict({**scoring, "num_timesteps": args.timesteps}), batch_size=args.batch_size
+        )
         setup_torch = time.perf_counter() - started
         started = time.perf_counter()
         theirs = scorer.score(images, captions)
@@ -82,13 +86,28 @@ def main(argv=None) -> int:
         "machine": machine(),
         "versions": {"dsdkit": __version__, "torch": torch.__version__, "onnxruntime": onnxruntime.__version__},
         "model": f"random-weight {args.size}" if args.model is None else f"{args.size}: {Path(args.model).name}",
-        "job": {"images": args.images, "captions": args.captions, "pairs": pairs, "timesteps": args.timesteps,
-                "batch_size": args.batch_size, "unet_evaluations": evaluations, "preset": scoring["preset"],
-                "denoise_term": scoring["denoise_term"]},
-        "runtime_onnxruntime": {"seconds": round(runtime_s, 3), "pairs_per_s": round(pairs / runtime_s, 4),
-                                "evaluations_per_s": round(evaluations / runtime_s, 3), "setup_s": round(setup_runtime, 2)},
-        "pytorch": {"seconds": round(torch_s, 3), "pairs_per_s": round(pairs / torch_s, 4),
-                    "evaluations_per_s": round(evaluations / torch_s, 3), "setup_s": round(setup_torch, 2)},
+        "job": {
+            "images": args.images,
+            "captions": args.captions,
+            "pairs": pairs,
+            "timesteps": args.timesteps,
+            "batch_size": args.batch_size,
+            "unet_evaluations": evaluations,
+            "preset": scoring["preset"],
+            "denoise_term": scoring["denoise_term"],
+        },
+        "runtime_onnxruntime": {
+            "seconds": round(runtime_s, 3),
+            "pairs_per_s": round(pairs / runtime_s, 4),
+            "evaluations_per_s": round(evaluations / runtime_s, 3),
+            "setup_s": round(setup_runtime, 2),
+        },
+        "pytorch": {
+            "seconds": round(torch_s, 3),
+            "pairs_per_s": round(pairs / torch_s, 4),
+            "evaluations_per_s": round(evaluations / torch_s, 3),
+            "setup_s": round(setup_torch, 2),
+        },
         "ratio_runtime_over_pytorch": round(torch_s / runtime_s, 3),
         "max_abs_diff": float(np.abs(ours - theirs).max()),
     }

@@ -45,11 +45,29 @@ def main(argv=None) -> int:
         source = write_colour_shapes(scratch / "data", train=args.steps + 1, test=0)
         rows = [json.loads(line) for line in source.read_text().splitlines()]
         data = scratch / "data" / "bench.jsonl"
-        data.write_text("".join(json.dumps({**r, "captions": r["captions"][: args.candidates],
-                                            "positive": min(r["positive"], args.candidates - 1)}) + "\n" for r in rows))
-        config = TrainConfig(data=str(data), output=str(scratch / "run"), model=str(folder), adapter=args.adapter,
-                             scoring={"denoise_term": False}, eval_every_epoch=False, device="cpu",
-                             gradient_checkpointing=args.gradient_checkpointing)
+        data.write_text(
+            "".join(
+                json.dumps(
+                    {
+                        **r,
+                        "captions": r["captions"][: args.candidates],
+                        "positive": min(r["positive"], args.candidates - 1),
+                    }
+                )
+                + "\n"
+                for r in rows
+            )
+        )
+        config = TrainConfig(
+            data=str(data),
+            output=str(scratch / "run"),
+            model=str(folder),
+            adapter=args.adapter,
+            scoring={"denoise_term": False},
+            eval_every_epoch=False,
+            device="cpu",
+            gradient_checkpointing=args.gradient_checkpointing,
+        )
         trainer = Trainer(config)
         trainer.setup()
         from dsdkit.attention import scoring_processors
@@ -68,11 +86,18 @@ def main(argv=None) -> int:
         record = {
             "benchmark": "train_step",
             "date": datetime.date.today().isoformat(),
-            "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                        "device": "cpu"},
+            "machine": {
+                "platform": platform.platform(),
+                "cpus": os.cpu_count(),
+                "torch_threads": torch.get_num_threads(),
+                "device": "cpu",
+            },
             "versions": {"python": sys.version.split()[0], "torch": torch.__version__},
-            "model": {"size": args.size if not args.model else "given", "resolution": model.resolution,
-                      "unet_parameters": sum(p.numel() for p in model.unet.parameters())},
+            "model": {
+                "size": args.size if not args.model else "given",
+                "resolution": model.resolution,
+                "unet_parameters": sum(p.numel() for p in model.unet.parameters()),
+            },
             "adapter": args.adapter,
             "adapter_parameters": trainer.adapter.num_parameters(),
             "candidates_per_example": args.candidates,
@@ -84,8 +109,12 @@ def main(argv=None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"train_step-{record['model']['size']}-{args.adapter}-{record['date']}.json"
     path.write_text(json.dumps(record, indent=1) + "\n")
-    print(json.dumps({k: record[k] for k in ("step_s_median", "adapter_parameters", "candidates_per_example",
-                                               "peak_rss_gb")}, indent=1))
+    print(
+        json.dumps(
+            {k: record[k] for k in ("step_s_median", "adapter_parameters", "candidates_per_example", "peak_rss_gb")},
+            indent=1,
+        )
+    )
     print(f"wrote {path}")
     return 0
 

@@ -50,9 +50,18 @@ def __dir__():
 
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .config import PRESETS, ScoringConfig
-    from .errors import ConfigError, DsdkitError, InputError, ModelError, OutputError
-    from .matching import match
-    from .models import DEFAULT_MODEL, SD2Model, load_model
-    from .scorer import ScoreOutput, Scorer
-    from .tiny import write_tiny_model
+    # `name as name` marks these as re-exports (the names of __all__) for type checkers and linters.
+    from .config import PRESETS as PRESETS
+    from .config import ScoringConfig as ScoringConfig
+    from .errors import ConfigError as ConfigError
+    from .errors import DsdkitError as DsdkitError
+    from .errors import InputError as InputError
+    from .errors import ModelError as ModelError
+    from .errors import OutputError as OutputError
+    from .matching import match as match
+    from .models import DEFAULT_MODEL as DEFAULT_MODEL
+    from .models import SD2Model as SD2Model
+    from .models import load_model as load_model
+    from .scorer import ScoreOutput as ScoreOutput
+    from .scorer import Scorer as Scorer
+    from .tiny import write_tiny_model as write_tiny_model

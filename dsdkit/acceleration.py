@@ -28,8 +28,14 @@ from typing import Any
 
 from .errors import ConfigError, ModelError
 
-__all__ = ["COMPILE_MODES", "Acceleration", "CompiledForward", "compiled_forward", "release_compiled",
-           "set_channels_last"]
+__all__ = [
+    "COMPILE_MODES",
+    "Acceleration",
+    "CompiledForward",
+    "compiled_forward",
+    "release_compiled",
+    "set_channels_last",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -114,8 +120,9 @@ class CompiledForward:
     def _forward(self, latents, signal, noise_scale, noise, timesteps, states, masks):
         from .scorer import unet_pass
 
-        return unet_pass(self.model, self.recorder, latents, signal, noise_scale, noise, timesteps, states, masks,
-                         self.adapter)
+        return unet_pass(
+            self.model, self.recorder, latents, signal, noise_scale, noise, timesteps, states, masks, self.adapter
+        )
 
     def __call__(self, latents, signal, noise_scale, noise, timesteps, states, masks) -> tuple[Any, Any]:
         import torch
@@ -123,8 +130,12 @@ class CompiledForward:
         shape = (tuple(latents.shape), tuple(states.shape))
         first = shape not in self._shapes
         if first:
-            logger.info("compiling the scoring UNet (torch.compile mode %s, batch %d): the first batch of this shape "
-                        "takes minutes", self.mode, latents.shape[0])
+            logger.info(
+                "compiling the scoring UNet (torch.compile mode %s, batch %d): the first batch of this shape "
+                "takes minutes",
+                self.mode,
+                latents.shape[0],
+            )
         if self.cuda_graphs:
             # Inference loops must mark each new step, or CUDA-graph trees cannot tell when outputs may be reused.
             torch.compiler.cudagraph_mark_step_begin()

@@ -86,7 +86,9 @@ class AdapterConfig:
             raise ConfigError("adapter rank, feature_grid and hidden must be >= 1")
 
     def to_dict(self) -> dict[str, Any]:
-        return {f.name: getattr(getattr(self, f.name), "value", getattr(self, f.name)) for f in dataclasses.fields(self)}
+        return {
+            f.name: getattr(getattr(self, f.name), "value", getattr(self, f.name)) for f in dataclasses.fields(self)
+        }
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> AdapterConfig:
@@ -164,12 +166,15 @@ class Adapter(nn.Module):
         missing, unexpected = set(expected) - set(tensors), set(tensors) - set(expected)
         if missing or unexpected:
             raise ModelError(
-                f"adapter tensors do not fit this model: missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}"
+                f"adapter tensors do not fit this model: missing {sorted(missing)[:3]}, "
+                f"unexpected {sorted(unexpected)[:3]}"
             )
         with torch.no_grad():
             for name, target in expected.items():
                 if tensors[name].shape != target.shape:
-                    raise ModelError(f"adapter tensor {name} has shape {tuple(tensors[name].shape)}, expected {tuple(target.shape)}")
+                    raise ModelError(
+                        f"adapter tensor {name} has shape {tuple(tensors[name].shape)}, expected {tuple(target.shape)}"
+                    )
                 target.copy_(tensors[name])
 
 
@@ -195,7 +200,9 @@ class KVPromptAdapter(Adapter):
         feature_size = latent_channels * config.feature_grid**2
         with torch.random.fork_rng(devices=[]):  # nn.Linear draws from the global generator: seed it locally
             torch.manual_seed(config.init_seed + 1)
-            self.meta = nn.Sequential(nn.Linear(feature_size, config.hidden), nn.ReLU(), nn.Linear(config.hidden, rank))
+            self.meta = nn.Sequential(
+                nn.Linear(feature_size, config.hidden), nn.ReLU(), nn.Linear(config.hidden, rank)
+            )
 
     @property
     def conditioned(self) -> bool:
@@ -224,8 +231,12 @@ class KVPromptAdapter(Adapter):
             A, B, p = self.A[key].detach(), self.B[key].detach(), self.p[key].detach()
             deltas[name] = B @ torch.diag(p) @ A
             conditioned[name] = (A.clone(), B.clone())
-        return FoldedAdapter(deltas, conditioned, {k: v.detach().clone() for k, v in self.meta.state_dict().items()},
-                             self.config.feature_grid)
+        return FoldedAdapter(
+            deltas,
+            conditioned,
+            {k: v.detach().clone() for k, v in self.meta.state_dict().items()},
+            self.config.feature_grid,
+        )
 
     def flat_state(self):
         out = {}
@@ -381,9 +392,13 @@ def read_adapter_header(path: str | os.PathLike) -> dict[str, Any]:
         with safe_open(str(path), framework="pt") as handle:
             metadata = handle.metadata() or {}
     except Exception as exc:  # noqa: BLE001 - any parse failure is a bad file
-        raise ModelError(f"{path}: not a safetensors adapter file ({type(exc).__name__}); re-save or re-train it") from None
+        raise ModelError(
+            f"{path}: not a safetensors adapter file ({type(exc).__name__}); re-save or re-train it"
+        ) from None
     if "dsdkit" not in metadata:
-        raise ModelError(f"{path}: safetensors file without a dsdkit adapter header; convert it with `dsdkit adapters`")
+        raise ModelError(
+            f"{path}: safetensors file without a dsdkit adapter header; convert it with `dsdkit adapters`"
+        )
     try:
         header = json.loads(metadata["dsdkit"])
     except json.JSONDecodeError:
@@ -409,8 +424,8 @@ def check_scoring_matches(path: str | os.PathLike, trained: ScoringConfig, scori
     if differ:
         raise ConfigError(
             f"{path} was trained with another scoring config ({', '.join(f'{k}={mine[k]}' for k in differ)}; this "
-            f"run asks for {', '.join(f'{k}={theirs[k]}' for k in differ)}); leave out --preset and those knob options "
-            "to score the way the adapter was trained, or retrain the adapter"
+            f"run asks for {', '.join(f'{k}={theirs[k]}' for k in differ)}); leave out --preset and those knob "
+            "options to score the way the adapter was trained, or retrain the adapter"
         )
 
 

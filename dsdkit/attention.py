@@ -23,8 +23,13 @@ from .errors import ModelError
 from .pooling import pool_layer
 
 __all__ = [
-    "cross_attention_layers", "select_layers", "Recorder", "ScoringAttnProcessor", "build_scoring_processors",
-    "installed", "scoring_processors",
+    "cross_attention_layers",
+    "select_layers",
+    "Recorder",
+    "ScoringAttnProcessor",
+    "build_scoring_processors",
+    "installed",
+    "scoring_processors",
 ]
 
 
@@ -67,7 +72,9 @@ def select_layers(unet, layers: LayerSet) -> list[str]:
         else:
             selected += [attention[-1] for attention in blocks[-1]]
     if not selected:
-        raise ModelError("the UNet has no cross-attention layers; DSD needs an SD2-architecture (text-conditioned) UNet")
+        raise ModelError(
+            "the UNet has no cross-attention layers; DSD needs an SD2-architecture (text-conditioned) UNet"
+        )
     return selected
 
 

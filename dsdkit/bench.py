@@ -46,8 +46,16 @@ logger = logging.getLogger(__name__)
 ENGINES = ("pytorch", "pytorch-compiled", "reference", "onnxruntime", "tensorrt")
 BUNDLE_ENGINES = ("onnxruntime", "tensorrt")
 # Dense (no sparsity) tensor-core peaks in TFLOP/s for fp16/bf16, from NVIDIA's datasheets.
-DENSE_PEAK_TFLOPS = {"H100 SXM": 989.0, "H100 PCIe": 756.0, "H100 NVL": 835.0, "H200": 989.0, "A100": 312.0,
-                     "L40S": 362.0, "L4": 121.0, "A10": 125.0}
+DENSE_PEAK_TFLOPS = {
+    "H100 SXM": 989.0,
+    "H100 PCIe": 756.0,
+    "H100 NVL": 835.0,
+    "H200": 989.0,
+    "A100": 312.0,
+    "L40S": 362.0,
+    "L4": 121.0,
+    "A10": 125.0,
+}
 AGREEMENT_TOLERANCE = 1e-5
 # Compiled vs eager scores: the export's parity gates (absolute + relative to |eager score|), by UNet precision.
 # bf16 keeps 7 mantissa bits to fp16's 10: its gate is fp16's times 8 (not yet measured on a GPU).
@@ -130,7 +138,9 @@ def unet_flop_counts(scorer) -> dict[str, int]:
     model = scorer.model
     latent = scorer.resolution // model.vae_scale_factor
     z0 = torch.zeros(1, model.latent_channels, latent, latent, device=model.device)
-    states = torch.zeros(1, model.tokenizer.max_length, int(model.text_encoder.config.hidden_size), device=model.device)
+    states = torch.zeros(
+        1, model.tokenizer.max_length, int(model.text_encoder.config.hidden_size), device=model.device
+    )
     mask = torch.ones(1, model.tokenizer.max_length, device=model.device)
     recorder = Recorder(scorer.layer_names, scorer.config)
     signal, noise_scale, timesteps = scorer.noising(torch.tensor([0]))
@@ -153,8 +163,11 @@ def unet_flop_counts(scorer) -> dict[str, int]:
     attention = 0
     for name, module in model.unet.named_modules():
         if hasattr(module, "to_q") and hasattr(module, "to_out") and f"{root}.{name}" in by_module:
-            projections = sum(by_module.get(f"{root}.{name}.{child}", 0)
-                              for child, submodule in module.named_modules() if isinstance(submodule, torch.nn.Linear))
+            projections = sum(
+                by_module.get(f"{root}.{name}.{child}", 0)
+                for child, submodule in module.named_modules()
+                if isinstance(submodule, torch.nn.Linear)
+            )
             attention += by_module[f"{root}.{name}"] - projections
     return {"total": int(counter.get_total_flops()), "attention_scores": attention}
 
@@ -218,30 +231,46 @@ def run_bench(config: BenchConfig, folder: str | os.PathLike | None = None) -> d
             seconds = time.perf_counter() - begin
             evals_per_s = clock.evaluations / seconds
             row = {
-                "engine": engine, "batch": batch, "seconds": round(seconds, 3), "pairs_per_s": round(pairs / seconds, 5),
-                "unet_evaluations": clock.evaluations, "evaluations_per_s": round(evals_per_s, 4),
-                "latency_per_batch_ms": clock.latency_ms(), "peak_rss_gb_so_far": round(_peak_rss_gb(), 2),
+                "engine": engine,
+                "batch": batch,
+                "seconds": round(seconds, 3),
+                "pairs_per_s": round(pairs / seconds, 5),
+                "unet_evaluations": clock.evaluations,
+                "evaluations_per_s": round(evals_per_s, 4),
+                "latency_per_batch_ms": clock.latency_ms(),
+                "peak_rss_gb_so_far": round(_peak_rss_gb(), 2),
                 "peak_device_gb": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
                 "achieved_gflop_per_s": round(evals_per_s * flops / 1e9, 2),  # useful UNet work only (no padding)
                 "mfu": round(evals_per_s * flops / (peak * 1e12), 4) if peak else None,
                 "warm_up_s": warm_up_s,
             }
-            logger.info("%-26s batch %3d: %8.2f s, %.4g pairs/s, %.4g UNet evals/s", engine, batch, seconds,
-                        row["pairs_per_s"], row["evaluations_per_s"])
+            logger.info(
+                "%-26s batch %3d: %8.2f s, %.4g pairs/s, %.4g UNet evals/s",
+                engine,
+                batch,
+                seconds,
+                row["pairs_per_s"],
+                row["evaluations_per_s"],
+            )
             rows.append(row)
             results[(engine, batch)] = scores
 
         for batch in config.batch_sizes:
             if "pytorch" in config.engines:
+
                 def ours(clock, batch=batch):
                     return Scorer(model, scoring, batch_size=batch, progress=clock).score(images, captions)
 
-                measure("pytorch", batch, ours, lambda batch=batch: Scorer(model, warm_scoring, batch_size=batch)
-                        .score(images[:1], captions[:1]))
+                measure(
+                    "pytorch",
+                    batch,
+                    ours,
+                    lambda batch=batch: Scorer(model, warm_scoring, batch_size=batch).score(images[:1], captions[:1]),
+                )
                 if config.check and "reference" in config.engines and not scoring.uncond_in_attention:
                     b3 = scoring.replace(uncond_in_attention=True)
 
-                    def ours_b3(clock, batch=batch):
+                    def ours_b3(clock, batch=batch, b3=b3):
                         return Scorer(model, b3, batch_size=batch, progress=clock).score(images, captions)
 
                     measure("pytorch (B3 on)", batch, ours_b3)
@@ -249,8 +278,9 @@ def run_bench(config: BenchConfig, folder: str | os.PathLike | None = None) -> d
                 acceleration = Acceleration(compile=config.compile_mode)
 
                 def compiled(clock, batch=batch, acceleration=acceleration):
-                    return Scorer(model, scoring, batch_size=batch, progress=clock,
-                                  acceleration=acceleration).score(images, captions)
+                    return Scorer(model, scoring, batch_size=batch, progress=clock, acceleration=acceleration).score(
+                        images, captions
+                    )
 
                 def compiled_warm_up(batch=batch, acceleration=acceleration):
                     # Compiles (one static shape per batch size). Three batches, each by a fresh scorer so nothing
@@ -258,7 +288,8 @@ def run_bench(config: BenchConfig, folder: str | os.PathLike | None = None) -> d
                     # from the third.
                     for _ in range(3):
                         Scorer(model, warm_scoring, batch_size=batch, acceleration=acceleration).score(
-                            images[:1], captions[:1])
+                            images[:1], captions[:1]
+                        )
 
                 measure("pytorch-compiled", batch, compiled, compiled_warm_up)
                 # The engines measured after this one run as they would alone: contiguous weights, and no
@@ -269,16 +300,24 @@ def run_bench(config: BenchConfig, folder: str | os.PathLike | None = None) -> d
                 from .runtime import Matcher
 
                 def runtime(clock, batch=batch, backend=backend):
-                    with Matcher.from_bundle(config.bundle, backend=backend, device=runtime_device,
-                                             num_timesteps=config.timesteps if
-                                             scoring.timesteps.value == "discffusion" else None,
-                                             batch_size=batch, progress=clock) as matcher:
+                    with Matcher.from_bundle(
+                        config.bundle,
+                        backend=backend,
+                        device=runtime_device,
+                        num_timesteps=config.timesteps if scoring.timesteps.value == "discffusion" else None,
+                        batch_size=batch,
+                        progress=clock,
+                    ) as matcher:
                         return matcher.score(images, captions)
 
                 def runtime_warm_up(batch=batch, backend=backend):
-                    with Matcher.from_bundle(config.bundle, backend=backend, device=runtime_device,
-                                             num_timesteps=1 if scoring.timesteps.value == "discffusion" else None,
-                                             batch_size=batch) as matcher:
+                    with Matcher.from_bundle(
+                        config.bundle,
+                        backend=backend,
+                        device=runtime_device,
+                        num_timesteps=1 if scoring.timesteps.value == "discffusion" else None,
+                        batch_size=batch,
+                    ) as matcher:
                         matcher.score(images[:1], captions[:1])
 
                 measure(backend, batch, runtime, runtime_warm_up)
@@ -286,11 +325,24 @@ def run_bench(config: BenchConfig, folder: str | os.PathLike | None = None) -> d
             reference_config = scoring.replace(uncond_in_attention=True) if config.check else scoring
 
             def reference(clock):
-                return reference_scores(Scorer(model, reference_config, batch_size=2), images, captions, progress=clock)
+                return reference_scores(
+                    Scorer(model, reference_config, batch_size=2), images, captions, progress=clock
+                )
 
-            measure("reference", 2, reference, lambda: reference_scores(
-                Scorer(model, warm_scoring.replace(uncond_in_attention=reference_config.uncond_in_attention),
-                       batch_size=2), images[:1], captions[:1]))
+            measure(
+                "reference",
+                2,
+                reference,
+                lambda: reference_scores(
+                    Scorer(
+                        model,
+                        warm_scoring.replace(uncond_in_attention=reference_config.uncond_in_attention),
+                        batch_size=2,
+                    ),
+                    images[:1],
+                    captions[:1],
+                ),
+            )
 
     record = {
         "benchmark": "dsdkit bench",
@@ -298,8 +350,12 @@ def run_bench(config: BenchConfig, folder: str | os.PathLike | None = None) -> d
         "machine": _machine(torch, cuda, model.device),
         "versions": {"dsdkit": __version__, "python": sys.version.split()[0], "torch": torch.__version__},
         "config": dataclasses.asdict(config),
-        "model": {"source": str(config.model or f"random-weight {config.size}"), "resolution": probe.resolution,
-                  "unet_parameters": int(sum(p.numel() for p in model.unet.parameters())), "load_s": round(load_s, 2)},
+        "model": {
+            "source": str(config.model or f"random-weight {config.size}"),
+            "resolution": probe.resolution,
+            "unet_parameters": int(sum(p.numel() for p in model.unet.parameters())),
+            "load_s": round(load_s, 2),
+        },
         "unet_gflops_per_evaluation": round(flops / 1e9, 3),
         "unet_gflops_attention_scores": round(flop_counts["attention_scores"] / 1e9, 3),
         "device_dense_peak_tflops": peak,
@@ -318,11 +374,19 @@ def run_bench(config: BenchConfig, folder: str | os.PathLike | None = None) -> d
 def _machine(torch, cuda: bool, device) -> dict[str, Any]:
     cpu = "unknown"
     try:
-        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                   if line.startswith("model name"))
+        cpu = next(
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        )
     except (OSError, StopIteration):
         cpu = platform.processor() or cpu
-    info = {"platform": platform.platform(), "cpu": cpu, "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads()}
+    info = {
+        "platform": platform.platform(),
+        "cpu": cpu,
+        "cpus": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+    }
     if cuda:
         info["gpu"] = torch.cuda.get_device_name(device)
     return info
@@ -330,17 +394,22 @@ def _machine(torch, cuda: bool, device) -> dict[str, Any]:
 
 def _compiled_parity(results, config: BenchConfig) -> dict[str, Any] | None:
     """Compiled vs eager scores at each batch size both ran, against the export's parity gate for the precision."""
-    pairs = [(results[("pytorch-compiled", b)], results[("pytorch", b)]) for e, b in results
-             if e == "pytorch-compiled" and ("pytorch", b) in results]
+    pairs = [
+        (results[("pytorch-compiled", b)], results[("pytorch", b)])
+        for e, b in results
+        if e == "pytorch-compiled" and ("pytorch", b) in results
+    ]
     if not pairs:
         return None
     atol, rtol = ACCELERATION_TOLERANCE[config.dtype]
     diff = max(float(np.abs(c - e).max()) for c, e in pairs)
     excess = max(float((np.abs(c - e) - (atol + rtol * np.abs(e))).max()) for c, e in pairs)
     if excess > 0:
-        raise ConfigError(f"bench: compiled and eager scores differ by up to {diff:.3g}, beyond the parity gate "
-                          f"{atol:g} + {rtol:g}*|score| for {config.dtype}: torch.compile changed the computation "
-                          "here; score without --compile and report your torch version")
+        raise ConfigError(
+            f"bench: compiled and eager scores differ by up to {diff:.3g}, beyond the parity gate "
+            f"{atol:g} + {rtol:g}*|score| for {config.dtype}: torch.compile changed the computation "
+            "here; score without --compile and report your torch version"
+        )
     return {"max_abs_diff": diff, "atol": atol, "rtol": rtol, "ok": True}
 
 
@@ -357,11 +426,14 @@ def _ratios(rows, results, config: BenchConfig) -> dict[str, Any]:
         diff = float(np.abs(results[b3[0]] - results[("reference", 2)]).max())
         out["agreement"] = {"max_abs_diff": diff, "tolerance": AGREEMENT_TOLERANCE, "ok": diff <= AGREEMENT_TOLERANCE}
         if diff > AGREEMENT_TOLERANCE:
-            raise ConfigError(f"bench: the reference computation and our scorer (B3 on) differ by {diff:.3g} > "
-                              f"{AGREEMENT_TOLERANCE:g}; ratios would compare different computations")
+            raise ConfigError(
+                f"bench: the reference computation and our scorer (B3 on) differ by {diff:.3g} > "
+                f"{AGREEMENT_TOLERANCE:g}; ratios would compare different computations"
+            )
     out["ratios_vs_reference"] = {
         f"{r['engine']} batch {r['batch']}": round(r["pairs_per_s"] / reference["pairs_per_s"], 3)
-        for r in rows if r["engine"] != "reference"
+        for r in rows
+        if r["engine"] != "reference"
     }
     return out
 
@@ -376,8 +448,7 @@ def format_record(record: dict[str, Any]) -> str:
         f"UNet {record['unet_gflops_per_evaluation']:.4g} GFLOP/evaluation (counted; "
         f"{record['unet_gflops_attention_scores']:.4g} of them in attention QKᵀ/PV products)",
         f"{'engine':<18}{'batch':>6}{'seconds':>10}{'pairs/s':>11}{'evals/s':>10}{'ms/batch':>10}{'GFLOP/s':>10}"
-        f"{'ratio':>8}"
-        + ("   MFU" if record.get("device_dense_peak_tflops") else ""),
+        f"{'ratio':>8}" + ("   MFU" if record.get("device_dense_peak_tflops") else ""),
     ]
     ratios = record.get("ratios_vs_reference", {})
     for row in record["rows"]:
@@ -389,15 +460,24 @@ def format_record(record: dict[str, Any]) -> str:
             f"{'' if ratio is None else f'{ratio:.2f}x':>8}" + (f"  {row['mfu']:.1%}" if row.get("mfu") else "")
         )
     if len(record["config"]["batch_sizes"]) > 1 and record.get("best_batch"):
-        lines.append("best batch: " + ", ".join(f"{engine} {batch}" for engine, batch in record["best_batch"].items()
-                                                if engine != "reference"))
+        lines.append(
+            "best batch: "
+            + ", ".join(f"{engine} {batch}" for engine, batch in record["best_batch"].items() if engine != "reference")
+        )
     if "compiled_vs_eager" in record:
         parity = record["compiled_vs_eager"]
-        lines.append(f"pytorch-compiled vs pytorch: max abs diff {parity['max_abs_diff']:.2g} "
-                     f"(gate {parity['atol']:g} + {parity['rtol']:g}*|score|); compile/warm-up " + ", ".join(
-                         f"{row['warm_up_s']:.0f} s at batch {row['batch']}" for row in record["rows"]
-                         if row["engine"] == "pytorch-compiled"))
+        lines.append(
+            f"pytorch-compiled vs pytorch: max abs diff {parity['max_abs_diff']:.2g} "
+            f"(gate {parity['atol']:g} + {parity['rtol']:g}*|score|); compile/warm-up "
+            + ", ".join(
+                f"{row['warm_up_s']:.0f} s at batch {row['batch']}"
+                for row in record["rows"]
+                if row["engine"] == "pytorch-compiled"
+            )
+        )
     if "agreement" in record:
-        lines.append(f"reference vs pytorch (B3 on): max abs diff {record['agreement']['max_abs_diff']:.2g} "
-                     f"(tolerance {record['agreement']['tolerance']:g})")
+        lines.append(
+            f"reference vs pytorch (B3 on): max abs diff {record['agreement']['max_abs_diff']:.2g} "
+            f"(tolerance {record['agreement']['tolerance']:g})"
+        )
     return "\n".join(lines)

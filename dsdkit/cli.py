@@ -40,7 +40,9 @@ class _State:
 
 
 def _configure_logging(verbose: int, quiet: bool) -> None:
-    level = logging.ERROR if quiet else (logging.DEBUG if verbose > 1 else logging.INFO if verbose else logging.WARNING)
+    level = (
+        logging.ERROR if quiet else (logging.DEBUG if verbose > 1 else logging.INFO if verbose else logging.WARNING)
+    )
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
     root = logging.getLogger("dsdkit")
@@ -94,7 +96,8 @@ def cli_errors(command):
             if _State.debug:
                 raise
             typer.echo(
-                f"internal error: {type(exc).__name__}: {exc} (a dsdkit bug: rerun with --debug and report the traceback)",
+                f"internal error: {type(exc).__name__}: {exc} "
+                "(a dsdkit bug: rerun with --debug and report the traceback)",
                 err=True,
             )
             raise typer.Exit(1) from None
@@ -112,8 +115,11 @@ PresetName = Enum("PresetName", {name: name for name in PRESETS}, type=str)
 CompileMode = Enum("CompileMode", {mode.replace("-", "_"): mode for mode in COMPILE_MODES}, type=str)
 CompileOption = Annotated[
     CompileMode | None,
-    typer.Option("--compile", help="PyTorch scorer: torch.compile the scoring UNet (auto: CUDA graphs on a GPU) with "
-                 "channels-last weights; the first batch compiles (minutes)."),
+    typer.Option(
+        "--compile",
+        help="PyTorch scorer: torch.compile the scoring UNet (auto: CUDA graphs on a GPU) with "
+        "channels-last weights; the first batch compiles (minutes).",
+    ),
 ]
 
 
@@ -134,7 +140,9 @@ def _value(option):
 @cli_errors
 def tiny_model(
     folder: Annotated[Path, typer.Argument(help="Where to write the model folder (must be new or empty).")],
-    size: Annotated[TinySize, typer.Option(help="micro / tiny: seconds, ~20-50 MB; full: SD2-2.1-base size, ~5 GB.")] = TinySize.tiny,
+    size: Annotated[
+        TinySize, typer.Option(help="micro / tiny: seconds, ~20-50 MB; full: SD2-2.1-base size, ~5 GB.")
+    ] = TinySize.tiny,
     seed: Annotated[int, typer.Option(help="Seed of the random weights.")] = 0,
     overwrite: Annotated[bool, typer.Option(help="Replace a folder made earlier by tiny-model.")] = False,
 ) -> None:
@@ -142,7 +150,9 @@ def tiny_model(
     from .tiny import write_tiny_model
 
     write_tiny_model(folder, size=size.value, seed=seed, overwrite=overwrite)
-    typer.echo(f"wrote {size.value} random-weight SD2-architecture model to {folder} (for testing: scores are meaningless)")
+    typer.echo(
+        f"wrote {size.value} random-weight SD2-architecture model to {folder} (for testing: scores are meaningless)"
+    )
 
 
 @app.command("tiny-data")
@@ -166,10 +176,12 @@ def match_command(
     images: Annotated[Path, typer.Argument(help="A folder of images, or a text file with one image path per line.")],
     captions: Annotated[Path, typer.Argument(help="A text file with one caption per line (UTF-8).")],
     model: Annotated[
-        str | None, typer.Option(help="Diffusers SD2 folder or hub id. Default: stabilityai/stable-diffusion-2-1-base.")
+        str | None,
+        typer.Option(help="Diffusers SD2 folder or hub id. Default: stabilityai/stable-diffusion-2-1-base."),
     ] = None,
     output: Annotated[
-        Path | None, typer.Option("--output", "-o", help="Result file: .csv (matrix), .json or .jsonl (matrix + top-k).")
+        Path | None,
+        typer.Option("--output", "-o", help="Result file: .csv (matrix), .json or .jsonl (matrix + top-k)."),
     ] = None,
     preset: Annotated[
         PresetName | None, typer.Option(help="Scoring preset (DESIGN.md). Default: the adapter's, else discffusion.")
@@ -177,8 +189,12 @@ def match_command(
     timesteps: Annotated[int | None, typer.Option(help="S for the discffusion timestep table (default 30).")] = None,
     batch_size: Annotated[int, typer.Option(help="UNet batch size (scores do not depend on it).")] = 8,
     top_k: Annotated[int, typer.Option(help="Best captions per image / images per caption in JSON outputs.")] = 5,
-    per_layer: Annotated[bool, typer.Option(help="Also write each scored layer's attention term (JSON outputs).")] = False,
-    adapters: Annotated[Path | None, typer.Option(help="Adapter file from `dsdkit train` (default: zero-shot).")] = None,
+    per_layer: Annotated[
+        bool, typer.Option(help="Also write each scored layer's attention term (JSON outputs).")
+    ] = False,
+    adapters: Annotated[
+        Path | None, typer.Option(help="Adapter file from `dsdkit train` (default: zero-shot).")
+    ] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
     dtype: Annotated[Precision, typer.Option(help="UNet precision; scores are pooled in fp32.")] = Precision.fp32,
     pooling: Annotated[Pooling | None, typer.Option(help="Override the preset's pooling.")] = None,
@@ -195,7 +211,9 @@ def match_command(
     ] = None,
     uncond_in_attention: Annotated[
         bool | None,
-        typer.Option("--uncond-in-attention/--no-uncond-in-attention", help="Mix empty-caption rows in (authors' B3)."),
+        typer.Option(
+            "--uncond-in-attention/--no-uncond-in-attention", help="Mix empty-caption rows in (authors' B3)."
+        ),
     ] = None,
     normalize: Annotated[
         Normalization | None, typer.Option(help="uncond: subtract the empty caption's score (for ranking images).")
@@ -209,7 +227,9 @@ def match_command(
     backend: Annotated[str, typer.Option(help="Bundle backend: auto, onnxruntime or tensorrt.")] = "auto",
     chunk_size: Annotated[int, typer.Option(help="Images per chunk (memory stays flat; the unit of --resume).")] = 64,
     resume: Annotated[bool, typer.Option(help="Continue an interrupted run from <output>.partial/.")] = False,
-    dry_run: Annotated[bool, typer.Option(help="Print pairs, UNet evaluations and an estimated time; score nothing.")] = False,
+    dry_run: Annotated[
+        bool, typer.Option(help="Print pairs, UNet evaluations and an estimated time; score nothing.")
+    ] = False,
     strict: Annotated[
         bool, typer.Option(help="Fail on the first unusable image or blank caption line instead of skipping it.")
     ] = False,
@@ -220,25 +240,45 @@ def match_command(
     Unusable images (unreadable, corrupt, truncated, over the pixel limit) and blank caption lines are skipped with
     a one-line reason and listed in <output stem>.skipped.json; --strict makes them an error instead.
     """
-    from .config import ScoringConfig
     from .errors import ConfigError
     from .matching import match
 
-    knobs_given = [name for name, value in {
-        "--preset": preset, "--pooling": pooling, "--lambda": lse_lambda,
-        "--tokens": tokens, "--layers": layers, "--heads": heads, "--schedule": schedule, "--noise-levels": noise_levels,
-        "--denoise/--no-denoise": denoise, "--uncond-in-attention": uncond_in_attention, "--normalize": normalize,
-        "--resize": resize, "--resolution": resolution, "--seed": seed, "--adapters": adapters, "--model": model,
-        "--dtype": None if dtype is Precision.fp32 else dtype}.items() if value is not None]
+    knobs_given = [
+        name
+        for name, value in {
+            "--preset": preset,
+            "--pooling": pooling,
+            "--lambda": lse_lambda,
+            "--tokens": tokens,
+            "--layers": layers,
+            "--heads": heads,
+            "--schedule": schedule,
+            "--noise-levels": noise_levels,
+            "--denoise/--no-denoise": denoise,
+            "--uncond-in-attention": uncond_in_attention,
+            "--normalize": normalize,
+            "--resize": resize,
+            "--resolution": resolution,
+            "--seed": seed,
+            "--adapters": adapters,
+            "--model": model,
+            "--dtype": None if dtype is Precision.fp32 else dtype,
+        }.items()
+        if value is not None
+    ]
     if bundle is not None and knobs_given:
-        raise ConfigError(f"{', '.join(knobs_given)}: a bundle fixes the model, adapter and scoring config at export "
-                          "(only --timesteps can change); re-export with `dsdkit export` to change them")
+        raise ConfigError(
+            f"{', '.join(knobs_given)}: a bundle fixes the model, adapter and scoring config at export "
+            "(only --timesteps can change); re-export with `dsdkit export` to change them"
+        )
     levels = None
     if noise_levels is not None:
         try:
             levels = tuple(float(v) for v in noise_levels.split(",") if v.strip())
         except ValueError:
-            raise ConfigError(f"--noise-levels {noise_levels!r}: expected comma-separated numbers like 0.2,0.4") from None
+            raise ConfigError(
+                f"--noise-levels {noise_levels!r}: expected comma-separated numbers like 0.2,0.4"
+            ) from None
     if adapters is not None and preset is None:
         # Score the way the adapter was trained, with any knob given here on top.
         from .adapters import read_adapter_header
@@ -267,9 +307,19 @@ def match_command(
     if dry_run:
         from .matching import plan_match
 
-        plan = plan_match(images, captions, model=model, config=config, batch_size=batch_size, device=device,
-                          dtype=dtype.value, adapters=adapters, bundle=bundle, backend=backend,
-                          num_timesteps=timesteps if bundle is not None else None)
+        plan = plan_match(
+            images,
+            captions,
+            model=model,
+            config=config,
+            batch_size=batch_size,
+            device=device,
+            dtype=dtype.value,
+            adapters=adapters,
+            bundle=bundle,
+            backend=backend,
+            num_timesteps=timesteps if bundle is not None else None,
+        )
         typer.echo(_format_plan(plan))
         return
     with _progress_bar() as progress:
@@ -299,10 +349,12 @@ def match_command(
         from .matching import skipped_report_path
 
         skipped = result.meta["skipped"]
-        typer.echo(f"wrote {len(result.images)} x {len(result.captions)} scores to {output} "
-                   f"({len(skipped['images'])} images and {len(skipped['caption_lines'])} caption lines skipped, "
-                   f"{len(result.meta.get('truncated_captions', {}))} captions truncated: "
-                   f"{skipped_report_path(output)})")
+        typer.echo(
+            f"wrote {len(result.images)} x {len(result.captions)} scores to {output} "
+            f"({len(skipped['images'])} images and {len(skipped['caption_lines'])} caption lines skipped, "
+            f"{len(result.meta.get('truncated_captions', {}))} captions truncated: "
+            f"{skipped_report_path(output)})"
+        )
 
 
 def _scoring_config(preset: str | None, base: dict | None, **knobs):
@@ -320,15 +372,17 @@ def _format_plan(plan: dict) -> str:
         return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
     t = plan["calibration"]
-    return "\n".join([
-        f"job        {plan['images']} images x {plan['captions']} captions = {plan['pairs']:,} pairs, "
-        f"S = {plan['timesteps']} timesteps"
-        + (f" ({plan['skipped_images']} unusable images skipped)" if plan.get("skipped_images") else ""),
-        f"work       {plan['unet_evaluations']:,} UNet evaluations in batches of {plan['batch_size']}",
-        f"calibrated {plan['engine']}: {t['batch_s']:.3g} s per batch, {t['image_s']:.3g} s per image encoding, "
-        f"{t['caption_s']:.3g} s per caption encoding",
-        f"estimate   {clock(plan['estimated_seconds'])} (h:mm:ss) for the whole job",
-    ])
+    return "\n".join(
+        [
+            f"job        {plan['images']} images x {plan['captions']} captions = {plan['pairs']:,} pairs, "
+            f"S = {plan['timesteps']} timesteps"
+            + (f" ({plan['skipped_images']} unusable images skipped)" if plan.get("skipped_images") else ""),
+            f"work       {plan['unet_evaluations']:,} UNet evaluations in batches of {plan['batch_size']}",
+            f"calibrated {plan['engine']}: {t['batch_s']:.3g} s per batch, {t['image_s']:.3g} s per image encoding, "
+            f"{t['caption_s']:.3g} s per caption encoding",
+            f"estimate   {clock(plan['estimated_seconds'])} (h:mm:ss) for the whole job",
+        ]
+    )
 
 
 def parse_knobs(values: list[str] | None) -> dict:
@@ -385,29 +439,39 @@ class FormatChoice(str, Enum):
 
 SetOption = Annotated[
     list[str] | None,
-    typer.Option("--set", help="Any scoring knob as knob=value (repeatable), e.g. --set lse_lambda=3 --set tokens=all."),
+    typer.Option(
+        "--set", help="Any scoring knob as knob=value (repeatable), e.g. --set lse_lambda=3 --set tokens=all."
+    ),
 ]
 
 
 @app.command("train")
 @cli_errors
 def train_command(
-    data: Annotated[Path, typer.Argument(help="Dataset file (JSONL, ComVG CSV, SugarCrepe JSON, Winoground, RefCOCOg).")],
-    output: Annotated[Path, typer.Option("--output", "-o", help="Run folder (checkpoints, final adapter).")] = Path("dsd-run"),
+    data: Annotated[
+        Path, typer.Argument(help="Dataset file (JSONL, ComVG CSV, SugarCrepe JSON, Winoground, RefCOCOg).")
+    ],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Run folder (checkpoints, final adapter).")] = Path(
+        "dsd-run"
+    ),
     model: Annotated[str | None, typer.Option(help="SD2 folder or hub id.")] = None,
     data_format: Annotated[FormatChoice, typer.Option("--format", help="Dataset format.")] = FormatChoice.auto,
     image_root: Annotated[Path | None, typer.Option(help="Folder image paths are relative to.")] = None,
     adapter: Annotated[AdapterChoice, typer.Option(help="Adapter kind.")] = AdapterChoice.kv_prompt,
     rank: Annotated[int | None, typer.Option(help="Adapter rank (default 8 kv-prompt, 4 lora).")] = None,
-    preset: Annotated[PresetName, typer.Option(help="Scoring preset.")] = PresetName("discffusion"),
+    preset: Annotated[PresetName, typer.Option(help="Scoring preset.")] = PresetName.discffusion,
     timesteps: Annotated[int | None, typer.Option(help="S of the discffusion table.")] = None,
     denoise: Annotated[bool | None, typer.Option("--denoise/--no-denoise", help="Denoising term.")] = None,
     knobs: SetOption = None,
-    loss: Annotated[LossChoice, typer.Option(help="ce (default), bce (paper Eq. 6) or hinge (authors').")] = LossChoice.ce,
+    loss: Annotated[
+        LossChoice, typer.Option(help="ce (default), bce (paper Eq. 6) or hinge (authors').")
+    ] = LossChoice.ce,
     margin: Annotated[float, typer.Option(help="Hinge margin.")] = 0.1,
     shots: Annotated[int | None, typer.Option(help="Train on this many examples (seeded random).")] = None,
     fraction: Annotated[float | None, typer.Option(help="Train on this fraction of the examples.")] = None,
-    first: Annotated[bool, typer.Option(help="Take the first rows instead of a random sample (authors' splits).")] = False,
+    first: Annotated[
+        bool, typer.Option(help="Take the first rows instead of a random sample (authors' splits).")
+    ] = False,
     train_split: Annotated[str | None, typer.Option(help="Split to train on.")] = None,
     eval_split: Annotated[str | None, typer.Option(help="Held-out split evaluated after each epoch.")] = None,
     eval_fraction: Annotated[float, typer.Option(help="Held-out fraction when the dataset has no splits.")] = 0.2,
@@ -422,7 +486,9 @@ def train_command(
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
     seed: Annotated[int, typer.Option(help="Seed of sampling, noise and adapter init.")] = 0,
     checkpoint_every: Annotated[int, typer.Option(help="Optimizer steps between checkpoints.")] = 100,
-    evaluate: Annotated[bool, typer.Option("--eval/--no-eval", help="Evaluate the held-out split after each epoch.")] = True,
+    evaluate: Annotated[
+        bool, typer.Option("--eval/--no-eval", help="Evaluate the held-out split after each epoch.")
+    ] = True,
     resume: Annotated[bool, typer.Option(help="Continue the run in --output from its latest checkpoint.")] = False,
 ) -> None:
     """Train a few-shot adapter on a frozen SD2 model."""
@@ -431,13 +497,36 @@ def train_command(
     scoring = {k: v for k, v in {"num_timesteps": timesteps, "denoise_term": denoise}.items() if v is not None}
     scoring.update(parse_knobs(knobs))
     config = TrainConfig(
-        data=str(data), output=str(output), model=model, format=data_format.value,
-        image_root=None if image_root is None else str(image_root), adapter=adapter.value, rank=rank,
-        preset=preset.value, scoring=scoring, loss=loss.value, margin=margin, shots=shots, fraction=fraction,
-        first=first, train_split=train_split, eval_split=eval_split, eval_fraction=eval_fraction,
-        max_eval_examples=max_eval, epochs=epochs, max_steps=max_steps, batch_size=batch_size, lr=lr,
-        weight_decay=weight_decay, precision=precision.value, gradient_checkpointing=gradient_checkpointing,
-        device=device, seed=seed, checkpoint_every=checkpoint_every, eval_every_epoch=evaluate, resume=resume,
+        data=str(data),
+        output=str(output),
+        model=model,
+        format=data_format.value,
+        image_root=None if image_root is None else str(image_root),
+        adapter=adapter.value,
+        rank=rank,
+        preset=preset.value,
+        scoring=scoring,
+        loss=loss.value,
+        margin=margin,
+        shots=shots,
+        fraction=fraction,
+        first=first,
+        train_split=train_split,
+        eval_split=eval_split,
+        eval_fraction=eval_fraction,
+        max_eval_examples=max_eval,
+        epochs=epochs,
+        max_steps=max_steps,
+        batch_size=batch_size,
+        lr=lr,
+        weight_decay=weight_decay,
+        precision=precision.value,
+        gradient_checkpointing=gradient_checkpointing,
+        device=device,
+        seed=seed,
+        checkpoint_every=checkpoint_every,
+        eval_every_epoch=evaluate,
+        resume=resume,
     )
     with _training_progress() as callbacks:
         result = train(config, callbacks=callbacks)
@@ -451,14 +540,20 @@ def train_command(
 @app.command("eval")
 @cli_errors
 def eval_command(
-    data: Annotated[Path, typer.Argument(help="Benchmark file (JSONL, ComVG CSV, SugarCrepe JSON/folder, Winoground, RefCOCOg).")],
+    data: Annotated[
+        Path, typer.Argument(help="Benchmark file (JSONL, ComVG CSV, SugarCrepe JSON/folder, Winoground, RefCOCOg).")
+    ],
     model: Annotated[str | None, typer.Option(help="SD2 folder or hub id.")] = None,
-    adapters: Annotated[Path | None, typer.Option(help="Adapter file from `dsdkit train` (default: zero-shot).")] = None,
+    adapters: Annotated[
+        Path | None, typer.Option(help="Adapter file from `dsdkit train` (default: zero-shot).")
+    ] = None,
     data_format: Annotated[FormatChoice, typer.Option("--format", help="Dataset format.")] = FormatChoice.auto,
     image_root: Annotated[Path | None, typer.Option(help="Folder image paths are relative to.")] = None,
     split: Annotated[str | None, typer.Option(help="Evaluate only this split.")] = None,
     max_examples: Annotated[int | None, typer.Option(help="Evaluate the first N examples only.")] = None,
-    preset: Annotated[PresetName | None, typer.Option(help="Scoring preset (default: the adapter's, else discffusion).")] = None,
+    preset: Annotated[
+        PresetName | None, typer.Option(help="Scoring preset (default: the adapter's, else discffusion).")
+    ] = None,
     timesteps: Annotated[int | None, typer.Option(help="S of the discffusion table.")] = None,
     denoise: Annotated[bool | None, typer.Option("--denoise/--no-denoise", help="Denoising term.")] = None,
     normalize: Annotated[Normalization | None, typer.Option(help="uncond for image-choice tasks.")] = None,
@@ -466,7 +561,9 @@ def eval_command(
     batch_size: Annotated[int, typer.Option(help="UNet batch size.")] = 8,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
     dtype: Annotated[Precision, typer.Option(help="UNet precision.")] = Precision.fp32,
-    output: Annotated[Path | None, typer.Option("--output", "-o", help="Write metrics and per-example scores (JSON).")] = None,
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", help="Write metrics and per-example scores (JSON).")
+    ] = None,
     compile: CompileOption = None,
 ) -> None:
     """Evaluate zero-shot or with adapters on a benchmark and report its own metrics."""
@@ -478,18 +575,30 @@ def eval_command(
     from .datasets import load_dataset
 
     dataset = load_dataset(data, data_format.value, image_root)
-    scorer = build_scorer(model, adapters, None if preset is None else preset.value, overrides, batch_size, device,
-                          dtype.value, compile=_value(compile))
+    scorer = build_scorer(
+        model,
+        adapters,
+        None if preset is None else preset.value,
+        overrides,
+        batch_size,
+        device,
+        dtype.value,
+        compile=_value(compile),
+    )
     with _progress_bar("examples", "examples") as progress:
         report = evaluate(scorer, dataset, split=split, max_examples=max_examples, progress=progress)
-    report.meta = {"model": scorer.model.describe(), "adapters": None if adapters is None else str(adapters),
-                   "scoring": scorer.config.to_dict(), "compile": scorer.acceleration.compile}
+    report.meta = {
+        "model": scorer.model.describe(),
+        "adapters": None if adapters is None else str(adapters),
+        "scoring": scorer.config.to_dict(),
+        "compile": scorer.acceleration.compile,
+    }
     _print_metrics(report.metrics, f"{dataset.format}: {report.source}" + (f", split {split}" if split else ""))
     for item in report.skipped[:20]:
         typer.echo(f"skipped: {item['where']}: {item['reason']}")
     if output is not None:
         write_report(report, output)
-        typer.echo(f"wrote {output} ({len(report.skipped)} rows or examples skipped, listed under \"skipped\")")
+        typer.echo(f'wrote {output} ({len(report.skipped)} rows or examples skipped, listed under "skipped")')
 
 
 adapters_app = typer.Typer(help="Inspect and convert adapter files.", no_args_is_help=True)
@@ -499,9 +608,13 @@ app.add_typer(adapters_app, name="adapters")
 @adapters_app.command("import-discffusion")
 @cli_errors
 def import_discffusion(
-    source: Annotated[Path, typer.Argument(help="The authors' pytorch_model.bin (or a .safetensors with the same keys).")],
+    source: Annotated[
+        Path, typer.Argument(help="The authors' pytorch_model.bin (or a .safetensors with the same keys).")
+    ],
     destination: Annotated[Path, typer.Argument(help="Where to write the dsdkit adapter (.safetensors).")],
-    model: Annotated[str | None, typer.Option(help="The SD2 model the LoRA was trained on (default SD2-1-base).")] = None,
+    model: Annotated[
+        str | None, typer.Option(help="The SD2 model the LoRA was trained on (default SD2-1-base).")
+    ] = None,
 ) -> None:
     """Convert the authors' released LoRA checkpoint without executing pickled code."""
     from .adapters import import_discffusion_lora, save_adapter
@@ -512,8 +625,10 @@ def import_discffusion(
     scoring = ScoringConfig()
     adapter = import_discffusion_lora(source, sd2, scoring)
     save_adapter(adapter, destination, sd2.identity(), scoring, extra={"imported_from": source.name})
-    typer.echo(f"wrote {destination}: LoRA rank {adapter.config.rank} on {len(adapter.layer_names)} attention modules "
-               f"({adapter.num_parameters():,} parameters)")
+    typer.echo(
+        f"wrote {destination}: LoRA rank {adapter.config.rank} on {len(adapter.layer_names)} attention modules "
+        f"({adapter.num_parameters():,} parameters)"
+    )
 
 
 @adapters_app.command("info")
@@ -533,10 +648,13 @@ def explain_command(
     image: Annotated[Path, typer.Argument(help="An image file.")],
     caption: Annotated[str, typer.Argument(help="The caption to explain.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="PNG to write: one heat-map panel per word token.")] = Path(
-        "heat.png"),
+        "heat.png"
+    ),
     model: Annotated[str | None, typer.Option(help="SD2 folder or hub id.")] = None,
     adapters: Annotated[Path | None, typer.Option(help="Adapter file from `dsdkit train`.")] = None,
-    preset: Annotated[PresetName | None, typer.Option(help="Scoring preset (default: the adapter's, else discffusion).")] = None,
+    preset: Annotated[
+        PresetName | None, typer.Option(help="Scoring preset (default: the adapter's, else discffusion).")
+    ] = None,
     timesteps: Annotated[int | None, typer.Option(help="S of the discffusion table (default 30).")] = None,
     knobs: SetOption = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
@@ -549,12 +667,15 @@ def explain_command(
     overrides = parse_knobs(knobs)
     if timesteps is not None:
         overrides["num_timesteps"] = timesteps
-    scorer = build_scorer(model, adapters, None if preset is None else preset.value, overrides, device=device,
-                          dtype=dtype.value)
+    scorer = build_scorer(
+        model, adapters, None if preset is None else preset.value, overrides, device=device, dtype=dtype.value
+    )
     explanation = explain(scorer, image, caption)
     render_heat_maps(explanation, out, caption=caption)
-    typer.echo(f"wrote {out}: {len(explanation.tokens)} panels ({', '.join(explanation.tokens)}), "
-               f"{len(explanation.timesteps)} timesteps, {len(scorer.layer_names)} layers")
+    typer.echo(
+        f"wrote {out}: {len(explanation.tokens)} panels ({', '.join(explanation.tokens)}), "
+        f"{len(explanation.timesteps)} timesteps, {len(scorer.layer_names)} layers"
+    )
 
 
 @app.command("bench")
@@ -562,7 +683,7 @@ def explain_command(
 def bench_command(
     model: Annotated[str | None, typer.Option(help="SD2 folder (default: a random-weight model of --size).")] = None,
     size: Annotated[TinySize, typer.Option(help="Random-weight model size when no --model is given.")] = TinySize.tiny,
-    preset: Annotated[PresetName, typer.Option(help="Scoring preset.")] = PresetName("discffusion"),
+    preset: Annotated[PresetName, typer.Option(help="Scoring preset.")] = PresetName.discffusion,
     timesteps: Annotated[int, typer.Option(help="S of the discffusion table.")] = 10,
     denoise: Annotated[bool, typer.Option("--denoise/--no-denoise", help="Denoising term.")] = False,
     images: Annotated[int, typer.Option(help="N generated images.")] = 2,
@@ -570,13 +691,15 @@ def bench_command(
     batch_size: Annotated[list[int] | None, typer.Option(help="UNet batch size (repeatable).")] = None,
     engine: Annotated[
         list[str] | None,
-        typer.Option(help="pytorch, pytorch-compiled, reference, onnxruntime, tensorrt (repeatable; default pytorch + "
-                     "reference)."),
+        typer.Option(
+            help="pytorch, pytorch-compiled, reference, onnxruntime, tensorrt (repeatable; default pytorch + "
+            "reference)."
+        ),
     ] = None,
     bundle: Annotated[Path | None, typer.Option(help="Bundle for the onnxruntime and tensorrt engines.")] = None,
     compile_mode: Annotated[
         CompileMode, typer.Option(help="torch.compile mode of pytorch-compiled (auto: CUDA graphs on a GPU).")
-    ] = CompileMode("auto"),
+    ] = CompileMode.auto,
     device: Annotated[str, typer.Option(help="cpu, cuda or cuda:N.")] = "cpu",
     dtype: Annotated[Precision, typer.Option(help="UNet precision.")] = Precision.fp32,
     table: Annotated[bool, typer.Option(help="Run the README's scaling table instead of one job.")] = False,
@@ -589,15 +712,25 @@ def bench_command(
     from .bench import SCALING_TABLE, BenchConfig, format_record, run_bench
     from .runtime.files import atomic_write_text
 
-    base = dict(preset=preset.value, timesteps=timesteps, denoise=denoise, batch_sizes=batch_size or [8],
-                engines=engine or ["pytorch", "reference"], bundle=None if bundle is None else str(bundle),
-                device=device, dtype=dtype.value, compile_mode=compile_mode.value)
+    base = dict(
+        preset=preset.value,
+        timesteps=timesteps,
+        denoise=denoise,
+        batch_sizes=batch_size or [8],
+        engines=engine or ["pytorch", "reference"],
+        bundle=None if bundle is None else str(bundle),
+        device=device,
+        dtype=dtype.value,
+        compile_mode=compile_mode.value,
+    )
     if not table:
         jobs = [BenchConfig(model=model, size=size.value, images=images, captions=captions, **base)]
     else:
         base["timesteps"] = 4
-        jobs = [BenchConfig(size=s, images=n, captions=m, **{**base, "timesteps": steps})
-                for s, n, m, steps in SCALING_TABLE]
+        jobs = [
+            BenchConfig(size=s, images=n, captions=m, **{**base, "timesteps": steps})
+            for s, n, m, steps in SCALING_TABLE
+        ]
     records = []
     folders: dict[str, Path] = {}
     import tempfile
@@ -629,7 +762,9 @@ class ExporterChoice(str, Enum):
 def export_command(
     out: Annotated[Path, typer.Option("--out", "-o", help="The bundle folder to write.")],
     model: Annotated[str | None, typer.Option(help="SD2 folder or hub id (default SD2-1-base).")] = None,
-    adapters: Annotated[Path | None, typer.Option(help="Adapter file from `dsdkit train`, folded into the graphs.")] = None,
+    adapters: Annotated[
+        Path | None, typer.Option(help="Adapter file from `dsdkit train`, folded into the graphs.")
+    ] = None,
     preset: Annotated[
         PresetName | None, typer.Option(help="Scoring preset (default: the adapter's own config, else discffusion).")
     ] = None,
@@ -640,7 +775,9 @@ def export_command(
     batch: Annotated[str, typer.Option(help="Batch profile MIN:OPT:MAX (OPT is the runtime's batch).")] = "1:8:32",
     engines: Annotated[
         bool | None,
-        typer.Option("--engines/--no-engines", help="Build TensorRT engines (default: when TensorRT and a GPU are here)."),
+        typer.Option(
+            "--engines/--no-engines", help="Build TensorRT engines (default: when TensorRT and a GPU are here)."
+        ),
     ] = None,
     exporter: Annotated[ExporterChoice, typer.Option(help="torch ONNX exporter.")] = ExporterChoice.dynamo,
     device: Annotated[str, typer.Option(help="Where the PyTorch side runs: cpu or cuda.")] = "cpu",
@@ -661,12 +798,24 @@ def export_command(
     if timesteps is not None:
         overrides["num_timesteps"] = timesteps
     config = ExportConfig(
-        precision="fp16" if fp16 else "fp32", opset=opset, batch=parse_batch(batch), exporter=exporter.value,
-        engines=engines, device=device, licence=licence,
+        precision="fp16" if fp16 else "fp32",
+        opset=opset,
+        batch=parse_batch(batch),
+        exporter=exporter.value,
+        engines=engines,
+        device=device,
+        licence=licence,
         parity=ParitySettings(images=parity_size, captions=parity_size, timesteps=parity_timesteps),
     )
-    manifest = export_bundle(model, out, adapters=adapters, preset=None if preset is None else preset.value,
-                             overrides=overrides, config=config, overwrite=overwrite)
+    manifest = export_bundle(
+        model,
+        out,
+        adapters=adapters,
+        preset=None if preset is None else preset.value,
+        overrides=overrides,
+        config=config,
+        overwrite=overwrite,
+    )
     typer.echo(_bundle_summary(out, manifest, verified=True))
 
 
@@ -708,16 +857,22 @@ def _bundle_summary(path: Path, manifest: dict, verified: bool) -> str:
     size = sum(record["size"] for record in files.values())
     adapter = manifest.get("adapter")
     lines = [
-        f"bundle    {path}  ({manifest['format']}, dsdkit {manifest['dsdkit_version']}, {manifest.get('created', '?')})",
+        f"bundle    {path}  ({manifest['format']}, dsdkit {manifest['dsdkit_version']}, "
+        f"{manifest.get('created', '?')})",
         f"model     {model['source']}  identity {model['identity'][:12]}  {model['resolution']}px  "
         f"licence: {model['licence']}",
-        "adapter   " + (f"{adapter['file']} ({adapter['header'].get('kind', '?')}, sha256 "
-                        f"{adapter['sha256'][:12]}), folded" if adapter else "none (zero-shot)"),
+        "adapter   "
+        + (
+            f"{adapter['file']} ({adapter['header'].get('kind', '?')}, sha256 {adapter['sha256'][:12]}), folded"
+            if adapter
+            else "none (zero-shot)"
+        ),
         f"scoring   preset {scoring['preset']}, pooling {scoring['pooling']}, layers {len(manifest['layers'])}, "
         f"heads {scoring['heads']}, timesteps {scoring['timesteps']}"
         + (f" S={scoring['num_timesteps']}" if scoring["timesteps"] == "discffusion" else "")
         + f", denoise {'on' if scoring['denoise_term'] else 'off'}, normalize {scoring['normalize']}",
-        f"export    {manifest['precision']}, {manifest['export']['exporter']} exporter, opset {manifest['export']['opset']}, "
+        f"export    {manifest['precision']}, {manifest['export']['exporter']} exporter, "
+        f"opset {manifest['export']['opset']}, "
         f"batch {':'.join(map(str, manifest['export']['batch']))}, noise bank {manifest['noise']['bank_size']}",
     ]
     for name, graph in manifest["graphs"].items():
@@ -727,8 +882,10 @@ def _bundle_summary(path: Path, manifest: dict, verified: bool) -> str:
     parity = manifest.get("parity", {})
     for name, outputs in parity.get("graphs", {}).items():
         worst = max(outputs.items(), key=lambda item: item[1]["max_abs"])
-        lines.append(f"parity    {name}: max abs {worst[1]['max_abs']:.2g} ({worst[0]}), "
-                     f"{'ok' if all(o['ok'] for o in outputs.values()) else 'FAILED'}")
+        lines.append(
+            f"parity    {name}: max abs {worst[1]['max_abs']:.2g} ({worst[0]}), "
+            f"{'ok' if all(o['ok'] for o in outputs.values()) else 'FAILED'}"
+        )
     if parity.get("end_to_end"):
         end = parity["end_to_end"]
         lines.append(
@@ -738,8 +895,10 @@ def _bundle_summary(path: Path, manifest: dict, verified: bool) -> str:
         )
     engines = manifest.get("engines", {})
     if engines.get("built"):
-        lines.append(f"engines   TensorRT {engines['tensorrt']} for {engines['gpu']} (sm {engines['compute_capability']}): "
-                     + ", ".join(engines["graphs"]))
+        lines.append(
+            f"engines   TensorRT {engines['tensorrt']} for {engines['gpu']} (sm {engines['compute_capability']}): "
+            + ", ".join(engines["graphs"])
+        )
     else:
         lines.append(f"engines   none ({engines.get('reason', 'not built')})")
     state = "verified (size and sha256)" if verified else "not verified"
@@ -769,8 +928,14 @@ class _progress_bar:
 
         console = Console(stderr=True)
         self._progress = Progress(
-            TextColumn(self.label), BarColumn(), MofNCompleteColumn(), TextColumn(self.unit), TimeRemainingColumn(),
-            console=console, disable=not console.is_terminal, transient=True,
+            TextColumn(self.label),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn(self.unit),
+            TimeRemainingColumn(),
+            console=console,
+            disable=not console.is_terminal,
+            transient=True,
         )
         self._progress.__enter__()
         return self.make
@@ -792,8 +957,14 @@ class _training_progress:
 
         console = Console(stderr=True)
         self._progress = Progress(
-            TextColumn("training"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[status]}"),
-            TimeRemainingColumn(), console=console, disable=not console.is_terminal, transient=True,
+            TextColumn("training"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[status]}"),
+            TimeRemainingColumn(),
+            console=console,
+            disable=not console.is_terminal,
+            transient=True,
         )
         self._progress.__enter__()
         self._task = None
@@ -804,7 +975,9 @@ class _training_progress:
                 self._task = self._progress.add_task("train", total=trainer.total_steps, completed=step - 1, status="")
             self._losses = (self._losses + [loss])[-50:]
             self._correct = (self._correct + [accuracy])[-50:]
-            status = f"loss {sum(self._losses) / len(self._losses):.4f}  acc {sum(self._correct) / len(self._correct):.2f}"
+            status = (
+                f"loss {sum(self._losses) / len(self._losses):.4f}  acc {sum(self._correct) / len(self._correct):.2f}"
+            )
             self._progress.update(self._task, completed=step, status=status)
 
         def on_eval(trainer, metrics, zero_shot):

@@ -116,7 +116,8 @@ class ScoringConfig:
             raise ConfigError(f"scoring config: lse_lambda must be > 0, got {self.lse_lambda}")
         if self.timesteps is TimestepSchedule.discffusion and not 1 <= self.num_timesteps <= 980:
             raise ConfigError(
-                f"scoring config: num_timesteps must be between 1 and 980 for the discffusion table, got {self.num_timesteps}"
+                "scoring config: num_timesteps must be between 1 and 980 for the discffusion table, "
+                f"got {self.num_timesteps}"
             )
         if self.timesteps is TimestepSchedule.noise_levels:
             if not self.noise_levels:
@@ -154,7 +155,9 @@ class ScoringConfig:
         out = {}
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            out[f.name] = value.value if isinstance(value, Enum) else (list(value) if isinstance(value, tuple) else value)
+            out[f.name] = (
+                value.value if isinstance(value, Enum) else (list(value) if isinstance(value, tuple) else value)
+            )
         return out
 
     @classmethod
@@ -162,7 +165,9 @@ class ScoringConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(data) - known
         if unknown:
-            raise ConfigError(f"scoring config has unknown field(s) {sorted(unknown)}; it was written by a newer dsdkit")
+            raise ConfigError(
+                f"scoring config has unknown field(s) {sorted(unknown)}; it was written by a newer dsdkit"
+            )
         values = dict(data)
         if "noise_levels" in values:
             values["noise_levels"] = tuple(values["noise_levels"])

@@ -210,17 +210,35 @@ def read_jsonl(path: Path, root: Path) -> Dataset:
         split, ident = row.get("split"), str(row.get("id", number))
         if "captions" in row:
             captions = [rows.text(c) for c in row["captions"]]
-            return Example(TaskKind.image_to_text, [rows.image(row["image"])], captions,
-                           positive=_positive(row.get("positive", 0), len(captions)), split=split, id=ident)
+            return Example(
+                TaskKind.image_to_text,
+                [rows.image(row["image"])],
+                captions,
+                positive=_positive(row.get("positive", 0), len(captions)),
+                split=split,
+                id=ident,
+            )
         if "images" in row:
             images = [rows.image(i) for i in row["images"]]
-            return Example(TaskKind.text_to_image, images, [rows.text(row["caption"])],
-                           positive=_positive(row.get("positive", 0), len(images)), split=split, id=ident)
+            return Example(
+                TaskKind.text_to_image,
+                images,
+                [rows.text(row["caption"])],
+                positive=_positive(row.get("positive", 0), len(images)),
+                split=split,
+                id=ident,
+            )
         label = row.get("label")
         if label not in (0, 1, True, False):
-            raise _BadRow(f"a pair needs \"label\" 0 or 1, got {label!r}")
-        return Example(TaskKind.pair, [rows.image(row["image"])], [rows.text(row["caption"])],
-                       label=int(label), split=split, id=ident)
+            raise _BadRow(f'a pair needs "label" 0 or 1, got {label!r}')
+        return Example(
+            TaskKind.pair,
+            [rows.image(row["image"])],
+            [rows.text(row["caption"])],
+            label=int(label),
+            split=split,
+            id=ident,
+        )
 
     _json_lines(path, rows, make)
     return rows.finish("jsonl")
@@ -240,8 +258,14 @@ def read_comvg(path: Path, root: Path) -> Dataset:
             split = (row["neg_value"] or "").strip()
             if not split:
                 raise _BadRow("empty neg_value (subject/object/verb)")
-            return Example(TaskKind.text_to_image, images, [rows.text(row["sentence"])], positive=0, split=split,
-                           id=str(row.get("id") or number))
+            return Example(
+                TaskKind.text_to_image,
+                images,
+                [rows.text(row["sentence"])],
+                positive=0,
+                split=split,
+                id=str(row.get("id") or number),
+            )
 
         rows.add(where, build)
     return rows.finish("comvg")
@@ -262,10 +286,16 @@ def read_sugarcrepe(path: Path, root: Path) -> Dataset:
         for key, entry in document.items():
             where = f"{file.name} entry {key}"
 
-            def build(entry=entry, key=key):
+            def build(entry=entry, key=key, file=file):
                 texts = [rows.text(entry["caption"]), rows.text(entry["negative_caption"])]
-                return Example(TaskKind.image_to_text, [rows.image(entry["filename"])], texts, positive=0,
-                               split=file.stem, id=f"{file.stem}/{key}")
+                return Example(
+                    TaskKind.image_to_text,
+                    [rows.image(entry["filename"])],
+                    texts,
+                    positive=0,
+                    split=file.stem,
+                    id=f"{file.stem}/{key}",
+                )
 
             rows.add(where, build)
     return rows.finish("sugarcrepe")
@@ -339,8 +369,16 @@ def read_refcocog(path: Path, root: Path, negatives: int = 9, seed: int = 0) -> 
                     other_ref, text = pool[rng.randrange(len(pool))]
                     if other_ref != index and text not in others and text != positive:
                         others.append(text)
-                out.append(Example(TaskKind.image_to_text, [image], [positive, *others], positive=0,
-                                   split=ref.get("split"), id=f"{ref.get('ref_id', index)}/{s}"))
+                out.append(
+                    Example(
+                        TaskKind.image_to_text,
+                        [image],
+                        [positive, *others],
+                        positive=0,
+                        split=ref.get("split"),
+                        id=f"{ref.get('ref_id', index)}/{s}",
+                    )
+                )
             return out
 
         try:
@@ -357,7 +395,9 @@ def read_vqa(path: Path, root: Path) -> Dataset:
     reader = csv.DictReader(_read_text(path).splitlines())
     if reader.fieldnames is None or not {"sentence", "pos_image_id", "neg_sentence_1"} <= set(reader.fieldnames):
         raise InputError(f"{path}: not the authors' VQA CSV (needs sentence, pos_image_id, neg_sentence_1..9)")
-    negatives = sorted((c for c in reader.fieldnames if c.startswith("neg_sentence_")), key=lambda c: int(c.rsplit("_", 1)[1]))
+    negatives = sorted(
+        (c for c in reader.fieldnames if c.startswith("neg_sentence_")), key=lambda c: int(c.rsplit("_", 1)[1])
+    )
     for number, row in enumerate(reader, start=2):
         where = f"{path.name} line {number}"
 
@@ -386,7 +426,9 @@ def _guess_format(path: Path) -> str:
         except (json.JSONDecodeError, TypeError):
             keys = set()
         return "winoground" if {"caption_0", "caption_1"} <= keys else "jsonl"
-    raise ConfigError(f"{path}: cannot tell the dataset format from the name; pass --format ({', '.join(DATASET_FORMATS[1:])})")
+    raise ConfigError(
+        f"{path}: cannot tell the dataset format from the name; pass --format ({', '.join(DATASET_FORMATS[1:])})"
+    )
 
 
 def load_dataset(
@@ -436,8 +478,13 @@ def load_dataset(
                 f"(e.g. {shown}); check --image-root or download the images"
             )
         _drop_unusable_images(dataset, images)
-    logger.info("%s: %d %s examples%s", path, len(dataset.examples), fmt,
-                f" in splits {', '.join(dataset.splits())}" if dataset.splits() else "")
+    logger.info(
+        "%s: %d %s examples%s",
+        path,
+        len(dataset.examples),
+        fmt,
+        f" in splits {', '.join(dataset.splits())}" if dataset.splits() else "",
+    )
     return dataset
 
 
@@ -456,7 +503,7 @@ def _drop_unusable_images(dataset: Dataset, images: list[Path]) -> None:
         return None
 
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-        bad = {image: why for image, why in zip(images, pool.map(problem, images)) if why is not None}
+        bad = {image: why for image, why in zip(images, pool.map(problem, images), strict=True) if why is not None}
     if not bad:
         return
     kept = []
@@ -466,11 +513,17 @@ def _drop_unusable_images(dataset: Dataset, images: list[Path]) -> None:
             kept.append(example)
         else:
             dataset.skipped.append((f"example {example.id}", reason))
-    logger.warning("%s: skipped %d example(s) with unusable images: %s", dataset.source, len(dataset.examples) - len(kept),
-                   "; ".join(list(bad.values())[:3]))
+    logger.warning(
+        "%s: skipped %d example(s) with unusable images: %s",
+        dataset.source,
+        len(dataset.examples) - len(kept),
+        "; ".join(list(bad.values())[:3]),
+    )
     if not kept:
-        raise InputError(f"{dataset.source}: no usable examples: every one needs an unusable image "
-                         f"(first: {next(iter(bad.values()))}); check the images")
+        raise InputError(
+            f"{dataset.source}: no usable examples: every one needs an unusable image "
+            f"(first: {next(iter(bad.values()))}); check the images"
+        )
     dataset.examples = kept
 
 

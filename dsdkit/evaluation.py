@@ -44,8 +44,9 @@ class EvalReport:
     skipped: list[dict[str, str]] = field(default_factory=list)  # rows and examples left out, with the reason
 
 
-def score_examples(scorer, examples: list[Example], chunk_pairs: int = 256,
-                   progress: Callable[[int], None] | None = None) -> list[np.ndarray]:
+def score_examples(
+    scorer, examples: list[Example], chunk_pairs: int = 256, progress: Callable[[int], None] | None = None
+) -> list[np.ndarray]:
     """Score matrix ``[images, texts]`` of every example (only the pairs it needs; others are NaN)."""
     matrices = [np.full((len(e.images), len(e.texts)), np.nan) for e in examples]
     start = 0
@@ -69,7 +70,7 @@ def score_examples(scorer, examples: list[Example], chunk_pairs: int = 256,
                 pairs.append((image_slot[image], text_slot[text]))
                 owners.append((index, i, j))
         scores = scorer.score_pairs(images, texts, pairs).scores
-        for (index, i, j), value in zip(owners, scores):
+        for (index, i, j), value in zip(owners, scores, strict=True):
             matrices[index][i, j] = value
         if progress is not None:
             progress(len(chunk))
@@ -97,9 +98,13 @@ def _auc(scores: np.ndarray, labels: np.ndarray) -> float:
 def compute_metrics(fmt: str, examples: list[Example], matrices: list[np.ndarray]) -> dict[str, float]:
     """The benchmark's own metrics (see the module docstring), as a flat ``{name: value}`` dict."""
     metrics: dict[str, float] = {}
-    groups = [(e, m) for e, m in zip(examples, matrices) if e.kind is TaskKind.group]
-    candidates = [(e, m) for e, m in zip(examples, matrices) if e.kind in (TaskKind.image_to_text, TaskKind.text_to_image)]
-    pairs = [(e, m) for e, m in zip(examples, matrices) if e.kind is TaskKind.pair]
+    groups = [(e, m) for e, m in zip(examples, matrices, strict=True) if e.kind is TaskKind.group]
+    candidates = [
+        (e, m)
+        for e, m in zip(examples, matrices, strict=True)
+        if e.kind in (TaskKind.image_to_text, TaskKind.text_to_image)
+    ]
+    pairs = [(e, m) for e, m in zip(examples, matrices, strict=True) if e.kind is TaskKind.pair]
 
     if candidates:
         per_split: dict[str, list[int]] = defaultdict(list)
@@ -156,8 +161,13 @@ def compute_metrics(fmt: str, examples: list[Example], matrices: list[np.ndarray
     return metrics
 
 
-def evaluate(scorer, dataset: Dataset, split: str | None = None, max_examples: int | None = None,
-             progress: Callable[[int, int], Callable[[int], None]] | None = None) -> EvalReport:
+def evaluate(
+    scorer,
+    dataset: Dataset,
+    split: str | None = None,
+    max_examples: int | None = None,
+    progress: Callable[[int, int], Callable[[int], None]] | None = None,
+) -> EvalReport:
     """Score ``dataset`` (one split of it, optionally the first ``max_examples``) and compute its metrics."""
     examples = dataset.select(split)
     if max_examples is not None:
@@ -166,9 +176,13 @@ def evaluate(scorer, dataset: Dataset, split: str | None = None, max_examples: i
     matrices = score_examples(scorer, examples, progress=advance)
     metrics = compute_metrics(dataset.format, examples, matrices)
     records = []
-    for example, matrix in zip(examples, matrices):
-        record = {"id": example.id, "split": example.split, "kind": example.kind.value,
-                  "scores": [[None if np.isnan(v) else float(v) for v in row] for row in matrix]}
+    for example, matrix in zip(examples, matrices, strict=True):
+        record = {
+            "id": example.id,
+            "split": example.split,
+            "kind": example.kind.value,
+            "scores": [[None if np.isnan(v) else float(v) for v in row] for row in matrix],
+        }
         if example.positive is not None:
             record["positive"] = example.positive
             record["rank"] = _rank(_candidate_scores(example, matrix), example.positive)
@@ -185,7 +199,13 @@ def write_report(report: EvalReport, path: str | os.PathLike) -> None:
 
     from .runtime.files import atomic_write_text
 
-    document = {"dataset": report.dataset, "source": report.source, "split": report.split,
-                "metrics": report.metrics, "meta": report.meta, "skipped": report.skipped,
-                "examples": report.examples}
+    document = {
+        "dataset": report.dataset,
+        "source": report.source,
+        "split": report.split,
+        "metrics": report.metrics,
+        "meta": report.meta,
+        "skipped": report.skipped,
+        "examples": report.examples,
+    }
     atomic_write_text(path, json.dumps(document, indent=1, ensure_ascii=False) + "\n")

@@ -64,9 +64,18 @@ def explain(scorer, image: ImageInput, caption: str) -> Explanation:
         for k in range(len(scorer.timesteps)):
             steps = torch.tensor([k])
             signal, noise_scale, timesteps = scorer.noising(steps)
-            layers, _ = unet_pass(model, recorder, encoding.latent[None], signal, noise_scale,
-                                  scorer.noise[steps.to(model.device)], timesteps, text.states[None], text.mask[None],
-                                  scorer.adapter)
+            layers, _ = unet_pass(
+                model,
+                recorder,
+                encoding.latent[None],
+                signal,
+                noise_scale,
+                scorer.noise[steps.to(model.device)],
+                timesteps,
+                text.states[None],
+                text.mask[None],
+                scorer.adapter,
+            )
             layer_scores.append(layers[0].double().cpu().numpy())
             per_layer = []
             for index in range(len(scorer.layer_names)):
@@ -80,13 +89,20 @@ def explain(scorer, image: ImageInput, caption: str) -> Explanation:
     words = np.flatnonzero(text.tokens.roles == ROLE_WORD)
     names = model.tokenizer.decode_tokens(text.tokens)  # the word tokens, in order
     pixels = preprocess_image(image, scorer.resolution, config.resize)
-    return Explanation(tokens=names, maps=maps[words].astype(np.float32),
-                       layer_scores=np.stack(layer_scores), timesteps=list(scorer.timesteps), pixels=pixels)
+    return Explanation(
+        tokens=names,
+        maps=maps[words].astype(np.float32),
+        layer_scores=np.stack(layer_scores),
+        timesteps=list(scorer.timesteps),
+        pixels=pixels,
+    )
 
 
 def _colour(values: np.ndarray) -> np.ndarray:
     """A perceptually ordered blue-to-yellow map of values in [0, 1] -> uint8 RGB (no plotting library needed)."""
-    anchors = np.array([[48, 18, 59], [40, 120, 220], [30, 200, 140], [190, 220, 40], [250, 240, 30]], dtype=np.float64)
+    anchors = np.array(
+        [[48, 18, 59], [40, 120, 220], [30, 200, 140], [190, 220, 40], [250, 240, 30]], dtype=np.float64
+    )
     position = np.clip(values, 0, 1) * (len(anchors) - 1)
     low = np.floor(position).astype(int).clip(0, len(anchors) - 2)
     frac = (position - low)[..., None]
@@ -104,7 +120,7 @@ def render_heat_maps(explanation: Explanation, path: str | os.PathLike, caption:
     base_image = Image.fromarray(base).resize((PANEL, PANEL), Image.Resampling.BICUBIC)
     sheet = Image.new("RGB", (columns * PANEL, rows * (PANEL + LABEL)), (255, 255, 255))
     draw = ImageDraw.Draw(sheet)
-    for index, (token, heat) in enumerate(zip(explanation.tokens, explanation.maps)):
+    for index, (token, heat) in enumerate(zip(explanation.tokens, explanation.maps, strict=True)):
         span = float(heat.max() - heat.min())
         normalised = (heat - heat.min()) / span if span > 0 else np.zeros_like(heat)
         overlay = Image.fromarray(_colour(normalised)).resize((PANEL, PANEL), Image.Resampling.BILINEAR)
@@ -122,4 +138,3 @@ def render_heat_maps(explanation: Explanation, path: str | os.PathLike, caption:
     sheet.save(buffer, format="PNG", pnginfo=info)
     atomic_write_bytes(path, buffer.getvalue())
     return Path(path)
-

@@ -47,8 +47,9 @@ class JobInputs:
     skipped_lines: list[tuple[str, str]] = field(default_factory=list)
 
 
-def gather_inputs(images: str | os.PathLike | Sequence[ImageInput],
-                  captions: str | os.PathLike | Sequence[str]) -> JobInputs:
+def gather_inputs(
+    images: str | os.PathLike | Sequence[ImageInput], captions: str | os.PathLike | Sequence[str]
+) -> JobInputs:
     """Resolve a folder / image-list file and a captions file (or in-memory lists)."""
     if isinstance(images, (str, os.PathLike)):
         image_list: list[ImageInput] = list(list_images(images))
@@ -57,8 +58,13 @@ def gather_inputs(images: str | os.PathLike | Sequence[ImageInput],
     names = [describe(image, i) for i, image in enumerate(image_list)]
     if isinstance(captions, (str, os.PathLike)):
         read = read_captions(captions)
-        return JobInputs(image_list, names, read.captions, [f"{captions} line {n}" for n in read.line_numbers],
-                         [(f"{captions} line {n}", why) for n, why in read.skipped])
+        return JobInputs(
+            image_list,
+            names,
+            read.captions,
+            [f"{captions} line {n}" for n in read.line_numbers],
+            [(f"{captions} line {n}", why) for n, why in read.skipped],
+        )
     caption_list = list(captions)
     return JobInputs(image_list, names, caption_list, [f"caption #{i}" for i in range(len(caption_list))])
 
@@ -97,15 +103,18 @@ class _Skips:
 
     def raise_if_all_skipped(self, count: int) -> None:
         if count and len(self.images) == count:
-            raise InputError(f"no usable image: all {count} were skipped (first: {self.records()[0]['reason']}); "
-                             "check the images")
+            raise InputError(
+                f"no usable image: all {count} were skipped (first: {self.records()[0]['reason']}); check the images"
+            )
 
     def __contains__(self, index: int) -> bool:
         return str(index) in self.images
 
     def records(self) -> list[dict]:
-        return [{"index": int(i), "image": self.names[int(i)], "reason": why}
-                for i, why in sorted(self.images.items(), key=lambda item: int(item[0]))]
+        return [
+            {"index": int(i), "image": self.names[int(i)], "reason": why}
+            for i, why in sorted(self.images.items(), key=lambda item: int(item[0]))
+        ]
 
 
 def match(
@@ -192,31 +201,55 @@ def match(
         engine = _TorchEngine(model, config, adapters, batch_size, device, dtype, compile)
     with engine:
         text_count = engine.encode_texts(job.captions, job.where)
-        fingerprint = job_fingerprint({"images": [_identify(i, name) for i, name in zip(job.images, job.names)],
-                                       "captions": job.captions, **engine.identity()})
+        fingerprint = job_fingerprint(
+            {
+                "images": [_identify(i, name) for i, name in zip(job.images, job.names, strict=True)],
+                "captions": job.captions,
+                **engine.identity(),
+            }
+        )
         total = engine.planned_evaluations(len(job.images) - len(skips.images), text_count)
         if progress is not None:
             engine.set_progress(progress(total, 0))
         notes = {"skipped_images": skips.images}
-        scores = run_resumable(lambda start: _blocks(engine, job, skips, chunk_size, start),
-                               (len(job.images), len(job.captions)), output, fingerprint, resume, notes)
+        scores = run_resumable(
+            lambda start: _blocks(engine, job, skips, chunk_size, start),
+            (len(job.images), len(job.captions)),
+            output,
+            fingerprint,
+            resume,
+            notes,
+        )
         skips.images = notes["skipped_images"]
         if strict and skips.images:  # skipped by an earlier run without --strict, merged back by --resume
-            raise InputError(f"{skips.records()[0]['reason']} (--strict: an earlier run skipped it; fix or remove it, "
-                             "or resume without --strict)")
+            raise InputError(
+                f"{skips.records()[0]['reason']} (--strict: an earlier run skipped it; fix or remove it, "
+                "or resume without --strict)"
+            )
         meta = engine.meta(job.captions, job.where)
         layer_scores = engine.layer_scores() if per_layer else None
     skips.raise_if_all_skipped(len(job.images))
     keep = [i for i in range(len(job.images)) if i not in skips]
     meta["seconds"] = round(time.perf_counter() - started, 3)
-    meta["skipped"] = {"images": skips.records(),
-                       "caption_lines": [{"where": w, "reason": why} for w, why in job.skipped_lines]}
-    result = MatchResult(images=[job.names[i] for i in keep], captions=job.captions, scores=scores[keep], meta=meta,
-                         layer_scores=None if layer_scores is None else layer_scores[keep])
+    meta["skipped"] = {
+        "images": skips.records(),
+        "caption_lines": [{"where": w, "reason": why} for w, why in job.skipped_lines],
+    }
+    result = MatchResult(
+        images=[job.names[i] for i in keep],
+        captions=job.captions,
+        scores=scores[keep],
+        meta=meta,
+        layer_scores=None if layer_scores is None else layer_scores[keep],
+    )
     if output is not None:
         write_result(result, output, k=top_k)
-        report = {"format": "dsdkit-skipped/1", "result": Path(output).name, **meta["skipped"],
-                  "truncated_captions": meta.get("truncated_captions", {})}
+        report = {
+            "format": "dsdkit-skipped/1",
+            "result": Path(output).name,
+            **meta["skipped"],
+            "truncated_captions": meta.get("truncated_captions", {}),
+        }
         atomic_write_text(skipped_report_path(output), json.dumps(report, indent=1, ensure_ascii=False) + "\n")
         finish(output)
         logger.info("wrote %s", output)
@@ -280,8 +313,7 @@ class _TorchEngine:
         config = config or ScoringConfig()
         self.adapters = adapters
         self.config = config
-        self.scorer = Scorer(self.model, config, batch_size=batch_size, adapter=adapter,
-                             acceleration=acceleration)
+        self.scorer = Scorer(self.model, config, batch_size=batch_size, adapter=adapter, acceleration=acceleration)
         self._layers: list[np.ndarray] = []
         self._truncated: list[int] = []
         self._evaluations = 0
@@ -299,8 +331,13 @@ class _TorchEngine:
         return len({e.text for e in self._texts})
 
     def identity(self) -> dict:
-        return {"engine": "pytorch", "model": self.model.identity(), "scoring": self.config.to_dict(),
-                "adapters": None if self.adapters is None else str(self.adapters), "timesteps": self.scorer.timesteps}
+        return {
+            "engine": "pytorch",
+            "model": self.model.identity(),
+            "scoring": self.config.to_dict(),
+            "adapters": None if self.adapters is None else str(self.adapters),
+            "timesteps": self.scorer.timesteps,
+        }
 
     def planned_evaluations(self, num_images: int, num_texts: int) -> int:
         return self.scorer.planned_evaluations(num_images, num_images * num_texts)
@@ -356,8 +393,14 @@ class _BundleEngine:
     def __init__(self, bundle, backend, device, batch_size, num_timesteps, chunk_size):
         from .runtime.matcher import Matcher
 
-        self.matcher = Matcher.from_bundle(bundle, backend=backend, device=device or "auto", batch_size=batch_size,
-                                           num_timesteps=num_timesteps, chunk_size=chunk_size)
+        self.matcher = Matcher.from_bundle(
+            bundle,
+            backend=backend,
+            device=device or "auto",
+            batch_size=batch_size,
+            num_timesteps=num_timesteps,
+            chunk_size=chunk_size,
+        )
         self.path = Path(bundle)
         self._evaluations = 0
 
@@ -373,8 +416,12 @@ class _BundleEngine:
 
     def identity(self) -> dict:
         manifest = self.matcher.bundle.manifest
-        return {"engine": "bundle", "scorer": manifest["files"][manifest["graphs"]["scorer"]["file"]]["sha256"],
-                "scoring": self.matcher.scoring, "timesteps": self.matcher.timesteps}
+        return {
+            "engine": "bundle",
+            "scorer": manifest["files"][manifest["graphs"]["scorer"]["file"]]["sha256"],
+            "scoring": self.matcher.scoring,
+            "timesteps": self.matcher.timesteps,
+        }
 
     def planned_evaluations(self, num_images: int, num_texts: int) -> int:
         return self.matcher.planned_evaluations(num_images, num_texts)
@@ -460,8 +507,9 @@ def plan_match(
     if bundle is not None:
         from .runtime.matcher import Matcher
 
-        engine = Matcher.from_bundle(bundle, backend=backend, device=device or "auto", batch_size=batch_size,
-                                     num_timesteps=num_timesteps)
+        engine = Matcher.from_bundle(
+            bundle, backend=backend, device=device or "auto", batch_size=batch_size, num_timesteps=num_timesteps
+        )
         with engine:
             timing = _calibrate_bundle(engine, image_list[0], caption_list[0], where[0])
             steps, batch = len(engine.timesteps), engine.batch_size
@@ -483,9 +531,18 @@ def plan_match(
         label = f"pytorch ({scorer.model.device}, {scorer.model.precision.value})"
     batches = -(-evaluations // batch)
     estimate = n * timing["image_s"] + m * timing["caption_s"] + batches * timing["batch_s"]
-    return {"images": n, "captions": m, "skipped_images": len(skips.images), "pairs": n * m, "timesteps": steps,
-            "unet_evaluations": evaluations,
-            "batch_size": batch, "calibration": timing, "estimated_seconds": estimate, "engine": label}
+    return {
+        "images": n,
+        "captions": m,
+        "skipped_images": len(skips.images),
+        "pairs": n * m,
+        "timesteps": steps,
+        "unet_evaluations": evaluations,
+        "batch_size": batch,
+        "calibration": timing,
+        "estimated_seconds": estimate,
+        "engine": label,
+    }
 
 
 def _timed(function) -> float:
@@ -499,9 +556,13 @@ def _calibrate_bundle(matcher, image, caption, where) -> dict[str, float]:
     caption_s = _timed(lambda: matcher.encode_texts([caption], where=[where]))
     encoded, text = matcher.encode_images([image])[0], matcher.encode_texts([caption], where=[where])[0]
     count = matcher.batch_size
-    feed = {"latents": np.repeat(encoded.latent[None], count, 0), "states": np.repeat(text.states[None], count, 0),
-            "token_mask": np.repeat(text.mask[None], count, 0),
-            "timestep": np.full(count, matcher.timesteps[0], dtype=np.int64), "noise_index": np.zeros(count, np.int64)}
+    feed = {
+        "latents": np.repeat(encoded.latent[None], count, 0),
+        "states": np.repeat(text.states[None], count, 0),
+        "token_mask": np.repeat(text.mask[None], count, 0),
+        "timestep": np.full(count, matcher.timesteps[0], dtype=np.int64),
+        "noise_index": np.zeros(count, np.int64),
+    }
     if matcher.conditioned:
         feed["condition"] = np.repeat(encoded.condition[None], count, 0)
     matcher.runners["scorer"].infer(feed)  # warm-up: session creation, allocations
@@ -513,10 +574,14 @@ def _calibrate_torch(scorer, image, caption, where) -> dict[str, float]:
     image_s = _timed(lambda: scorer.encode_images([image]))
     caption_s = _timed(lambda: scorer.encode_texts([caption], where=[where]))
     # One batch of the job's size at one timestep (the unconditional pass off so only the timed batch runs).
-    probe = scorer.__class__(scorer.model, scorer.config.replace(num_timesteps=1, noise_levels=(0.5,),
-                                                                 denoise_term=False, normalize="none",
-                                                                 uncond_in_attention=False),
-                             batch_size=scorer.batch_size, adapter=scorer.adapter)
+    probe = scorer.__class__(
+        scorer.model,
+        scorer.config.replace(
+            num_timesteps=1, noise_levels=(0.5,), denoise_term=False, normalize="none", uncond_in_attention=False
+        ),
+        batch_size=scorer.batch_size,
+        adapter=scorer.adapter,
+    )
     encoded, text = probe.encode_images([image]), probe.encode_texts([caption], where=[where])
     pairs = [(0, 0)] * scorer.batch_size
     probe.score_encoded_pairs(encoded, text, pairs[:1])  # warm-up

@@ -59,7 +59,9 @@ def resolve_model_folder(model: str | os.PathLike) -> Path:
     path = Path(model).expanduser()
     if path.exists():
         if not path.is_dir():
-            raise ModelError(f"model {path} is a file; pass the diffusers model folder (the one with unet/, vae/, ...)")
+            raise ModelError(
+                f"model {path} is a file; pass the diffusers model folder (the one with unet/, vae/, ...)"
+            )
         return path
     name = str(model)
     if not _HUB_ID.match(name):
@@ -75,7 +77,9 @@ def resolve_model_folder(model: str | os.PathLike) -> Path:
     try:
         from huggingface_hub import snapshot_download
     except ImportError:
-        raise ModelError(f"model {name}: huggingface_hub is not installed, so hub ids cannot be resolved; {how_to}") from None
+        raise ModelError(
+            f"model {name}: huggingface_hub is not installed, so hub ids cannot be resolved; {how_to}"
+        ) from None
     try:
         folder = snapshot_download(name, allow_patterns=_HUB_PATTERNS, local_files_only=offline)
     except Exception as exc:  # noqa: BLE001 - every hub failure becomes one actionable line
@@ -98,12 +102,14 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 def _check_layout(folder: Path) -> None:
     missing = [c for c in _COMPONENTS if not (folder / c).is_dir()]
-    if (folder / "text_encoder_2").is_dir() or (folder / "unet" / "config.json").is_file() and _read_json(
-        folder / "unet" / "config.json"
-    ).get("addition_embed_type"):
+    if (
+        (folder / "text_encoder_2").is_dir()
+        or (folder / "unet" / "config.json").is_file()
+        and _read_json(folder / "unet" / "config.json").get("addition_embed_type")
+    ):
         raise ModelError(
-            f"{folder} looks like an SDXL model (second text encoder / added embeddings); dsdkit scores SD2-architecture "
-            "models such as stabilityai/stable-diffusion-2-1-base"
+            f"{folder} looks like an SDXL model (second text encoder / added embeddings); dsdkit scores "
+            "SD2-architecture models such as stabilityai/stable-diffusion-2-1-base"
         )
     if missing:
         raise ModelError(
@@ -236,7 +242,8 @@ def load_model(
     prediction_type = scheduler_config.get("prediction_type", "epsilon")
     if prediction_type not in ("epsilon", "v_prediction"):
         raise ModelError(
-            f"{folder}: scheduler prediction_type {prediction_type!r} is not supported (expected 'epsilon' or 'v_prediction')"
+            f"{folder}: scheduler prediction_type {prediction_type!r} is not supported "
+            "(expected 'epsilon' or 'v_prediction')"
         )
     unet_config = _read_json(folder / "unet" / "config.json")
     text_config = _read_json(folder / "text_encoder" / "config.json")
@@ -252,7 +259,8 @@ def load_model(
         logger.warning(
             "%s is a v-prediction model (%s px, like SD2-1 768-v); dsdkit is validated on epsilon-prediction "
             "SD2-1-base (512 px): its outputs are converted to epsilon for scoring, but expect other score ranges",
-            folder, "?" if not isinstance(latent, int) else latent * 8,
+            folder,
+            "?" if not isinstance(latent, int) else latent * 8,
         )
 
     from diffusers.utils import logging as diffusers_logging
@@ -277,7 +285,9 @@ def load_model(
         )
     except (OSError, ValueError, RuntimeError, KeyError) as exc:
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelError(f"{folder}: weights could not be loaded ({first_line}); re-download the model folder") from None
+        raise ModelError(
+            f"{folder}: weights could not be loaded ({first_line}); re-download the model folder"
+        ) from None
     tokenizer = ClipTokenizer.from_folder(folder / "tokenizer")
     for module in (unet, vae, text_encoder):
         module.requires_grad_(False)

@@ -22,8 +22,9 @@ from .runtime.images import ImageInput, preprocess_image
 __all__ = ["reference_scores"]
 
 
-def reference_scores(scorer, images: Sequence[ImageInput], captions: Sequence[str],
-                     progress: Callable[[int], None] | None = None) -> np.ndarray:
+def reference_scores(
+    scorer, images: Sequence[ImageInput], captions: Sequence[str], progress: Callable[[int], None] | None = None
+) -> np.ndarray:
     """``float64[N, M]`` scores of every pair, each computed from scratch the authors' way (see the module doc).
 
     ``scorer`` supplies the model, the scoring config, the timesteps and the noise bank; ``progress(n)`` is called
@@ -57,9 +58,18 @@ def reference_scores(scorer, images: Sequence[ImageInput], captions: Sequence[st
                         z0 = model.vae.encode(pixels.to(device)).latent_dist.mean * model.scaling_factor
                         steps = torch.tensor([k, k])
                         signal, noise_scale, timesteps = scorer.noising(steps)
-                        layers, errors = unet_pass(model, recorder, z0.expand(2, -1, -1, -1), signal, noise_scale,
-                                                   scorer.noise[steps.to(device)], timesteps, states, masks,
-                                                   scorer.adapter)
+                        layers, errors = unet_pass(
+                            model,
+                            recorder,
+                            z0.expand(2, -1, -1, -1),
+                            signal,
+                            noise_scale,
+                            scorer.noise[steps.to(device)],
+                            timesteps,
+                            states,
+                            masks,
+                            scorer.adapter,
+                        )
                         layers, errors = layers.double(), errors.double()
                         attention = 0.5 * (layers[0] + layers[1]) if config.uncond_in_attention else layers[1]
                         if config.normalize.value == "uncond":

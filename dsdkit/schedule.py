@@ -45,7 +45,8 @@ class NoiseSchedule:
             from .errors import ModelError
 
             raise ModelError(
-                f"scheduler beta_schedule {kind!r} is not supported; SD2 uses 'scaled_linear' (check scheduler_config.json)"
+                f"scheduler beta_schedule {kind!r} is not supported; SD2 uses 'scaled_linear' "
+                "(check scheduler_config.json)"
             )
         return cls(np.cumprod(1.0 - betas))
 

@@ -180,7 +180,7 @@ class Scorer:
             chunk = items[start : start + self.batch_size]
             batch = torch.from_numpy(np.stack([a for _, a in chunk])).to(self.model.device, torch.float32)
             latents = self.model.vae.encode(batch).latent_dist.mean * self.model.scaling_factor
-            for (key, _), latent in zip(chunk, latents):
+            for (key, _), latent in zip(chunk, latents, strict=True):
                 self._images[key] = ImageEncoding(key=key, latent=latent.float())
         return [self._images[key] for key in keys]
 
@@ -211,7 +211,7 @@ class Scorer:
             chunk = items[start : start + self.batch_size]
             ids = torch.from_numpy(np.stack([t.ids for _, t in chunk])).to(self.model.device)
             states = self.model.text_encoder(input_ids=ids).last_hidden_state.float()
-            for (key, tokens), state in zip(chunk, states):
+            for (key, tokens), state in zip(chunk, states, strict=True):
                 roles = torch.from_numpy(tokens.roles.astype(np.int64))
                 mask = token_mask(roles, self.config.tokens).to(self.model.device)
                 self._texts[key] = TextEncoding(text=key, tokens=tokens, states=state, mask=mask)
@@ -367,8 +367,9 @@ class Scorer:
             # One static shape per batch size: repeat the last item (its results are dropped below).
             fill = self.batch_size - count
             steps = torch.cat([steps, steps[-1:].expand(fill)])
-            latents, states, masks = (torch.cat([t, t[-1:].expand(fill, *t.shape[1:])])
-                                      for t in (latents, states, masks))
+            latents, states, masks = (
+                torch.cat([t, t[-1:].expand(fill, *t.shape[1:])]) for t in (latents, states, masks)
+            )
         signal, noise_scale, timesteps = self.noising(steps)
         noise = self.noise[steps.to(self.model.device)]
         if self.acceleration.uses_channels_last:
@@ -388,8 +389,20 @@ class Scorer:
             self.progress(advance)
 
 
-def unet_pass(model: SD2Model, recorder, latents, signal, noise_scale, noise, timesteps, states, masks, adapter=None,
-              condition=None, autocast: bool = True):
+def unet_pass(
+    model: SD2Model,
+    recorder,
+    latents,
+    signal,
+    noise_scale,
+    noise,
+    timesteps,
+    states,
+    masks,
+    adapter=None,
+    condition=None,
+    autocast: bool = True,
+):
     """The scoring forward on one batch, differentiable (the trainer calls it with gradients on, the exporter
     traces it).
 

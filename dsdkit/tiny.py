@@ -47,25 +47,45 @@ _SCHEDULER = {
 SIZES = {
     "micro": {
         "groups": 8,
-        "unet": dict(sample_size=16, block_out_channels=[32, 32, 64, 64], attention_head_dim=[1, 1, 2, 2],
-                     cross_attention_dim=32, layers_per_block=1),
+        "unet": dict(
+            sample_size=16,
+            block_out_channels=[32, 32, 64, 64],
+            attention_head_dim=[1, 1, 2, 2],
+            cross_attention_dim=32,
+            layers_per_block=1,
+        ),
         "vae": dict(block_out_channels=[32, 32, 32, 32], layers_per_block=1, sample_size=128),
-        "text": dict(hidden_size=32, intermediate_size=64, projection_dim=32, num_hidden_layers=2, num_attention_heads=2),
+        "text": dict(
+            hidden_size=32, intermediate_size=64, projection_dim=32, num_hidden_layers=2, num_attention_heads=2
+        ),
     },
     "tiny": {
         "groups": 8,
-        "unet": dict(sample_size=16, block_out_channels=[32, 64, 128, 128], attention_head_dim=[1, 2, 4, 4],
-                     cross_attention_dim=64, layers_per_block=2),
+        "unet": dict(
+            sample_size=16,
+            block_out_channels=[32, 64, 128, 128],
+            attention_head_dim=[1, 2, 4, 4],
+            cross_attention_dim=64,
+            layers_per_block=2,
+        ),
         "vae": dict(block_out_channels=[32, 32, 64, 64], layers_per_block=1, sample_size=128),
-        "text": dict(hidden_size=64, intermediate_size=128, projection_dim=64, num_hidden_layers=2, num_attention_heads=2),
+        "text": dict(
+            hidden_size=64, intermediate_size=128, projection_dim=64, num_hidden_layers=2, num_attention_heads=2
+        ),
     },
     "full": {
         "groups": 32,
-        "unet": dict(sample_size=64, block_out_channels=[320, 640, 1280, 1280], attention_head_dim=[5, 10, 20, 20],
-                     cross_attention_dim=1024, layers_per_block=2),
+        "unet": dict(
+            sample_size=64,
+            block_out_channels=[320, 640, 1280, 1280],
+            attention_head_dim=[5, 10, 20, 20],
+            cross_attention_dim=1024,
+            layers_per_block=2,
+        ),
         "vae": dict(block_out_channels=[128, 256, 512, 512], layers_per_block=2, sample_size=512),
-        "text": dict(hidden_size=1024, intermediate_size=4096, projection_dim=512, num_hidden_layers=23,
-                     num_attention_heads=16),
+        "text": dict(
+            hidden_size=1024, intermediate_size=4096, projection_dim=512, num_hidden_layers=23, num_attention_heads=16
+        ),
     },
 }
 
@@ -91,10 +111,20 @@ def write_clip_tokenizer(folder: str | os.PathLike, pad_token: str = "!") -> Pat
     vocab = {token: index for index, token in enumerate(vocab_list)}
     atomic_write_text(folder / "vocab.json", json.dumps(vocab, ensure_ascii=False))
     atomic_write_text(folder / "merges.txt", "#version: 0.2\n" + "\n".join(merges) + "\n")
-    specials = {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>",
-                "pad_token": pad_token}
-    config = {"tokenizer_class": "CLIPTokenizer", "model_max_length": 77, "do_lower_case": True,
-              "clean_up_tokenization_spaces": True, "errors": "replace", **specials}
+    specials = {
+        "bos_token": "<|startoftext|>",
+        "eos_token": "<|endoftext|>",
+        "unk_token": "<|endoftext|>",
+        "pad_token": pad_token,
+    }
+    config = {
+        "tokenizer_class": "CLIPTokenizer",
+        "model_max_length": 77,
+        "do_lower_case": True,
+        "clean_up_tokenization_spaces": True,
+        "errors": "replace",
+        **specials,
+    }
     atomic_write_text(folder / "tokenizer_config.json", json.dumps(config, indent=2))
     atomic_write_text(folder / "special_tokens_map.json", json.dumps(specials, indent=2))
     return folder
@@ -114,7 +144,9 @@ def _calibrate_latent_scale(vae, seed: int) -> None:
     size = int(vae.config.sample_size)
     images = [np.broadcast_to(rng.uniform(-1, 1, (3, 1, 1)), (3, size, size)) for _ in range(4)]
     ramp = np.linspace(-1, 1, size)
-    images += [np.stack([ramp[None, :].repeat(size, 0), ramp[:, None].repeat(size, 1), -ramp[None, :].repeat(size, 0)])]
+    images += [
+        np.stack([ramp[None, :].repeat(size, 0), ramp[:, None].repeat(size, 1), -ramp[None, :].repeat(size, 0)])
+    ]
     images += [rng.uniform(-1, 1, (3, size, size)) for _ in range(3)]
     batch = torch.tensor(np.stack(images), dtype=torch.float32)
     with torch.no_grad():
@@ -141,13 +173,13 @@ def write_tiny_model(folder: str | os.PathLike, size: str = "tiny", seed: int = 
 
     if folder.exists() and any(folder.iterdir()) and not (overwrite and (folder / TEST_MODEL_MARKER).is_file()):
         raise OutputError(
-            f"{folder} exists and is not empty; choose a new folder (or --overwrite a folder made by dsdkit tiny-model)"
+            f"{folder} exists and is not empty; choose a new folder "
+            "(or --overwrite a folder made by dsdkit tiny-model)"
         )
     import torch
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
     from diffusers.utils import logging as diffusers_logging
+    from transformers import CLIPTextConfig, CLIPTextModel
     from transformers.utils import logging as transformers_logging
 
     diffusers_logging.disable_progress_bar()
@@ -206,8 +238,9 @@ def write_tiny_model(folder: str | os.PathLike, size: str = "tiny", seed: int = 
         text_encoder.save_pretrained(staging / "text_encoder", safe_serialization=True)
         write_clip_tokenizer(staging / "tokenizer")
         (staging / "scheduler").mkdir()
-        (staging / "scheduler" / "scheduler_config.json").write_text(json.dumps(_SCHEDULER, indent=2),
-                                                                      encoding="utf-8")
+        (staging / "scheduler" / "scheduler_config.json").write_text(
+            json.dumps(_SCHEDULER, indent=2), encoding="utf-8"
+        )
         model_index = {
             "_class_name": "StableDiffusionPipeline",
             "feature_extractor": [None, None],

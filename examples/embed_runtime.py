@@ -18,7 +18,7 @@ captions = Path(sys.argv[3] if len(sys.argv) > 3 else here / "captions.txt").rea
 
 with Matcher.from_bundle(bundle, num_timesteps=4) as matcher:  # fewer timesteps: faster, a little noisier
     scores = matcher.score(images, captions)  # numpy [len(images), len(captions)], higher = better match
-    for image, row in zip(images, scores):
+    for image, row in zip(images, scores, strict=True):
         print(f"{image.name}: {captions[row.argmax()]!r} ({row.max():.4f})")
     best = matcher.rank_images(captions[0], images)[0]  # (index, score), best first
     print(f"best image for {captions[0]!r}: {images[best[0]].name}")

@@ -101,7 +101,10 @@ def model_licence(folder: Path, is_test_model: bool, override: str | None) -> di
     if override:
         return {"licence": override, "licence_source": "--license"}
     if is_test_model:
-        return {"licence": "none (random weights made by `dsdkit tiny-model`)", "licence_source": "dsdkit test-model marker"}
+        return {
+            "licence": "none (random weights made by `dsdkit tiny-model`)",
+            "licence_source": "dsdkit test-model marker",
+        }
     card = folder / "README.md"
     if card.is_file():
         text = card.read_text(encoding="utf-8", errors="replace")
@@ -184,8 +187,12 @@ def export_bundle(
         manifest["export"]["peak_rss_gb"] = round(_peak_rss_gb(), 2)
         atomic_write_text(staging / "manifest.json", json.dumps(manifest, indent=1) + "\n")
         Bundle.open(staging)  # the bundle reads back and every hash matches before it is moved into place
-    logger.info("wrote bundle %s in %.0f s (peak RSS %.1f GB)", out, manifest["export"]["total_seconds"],
-                manifest["export"]["peak_rss_gb"])
+    logger.info(
+        "wrote bundle %s in %.0f s (peak RSS %.1f GB)",
+        out,
+        manifest["export"]["total_seconds"],
+        manifest["export"]["peak_rss_gb"],
+    )
     return manifest
 
 
@@ -207,7 +214,11 @@ def _base_manifest(scorer, adapters, config: ExportConfig, version: str) -> dict
     if adapters is not None:
         from ..adapters import read_adapter_header
 
-        adapter = {"file": Path(adapters).name, "sha256": sha256_file(adapters), "header": read_adapter_header(adapters)}
+        adapter = {
+            "file": Path(adapters).name,
+            "sha256": sha256_file(adapters),
+            "header": read_adapter_header(adapters),
+        }
     return {
         "format": BUNDLE_FORMAT,
         "dsdkit_version": version,
@@ -302,9 +313,17 @@ def pytorch_references(scorer, manifest: dict[str, Any], settings: ParitySetting
     graphs = _reference_outputs(scorer, images, captions, manifest, preprocess_image)
     steps = settings.timesteps if scorer.config.timesteps.value == "discffusion" else None
     reduced = scorer.config.replace(num_timesteps=steps or scorer.config.num_timesteps)
-    matrix = Scorer(scorer.model, reduced, batch_size=scorer.batch_size, adapter=scorer.adapter).score(images, captions)
-    return {"images": images, "captions": captions, "graphs": graphs, "matrix": matrix, "num_timesteps": steps,
-            "seconds": time.perf_counter() - started}
+    matrix = Scorer(scorer.model, reduced, batch_size=scorer.batch_size, adapter=scorer.adapter).score(
+        images, captions
+    )
+    return {
+        "images": images,
+        "captions": captions,
+        "graphs": graphs,
+        "matrix": matrix,
+        "num_timesteps": steps,
+        "seconds": time.perf_counter() - started,
+    }
 
 
 def run_parity(staging: Path, manifest: dict[str, Any], references: dict[str, Any], config: ExportConfig) -> dict:
@@ -351,10 +370,15 @@ def run_parity(staging: Path, manifest: dict[str, Any], references: dict[str, An
         "onnxruntime": np.asarray(ours).round(7).tolist(),
         "pytorch": np.asarray(theirs).round(7).tolist(),
     }
-    report["seconds"] = {"pytorch": round(references["seconds"], 1), "onnxruntime": round(time.perf_counter() - started, 1)}
+    report["seconds"] = {
+        "pytorch": round(references["seconds"], 1),
+        "onnxruntime": round(time.perf_counter() - started, 1),
+    }
     logger.info(
         "parity (%s): scores max abs %.2g, top-1 agreement %.3f, Spearman %.4f",
-        config.precision, scores["max_abs"], report["end_to_end"]["ranking"]["top1_agreement"],
+        config.precision,
+        scores["max_abs"],
+        report["end_to_end"]["ranking"]["top1_agreement"],
         report["end_to_end"]["ranking"]["spearman_mean"],
     )
     return report
@@ -370,17 +394,26 @@ def _reference_outputs(scorer, images, captions, manifest, preprocess_image) -> 
 
     sd2 = scorer.model
     device = sd2.device
-    pixels = np.stack([preprocess_image(im, scorer.resolution, scorer.config.resize) for im in images]).astype(np.float32)
+    pixels = np.stack([preprocess_image(im, scorer.resolution, scorer.config.resize) for im in images]).astype(
+        np.float32
+    )
     texts = scorer.encode_texts(captions)
     ids = np.stack([t.tokens.ids for t in texts]).astype(np.int64)
     with torch.no_grad():
         states = sd2.text_encoder(input_ids=torch.from_numpy(ids).to(device)).last_hidden_state.float()
         latents = sd2.vae.encode(torch.from_numpy(pixels).to(device)).latent_dist.mean.float() * sd2.scaling_factor
-        condition = scorer.adapter.condition(latents) if scorer.adapter is not None and scorer.adapter.conditioned else None
+        condition = (
+            scorer.adapter.condition(latents) if scorer.adapter is not None and scorer.adapter.conditioned else None
+        )
     out = {
         "text_encoder": ({"input_ids": ids}, {"states": states.cpu().numpy()}),
-        "image_encoder": ({"pixels": pixels}, {"latents": latents.cpu().numpy(),
-                                              **({"condition": condition.cpu().numpy()} if condition is not None else {})}),
+        "image_encoder": (
+            {"pixels": pixels},
+            {
+                "latents": latents.cpu().numpy(),
+                **({"condition": condition.cpu().numpy()} if condition is not None else {}),
+            },
+        ),
     }
     # Scorer graph: pairs (image i, caption i mod M) at spread-out timesteps and noise-bank entries.
     count = len(images)
@@ -402,12 +435,26 @@ def _reference_outputs(scorer, images, captions, manifest, preprocess_image) -> 
     recorder = Recorder(scorer.layer_names, scorer.config)
     with torch.no_grad(), scoring_processors(sd2.unet, recorder, scorer.adapter):
         layers, error = unet_pass(
-            sd2, recorder, latents, torch.tensor(signal, dtype=torch.float32, device=device),
-            torch.tensor(noise_scale, dtype=torch.float32, device=device), bank[noise_index].to(device),
-            torch.from_numpy(timesteps).to(device), states[pick], masks.to(device), scorer.adapter, condition=condition,
+            sd2,
+            recorder,
+            latents,
+            torch.tensor(signal, dtype=torch.float32, device=device),
+            torch.tensor(noise_scale, dtype=torch.float32, device=device),
+            bank[noise_index].to(device),
+            torch.from_numpy(timesteps).to(device),
+            states[pick],
+            masks.to(device),
+            scorer.adapter,
+            condition=condition,
         )
-    out["scorer"] = (feed, {"attention": layers.mean(-1).cpu().numpy(), "layer_scores": layers.cpu().numpy(),
-                            "noise_error": error.cpu().numpy()})
+    out["scorer"] = (
+        feed,
+        {
+            "attention": layers.mean(-1).cpu().numpy(),
+            "layer_scores": layers.cpu().numpy(),
+            "noise_error": error.cpu().numpy(),
+        },
+    )
     return out
 
 
@@ -419,8 +466,12 @@ def _maybe_engines(staging: Path, manifest: dict[str, Any], config: ExportConfig
         return {"built": False, "reason": "--no-engines"}
     reason = _trt_reason()
     if reason is not None:
-        logger.warning("TensorRT engines not built: %s; the ONNX bundle is complete (build engines on a GPU machine "
-                       "with `dsdkit build-engines %s`)", reason, out)
+        logger.warning(
+            "TensorRT engines not built: %s; the ONNX bundle is complete (build engines on a GPU machine "
+            "with `dsdkit build-engines %s`)",
+            reason,
+            out,
+        )
         return {"built": False, "reason": reason}
     from .tensorrt import build_engines
 

@@ -60,8 +60,9 @@ def _exportable_feature(latents, grid: int):
     return image_feature(latents, grid)
 
 
-def fold_adapter(model: SD2Model, adapter: Adapter | None, precision: Precision) -> tuple[SD2Model, Adapter | None,
-                                                                                             nn.Module | None]:
+def fold_adapter(
+    model: SD2Model, adapter: Adapter | None, precision: Precision
+) -> tuple[SD2Model, Adapter | None, nn.Module | None]:
     """A model whose UNet carries the adapter's foldable part (a copy when anything changes), the adapter's
     remaining image-conditioned part, and the meta-network for the image graph."""
     folded = adapter.fold() if adapter is not None else None
@@ -84,8 +85,9 @@ def fold_adapter(model: SD2Model, adapter: Adapter | None, precision: Precision)
 class ScorerGraph(nn.Module):
     """One timestep of DSD for a batch of pairs; the noise schedule and the noise bank are constants."""
 
-    def __init__(self, model: SD2Model, layer_names: list[str], config, noise_bank: torch.Tensor,
-                 adapter: Adapter | None = None):
+    def __init__(
+        self, model: SD2Model, layer_names: list[str], config, noise_bank: torch.Tensor, adapter: Adapter | None = None
+    ):
         super().__init__()
         self.model = model
         self.unet = model.unet
@@ -103,8 +105,17 @@ class ScorerGraph(nn.Module):
 
     def forward(self, latents, states, token_mask, timestep, noise_index, condition=None):
         layers, error = unet_pass(
-            self.model, self.recorder, latents, self.signal[timestep], self.noise_scale[timestep],
-            self.noise_bank[noise_index], timestep, states, token_mask, self.adapter, condition=condition,
+            self.model,
+            self.recorder,
+            latents,
+            self.signal[timestep],
+            self.noise_scale[timestep],
+            self.noise_bank[noise_index],
+            timestep,
+            states,
+            token_mask,
+            self.adapter,
+            condition=condition,
             autocast=False,
         )
         return layers.mean(dim=-1), layers, error

@@ -91,8 +91,9 @@ def ranking_agreement(ours: np.ndarray, reference: np.ndarray, tie: float = 0.0)
     """
     ours, reference = np.asarray(ours, np.float64), np.asarray(reference, np.float64)
     agree, flips, correlations = [], 0, []
-    for a, b in [(ours[i], reference[i]) for i in range(len(ours))] + [(ours[:, j], reference[:, j])
-                                                                        for j in range(ours.shape[1])]:
+    for a, b in [(ours[i], reference[i]) for i in range(len(ours))] + [
+        (ours[:, j], reference[:, j]) for j in range(ours.shape[1])
+    ]:
         if len(a) < 2:
             continue
         same = int(np.argmax(a)) == int(np.argmax(b))
@@ -110,8 +111,14 @@ def ranking_agreement(ours: np.ndarray, reference: np.ndarray, tie: float = 0.0)
     }
 
 
-_CAPTION_TEMPLATES = ("a {} {}", "a small {} {}", "a large {} {}", "one {} {} on a white background",
-                     "a picture of a {} {}", "a {} {} in the middle")
+_CAPTION_TEMPLATES = (
+    "a {} {}",
+    "a small {} {}",
+    "a large {} {}",
+    "one {} {} on a white background",
+    "a picture of a {} {}",
+    "a {} {} in the middle",
+)
 
 
 def parity_inputs(settings: ParitySettings) -> tuple[list, list[str]]:

@@ -1,11 +1,13 @@
 """One export spec per graph: names, dtypes, shapes with the dynamic batch axis, dummy inputs, the TensorRT
 min/opt/max profile, and the parity tolerance of every output (optimum's OnnxConfig + TensorRT demo's profiles).
 
-| graph | inputs | outputs |
-|---|---|---|
-| ``text_encoder`` | ``input_ids int64[B, 77]`` | ``states float32[B, 77, D]`` |
-| ``image_encoder`` | ``pixels float32[B, 3, R, R]`` | ``latents float32[B, C, h, w]`` (+ ``condition float32[B, r]`` for kv-prompt) |
-| ``scorer`` | ``latents``, ``states``, ``token_mask float32[B, 77]``, ``timestep int64[B]``, ``noise_index int64[B]`` (+ ``condition``) | ``attention float32[B]``, ``layer_scores float32[B, L]``, ``noise_error float32[B]`` |
+Graphs (inputs -> outputs):
+
+- ``text_encoder``: ``input_ids int64[B, 77]`` -> ``states float32[B, 77, D]``
+- ``image_encoder``: ``pixels float32[B, 3, R, R]`` -> ``latents float32[B, C, h, w]`` (+ ``condition float32[B, r]``
+  for kv-prompt)
+- ``scorer``: ``latents``, ``states``, ``token_mask float32[B, 77]``, ``timestep int64[B]``, ``noise_index int64[B]``
+  (+ ``condition``) -> ``attention float32[B]``, ``layer_scores float32[B, L]``, ``noise_error float32[B]``
 
 The scorer holds the noise schedule for all 1000 timesteps and a seeded noise bank as constants; ``timestep`` and
 ``noise_index`` select from them, so one graph serves any number of timesteps S up to the bank's size. The
@@ -58,7 +60,8 @@ class ExportSpec:
     def profile(self, batch: tuple[int, int, int]) -> dict[str, dict[str, list[int]]]:
         """TensorRT optimisation profile: ``{input: {"min", "opt", "max"}}`` over the batch axis."""
         return {
-            t.name: {key: list(t.concrete(b)) for key, b in zip(("min", "opt", "max"), batch)} for t in self.inputs
+            t.name: {key: list(t.concrete(b)) for key, b in zip(("min", "opt", "max"), batch, strict=True)}
+            for t in self.inputs
         }
 
     def to_dict(self, file: str, batch: tuple[int, int, int]) -> dict[str, Any]:
@@ -82,11 +85,14 @@ def graph_specs(model, resolution: int, num_layers: int, condition_size: int | N
     states = TensorSpec("states", "float32", (BATCH, length, hidden))
     return {
         "text_encoder": ExportSpec(
-            "text_encoder", [TensorSpec("input_ids", "int64", (BATCH, length))], [states],
+            "text_encoder",
+            [TensorSpec("input_ids", "int64", (BATCH, length))],
+            [states],
             tolerance={"states": (1e-4, 1e-4)},
         ),
         "image_encoder": ExportSpec(
-            "image_encoder", [TensorSpec("pixels", "float32", (BATCH, 3, resolution, resolution))],
+            "image_encoder",
+            [TensorSpec("pixels", "float32", (BATCH, 3, resolution, resolution))],
             [latents, *condition],
             # The VAE encoder is deep and GroupNorm amplifies fp32 rounding on smooth image regions; latents have unit
             # variance, so 1e-3 is 0.1% of their scale (an export mistake shows up as O(1) differences).
@@ -94,10 +100,19 @@ def graph_specs(model, resolution: int, num_layers: int, condition_size: int | N
         ),
         "scorer": ExportSpec(
             "scorer",
-            [latents, states, TensorSpec("token_mask", "float32", (BATCH, length)),
-             TensorSpec("timestep", "int64", (BATCH,)), TensorSpec("noise_index", "int64", (BATCH,)), *condition],
-            [TensorSpec("attention", "float32", (BATCH,)), TensorSpec("layer_scores", "float32", (BATCH, num_layers)),
-             TensorSpec("noise_error", "float32", (BATCH,))],
+            [
+                latents,
+                states,
+                TensorSpec("token_mask", "float32", (BATCH, length)),
+                TensorSpec("timestep", "int64", (BATCH,)),
+                TensorSpec("noise_index", "int64", (BATCH,)),
+                *condition,
+            ],
+            [
+                TensorSpec("attention", "float32", (BATCH,)),
+                TensorSpec("layer_scores", "float32", (BATCH, num_layers)),
+                TensorSpec("noise_error", "float32", (BATCH,)),
+            ],
             tolerance={"attention": (1e-5, 1e-5), "layer_scores": (1e-5, 1e-5), "noise_error": (1e-4, 1e-5)},
         ),
     }

@@ -65,8 +65,13 @@ def engine_cache_key(fields: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
 
 
-def build_engine(onnx_path: Path, engine_path: Path, profile: dict[str, dict[str, list[int]]],
-                 timing_cache: Path, workspace_gb: float | None = None) -> float:
+def build_engine(
+    onnx_path: Path,
+    engine_path: Path,
+    profile: dict[str, dict[str, list[int]]],
+    timing_cache: Path,
+    workspace_gb: float | None = None,
+) -> float:
     """Parse ``onnx_path`` strongly typed, build with one profile, save to ``engine_path``; returns seconds."""
     import tensorrt as trt
     from polygraphy.backend.trt import CreateConfig, EngineFromNetwork, NetworkFromOnnxPath, Profile, SaveEngine
@@ -80,8 +85,11 @@ def build_engine(onnx_path: Path, engine_path: Path, profile: dict[str, dict[str
     # disk never leaves a truncated engine (or a cache that breaks the next build) under the final names.
     new_cache = timing_cache.with_name(f".{timing_cache.name}.{os.getpid()}.tmp")
     new_plan = engine_path.with_name(f".{engine_path.name}.{os.getpid()}.tmp")
-    config = CreateConfig(profiles=[trt_profile], load_timing_cache=str(timing_cache) if timing_cache.exists() else None,
-                          memory_pool_limits=limits)
+    config = CreateConfig(
+        profiles=[trt_profile],
+        load_timing_cache=str(timing_cache) if timing_cache.exists() else None,
+        memory_pool_limits=limits,
+    )
     engine = EngineFromNetwork(network, config=config, save_timing_cache=str(new_cache))
     started = time.perf_counter()
     try:
@@ -135,9 +143,20 @@ def build_engines(bundle_dir: Path, manifest: dict[str, Any], workspace_gb: floa
         }
         engine_file = f"engines/{name}.plan"
         seconds = build_engine(onnx_path, bundle_dir / engine_file, graph["profile"], timing_cache, workspace_gb)
-        meta = {**fields, **device, "file": engine_file, "key": engine_cache_key(fields), "build_seconds": round(seconds, 1)}
+        meta = {
+            **fields,
+            **device,
+            "file": engine_file,
+            "key": engine_cache_key(fields),
+            "build_seconds": round(seconds, 1),
+        }
         atomic_write_text(folder / f"{name}.json", json.dumps(meta, indent=1, sort_keys=True) + "\n")
-        logger.info("built TensorRT engine %s in %.1f s (%s, sm %s)", engine_file, seconds, device["gpu"],
-                    device["compute_capability"])
+        logger.info(
+            "built TensorRT engine %s in %.1f s (%s, sm %s)",
+            engine_file,
+            seconds,
+            device["gpu"],
+            device["compute_capability"],
+        )
         entries[name] = meta
     return {"built": True, "tensorrt": trt.__version__, **device, "graphs": entries}

@@ -28,8 +28,9 @@ def _dummy(spec, shape):
     return torch.randn(shape, dtype=torch.float32)
 
 
-def export_graph(module: torch.nn.Module, spec: ExportSpec, path: Path, exporter: str = "dynamo",
-                 opset: int = 18, device=None) -> dict:
+def export_graph(
+    module: torch.nn.Module, spec: ExportSpec, path: Path, exporter: str = "dynamo", opset: int = 18, device=None
+) -> dict:
     """Export ``module`` to ``path`` (ONNX, dynamic batch) and check it; returns timing and file information.
 
     The dynamo exporter writes weights to ``<name>.onnx.data`` itself; the TorchScript exporter's weights are kept
@@ -48,15 +49,29 @@ def export_graph(module: torch.nn.Module, spec: ExportSpec, path: Path, exporter
             # diffusers' upsampler branches on batch >= 64, so the symbolic batch stays below it.
             batch = torch.export.Dim(BATCH, min=1, max=63)
             torch.onnx.export(
-                module, inputs, str(path), input_names=spec.input_names, output_names=spec.output_names,
-                dynamo=True, opset_version=opset, external_data=True, verbose=False,
+                module,
+                inputs,
+                str(path),
+                input_names=spec.input_names,
+                output_names=spec.output_names,
+                dynamo=True,
+                opset_version=opset,
+                external_data=True,
+                verbose=False,
                 dynamic_shapes={name: {0: batch} for name in spec.input_names},
             )
         else:
             axes = {name: {0: BATCH} for name in spec.input_names + spec.output_names}
             torch.onnx.export(
-                module, inputs, str(path), input_names=spec.input_names, output_names=spec.output_names,
-                dynamo=False, opset_version=opset, dynamic_axes=axes, do_constant_folding=True,
+                module,
+                inputs,
+                str(path),
+                input_names=spec.input_names,
+                output_names=spec.output_names,
+                dynamo=False,
+                opset_version=opset,
+                dynamic_axes=axes,
+                do_constant_folding=True,
             )
             _gather_external_data(path)
     seconds = time.perf_counter() - started
@@ -86,12 +101,20 @@ def _gather_external_data(path: Path) -> None:
     """Large TorchScript exports scatter one file per tensor; keep them in a single ``.onnx.data`` file."""
     import onnx
 
-    scattered = [p for p in path.parent.iterdir() if p != path and not p.suffix == ".onnx" and not p.name.startswith(path.name)]
+    scattered = [
+        p for p in path.parent.iterdir() if p != path and not p.suffix == ".onnx" and not p.name.startswith(path.name)
+    ]
     if not scattered and path.stat().st_size < _TWO_GB:
         return
     model = onnx.load(str(path))
-    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location=path.name + ".data", size_threshold=1024)
+    onnx.save_model(
+        model,
+        str(path),
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location=path.name + ".data",
+        size_threshold=1024,
+    )
     referenced = {path.name, path.name + ".data"}
     for stray in scattered:
         if stray.name not in referenced and stray.is_file():

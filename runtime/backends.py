@@ -108,10 +108,14 @@ class OrtRunner(Runner):
             self.session = ort.InferenceSession(str(self.path), sess_options=options, providers=requested)
         except Exception as exc:  # noqa: BLE001 - ORT raises its own exception types
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise BundleError(f"{self.path}: ONNX Runtime cannot load this graph ({first[:200]}); re-export it") from None
+            raise BundleError(
+                f"{self.path}: ONNX Runtime cannot load this graph ({first[:200]}); re-export it"
+            ) from None
         got = self.session.get_providers()  # what the session really uses, not what is "available"
         if requested[0] != got[0]:
-            logger.warning("%s: asked ONNX Runtime for %s, the session runs on %s", self.path.name, requested[0], got[0])
+            logger.warning(
+                "%s: asked ONNX Runtime for %s, the session runs on %s", self.path.name, requested[0], got[0]
+            )
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
 
@@ -120,7 +124,7 @@ class OrtRunner(Runner):
         if missing:
             raise ValueError(f"{self.path.name}: missing inputs {missing}")
         outputs = self.session.run(None, {n: feed[n] for n in self.input_names})
-        return dict(zip(self.output_names, outputs))
+        return dict(zip(self.output_names, outputs, strict=True))
 
     def _close(self) -> None:
         self.session = None
@@ -158,18 +162,24 @@ class TrtRunner(Runner):
             from polygraphy.backend.trt import EngineFromBytes
             from polygraphy.backend.trt import TrtRunner as PolygraphyTrtRunner
         except ImportError:
-            raise ConfigError("the TensorRT backend needs tensorrt and polygraphy (install dsdkit[trt]); or use "
-                              "--backend onnxruntime") from None
+            raise ConfigError(
+                "the TensorRT backend needs tensorrt and polygraphy (install dsdkit[trt]); or use "
+                "--backend onnxruntime"
+            ) from None
         if self.meta.get("tensorrt") != trt.__version__:
-            raise BundleError(f"{self.path}: engine built with TensorRT {self.meta.get('tensorrt')}, this machine has "
-                              f"{trt.__version__}; {self.rebuild}")
+            raise BundleError(
+                f"{self.path}: engine built with TensorRT {self.meta.get('tensorrt')}, this machine has "
+                f"{trt.__version__}; {self.rebuild}"
+            )
         try:
             engine = EngineFromBytes(BytesFromPath(str(self.path)))()
         except Exception:  # noqa: BLE001 - TensorRT reports deserialization failures in several ways
             engine = None
         if engine is None:
-            raise BundleError(f"{self.path}: TensorRT cannot load this engine here (built for {self.meta.get('gpu')}, "
-                              f"compute capability {self.meta.get('compute_capability')}); {self.rebuild}")
+            raise BundleError(
+                f"{self.path}: TensorRT cannot load this engine here (built for {self.meta.get('gpu')}, "
+                f"compute capability {self.meta.get('compute_capability')}); {self.rebuild}"
+            )
         self._runner = PolygraphyTrtRunner(engine)
         self._runner.activate()
 
@@ -186,8 +196,12 @@ class TrtRunner(Runner):
             self._runner = None
 
     def describe(self) -> dict[str, Any]:
-        return {"backend": self.name, "engine": self.path.name, "gpu": self.meta.get("gpu"),
-                "tensorrt": self.meta.get("tensorrt")}
+        return {
+            "backend": self.name,
+            "engine": self.path.name,
+            "gpu": self.meta.get("gpu"),
+            "tensorrt": self.meta.get("tensorrt"),
+        }
 
 
 BACKENDS = ("auto", "onnxruntime", "tensorrt")
@@ -207,8 +221,12 @@ def make_runners(bundle, backend: str = "auto", device: str = "auto") -> dict[st
             backend = "onnxruntime"
     if backend == "tensorrt":
         if not engines.get("built"):
-            raise BundleError(f"{bundle.path}: the bundle has no TensorRT engines; build them on this machine with "
-                              f"`dsdkit build-engines {bundle.path}`, or use --backend onnxruntime")
-        return {name: TrtRunner(bundle.path / meta["file"], meta, bundle.path) for name, meta in engines["graphs"].items()}
+            raise BundleError(
+                f"{bundle.path}: the bundle has no TensorRT engines; build them on this machine with "
+                f"`dsdkit build-engines {bundle.path}`, or use --backend onnxruntime"
+            )
+        return {
+            name: TrtRunner(bundle.path / meta["file"], meta, bundle.path) for name, meta in engines["graphs"].items()
+        }
     providers = ort_providers(device)
     return {name: OrtRunner(bundle.graph_path(name), providers) for name in bundle.manifest["graphs"]}

@@ -68,7 +68,9 @@ class Bundle:
         try:
             manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
         except FileNotFoundError:
-            raise BundleError(f"{path}: not a dsdkit bundle (no manifest.json); create one with `dsdkit export`") from None
+            raise BundleError(
+                f"{path}: not a dsdkit bundle (no manifest.json); create one with `dsdkit export`"
+            ) from None
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise BundleError(f"{manifest_path}: unreadable ({exc}); {_REEXPORT}") from None
         found = manifest.get("format") if isinstance(manifest, dict) else None

@@ -27,8 +27,15 @@ import numpy as np
 from .errors import InputError
 
 __all__ = [
-    "ResizeMode", "ImageInput", "MAX_IMAGE_PIXELS", "Pixels", "check_image", "load_image", "to_rgb",
-    "preprocess_image", "describe",
+    "ResizeMode",
+    "ImageInput",
+    "MAX_IMAGE_PIXELS",
+    "Pixels",
+    "check_image",
+    "load_image",
+    "to_rgb",
+    "preprocess_image",
+    "describe",
 ]
 
 
@@ -215,7 +222,9 @@ def _array_to_pil(array: np.ndarray, name: str):
         if not np.isfinite(array).all():
             raise InputError(f"{name}: array contains NaN or inf")
         if array.min() < 0.0 or array.max() > 1.0:
-            raise InputError(f"{name}: float arrays must hold values in [0, 1], got [{array.min():g}, {array.max():g}]")
+            raise InputError(
+                f"{name}: float arrays must hold values in [0, 1], got [{array.min():g}, {array.max():g}]"
+            )
         array = np.clip(array * 255.0 + 0.5, 0, 255).astype(np.uint8)
     elif array.dtype == np.uint16:
         array = (array.astype(np.uint32) * 255 // 65535).astype(np.uint8)
@@ -238,8 +247,9 @@ def as_pil(image: ImageInput, index: int | None = None):
             image.load()
             return to_rgb(image)
         except (OSError, SyntaxError, ValueError, EOFError, struct.error, IndexError, KeyError) as exc:
-            raise InputError(f"{describe(image, index)}: cannot be decoded ({type(exc).__name__}: "
-                             f"{' '.join(str(exc).split())})") from None
+            raise InputError(
+                f"{describe(image, index)}: cannot be decoded ({type(exc).__name__}: {' '.join(str(exc).split())})"
+            ) from None
     if isinstance(image, np.ndarray):
         return to_rgb(_array_to_pil(image, describe(image, index)))
     raise InputError(f"{describe(image, index)}: expected a file path, a PIL image or a numpy array")
@@ -254,8 +264,10 @@ def preprocess_image(
     resize = ResizeMode(resize)
     if isinstance(image, Pixels):
         if image.array.shape != (3, resolution, resolution) or ResizeMode(image.resize) is not resize:
-            raise ValueError(f"{image.name}: preprocessed for {image.array.shape}/{image.resize}, "
-                             f"not {resolution} px/{resize.value}")
+            raise ValueError(
+                f"{image.name}: preprocessed for {image.array.shape}/{image.resize}, "
+                f"not {resolution} px/{resize.value}"
+            )
         return image.array
     pil = as_pil(image, index)
     width, height = pil.size

@@ -75,7 +75,9 @@ def read_captions(path: str | os.PathLike) -> CaptionList:
         captions.append(text)
         numbers.append(number)
     if skipped:
-        logger.warning("%s: skipped %d blank line(s): %s", path, len(skipped), ", ".join(str(n) for n, _ in skipped[:10]))
+        logger.warning(
+            "%s: skipped %d blank line(s): %s", path, len(skipped), ", ".join(str(n) for n, _ in skipped[:10])
+        )
     if not captions:
         raise InputError(f"{path}: no captions found; write one caption per line")
     return CaptionList(captions, numbers, skipped)

@@ -42,8 +42,14 @@ def partial_folder(output: str | Path) -> Path:
     return output.with_name(output.name + ".partial")
 
 
-def run_resumable(blocks: Blocks, shape: tuple[int, int], output: str | Path | None, fingerprint: str,
-                  resume: bool = False, notes: dict[str, dict] | None = None) -> np.ndarray:
+def run_resumable(
+    blocks: Blocks,
+    shape: tuple[int, int],
+    output: str | Path | None,
+    fingerprint: str,
+    resume: bool = False,
+    notes: dict[str, dict] | None = None,
+) -> np.ndarray:
     """Fill a ``float64[N, M]`` matrix from ``blocks(start_row)`` and, with an ``output``, save progress per chunk.
 
     ``notes`` (JSON-able dicts the blocks fill as they go, e.g. skipped images) are saved with every chunk; on
@@ -63,8 +69,10 @@ def run_resumable(blocks: Blocks, shape: tuple[int, int], output: str | Path | N
     start = 0
     if folder.exists():
         if not resume:
-            raise ConfigError(f"{folder} holds partial results of an interrupted run; pass --resume to continue it, or "
-                              "delete the folder to start over")
+            raise ConfigError(
+                f"{folder} holds partial results of an interrupted run; pass --resume to continue it, or "
+                "delete the folder to start over"
+            )
         start = _load(folder, scores, fingerprint, notes)
         logger.warning("resuming %s: %d of %d image rows already scored", output, start, shape[0])
     for rows, block in blocks(start):
@@ -86,8 +94,13 @@ def _save(folder: Path, scores: np.ndarray, done_rows: int, fingerprint: str, no
     buffer = io.BytesIO()
     np.save(buffer, scores, allow_pickle=False)
     atomic_write_bytes(folder / "scores.npy", buffer.getvalue())
-    state = {"format": PARTIAL_FORMAT, "fingerprint": fingerprint, "done_rows": done_rows, "shape": list(scores.shape),
-             "notes": notes or {}}
+    state = {
+        "format": PARTIAL_FORMAT,
+        "fingerprint": fingerprint,
+        "done_rows": done_rows,
+        "shape": list(scores.shape),
+        "notes": notes or {},
+    }
     atomic_write_text(folder / "state.json", json.dumps(state) + "\n")
 
 
@@ -98,10 +111,14 @@ def _load(folder: Path, scores: np.ndarray, fingerprint: str, notes: dict | None
     except FileNotFoundError:
         return 0  # killed before the first chunk was committed
     except (OSError, ValueError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{folder}: partial results are unreadable ({exc}); delete the folder to start over") from None
+        raise ConfigError(
+            f"{folder}: partial results are unreadable ({exc}); delete the folder to start over"
+        ) from None
     if state.get("format") != PARTIAL_FORMAT or state.get("fingerprint") != fingerprint:
-        raise ConfigError(f"{folder} holds partial results of a different job (other images, captions, model or "
-                          "scoring); delete it or choose another --output")
+        raise ConfigError(
+            f"{folder} holds partial results of a different job (other images, captions, model or "
+            "scoring); delete it or choose another --output"
+        )
     done = int(state["done_rows"])
     if saved.shape != scores.shape or not 0 <= done <= scores.shape[0]:
         raise ConfigError(f"{folder}: partial results do not fit this job; delete the folder to start over")

@@ -59,9 +59,16 @@ class Matcher:
     PIL images or arrays. Encodings are cached, so repeated images or captions cost nothing.
     """
 
-    def __init__(self, bundle: Bundle, runners: dict[str, Runner], batch_size: int | None = None,
-                 num_timesteps: int | None = None, progress: Callable[[int], None] | None = None,
-                 chunk_size: int = 64, max_cached_images: int = 4096):
+    def __init__(
+        self,
+        bundle: Bundle,
+        runners: dict[str, Runner],
+        batch_size: int | None = None,
+        num_timesteps: int | None = None,
+        progress: Callable[[int], None] | None = None,
+        chunk_size: int = 64,
+        max_cached_images: int = 4096,
+    ):
         self.bundle = bundle
         self.runners = runners
         self.scoring = dict(bundle.scoring)
@@ -96,9 +103,17 @@ class Matcher:
         self._empty: _Text | None = None
 
     @classmethod
-    def from_bundle(cls, path: str | os.PathLike, backend: str = "auto", device: str = "auto",
-                    batch_size: int | None = None, num_timesteps: int | None = None, verify: bool = True,
-                    chunk_size: int = 64, progress: Callable[[int], None] | None = None) -> Matcher:
+    def from_bundle(
+        cls,
+        path: str | os.PathLike,
+        backend: str = "auto",
+        device: str = "auto",
+        batch_size: int | None = None,
+        num_timesteps: int | None = None,
+        verify: bool = True,
+        chunk_size: int = 64,
+        progress: Callable[[int], None] | None = None,
+    ) -> Matcher:
         """Open a bundle and prepare its runners (sessions are created on first use).
 
         Args:
@@ -113,8 +128,14 @@ class Matcher:
         """
         bundle = Bundle.open(path, verify=verify)
         runners = make_runners(bundle, backend, device)
-        return cls(bundle, runners, batch_size=batch_size, num_timesteps=num_timesteps, chunk_size=chunk_size,
-                   progress=progress)
+        return cls(
+            bundle,
+            runners,
+            batch_size=batch_size,
+            num_timesteps=num_timesteps,
+            chunk_size=chunk_size,
+            progress=progress,
+        )
 
     def close(self) -> None:
         for runner in self.runners.values():
@@ -169,7 +190,9 @@ class Matcher:
         ids = np.stack([t.ids for t in todo.values()])
         states = self._run_batched("text_encoder", {"input_ids": ids})["states"]
         for i, (key, tokens) in enumerate(todo.items()):
-            self._texts[key] = _Text(key, tokens, states[i], token_mask(tokens.roles, self.scoring.get("tokens", "all")))
+            self._texts[key] = _Text(
+                key, tokens, states[i], token_mask(tokens.roles, self.scoring.get("tokens", "all"))
+            )
 
     def encode_texts(self, texts: Sequence[str], where: Sequence[str] | None = None) -> list[_Text]:
         keys, todo = [], {}
@@ -228,9 +251,12 @@ class Matcher:
         empty = self.empty_caption
         count = len(todo)
         conditions = np.stack([i.condition for i in todo]) if self.conditioned else None
-        layers, errors = self._scorer_runs(np.stack([i.latent for i in todo]), conditions,
-                                           np.broadcast_to(empty.states, (count, *empty.states.shape)),
-                                           np.broadcast_to(empty.mask, (count, *empty.mask.shape)))
+        layers, errors = self._scorer_runs(
+            np.stack([i.latent for i in todo]),
+            conditions,
+            np.broadcast_to(empty.states, (count, *empty.states.shape)),
+            np.broadcast_to(empty.mask, (count, *empty.mask.shape)),
+        )
         for index, image in enumerate(todo):
             self._uncond[image.key] = (layers[index], errors[index])
 
@@ -250,11 +276,19 @@ class Matcher:
             uncond_errors = np.stack([self._uncond[images[i].key][1] for i in pairs[:, 0]])
         s = self.scoring
         per_step, attention, denoise = combine_terms(
-            layers, errors, uncond_layers, uncond_errors, uncond_in_attention=bool(s.get("uncond_in_attention")),
-            normalize_uncond=s.get("normalize") == "uncond", denoise_term=bool(s.get("denoise_term")),
+            layers,
+            errors,
+            uncond_layers,
+            uncond_errors,
+            uncond_in_attention=bool(s.get("uncond_in_attention")),
+            normalize_uncond=s.get("normalize") == "uncond",
+            denoise_term=bool(s.get("denoise_term")),
         )
-        return {"scores": per_step.mean(1), "layer_scores": attention.mean(1),
-                "denoise": None if denoise is None else denoise.mean(1)}
+        return {
+            "scores": per_step.mean(1),
+            "layer_scores": attention.mean(1),
+            "denoise": None if denoise is None else denoise.mean(1),
+        }
 
     def score_pairs(self, images: Sequence[ImageInput], texts: Sequence[str], pairs) -> np.ndarray:
         return self.score_encoded_pairs(self.encode_images(images), self.encode_texts(texts), pairs)["scores"]
@@ -303,11 +337,15 @@ class Matcher:
         return [(int(i), float(scores[i])) for i in np.argsort(-scores, kind="stable")]
 
     def planned_evaluations(self, num_images: int, num_texts: int) -> int:
-        """Scorer evaluations for an ``N x M`` job with nothing cached: ``N·S`` unconditional (when needed) + ``N·M·S``."""
+        """Scorer evaluations for an ``N x M`` job with nothing cached.
+
+        ``N·S`` unconditional (when needed) + ``N·M·S``.
+        """
         steps = len(self.timesteps)
         return num_images * steps * (num_texts + (1 if self.needs_unconditional_pass else 0))
 
     def describe(self) -> dict:
-        return {name: runner.describe() if hasattr(runner, "describe") else {"backend": runner.name}
-                for name, runner in self.runners.items()}
-
+        return {
+            name: runner.describe() if hasattr(runner, "describe") else {"backend": runner.name}
+            for name, runner in self.runners.items()
+        }

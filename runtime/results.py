@@ -44,7 +44,9 @@ class MatchResult:
     def __post_init__(self):
         self.scores = np.asarray(self.scores, dtype=np.float64)
         if self.scores.shape != (len(self.images), len(self.captions)):
-            raise ValueError(f"scores have shape {self.scores.shape}, expected {(len(self.images), len(self.captions))}")
+            raise ValueError(
+                f"scores have shape {self.scores.shape}, expected {(len(self.images), len(self.captions))}"
+            )
 
 
 def top_k(scores: np.ndarray, k: int, axis: int) -> np.ndarray:
@@ -73,12 +75,14 @@ def write_result(result: MatchResult, path: str | os.PathLike, k: int = 5) -> Pa
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix not in OUTPUT_FORMATS:
-        raise OutputError(f"{path}: unknown output format {suffix or '(none)'}; use one of {', '.join(OUTPUT_FORMATS)}")
+        raise OutputError(
+            f"{path}: unknown output format {suffix or '(none)'}; use one of {', '.join(OUTPUT_FORMATS)}"
+        )
     if suffix == ".csv":
         buffer = io.StringIO()
         writer = csv.writer(buffer, lineterminator="\n")
         writer.writerow(["image", *result.captions])
-        for name, row in zip(result.images, result.scores):
+        for name, row in zip(result.images, result.scores, strict=True):
             writer.writerow([name, *(repr(float(v)) for v in row)])
         text = buffer.getvalue()
     else:

@@ -8,8 +8,16 @@ from __future__ import annotations
 __all__ = ["combine_terms"]
 
 
-def combine_terms(layers, errors, uncond_layers=None, uncond_errors=None, *, uncond_in_attention: bool = False,
-                  normalize_uncond: bool = False, denoise_term: bool = True):
+def combine_terms(
+    layers,
+    errors,
+    uncond_layers=None,
+    uncond_errors=None,
+    *,
+    uncond_in_attention: bool = False,
+    normalize_uncond: bool = False,
+    denoise_term: bool = True,
+):
     """Combine per-timestep terms into scores.
 
     Args:

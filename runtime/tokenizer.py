@@ -93,9 +93,13 @@ class ClipTokenizer:
 
         for name, token in (("bos", bos_token), ("eos", eos_token), ("pad", pad_token)):
             if token not in vocab:
-                raise ModelError(f"tokenizer: {name} token {token!r} is not in the vocabulary; the tokenizer folder is incomplete")
+                raise ModelError(
+                    f"tokenizer: {name} token {token!r} is not in the vocabulary; the tokenizer folder is incomplete"
+                )
         if max_length < 3:
-            raise ModelError(f"tokenizer: model_max_length {max_length} leaves no room for a word; expected 77 for SD2")
+            raise ModelError(
+                f"tokenizer: model_max_length {max_length} leaves no room for a word; expected 77 for SD2"
+            )
         self.max_length = int(max_length)
         self.bos_id = vocab[bos_token]
         self.eos_id = vocab[eos_token]
@@ -142,7 +146,9 @@ class ClipTokenizer:
                 if line and not line.startswith("#version")
             ]
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise ModelError(f"tokenizer files in {folder} are unreadable ({exc}); re-download the model folder") from None
+            raise ModelError(
+                f"tokenizer files in {folder} are unreadable ({exc}); re-download the model folder"
+            ) from None
         config = {}
         config_path = folder / "tokenizer_config.json"
         if config_path.is_file():
@@ -240,7 +246,7 @@ def bytes_to_unicode() -> dict[int, str]:
             printable.append(b)
             chars.append(256 + extra)
             extra += 1
-    return dict(zip(printable, map(chr, chars)))
+    return dict(zip(printable, map(chr, chars), strict=True))
 
 
 def _unicode_to_byte() -> dict[str, int]:

@@ -140,8 +140,9 @@ def export_case(tiny_model_dir, adapter_files, tmp_path_factory):
     def get(name):
         if name not in done:
             case = dict(cases[name])
-            config = ExportConfig(exporter="torchscript", parity=ParitySettings(images=3, captions=3, timesteps=2),
-                                  **case.pop("config"))
+            config = ExportConfig(
+                exporter="torchscript", parity=ParitySettings(images=3, captions=3, timesteps=2), **case.pop("config")
+            )
             out = tmp_path_factory.mktemp("bundles") / name
             manifest = export_bundle(tiny_model_dir, out, config=config, **case)
             done[name] = (out, manifest)

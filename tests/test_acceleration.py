@@ -84,8 +84,9 @@ def test_compiled_scorer_with_an_adapter_matches_eager(fresh_model, shape_images
     adapter = perturbed_adapter(fresh_model, config, kind).eval()
     captions = ["a red circle", "a blue square"]
     eager = Scorer(fresh_model, config, batch_size=4, adapter=adapter).score(shape_images[:2], captions)
-    compiled = Scorer(fresh_model, config, batch_size=4, adapter=adapter,
-                      acceleration=Acceleration(compile="default")).score(shape_images[:2], captions)
+    compiled = Scorer(
+        fresh_model, config, batch_size=4, adapter=adapter, acceleration=Acceleration(compile="default")
+    ).score(shape_images[:2], captions)
     _within_gate(compiled, eager)
 
 
@@ -142,8 +143,23 @@ def test_match_and_eval_cli_compile(micro_model_dir, shape_images, tmp_path):
     runner, matrices = CliRunner(), {}
     for name, extra in (("eager", []), ("compiled", ["--compile", "default"])):
         out = tmp_path / f"{name}.json"
-        result = runner.invoke(app, ["match", str(images), str(captions), "--model", str(micro_model_dir),
-                                     "--timesteps", "2", "--batch-size", "4", "-o", str(out), *extra])
+        result = runner.invoke(
+            app,
+            [
+                "match",
+                str(images),
+                str(captions),
+                "--model",
+                str(micro_model_dir),
+                "--timesteps",
+                "2",
+                "--batch-size",
+                "4",
+                "-o",
+                str(out),
+                *extra,
+            ],
+        )
         assert result.exit_code == 0, result.output
         document = json.loads(out.read_text())
         assert document["meta"]["compile"] == (extra[1] if extra else None)
@@ -155,8 +171,24 @@ def test_match_and_eval_cli_compile(micro_model_dir, shape_images, tmp_path):
     reports = {}
     for name, extra in (("eager", []), ("compiled", ["--compile", "default"])):
         out = tmp_path / f"eval-{name}.json"
-        result = runner.invoke(app, ["eval", str(data / "data.jsonl"), "--model", str(micro_model_dir), "--split",
-                                     "test", "--timesteps", "2", "--batch-size", "4", "-o", str(out), *extra])
+        result = runner.invoke(
+            app,
+            [
+                "eval",
+                str(data / "data.jsonl"),
+                "--model",
+                str(micro_model_dir),
+                "--split",
+                "test",
+                "--timesteps",
+                "2",
+                "--batch-size",
+                "4",
+                "-o",
+                str(out),
+                *extra,
+            ],
+        )
         assert result.exit_code == 0, result.output
         reports[name] = json.loads(out.read_text())
         assert reports[name]["meta"]["compile"] == (extra[1] if extra else None)
@@ -199,5 +231,6 @@ def test_a_compiler_failure_is_one_line(micro_model_dir, monkeypatch):
     model = load_model(micro_model_dir, device="cpu", dtype="fp32")
     with pytest.raises(ModelError) as caught:
         Scorer(model, ScoringConfig.from_preset("discffusion"), acceleration=Acceleration(compile="default"))
-    assert str(caught.value) == ("torch.compile failed (RuntimeError: Windows not yet supported for torch.compile); "
-                                 "run without --compile")
+    assert str(caught.value) == (
+        "torch.compile failed (RuntimeError: Windows not yet supported for torch.compile); run without --compile"
+    )

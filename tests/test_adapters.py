@@ -47,9 +47,18 @@ def one_backward(model, adapter, config, images):
     signal, noise_scale, timesteps = scorer.noising(torch.zeros(count, dtype=torch.long))
     recorder = Recorder(scorer.layer_names, config)
     with scoring_processors(model.unet, recorder, adapter):
-        layers, errors = unet_pass(model, recorder, latents, signal, noise_scale, scorer.noise[[0] * count],
-                                   timesteps, text.states.clone().expand(count, -1, -1),
-                                   text.mask.clone().expand(count, -1), adapter)
+        layers, errors = unet_pass(
+            model,
+            recorder,
+            latents,
+            signal,
+            noise_scale,
+            scorer.noise[[0] * count],
+            timesteps,
+            text.states.clone().expand(count, -1, -1),
+            text.mask.clone().expand(count, -1),
+            adapter,
+        )
     (layers.mean() - errors.mean() * 1e-3).backward()
 
 
@@ -80,8 +89,11 @@ def test_kv_prompt_fold_reproduces_the_deltas(tiny_model):
         for parameter in adapter.parameters():
             parameter.add_(0.1 * torch.randn_like(parameter))
     folded = adapter.fold()
-    meta = torch.nn.Sequential(torch.nn.Linear(*folded.meta_network["0.weight"].shape[::-1]), torch.nn.ReLU(),
-                               torch.nn.Linear(*folded.meta_network["2.weight"].shape[::-1]))
+    meta = torch.nn.Sequential(
+        torch.nn.Linear(*folded.meta_network["0.weight"].shape[::-1]),
+        torch.nn.ReLU(),
+        torch.nn.Linear(*folded.meta_network["2.weight"].shape[::-1]),
+    )
     meta.load_state_dict(folded.meta_network)
     latents = torch.randn(2, 4, 16, 16)
     features = image_feature(latents, folded.feature_grid)
@@ -105,8 +117,11 @@ def test_kv_prompt_size_on_full_sd2_is_under_a_million():
 
     with init_empty_weights():
         unet = UNet2DConditionModel(
-            down_block_types=["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"], up_block_types=["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3,
-            use_linear_projection=True, **SIZES["full"]["unet"])
+            down_block_types=["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
+            up_block_types=["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3,
+            use_linear_projection=True,
+            **SIZES["full"]["unet"],
+        )
     model = types.SimpleNamespace(unet=unet, latent_channels=4, device=torch.device("cpu"))
     for layers in ("last", "all"):
         adapter = create_adapter(model, ScoringConfig(layers=layers), AdapterConfig(kind="kv-prompt"))
@@ -148,8 +163,12 @@ def authors_state_dict(model, rank=4, seed=0):
     state = {}
     for processor in model.unet.attn_processors:
         module = model.unet.get_submodule(processor.removesuffix(".processor"))
-        for projection, layer in (("to_q", module.to_q), ("to_k", module.to_k), ("to_v", module.to_v),
-                                  ("to_out", module.to_out[0])):
+        for projection, layer in (
+            ("to_q", module.to_q),
+            ("to_k", module.to_k),
+            ("to_v", module.to_v),
+            ("to_out", module.to_out[0]),
+        ):
             prefix = f"{processor}.{projection}_lora"
             state[f"{prefix}.down.weight"] = torch.randn(rank, layer.in_features, generator=generator) / rank
             state[f"{prefix}.up.weight"] = 0.05 * torch.randn(layer.out_features, rank, generator=generator)
@@ -191,7 +210,9 @@ class _Payload:
 def test_a_checkpoint_that_runs_code_is_refused(tiny_model, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     path = tmp_path / "pytorch_model.bin"
-    torch.save({"down_blocks.0.attentions.0.transformer_blocks.0.attn1.processor.to_q_lora.down.weight": _Payload()}, path)
+    torch.save(
+        {"down_blocks.0.attentions.0.transformer_blocks.0.attn1.processor.to_q_lora.down.weight": _Payload()}, path
+    )
     with pytest.raises(ModelError, match="never executes pickled code"):
         import_discffusion_lora(path, tiny_model)
     assert not (tmp_path / "lora-pwned").exists()

@@ -32,14 +32,16 @@ NO_SPACE = "No space left on device"
 
 def snapshot(folder: Path) -> dict[str, bytes | None]:
     """Every entry under ``folder``, hidden ones included: file -> bytes, folder -> None."""
-    return {p.relative_to(folder).as_posix(): (p.read_bytes() if p.is_file() else None)
-            for p in sorted(folder.rglob("*"))}
+    return {
+        p.relative_to(folder).as_posix(): (p.read_bytes() if p.is_file() else None) for p in sorted(folder.rglob("*"))
+    }
 
 
 def leftovers(folder: Path) -> list[str]:
     """Temporary files and folders of the atomic writers (``.NAME.XXXX.tmp``, ``.staging``, ``.old``)."""
-    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob(".*")
-                  if p.name.endswith((".tmp", ".staging", ".old")))
+    return sorted(
+        p.relative_to(folder).as_posix() for p in folder.rglob(".*") if p.name.endswith((".tmp", ".staging", ".old"))
+    )
 
 
 def assert_disk_full_error(error: BaseException, path: Path) -> None:
@@ -111,8 +113,12 @@ INJECTIONS = {"fsync": fail_fsync, "short-write": fail_writes}
 
 def _result(seed: int) -> MatchResult:
     rng = np.random.default_rng(seed)
-    return MatchResult(images=["a.png", "b.png"], captions=["a cat", "a dog", "a cow"], scores=rng.normal(size=(2, 3)),
-                       meta={"seed": seed})
+    return MatchResult(
+        images=["a.png", "b.png"],
+        captions=["a cat", "a dog", "a cow"],
+        scores=rng.normal(size=(2, 3)),
+        meta={"seed": seed},
+    )
 
 
 @pytest.mark.parametrize("inject", INJECTIONS)
@@ -203,14 +209,26 @@ def test_checkpoint_on_a_full_disk(tmp_path, monkeypatch, inject, step):
 
     run = tmp_path / "run"
     weight, optimizer, loss_module, generator = _training_objects()
-    good = save_checkpoint(run, _adapter_bytes(weight), optimizer, loss_module, generator,
-                           TrainerState(step=2, epoch=0, position=4, history=[{"step": 2}]))
+    good = save_checkpoint(
+        run,
+        _adapter_bytes(weight),
+        optimizer,
+        loss_module,
+        generator,
+        TrainerState(step=2, epoch=0, position=4, history=[{"step": 2}]),
+    )
     before = snapshot(tmp_path)
     weight.data.add_(1.0)
     CHECKPOINT_INJECTIONS[inject](monkeypatch)
     with pytest.raises(OutputError) as caught:
-        save_checkpoint(run, _adapter_bytes(weight), optimizer, loss_module, generator,
-                        TrainerState(step=step, epoch=1, position=0, history=[{"step": step}]))
+        save_checkpoint(
+            run,
+            _adapter_bytes(weight),
+            optimizer,
+            loss_module,
+            generator,
+            TrainerState(step=step, epoch=1, position=0, history=[{"step": step}]),
+        )
     monkeypatch.undo()
     assert_disk_full_error(caught.value, run / "checkpoints" / f"step-{step:08d}")
     assert leftovers(tmp_path) == []
@@ -254,8 +272,9 @@ def _fake_export(monkeypatch, tmp_path: Path) -> None:
         return {"scorer": 0.0}
 
     monkeypatch.setattr(dsdkit.scorer, "build_scorer", lambda *args, **kwargs: scorer)
-    monkeypatch.setattr(bundle_module, "_base_manifest",
-                        lambda *args: {"format": BUNDLE_FORMAT, "export": {}, "graphs": {}})
+    monkeypatch.setattr(
+        bundle_module, "_base_manifest", lambda *args: {"format": BUNDLE_FORMAT, "export": {}, "graphs": {}}
+    )
     monkeypatch.setattr(bundle_module, "_export_graphs", export_graphs)
 
 
@@ -403,9 +422,13 @@ def test_heat_map_png_on_a_full_disk(tmp_path, monkeypatch):
     from dsdkit.explain import Explanation, render_heat_maps
 
     rng = np.random.default_rng(0)
-    explanation = Explanation(tokens=["a", "cat"], maps=rng.random((2, 8, 8), dtype=np.float32),
-                              layer_scores=np.zeros((1, 2)), timesteps=[500],
-                              pixels=rng.uniform(-1, 1, (3, 32, 32)).astype(np.float32))
+    explanation = Explanation(
+        tokens=["a", "cat"],
+        maps=rng.random((2, 8, 8), dtype=np.float32),
+        layer_scores=np.zeros((1, 2)),
+        timesteps=[500],
+        pixels=rng.uniform(-1, 1, (3, 32, 32)).astype(np.float32),
+    )
     target = render_heat_maps(explanation, tmp_path / "heat.png", caption="a cat")
     before = snapshot(tmp_path)
     fail_writes(monkeypatch)
@@ -481,8 +504,10 @@ def test_other_write_errors_are_one_line_output_errors(tmp_path, monkeypatch):
     with pytest.raises(OutputError) as caught:
         files.atomic_write_text(tmp_path / "x.json", "{}")
     monkeypatch.undo()
-    assert str(caught.value) == f"cannot write {tmp_path / 'x.json'}: Input/output error; check the folder's " \
-                                "permissions and free space"
+    assert (
+        str(caught.value) == f"cannot write {tmp_path / 'x.json'}: Input/output error; check the folder's "
+        "permissions and free space"
+    )
     assert list(tmp_path.iterdir()) == []
 
 
@@ -522,6 +547,7 @@ def test_atomic_writer_maps_a_real_enospc(tmp_path, monkeypatch, size):
 @needs_dev_full
 def test_match_result_to_dev_full_is_an_output_error(tmp_path, monkeypatch):
     """The whole result path (write_result -> atomic_writer) against the real device."""
+
     def mkstemp(prefix="", suffix="", dir=None):
         return os.open("/dev/full", os.O_WRONLY), str(tmp_path / ".scores.json.devfull.tmp")
 

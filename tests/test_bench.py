@@ -22,7 +22,9 @@ def _hand_counted_flops(scorer) -> tuple[int, int]:
     products = [0]
 
     def conv(module, inputs, output):
-        total[0] += 2 * output.numel() * (module.in_channels // module.groups) * module.kernel_size[0] * module.kernel_size[1]
+        total[0] += (
+            2 * output.numel() * (module.in_channels // module.groups) * module.kernel_size[0] * module.kernel_size[1]
+        )
 
     def linear(module, inputs, output):
         total[0] += 2 * output.numel() * module.in_features
@@ -52,8 +54,9 @@ def _hand_counted_flops(scorer) -> tuple[int, int]:
     signal, noise_scale, timesteps = scorer.noising(torch.tensor([0]))
     try:
         with torch.inference_mode(), scoring_processors(model.unet, recorder):
-            unet_pass(model, recorder, z0, signal, noise_scale, scorer.noise[:1], timesteps, states,
-                      torch.ones(1, 77), None)
+            unet_pass(
+                model, recorder, z0, signal, noise_scale, scorer.noise[:1], timesteps, states, torch.ones(1, 77), None
+            )
     finally:
         for handle in handles:
             handle.remove()
@@ -78,19 +81,30 @@ def test_bench_reference_agrees_and_reports(tiny_model_dir):
     record = run_bench(BenchConfig(model=str(tiny_model_dir), timesteps=2, images=2, captions=3, batch_sizes=[4, 8]))
     assert record["agreement"]["ok"] and record["agreement"]["max_abs_diff"] < 1e-5
     engines = [(r["engine"], r["batch"]) for r in record["rows"]]
-    assert engines == [("pytorch", 4), ("pytorch (B3 on)", 4), ("pytorch", 8), ("pytorch (B3 on)", 8), ("reference", 2)]
+    assert engines == [
+        ("pytorch", 4),
+        ("pytorch (B3 on)", 4),
+        ("pytorch", 8),
+        ("pytorch (B3 on)", 8),
+        ("reference", 2),
+    ]
     rows = {(r["engine"], r["batch"]): r for r in record["rows"]}
     # UNet evaluations are counted from the runs: ours N·M·S (no unconditional pass needed), B3 adds N·S, the
     # reference runs both halves for every pair and timestep.
     assert rows[("pytorch", 4)]["unet_evaluations"] == 2 * 3 * 2
     assert rows[("pytorch (B3 on)", 4)]["unet_evaluations"] == 2 * 3 * 2 + 2 * 2
     assert rows[("reference", 2)]["unet_evaluations"] == 2 * 2 * 3 * 2
-    assert set(record["ratios_vs_reference"]) == {"pytorch batch 4", "pytorch (B3 on) batch 4", "pytorch batch 8",
-                                                  "pytorch (B3 on) batch 8"}
+    assert set(record["ratios_vs_reference"]) == {
+        "pytorch batch 4",
+        "pytorch (B3 on) batch 4",
+        "pytorch batch 8",
+        "pytorch (B3 on) batch 8",
+    }
     assert record["unet_gflops_per_evaluation"] > record["unet_gflops_attention_scores"] > 0 and record["pairs"] == 6
     for row in record["rows"]:  # achieved throughput is the counted FLOPs at the measured evaluation rate
         assert row["achieved_gflop_per_s"] == pytest.approx(
-            row["evaluations_per_s"] * record["unet_gflops_per_evaluation"], rel=1e-2)
+            row["evaluations_per_s"] * record["unet_gflops_per_evaluation"], rel=1e-2
+        )
     fastest = max((r for r in record["rows"] if r["engine"] == "pytorch"), key=lambda r: r["pairs_per_s"])
     assert record["best_batch"]["pytorch"] == fastest["batch"]
     assert "best batch: pytorch" in format_record(record)
@@ -110,8 +124,22 @@ def test_bench_cli_writes_json(tiny_model_dir, tmp_path):
     from dsdkit.cli import app
 
     out = tmp_path / "bench.json"
-    result = CliRunner().invoke(app, ["bench", "--model", str(tiny_model_dir), "--timesteps", "1", "--images", "2",
-                                      "--captions", "2", "-o", str(out)])
+    result = CliRunner().invoke(
+        app,
+        [
+            "bench",
+            "--model",
+            str(tiny_model_dir),
+            "--timesteps",
+            "1",
+            "--images",
+            "2",
+            "--captions",
+            "2",
+            "-o",
+            str(out),
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert "reference vs pytorch (B3 on): max abs diff" in result.output
     record = json.loads(out.read_text())
@@ -123,8 +151,15 @@ def test_bench_compiled_engine_is_checked_against_eager(tmp_path):
     from dsdkit.tiny import write_tiny_model
 
     micro = write_tiny_model(tmp_path / "micro", size="micro")  # the smallest graph to compile
-    config = bench.BenchConfig(model=str(micro), timesteps=2, images=2, captions=2, batch_sizes=[4],
-                               engines=["pytorch", "pytorch-compiled", "reference"], compile_mode="default")
+    config = bench.BenchConfig(
+        model=str(micro),
+        timesteps=2,
+        images=2,
+        captions=2,
+        batch_sizes=[4],
+        engines=["pytorch", "pytorch-compiled", "reference"],
+        compile_mode="default",
+    )
     record = bench.run_bench(config)
     rows = {r["engine"]: r for r in record["rows"]}
     assert rows["pytorch-compiled"]["unet_evaluations"] == rows["pytorch"]["unet_evaluations"] == 2 * 2 * 2

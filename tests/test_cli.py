@@ -39,8 +39,22 @@ def test_tiny_model_then_match_end_to_end(runner, job, tmp_path):
     for suffix in ("csv", "json", "jsonl"):
         out = tmp_path / f"scores.{suffix}"
         result = runner.invoke(
-            app, ["match", str(images), str(captions), "--model", str(model), "--timesteps", "2", "--top-k", "2",
-                  "--batch-size", "5", "-o", str(out)]
+            app,
+            [
+                "match",
+                str(images),
+                str(captions),
+                "--model",
+                str(model),
+                "--timesteps",
+                "2",
+                "--top-k",
+                "2",
+                "--batch-size",
+                "5",
+                "-o",
+                str(out),
+            ],
         )
         assert result.exit_code == 0, result.output
         assert "best caption per image" in result.stdout and "scores are meaningless" in result.stdout
@@ -63,9 +77,27 @@ def test_match_knobs_reach_the_config(runner, job, tmp_path, tiny_model_dir):
     root, images, captions = job
     out = tmp_path / "paper.json"
     result = runner.invoke(
-        app, ["match", str(images), str(captions), "--model", str(tiny_model_dir), "--preset", "paper",
-              "--noise-levels", "0.5", "--lambda", "3", "--tokens", "words", "--normalize", "none", "--per-layer",
-              "-o", str(out)]
+        app,
+        [
+            "match",
+            str(images),
+            str(captions),
+            "--model",
+            str(tiny_model_dir),
+            "--preset",
+            "paper",
+            "--noise-levels",
+            "0.5",
+            "--lambda",
+            "3",
+            "--tokens",
+            "words",
+            "--normalize",
+            "none",
+            "--per-layer",
+            "-o",
+            str(out),
+        ],
     )
     assert result.exit_code == 0, result.output
     document = json.loads(out.read_text())
@@ -100,7 +132,9 @@ def test_errors_are_one_line_with_documented_exit_codes(runner, job, tiny_model_
 
 def test_debug_shows_the_traceback(runner, job, tiny_model_dir):
     root, images, captions = job
-    result = runner.invoke(app, ["--debug", "match", str(images), str(root / "missing.txt"), "--model", str(tiny_model_dir)])
+    result = runner.invoke(
+        app, ["--debug", "match", str(images), str(root / "missing.txt"), "--model", str(tiny_model_dir)]
+    )
     assert result.exit_code != 0 and result.exception is not None
     assert type(result.exception).__name__ == "InputError"
 

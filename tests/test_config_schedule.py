@@ -23,7 +23,8 @@ def authors_timesteps(sampling_time_steps: int) -> list[int]:
 
 
 @pytest.mark.parametrize(
-    "steps, count, first, last", [(10, 10, 89, 989), (30, 30, 32, 989), (40, 40, 14, 989), (50, 49, 29, 989), (200, 196, 14, 989)]
+    "steps, count, first, last",
+    [(10, 10, 89, 989), (30, 30, 32, 989), (40, 40, 14, 989), (50, 49, 29, 989), (200, 196, 14, 989)],
 )
 def test_discffusion_table_equals_the_authors(steps, count, first, last):
     table = discffusion_timesteps(steps)
@@ -53,11 +54,22 @@ def test_noise_bank_entries_do_not_depend_on_its_length():
 def test_presets_match_the_design_table():
     discffusion, paper = PRESETS["discffusion"], PRESETS["paper"]
     assert (discffusion.pooling, discffusion.lse_lambda, discffusion.tokens, discffusion.layers) == (
-        Pooling.text_lse, 1.0, TokenSet.all, LayerSet.last)
-    assert discffusion.heads is HeadWeighting.uniform and discffusion.denoise_term and not discffusion.uncond_in_attention
+        Pooling.text_lse,
+        1.0,
+        TokenSet.all,
+        LayerSet.last,
+    )
+    assert (
+        discffusion.heads is HeadWeighting.uniform and discffusion.denoise_term and not discffusion.uncond_in_attention
+    )
     assert discffusion.num_timesteps == 30
     assert (paper.pooling, paper.lse_lambda, paper.tokens, paper.layers, paper.heads) == (
-        Pooling.image_lse, 5.0, TokenSet.words_eos, LayerSet.all, HeadWeighting.dynamic)
+        Pooling.image_lse,
+        5.0,
+        TokenSet.words_eos,
+        LayerSet.all,
+        HeadWeighting.dynamic,
+    )
     assert not paper.denoise_term and paper.noise_levels == (0.2, 0.4, 0.6, 0.8)
 
 

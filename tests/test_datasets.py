@@ -51,7 +51,9 @@ def test_comvg_csv(tmp_path):
     with path.open("w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["id", "sentence", "pos_triplet", "neg_triplet", "pos_image_id", "neg_image_id", "neg_value"])
-        writer.writerow([1, "a man is sitting at a table", "man,sit,table", "('dog', 'sit', 'table')", 1, 2, "subject"])
+        writer.writerow(
+            [1, "a man is sitting at a table", "man,sit,table", "('dog', 'sit', 'table')", 1, 2, "subject"]
+        )
         writer.writerow([2, "a man is sitting at a table", "man,sit,table", "('man', 'sit', 'bed')", 1, 3, "object"])
         writer.writerow([3, "a dog runs", "dog,run,grass", "('dog', 'sit', 'grass')", "not-an-id", 3, "verb"])
         writer.writerow([4, "a dog runs", "dog,run,grass", "('dog', 'sit', 'grass')", 1, 3, ""])
@@ -65,8 +67,10 @@ def test_comvg_csv(tmp_path):
 
 def test_comvg_missing_images_reported_at_once(tmp_path):
     path = tmp_path / "comvg.csv"
-    path.write_text("id,sentence,pos_triplet,neg_triplet,pos_image_id,neg_image_id,neg_value\n"
-                    "1,a cat,x,y,10,11,subject\n2,a dog,x,y,12,13,object\n")
+    path.write_text(
+        "id,sentence,pos_triplet,neg_triplet,pos_image_id,neg_image_id,neg_value\n"
+        "1,a cat,x,y,10,11,subject\n2,a dog,x,y,12,13,object\n"
+    )
     with pytest.raises(InputError, match=r"4 of 4 images .* are missing .*10\.jpg, 11\.jpg, 12\.jpg, 13\.jpg"):
         load_dataset(path, "comvg")
 
@@ -75,13 +79,29 @@ def test_sugarcrepe_folder(tmp_path):
     touch_images(tmp_path / "val2017", ["000000000139.jpg", "000000000285.jpg"])
     folder = tmp_path / "sugar"
     folder.mkdir()
-    (folder / "add_att.json").write_text(json.dumps({
-        "0": {"filename": "000000000139.jpg", "caption": "A woman in a room.", "negative_caption": "A woman in a red room."},
-        "1": {"filename": "000000000285.jpg", "caption": "A bear."},  # no negative
-    }))
-    (folder / "swap_obj.json").write_text(json.dumps({
-        "7": {"filename": "000000000285.jpg", "caption": "A bear sits on grass.", "negative_caption": "Grass sits on a bear."},
-    }))
+    (folder / "add_att.json").write_text(
+        json.dumps(
+            {
+                "0": {
+                    "filename": "000000000139.jpg",
+                    "caption": "A woman in a room.",
+                    "negative_caption": "A woman in a red room.",
+                },
+                "1": {"filename": "000000000285.jpg", "caption": "A bear."},  # no negative
+            }
+        )
+    )
+    (folder / "swap_obj.json").write_text(
+        json.dumps(
+            {
+                "7": {
+                    "filename": "000000000285.jpg",
+                    "caption": "A bear sits on grass.",
+                    "negative_caption": "Grass sits on a bear.",
+                },
+            }
+        )
+    )
     dataset = load_dataset(folder, image_root=tmp_path / "val2017")
     assert dataset.format == "sugarcrepe" and dataset.splits() == ["add_att", "swap_obj"]
     assert len(dataset.examples) == 2 and dataset.skipped[0][0] == "add_att.json entry 1"
@@ -92,9 +112,21 @@ def test_winoground_examples_jsonl(tmp_path):
     touch_images(tmp_path / "images", ["ex_0_img_0.png", "ex_0_img_1.png", "ex_1_img_0.png", "ex_1_img_1.png"])
     path = tmp_path / "examples.jsonl"
     rows = [
-        {"id": 0, "image_0": "ex_0_img_0", "image_1": "ex_0_img_1", "caption_0": "an old person kisses a young person",
-         "caption_1": "a young person kisses an old person", "tag": "Noun", "collapsed_tag": "Object"},
-        {"id": 1, "caption_0": "the dog bites the man", "caption_1": "the man bites the dog", "collapsed_tag": "Relation"},
+        {
+            "id": 0,
+            "image_0": "ex_0_img_0",
+            "image_1": "ex_0_img_1",
+            "caption_0": "an old person kisses a young person",
+            "caption_1": "a young person kisses an old person",
+            "tag": "Noun",
+            "collapsed_tag": "Object",
+        },
+        {
+            "id": 1,
+            "caption_0": "the dog bites the man",
+            "caption_1": "the man bites the dog",
+            "collapsed_tag": "Relation",
+        },
         {"id": 2, "caption_0": "only one caption"},
     ]
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
@@ -107,9 +139,19 @@ def test_winoground_examples_jsonl(tmp_path):
 
 def write_refs(path):
     refs = [
-        {"ref_id": 1, "image_id": 581857, "split": "train", "sentences": [{"sent": "the lady in blue"}, {"sent": "woman left"}]},
+        {
+            "ref_id": 1,
+            "image_id": 581857,
+            "split": "train",
+            "sentences": [{"sent": "the lady in blue"}, {"sent": "woman left"}],
+        },
         {"ref_id": 2, "image_id": 581857, "split": "val", "sentences": [{"sent": "a man with a hat"}]},
-        {"ref_id": 3, "image_id": 42, "split": "test", "sentences": [{"sent": "the red car"}, {"sent": "car on the right"}]},
+        {
+            "ref_id": 3,
+            "image_id": 42,
+            "split": "test",
+            "sentences": [{"sent": "the red car"}, {"sent": "car on the right"}],
+        },
         "not a ref",
     ]
     path.write_bytes(pickle.dumps(refs, protocol=2))
@@ -166,7 +208,9 @@ def test_authors_vqa_csv(tmp_path):
     touch_images(tmp_path, ["COCO_val2014_000000108327.jpg"])
     path = tmp_path / "vqa_text_test.csv"
     header = "sentence,pos_image_id," + ",".join(f"neg_sentence_{i}" for i in range(1, 10))
-    good = "What color is the frisbee? blue and white,108327," + ",".join(f"What color is the frisbee? c{i}" for i in range(1, 10))
+    good = "What color is the frisbee? blue and white,108327," + ",".join(
+        f"What color is the frisbee? c{i}" for i in range(1, 10)
+    )
     bad = "What?,not-an-id," + ",".join("x" for _ in range(9))
     path.write_text("\n".join([header, good, bad]) + "\n")
     dataset = load_dataset(path)

@@ -38,7 +38,9 @@ def test_winoground_text_image_group():
 
 
 def test_top_k_and_auc():
-    candidates = [Example(TaskKind.image_to_text, IMG[:1], [f"c{j}" for j in range(10)], positive=p) for p in (0, 3, 9)]
+    candidates = [
+        Example(TaskKind.image_to_text, IMG[:1], [f"c{j}" for j in range(10)], positive=p) for p in (0, 3, 9)
+    ]
     rows = [np.arange(10.0)[::-1][None], np.arange(10.0)[None], np.arange(10.0)[None]]
     metrics = compute_metrics("jsonl", candidates, rows)
     assert metrics["top1"] == pytest.approx(2 / 3) and metrics["top5"] == pytest.approx(2 / 3)

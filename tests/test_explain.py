@@ -38,8 +38,20 @@ def test_explain_cli_writes_one_panel_per_token(tiny_model_dir, shape_images, tm
     image = tmp_path / "in.png"
     shape_images[1].save(image)
     out = tmp_path / "heat.png"
-    result = CliRunner().invoke(app, ["explain", str(image), "a blue square on a table", "--model",
-                                      str(tiny_model_dir), "--timesteps", "2", "--out", str(out)])
+    result = CliRunner().invoke(
+        app,
+        [
+            "explain",
+            str(image),
+            "a blue square on a table",
+            "--model",
+            str(tiny_model_dir),
+            "--timesteps",
+            "2",
+            "--out",
+            str(out),
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert "6 panels (a, blue, square, on, a, table)" in result.output
     sheet = Image.open(out)
@@ -48,7 +60,7 @@ def test_explain_cli_writes_one_panel_per_token(tiny_model_dir, shape_images, tm
     assert sheet.text.get("caption") == "a blue square on a table"
     # The two empty cells of the last row stay white; the six panels are not.
     pixels = np.asarray(sheet.convert("RGB"))
-    assert (pixels[PANEL + LABEL + LABEL:, 2 * PANEL:] == 255).all()
+    assert (pixels[PANEL + LABEL + LABEL :, 2 * PANEL :] == 255).all()
     for index in range(6):
         x, y = (index % columns) * PANEL, (index // columns) * (PANEL + LABEL) + LABEL
         assert pixels[y : y + PANEL, x : x + PANEL].std() > 5

@@ -102,7 +102,12 @@ def _bomb_png(width: int, height: int) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
 
     header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\x00" * 16)) + chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(b"\x00" * 16))
+        + chunk(b"IEND", b"")
+    )
 
 
 def _base(seed: int = 7) -> Image.Image:
@@ -315,8 +320,11 @@ def job(tmp_path_factory):
     made = {fault.name: fault.make(mixed) for fault in active_faults()}
     captions = root / "captions.txt"
     captions.write_text("\n".join(CAPTIONS) + "\n", encoding="utf-8")
-    rows = [{"image": f"mixed/{p.name}", "captions": CAPTIONS, "positive": 0, "id": fault}
-            for fault, p in made.items() if fault in dataset_faults()]
+    rows = [
+        {"image": f"mixed/{p.name}", "captions": CAPTIONS, "positive": 0, "id": fault}
+        for fault, p in made.items()
+        if fault in dataset_faults()
+    ]
     rows += [{"image": f"good/good-{i}.png", "captions": CAPTIONS, "positive": i, "id": f"good-{i}"} for i in range(3)]
     rows.append({"image": "../../outside.png", "captions": CAPTIONS, "positive": 0, "id": "escapes the root"})
     dataset = root / "data.jsonl"
@@ -402,6 +410,7 @@ def test_per_layer_with_a_chunk_of_only_bad_images(cli, job, micro_model, tmp_pa
 
 def test_resuming_a_skipping_run_with_strict_is_refused(job, micro_bundle, tmp_path, monkeypatch):
     import dsdkit.runtime.jobs as jobs
+
     from dsdkit.errors import InputError
     from dsdkit.matching import match
 
@@ -426,15 +435,24 @@ def test_resuming_a_skipping_run_with_strict_is_refused(job, micro_bundle, tmp_p
     monkeypatch.undo()
     crashed = None
     try:
-        match(folder, captions, output=tmp_path / "s.json", bundle=micro_bundle, num_timesteps=1, chunk_size=1,
-              resume=True, strict=True)
+        match(
+            folder,
+            captions,
+            output=tmp_path / "s.json",
+            bundle=micro_bundle,
+            num_timesteps=1,
+            chunk_size=1,
+            resume=True,
+            strict=True,
+        )
         crashed = "--strict accepted an image skipped by the earlier run"
     except InputError as exc:
         crashed = None if "0-truncated.png" in str(exc) and "--strict" in str(exc) else f"unclear: {exc}"
     LEDGER.record("skipped image, then --resume --strict", "match", crashed)
     assert not crashed, crashed
-    resumed = match(folder, captions, output=tmp_path / "s.json", bundle=micro_bundle, num_timesteps=1, chunk_size=1,
-                    resume=True)
+    resumed = match(
+        folder, captions, output=tmp_path / "s.json", bundle=micro_bundle, num_timesteps=1, chunk_size=1, resume=True
+    )
     assert [Path(n).name for n in resumed.images] == ["1-good.png", "2-good.png"]
 
 
@@ -459,13 +477,30 @@ def test_strict_refuses_the_first_bad_image(cli, job, micro_bundle, tmp_path):
 def test_bad_images_through_eval_and_train(cli, job, micro_model, tmp_path):
     root, good, mixed, made, captions, dataset = job
     out = tmp_path / "eval.json"
-    result = cli.invoke(app, ["eval", str(dataset), "--model", str(micro_model), "--timesteps", "1",
-                              "--no-denoise", "-o", str(out)])
+    result = cli.invoke(
+        app, ["eval", str(dataset), "--model", str(micro_model), "--timesteps", "1", "--no-denoise", "-o", str(out)]
+    )
     eval_crash = crash_reason(result, {0})
     report = json.loads(out.read_text()) if out.exists() else {"skipped": [], "examples": []}
     run = tmp_path / "train"
-    trained = cli.invoke(app, ["train", str(dataset), "--model", str(micro_model), "--timesteps", "1", "--max-steps",
-                               "1", "--no-eval", "--device", "cpu", "-o", str(run)])
+    trained = cli.invoke(
+        app,
+        [
+            "train",
+            str(dataset),
+            "--model",
+            str(micro_model),
+            "--timesteps",
+            "1",
+            "--max-steps",
+            "1",
+            "--no-eval",
+            "--device",
+            "cpu",
+            "-o",
+            str(run),
+        ],
+    )
     train_crash = crash_reason(trained, {0})
     train_skipped = json.loads((run / "skipped.json").read_text()) if (run / "skipped.json").exists() else []
     for command, crashed, skipped in (("eval", eval_crash, report["skipped"]), ("train", train_crash, train_skipped)):
@@ -492,10 +527,15 @@ def test_dataset_with_a_dangling_link(cli, job, micro_model, tmp_path):
     root, good, mixed, made, captions, dataset = job
     data = tmp_path / "data.jsonl"
     link = made["dangling symlink"]
-    data.write_text(json.dumps({"image": str(link), "captions": CAPTIONS}) + "\n" +
-                    json.dumps({"image": str(good / "good-0.png"), "captions": CAPTIONS}) + "\n")
-    result = cli.invoke(app, ["eval", str(data), "--image-root", str(root), "--model", str(micro_model),
-                              "--timesteps", "1"])
+    data.write_text(
+        json.dumps({"image": str(link), "captions": CAPTIONS})
+        + "\n"
+        + json.dumps({"image": str(good / "good-0.png"), "captions": CAPTIONS})
+        + "\n"
+    )
+    result = cli.invoke(
+        app, ["eval", str(data), "--image-root", str(root), "--model", str(micro_model), "--timesteps", "1"]
+    )
     crashed = crash_reason(result, {3}, name_in_error="missing.png")
     LEDGER.record("dangling symlink", "eval", crashed)
     assert not crashed, crashed
@@ -509,8 +549,10 @@ def test_bad_images_through_explain(cli, job, micro_model, tmp_path):
             continue
         path = made[fault.name]
         out = tmp_path / f"{path.stem}.heat.png"
-        result = cli.invoke(app, ["explain", str(path), "a purple square", "--model", str(micro_model), "--timesteps",
-                                  "1", "-o", str(out)])
+        result = cli.invoke(
+            app,
+            ["explain", str(path), "a purple square", "--model", str(micro_model), "--timesteps", "1", "-o", str(out)],
+        )
         expect = {0} if fault.expect == "score" else {3}
         crashed = crash_reason(result, expect, name_in_error=str(path) if fault.expect == "skip" else None)
         if not crashed and fault.expect == "score" and not out.is_file():
@@ -524,8 +566,10 @@ def test_bad_images_through_explain(cli, job, micro_model, tmp_path):
 def test_permission_case_under_root_is_reported():
     if not RUNNING_AS_ROOT:
         pytest.skip("not root: the unreadable-file case runs with the other image faults")
-    pytest.skip("running as root, which reads any file: the unreadable-permissions case cannot be produced here "
-                "(it runs in the image fault table as a normal user)")
+    pytest.skip(
+        "running as root, which reads any file: the unreadable-permissions case cannot be produced here "
+        "(it runs in the image fault table as a normal user)"
+    )
 
 
 # -- captions ------------------------------------------------------------------------------------------------------
@@ -556,15 +600,21 @@ def test_bad_captions(cli, job, micro_bundle, tmp_path, fault):
         report = json.loads((tmp_path / "scores.skipped.json").read_text())
         scores = np.array(document["scores"])
         if fault == "blank and whitespace-only lines":
-            crashed = None if (document["captions"] == ["a red circle", "a blue square"]
-                               and len(report["caption_lines"]) == 3) else "blank lines not skipped and reported"
+            crashed = (
+                None
+                if (document["captions"] == ["a red circle", "a blue square"] and len(report["caption_lines"]) == 3)
+                else "blank lines not skipped and reported"
+            )
         elif fault == "BOM and CRLF":
             crashed = None if document["captions"] == ["a red circle", "a blue square"] else "BOM/CRLF kept"
         elif fault == "caption over 77 tokens":
             crashed = None if report["truncated_captions"] else "truncation not reported"
         elif fault == "duplicate captions":
-            crashed = None if len(document["captions"]) == 3 and np.array_equal(scores[:, 0], scores[:, 2]) else \
-                "duplicates not kept with equal scores"
+            crashed = (
+                None
+                if len(document["captions"]) == 3 and np.array_equal(scores[:, 0], scores[:, 2])
+                else "duplicates not kept with equal scores"
+            )
     if not crashed and fault == "non-UTF-8 bytes" and "line 2" not in result.output:
         crashed = "the error does not name the line"
     LEDGER.record(fault, "match", crashed)
@@ -642,16 +692,26 @@ def test_adapters_for_another_model_or_scoring_are_refused(cli, job, micro_model
     lora = create_adapter(model, paper, AdapterConfig(kind="lora"))
     other_layers = save_adapter(lora, tmp_path / "other-scoring.safetensors", model.identity(), paper)
     # Without --preset, match scores the way the adapter was trained (paper preset here): that works.
-    own = match_run(cli, good, captions, tmp_path / "own.json", ["--model", str(micro_model)], "--adapters",
-                    str(other_layers))
+    own = match_run(
+        cli, good, captions, tmp_path / "own.json", ["--model", str(micro_model)], "--adapters", str(other_layers)
+    )
     assert own.exit_code == 0, own.output
     assert json.loads((tmp_path / "own.json").read_text())["meta"]["scoring"]["preset"] == "paper"
     # The paper preset scores every cross-attention layer with other pooling; discffusion is another definition.
-    for fault, path, flags in (("adapter trained on another base model", other_model, []),
-                               ("adapter trained with another scoring config", other_layers,
-                                ["--preset", "discffusion"])):
-        result = match_run(cli, good, captions, tmp_path / "scores.json", ["--model", str(micro_model)],
-                           "--adapters", str(path), *flags)
+    for fault, path, flags in (
+        ("adapter trained on another base model", other_model, []),
+        ("adapter trained with another scoring config", other_layers, ["--preset", "discffusion"]),
+    ):
+        result = match_run(
+            cli,
+            good,
+            captions,
+            tmp_path / "scores.json",
+            ["--model", str(micro_model)],
+            "--adapters",
+            str(path),
+            *flags,
+        )
         crashed = crash_reason(result, {2, 4}, name_in_error=str(path))
         LEDGER.record(fault, "match --adapters", crashed)
         assert not crashed, crashed
@@ -672,7 +732,8 @@ BUNDLE_FAULTS = {
     "bundle with a missing file": lambda b: (b / "tokenizer" / "vocab.json").unlink(),
     "bundle with a truncated file": lambda b: _graph(b).write_bytes(_graph(b).read_bytes()[:-100]),
     "bundle of another format version": lambda b: (b / "manifest.json").write_text(
-        (b / "manifest.json").read_text().replace('"dsdkit-bundle/1"', '"dsdkit-bundle/99"')),
+        (b / "manifest.json").read_text().replace('"dsdkit-bundle/1"', '"dsdkit-bundle/99"')
+    ),
     "bundle without a manifest": lambda b: (b / "manifest.json").unlink(),
 }
 
@@ -699,12 +760,15 @@ class Interrupt(BaseException):
     """Stands for a kill: a BaseException, so nothing in dsdkit may swallow it."""
 
 
-@pytest.mark.parametrize("point", ["after a chunk is saved", "in the middle of a chunk", "between scores and state",
-                                   "while writing the result"])
+@pytest.mark.parametrize(
+    "point",
+    ["after a chunk is saved", "in the middle of a chunk", "between scores and state", "while writing the result"],
+)
 def test_match_interrupted_anywhere_resumes_to_the_same_result(job, micro_bundle, tmp_path, monkeypatch, point):
     """Kill a 5-chunk job at one point, resume it: nothing already scored is redone, the result equals a clean run."""
-    import dsdkit.matching as matching
     import dsdkit.runtime.jobs as jobs
+
+    import dsdkit.matching as matching
     from dsdkit.matching import match
 
     root, good, mixed, made, captions, _ = job
@@ -716,12 +780,17 @@ def test_match_interrupted_anywhere_resumes_to_the_same_result(job, micro_bundle
             Image.open(folder / f"{i}.png").rotate(90 * (i - 2)).save(folder / f"{i}.png")
     options = dict(bundle=micro_bundle, chunk_size=1, num_timesteps=1)
     counted = []
-    whole = match(folder, captions, output=tmp_path / "whole.json", progress=lambda total, done: counted.append,
-                  **options)
+    whole = match(
+        folder, captions, output=tmp_path / "whole.json", progress=lambda total, done: counted.append, **options
+    )
     out = tmp_path / "killed.json"
     # Which call of the patched step dies: the 2nd save, the 3rd chunk, the 2nd state write, the result write.
-    dies_at = {"after a chunk is saved": 2, "in the middle of a chunk": 3, "between scores and state": 2,
-               "while writing the result": 1}[point]
+    dies_at = {
+        "after a chunk is saved": 2,
+        "in the middle of a chunk": 3,
+        "between scores and state": 2,
+        "while writing the result": 1,
+    }[point]
     calls = {"n": 0}
 
     def trip(where):
@@ -734,8 +803,9 @@ def test_match_interrupted_anywhere_resumes_to_the_same_result(job, micro_bundle
         monkeypatch.setattr(jobs, "_save", lambda *a, **k: (original(*a, **k), trip(point)))
     elif point == "in the middle of a chunk":
         original_score = matching._BundleEngine.score_rows
-        monkeypatch.setattr(matching._BundleEngine, "score_rows",
-                            lambda self, *a: (trip(point), original_score(self, *a))[1])
+        monkeypatch.setattr(
+            matching._BundleEngine, "score_rows", lambda self, *a: (trip(point), original_score(self, *a))[1]
+        )
     elif point == "between scores and state":
         original_write = jobs.atomic_write_text
 
@@ -755,8 +825,9 @@ def test_match_interrupted_anywhere_resumes_to_the_same_result(job, micro_bundle
     state = json.loads((jobs.partial_folder(out) / "state.json").read_text())
     done_before = state["done_rows"]
     evaluations = []
-    resumed = match(folder, captions, output=out, resume=True, progress=lambda total, done: evaluations.append,
-                    **options)
+    resumed = match(
+        folder, captions, output=out, resume=True, progress=lambda total, done: evaluations.append, **options
+    )
     np.testing.assert_array_equal(resumed.scores, whole.scores)
     # Only the rows not saved before the kill were scored again.
     assert sum(evaluations) == sum(counted) * (5 - done_before) // 5
@@ -772,17 +843,29 @@ def test_train_killed_while_checkpointing_resumes_to_the_same_adapter(micro_mode
 
     (Kills between steps, with a bit-identical resume, are in tests/train/test_trainer.py.)"""
     import dsdkit.train.checkpoint as checkpoint
+    from dsdkit.train import TrainConfig, train
+
     from dsdkit.models import load_model
     from dsdkit.synthetic import write_colour_shapes
-    from dsdkit.train import TrainConfig, train
 
     data = write_colour_shapes(tmp_path / "data", train=6, test=4, seed=1)
     model = load_model(micro_model, device="cpu")
 
     def run(output, resume=False):
-        config = TrainConfig(data=str(data), output=str(output), batch_size=2, epochs=2, checkpoint_every=2, lr=1e-2,
-                             device="cpu", seed=3, adapter="kv-prompt", resume=resume, eval_every_epoch=False,
-                             scoring={"timesteps": "noise-levels", "noise_levels": [0.1, 0.3], "denoise_term": False})
+        config = TrainConfig(
+            data=str(data),
+            output=str(output),
+            batch_size=2,
+            epochs=2,
+            checkpoint_every=2,
+            lr=1e-2,
+            device="cpu",
+            seed=3,
+            adapter="kv-prompt",
+            resume=resume,
+            eval_every_epoch=False,
+            scoring={"timesteps": "noise-levels", "noise_levels": [0.1, 0.3], "denoise_term": False},
+        )
         return train(config, model=model)
 
     whole = run(tmp_path / "whole")
@@ -828,6 +911,7 @@ def test_train_killed_while_checkpointing_resumes_to_the_same_adapter(micro_mode
 def test_full_disk_while_writing_results(job, micro_bundle, tmp_path, monkeypatch):
     """ENOSPC from the disk: an OutputError naming the file, the earlier result untouched, no temp file left."""
     import dsdkit.runtime.files as files
+
     from dsdkit.errors import OutputError
     from dsdkit.matching import match
 
@@ -850,8 +934,9 @@ def test_full_disk_while_writing_results(job, micro_bundle, tmp_path, monkeypatc
     monkeypatch.undo()
     lost = None if out.read_bytes() == before else "the earlier result was damaged"
     leftovers = [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
-    LEDGER.record("full disk (ENOSPC) while writing results", "match", crashed or (leftovers and f"left {leftovers}"),
-                  lost)
+    LEDGER.record(
+        "full disk (ENOSPC) while writing results", "match", crashed or (leftovers and f"left {leftovers}"), lost
+    )
     assert not crashed and not lost and not leftovers
 
 
@@ -862,8 +947,17 @@ def test_real_processes_give_one_line_errors_and_keep_results(job, micro_bundle,
     root, good, mixed, made, captions, _ = job
     bad_captions = tmp_path / "bad.txt"
     bad_captions.write_bytes(b"a red circle\n\xff\xfe broken\n")
-    command = [sys.executable, "-m", "dsdkit", "match", str(mixed), str(bad_captions), "--bundle", str(micro_bundle),
-               *MATCH_ARGS]
+    command = [
+        sys.executable,
+        "-m",
+        "dsdkit",
+        "match",
+        str(mixed),
+        str(bad_captions),
+        "--bundle",
+        str(micro_bundle),
+        *MATCH_ARGS,
+    ]
     failed = subprocess.run(command, capture_output=True, text=True, timeout=300)
     crashed = crash_reason(failed, {3}, name_in_error=str(bad_captions))
     LEDGER.record("non-UTF-8 captions", "dsdkit match (process)", crashed)
@@ -873,8 +967,12 @@ def test_real_processes_give_one_line_errors_and_keep_results(job, micro_bundle,
     ok = subprocess.run([*command, "-o", str(out)], capture_output=True, text=True, timeout=300)
     crashed = crash_reason(ok, {0})
     rows = out.read_text().splitlines()[1:] if out.exists() else []
-    lost = None if sorted(r.split(",")[0] for r in rows if "good-" in r) == sorted(
-        str(mixed / f"good-{i}.png") for i in range(3)) else "good rows missing"
+    lost = (
+        None
+        if sorted(r.split(",")[0] for r in rows if "good-" in r)
+        == sorted(str(mixed / f"good-{i}.png") for i in range(3))
+        else "good rows missing"
+    )
     LEDGER.record("folder of bad images", "dsdkit match (process)", crashed, lost)
     assert not crashed and not lost, (crashed, lost, ok.stderr[-2000:])
 

@@ -64,7 +64,10 @@ def no_network(monkeypatch):
     with pytest.raises(Exception):  # noqa: B017 - urllib wraps the guard's error in URLError
         urllib.request.urlopen("https://huggingface.co/api/models/stabilityai/stable-diffusion-2-1-base", timeout=1)
     assert [name for name, _ in attempts][:4] == [
-        "socket.connect", "socket.connect_ex", "socket.create_connection", "socket.getaddrinfo"
+        "socket.connect",
+        "socket.connect_ex",
+        "socket.create_connection",
+        "socket.getaddrinfo",
     ]
     assert len(attempts) >= 5  # urllib got as far as a lookup or a connect, and was caught
     attempts.clear()
@@ -124,18 +127,40 @@ def _plant(folder: Path, sentinels: Path) -> dict[str, Path]:
         return f"from pathlib import Path\nPath({str(sentinels / name)!r}).write_text('ran')\n"
 
     planted = {}
-    for relative in ("pipeline.py", "__init__.py", "unet/modeling_custom.py", "vae/modeling_custom.py",
-                     "text_encoder/modeling_custom.py", "text_encoder/configuration_custom.py",
-                     "tokenizer/tokenization_custom.py", "scheduler/scheduling_custom.py"):
+    for relative in (
+        "pipeline.py",
+        "__init__.py",
+        "unet/modeling_custom.py",
+        "vae/modeling_custom.py",
+        "text_encoder/modeling_custom.py",
+        "text_encoder/configuration_custom.py",
+        "tokenizer/tokenization_custom.py",
+        "scheduler/scheduling_custom.py",
+    ):
         name = relative.replace("/", "__")
         path = folder / relative
-        path.write_text(code(name) + "class Custom:\n    pass\n" + "".join(
-            f"{cls} = Custom\n" for cls in ("CustomPipeline", "CustomUNet", "CustomVAE", "CustomTextModel",
-                                            "CustomTextConfig", "CustomTokenizer", "CustomScheduler")
-        ))
+        path.write_text(
+            code(name)
+            + "class Custom:\n    pass\n"
+            + "".join(
+                f"{cls} = Custom\n"
+                for cls in (
+                    "CustomPipeline",
+                    "CustomUNet",
+                    "CustomVAE",
+                    "CustomTextModel",
+                    "CustomTextConfig",
+                    "CustomTokenizer",
+                    "CustomScheduler",
+                )
+            )
+        )
         planted[name] = path
-    for relative in ("unet/diffusion_pytorch_model.bin", "vae/diffusion_pytorch_model.bin",
-                     "text_encoder/pytorch_model.bin"):
+    for relative in (
+        "unet/diffusion_pytorch_model.bin",
+        "vae/diffusion_pytorch_model.bin",
+        "text_encoder/pytorch_model.bin",
+    ):
         name = relative.replace("/", "__")
         (folder / relative).write_bytes(pickle.dumps(_Payload(code(name))))
         planted[name] = folder / relative
@@ -147,14 +172,24 @@ def _plant(folder: Path, sentinels: Path) -> dict[str, Path]:
         path.write_text(json.dumps(config, indent=2))
 
     # A custom pipeline and custom components, as DiffusionPipeline.from_pretrained would honour them.
-    edit("model_index.json", _class_name=["pipeline", "CustomPipeline"], unet=["modeling_custom", "CustomUNet"],
-         vae=["modeling_custom", "CustomVAE"], scheduler=["scheduling_custom", "CustomScheduler"],
-         auto_map={"AutoModel": "modeling_custom.CustomUNet"})  # diffusers' AutoModel reads it here first
+    edit(
+        "model_index.json",
+        _class_name=["pipeline", "CustomPipeline"],
+        unet=["modeling_custom", "CustomUNet"],
+        vae=["modeling_custom", "CustomVAE"],
+        scheduler=["scheduling_custom", "CustomScheduler"],
+        auto_map={"AutoModel": "modeling_custom.CustomUNet"},
+    )  # diffusers' AutoModel reads it here first
     # diffusers' AutoModel and transformers' Auto* classes load these with trust_remote_code=True.
     edit("unet/config.json", auto_map={"AutoModel": "modeling_custom.CustomUNet"})
     edit("vae/config.json", auto_map={"AutoModel": "modeling_custom.CustomVAE"})
-    edit("text_encoder/config.json", auto_map={"AutoConfig": "configuration_custom.CustomTextConfig",
-                                               "AutoModel": "modeling_custom.CustomTextModel"})
+    edit(
+        "text_encoder/config.json",
+        auto_map={
+            "AutoConfig": "configuration_custom.CustomTextConfig",
+            "AutoModel": "modeling_custom.CustomTextModel",
+        },
+    )
     edit("tokenizer/tokenizer_config.json", auto_map={"AutoTokenizer": ["tokenization_custom.CustomTokenizer", None]})
     edit("scheduler/scheduler_config.json", auto_map={"AutoScheduler": "scheduling_custom.CustomScheduler"})
     return planted
@@ -176,9 +211,16 @@ def _spy_on_loaders(monkeypatch) -> list[tuple[str, dict]]:
     import transformers
 
     calls: list[tuple[str, dict]] = []
-    classes = [diffusers.UNet2DConditionModel, diffusers.AutoencoderKL, diffusers.DiffusionPipeline,
-               transformers.CLIPTextModel, transformers.AutoModel, transformers.AutoConfig,
-               transformers.AutoTokenizer, transformers.CLIPTokenizer]
+    classes = [
+        diffusers.UNet2DConditionModel,
+        diffusers.AutoencoderKL,
+        diffusers.DiffusionPipeline,
+        transformers.CLIPTextModel,
+        transformers.AutoModel,
+        transformers.AutoConfig,
+        transformers.AutoTokenizer,
+        transformers.CLIPTokenizer,
+    ]
     if hasattr(diffusers, "AutoModel"):
         classes.append(diffusers.AutoModel)
     for cls in classes:

@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from dsdkit.runtime.tokenizer import ROLE_BOS, ROLE_EOS, ROLE_PAD, ROLE_WORD
 
 from dsdkit.config import HeadWeighting, Pooling, ScoringConfig, TokenSet
 from dsdkit.pooling import dynamic_head_weights, image_lse, pool_layer, text_lse, token_mask
-from dsdkit.runtime.tokenizer import ROLE_BOS, ROLE_EOS, ROLE_PAD, ROLE_WORD
 
 
 def roles_for(num_words: int, length: int = 77) -> torch.Tensor:
@@ -104,7 +104,9 @@ def test_closed_form_head_weights_equal_autograd_on_real_attention(tiny_model, s
     assert multi_head, "the tiny model must have multi-head cross-attention layers"
     for _, probs, mask in multi_head:
         closed = dynamic_head_weights(probs, mask, config.lse_lambda)
-        torch.testing.assert_close(closed.double(), autograd_weights(probs, mask, config.lse_lambda), rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(
+            closed.double(), autograd_weights(probs, mask, config.lse_lambda), rtol=1e-5, atol=1e-7
+        )
         heads = probs.shape[1]
         # Not uniform...
         assert (closed - 1.0 / heads).abs().max() > 1e-4

@@ -79,14 +79,34 @@ def png_headers(draw) -> bytes:
     """A PNG signature, an IHDR (usually a legal depth/colour type), a palette when needed, deflated random pixel
     rows (often of the right length), sometimes extra chunks and IEND."""
     width, height = draw(_DIMS), draw(_DIMS)
-    depth, colour = draw(st.one_of(
-        st.sampled_from([(1, 0), (2, 0), (4, 0), (8, 0), (16, 0), (8, 2), (16, 2), (1, 3), (2, 3), (4, 3), (8, 3),
-                         (8, 4), (16, 4), (8, 6), (16, 6)]),
-        st.tuples(_WILD, _WILD),
-    ))
+    depth, colour = draw(
+        st.one_of(
+            st.sampled_from(
+                [
+                    (1, 0),
+                    (2, 0),
+                    (4, 0),
+                    (8, 0),
+                    (16, 0),
+                    (8, 2),
+                    (16, 2),
+                    (1, 3),
+                    (2, 3),
+                    (4, 3),
+                    (8, 3),
+                    (8, 4),
+                    (16, 4),
+                    (8, 6),
+                    (16, 6),
+                ]
+            ),
+            st.tuples(_WILD, _WILD),
+        )
+    )
     interlace = draw(st.sampled_from([0, 0, 1, 2]))
-    body = b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", struct.pack(">IIBBBBB", width & 0xFFFFFFFF, height & 0xFFFFFFFF,
-                                                                 depth, colour, 0, 0, interlace))
+    body = b"\x89PNG\r\n\x1a\n" + _png_chunk(
+        b"IHDR", struct.pack(">IIBBBBB", width & 0xFFFFFFFF, height & 0xFFFFFFFF, depth, colour, 0, 0, interlace)
+    )
     if colour == 3 or draw(st.booleans()):
         body += _png_chunk(b"PLTE", draw(st.binary(min_size=0, max_size=3 * 16)))
     for kind in draw(st.lists(st.sampled_from([b"tRNS", b"eXIf", b"iCCP", b"acTL", b"fcTL", b"gAMA"]), max_size=2)):
@@ -94,8 +114,13 @@ def png_headers(draw) -> bytes:
     channels = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}.get(colour, 1)
     row = 1 + (min(width, 64) * channels * depth + 7) // 8
     rows = draw(st.integers(0, min(height, 40)))
-    raw = b"".join(bytes([draw(st.integers(0, 5))]) + draw(st.binary(min_size=row - 1, max_size=row - 1))
-                   for _ in range(rows)) if row < 600 else b""
+    raw = (
+        b"".join(
+            bytes([draw(st.integers(0, 5))]) + draw(st.binary(min_size=row - 1, max_size=row - 1)) for _ in range(rows)
+        )
+        if row < 600
+        else b""
+    )
     body += _png_chunk(b"IDAT", zlib.compress(raw) if draw(st.integers(0, 3)) else draw(st.binary(max_size=64)))
     if draw(st.booleans()):
         body += _png_chunk(b"IEND", b"")
@@ -108,8 +133,9 @@ def bmp_headers(draw) -> bytes:
     bits = draw(st.sampled_from([1, 4, 8, 16, 24, 32, 0, 7]))
     compression = draw(st.sampled_from([0, 0, 1, 2, 3, 6]))
     colours = draw(st.integers(0, 300))
-    info = struct.pack("<IIIHHIIiiII", 40, width & 0xFFFFFFFF, height & 0xFFFFFFFF, 1, bits, compression, 0, 0, 0,
-                       colours, 0)
+    info = struct.pack(
+        "<IIIHHIIiiII", 40, width & 0xFFFFFFFF, height & 0xFFFFFFFF, 1, bits, compression, 0, 0, 0, colours, 0
+    )
     palette = draw(st.binary(min_size=4 * min(colours, 16), max_size=4 * min(colours, 16))) if bits <= 8 else b""
     data = draw(st.binary(max_size=160))
     offset = draw(st.sampled_from([14 + 40 + len(palette)] * 3 + [0, 10_000]))
@@ -139,19 +165,43 @@ def gif_headers(draw) -> bytes:
 def tiff_headers(draw) -> bytes:
     """A little-endian TIFF whose one IFD usually holds a consistent layout (photometric, bits, samples), its strip
     pointing at random data after the IFD; sometimes any values."""
-    layout = draw(st.one_of(
-        st.sampled_from([(0, 1, 1, 1), (1, 1, 1, 1), (1, 8, 1, 1), (1, 16, 1, 1), (1, 32, 1, 3), (1, 32, 1, 1),
-                         (2, 8, 3, 1), (2, 8, 4, 1), (2, 16, 3, 1), (5, 8, 4, 1), (6, 8, 3, 1), (8, 8, 3, 1),
-                         (1, 8, 2, 1), (3, 8, 1, 1)]),
-        st.tuples(_WILD, st.sampled_from([0, 1, 3, 8, 12, 16, 32, 64]), st.integers(0, 9), st.integers(0, 5)),
-    ))
+    layout = draw(
+        st.one_of(
+            st.sampled_from(
+                [
+                    (0, 1, 1, 1),
+                    (1, 1, 1, 1),
+                    (1, 8, 1, 1),
+                    (1, 16, 1, 1),
+                    (1, 32, 1, 3),
+                    (1, 32, 1, 1),
+                    (2, 8, 3, 1),
+                    (2, 8, 4, 1),
+                    (2, 16, 3, 1),
+                    (5, 8, 4, 1),
+                    (6, 8, 3, 1),
+                    (8, 8, 3, 1),
+                    (1, 8, 2, 1),
+                    (3, 8, 1, 1),
+                ]
+            ),
+            st.tuples(_WILD, st.sampled_from([0, 1, 3, 8, 12, 16, 32, 64]), st.integers(0, 9), st.integers(0, 5)),
+        )
+    )
     photometric, bits, samples, sample_format = layout
     width, height = draw(_DIMS), draw(_DIMS)
     data = draw(st.binary(max_size=200))
     tags = {
-        256: width, 257: height, 258: bits, 259: draw(st.sampled_from([1, 1, 5, 7, 8, 32773, 2, 3, 4, 0])),
-        262: photometric, 277: samples, 339: sample_format, 284: draw(st.sampled_from([1, 1, 2])),
-        278: draw(st.sampled_from([height, height, 1, 0])), 279: draw(st.sampled_from([len(data), 4096, 0])),
+        256: width,
+        257: height,
+        258: bits,
+        259: draw(st.sampled_from([1, 1, 5, 7, 8, 32773, 2, 3, 4, 0])),
+        262: photometric,
+        277: samples,
+        339: sample_format,
+        284: draw(st.sampled_from([1, 1, 2])),
+        278: draw(st.sampled_from([height, height, 1, 0])),
+        279: draw(st.sampled_from([len(data), 4096, 0])),
     }
     if draw(st.booleans()):
         tags[274] = draw(st.integers(0, 9))  # orientation, applied by exif_transpose
@@ -175,9 +225,18 @@ def _real_images() -> dict[str, bytes]:
     floats = Image.fromarray(rng.random((5, 6), dtype=np.float32) * 300 - 20)
     ints = Image.fromarray(rng.integers(-(2**20), 2**20, (5, 6), dtype=np.int32))
     modes = {
-        "1": rgb.convert("1"), "L": rgb.convert("L"), "LA": rgba.convert("LA"), "P": rgb.convert("P"),
-        "RGB": rgb, "RGBA": rgba, "CMYK": rgb.convert("CMYK"), "YCbCr": rgb.convert("YCbCr"), "I;16": sixteen,
-        "I;16B": Image.fromarray(np.asarray(sixteen).astype(">u2")), "F": floats, "I": ints,
+        "1": rgb.convert("1"),
+        "L": rgb.convert("L"),
+        "LA": rgba.convert("LA"),
+        "P": rgb.convert("P"),
+        "RGB": rgb,
+        "RGBA": rgba,
+        "CMYK": rgb.convert("CMYK"),
+        "YCbCr": rgb.convert("YCbCr"),
+        "I;16": sixteen,
+        "I;16B": Image.fromarray(np.asarray(sixteen).astype(">u2")),
+        "F": floats,
+        "I": ints,
         "LAB": Image.frombytes("LAB", (6, 5), rng.integers(0, 256, 90, dtype=np.uint8).tobytes()),
         "PA": rgba.convert("PA"),
     }
@@ -333,13 +392,45 @@ def test_intact_and_truncated_real_images_exhaustively(tmp_path):
 # -- arrays --------------------------------------------------------------------------------------------------------
 
 ARRAY_DTYPES = st.sampled_from(
-    [np.uint8, np.uint16, np.float32, np.float64, np.int64, np.int8, np.int32, np.float16, np.bool_, ">u2", ">f4",
-     ">i8", "<f8"]
+    [
+        np.uint8,
+        np.uint16,
+        np.float32,
+        np.float64,
+        np.int64,
+        np.int8,
+        np.int32,
+        np.float16,
+        np.bool_,
+        ">u2",
+        ">f4",
+        ">i8",
+        "<f8",
+    ]
 ).map(np.dtype)
 ARRAY_SHAPES = st.one_of(
     hnp.array_shapes(min_dims=0, max_dims=4, min_side=0, max_side=7),
-    st.sampled_from([(1, 1), (1, 1, 1), (3, 5, 5), (4, 5, 6), (5, 6, 4), (5, 6, 2), (2, 5, 6), (1, 5, 6), (5, 6, 1),
-                     (3, 1, 3), (4, 4, 4), (1, 300), (300, 1), (3, 3, 3, 3), (0, 5, 3), (5, 0), (3, 0, 4)]),
+    st.sampled_from(
+        [
+            (1, 1),
+            (1, 1, 1),
+            (3, 5, 5),
+            (4, 5, 6),
+            (5, 6, 4),
+            (5, 6, 2),
+            (2, 5, 6),
+            (1, 5, 6),
+            (5, 6, 1),
+            (3, 1, 3),
+            (4, 4, 4),
+            (1, 300),
+            (300, 1),
+            (3, 3, 3, 3),
+            (0, 5, 3),
+            (5, 0),
+            (3, 0, 4),
+        ]
+    ),
 )
 
 
@@ -390,8 +481,31 @@ def test_other_python_values_are_input_errors(value):
     assert preprocess_or_input_error(value) is None
 
 
-@pytest.mark.parametrize("mode", ["1", "L", "P", "RGB", "RGBA", "CMYK", "YCbCr", "LAB", "HSV", "I", "F", "LA", "PA",
-                                  "La", "RGBa", "RGBX", "I;16", "I;16L", "I;16B", "I;16N"])
+@pytest.mark.parametrize(
+    "mode",
+    [
+        "1",
+        "L",
+        "P",
+        "RGB",
+        "RGBA",
+        "CMYK",
+        "YCbCr",
+        "LAB",
+        "HSV",
+        "I",
+        "F",
+        "LA",
+        "PA",
+        "La",
+        "RGBa",
+        "RGBX",
+        "I;16",
+        "I;16L",
+        "I;16B",
+        "I;16N",
+    ],
+)
 def test_every_pil_mode_becomes_rgb(mode):
     from PIL import Image
 
@@ -476,11 +590,20 @@ def test_any_caption_tokenizes_or_is_an_input_error(tokenizer, text):
 
 
 @TEXT_SETTINGS
-@given(value=st.one_of(
-    st.none(), st.integers(), st.floats(allow_nan=True), st.binary(), st.lists(st.text(max_size=5), max_size=3),
-    st.dictionaries(st.text(max_size=3), st.integers(), max_size=2), st.tuples(st.text()), st.booleans(),
-    st.builds(bytearray, st.binary()), st.builds(np.array, st.lists(st.integers(0, 9), max_size=3)),
-))
+@given(
+    value=st.one_of(
+        st.none(),
+        st.integers(),
+        st.floats(allow_nan=True),
+        st.binary(),
+        st.lists(st.text(max_size=5), max_size=3),
+        st.dictionaries(st.text(max_size=3), st.integers(), max_size=2),
+        st.tuples(st.text()),
+        st.booleans(),
+        st.builds(bytearray, st.binary()),
+        st.builds(np.array, st.lists(st.integers(0, 9), max_size=3)),
+    )
+)
 def test_non_string_captions_are_input_errors(tokenizer, value):
     assert encode_or_input_error(tokenizer, value) is None
 

@@ -150,7 +150,9 @@ def test_v_prediction_models_score_epsilon(tiny_model_dir, tmp_path, shape_image
     states = {c: scorer.encode_texts([c])[0].states[None] for c in CAPTIONS[:1]}
     with torch.no_grad():
         v_cond = model.unet(x_t.float(), torch.tensor([t]), encoder_hidden_states=states[CAPTIONS[0]]).sample
-        v_empty = model.unet(x_t.float(), torch.tensor([t]), encoder_hidden_states=scorer.empty_caption.states[None]).sample
+        v_empty = model.unet(
+            x_t.float(), torch.tensor([t]), encoder_hidden_states=scorer.empty_caption.states[None]
+        ).sample
     eps = lambda v: abar.sqrt() * v.double() + (1 - abar).sqrt() * x_t  # noqa: E731
     expected = float((noise - eps(v_empty)).norm() - (noise - eps(v_cond)).norm())
     assert out.denoise[0, 0] == pytest.approx(expected, abs=1e-4)

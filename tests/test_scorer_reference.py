@@ -45,7 +45,9 @@ def reference_setup(folder, images, captions, resolution):
         pixels.append(np.asarray(resized, dtype=np.float32).transpose(2, 0, 1) / 255.0 * 2.0 - 1.0)
     with torch.no_grad():
         z0 = vae.encode(torch.from_numpy(np.stack(pixels))).latent_dist.mean * vae.config.scaling_factor
-        batch = tokenizer(list(captions) + [""], padding="max_length", max_length=77, truncation=True, return_tensors="pt")
+        batch = tokenizer(
+            list(captions) + [""], padding="max_length", max_length=77, truncation=True, return_tensors="pt"
+        )
         states = text_encoder(input_ids=batch.input_ids).last_hidden_state
     lengths = batch.attention_mask.sum(dim=1).tolist()  # BOS + words + EOS
     return unet, z0, states, lengths, scheduler
@@ -85,7 +87,7 @@ def naive_layer_score(q: np.ndarray, k: np.ndarray, heads: int, kept: list[int],
     if config.heads.value == "uniform":
         return sum(per_head) / heads
     weights = autograd_head_weights(np.stack(probs_per_head), kept, lam)
-    return float(sum(w * f for w, f in zip(weights, per_head)))
+    return float(sum(w * f for w, f in zip(weights, per_head, strict=True)))
 
 
 def autograd_head_weights(probs: np.ndarray, kept: list[int], lam: float) -> np.ndarray:

@@ -51,8 +51,9 @@ def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torc
     return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
 
 
-def save_checkpoint(run: Path, adapter_bytes: bytes, optimizer, loss_module, generator: torch.Generator,
-                    state: TrainerState) -> Path:
+def save_checkpoint(
+    run: Path, adapter_bytes: bytes, optimizer, loss_module, generator: torch.Generator, state: TrainerState
+) -> Path:
     """Write a checkpoint for ``state.step`` and point ``latest.json`` at it."""
     from safetensors.torch import save
 
@@ -66,15 +67,24 @@ def save_checkpoint(run: Path, adapter_bytes: bytes, optimizer, loss_module, gen
     for name, value in loss_module.state_dict().items():
         tensors[f"loss.{name}"] = value.detach().cpu().contiguous()
     tensors["generator.state"] = generator.get_state()
-    meta = {"step": state.step, "epoch": state.epoch, "position": state.position,
-            "epoch_loss_sum": state.epoch_loss_sum, "epoch_steps": state.epoch_steps,
-            "epoch_correct": state.epoch_correct, "epoch_seen": state.epoch_seen,
-            "optimizer": optimizer_meta, "history": state.history or []}
+    meta = {
+        "step": state.step,
+        "epoch": state.epoch,
+        "position": state.position,
+        "epoch_loss_sum": state.epoch_loss_sum,
+        "epoch_steps": state.epoch_steps,
+        "epoch_correct": state.epoch_correct,
+        "epoch_seen": state.epoch_seen,
+        "optimizer": optimizer_meta,
+        "history": state.history or [],
+    }
     with staged_folder(final) as tmp:
         (tmp / "adapter.safetensors").write_bytes(adapter_bytes)
         (tmp / "state.safetensors").write_bytes(save(tensors))
         (tmp / "state.json").write_text(json.dumps(meta, indent=1), encoding="utf-8")
-    atomic_write_text(run / "latest.json", json.dumps({"step": state.step, "path": str(final.relative_to(run))}) + "\n")
+    atomic_write_text(
+        run / "latest.json", json.dumps({"step": state.step, "path": str(final.relative_to(run))}) + "\n"
+    )
     return final
 
 
@@ -85,7 +95,9 @@ def latest_checkpoint(run: Path) -> Path | None:
     try:
         path = run / json.loads(pointer.read_text(encoding="utf-8"))["path"]
     except (json.JSONDecodeError, KeyError, TypeError):
-        raise ModelError(f"{pointer} is damaged; delete it to start over, or point it at a checkpoints/step-* folder") from None
+        raise ModelError(
+            f"{pointer} is damaged; delete it to start over, or point it at a checkpoints/step-* folder"
+        ) from None
     if not (path / "state.json").is_file():
         raise ModelError(f"{pointer} points at {path}, which is incomplete; delete latest.json to start over")
     return path
@@ -100,7 +112,9 @@ def load_checkpoint(path: Path, adapter, optimizer, loss_module, generator: torc
     adapter_tensors = load_file(str(path / "adapter.safetensors"))
     device = next(adapter.parameters()).device
     adapter.load_flat_state({k: v.to(device) for k, v in adapter_tensors.items()})
-    loss_module.load_state_dict({k.removeprefix("loss."): v.to(device) for k, v in tensors.items() if k.startswith("loss.")})
+    loss_module.load_state_dict(
+        {k.removeprefix("loss."): v.to(device) for k, v in tensors.items() if k.startswith("loss.")}
+    )
     state: dict[int, dict[str, Any]] = {}
     for name, value in tensors.items():
         if name.startswith("optimizer."):
@@ -111,6 +125,13 @@ def load_checkpoint(path: Path, adapter, optimizer, loss_module, generator: torc
         state.setdefault(int(index), {})[key] = value
     optimizer.load_state_dict({"state": state, "param_groups": meta["optimizer"]["param_groups"]})
     generator.set_state(tensors["generator.state"])
-    return TrainerState(step=meta["step"], epoch=meta["epoch"], position=meta["position"], history=meta["history"],
-                        epoch_loss_sum=meta["epoch_loss_sum"], epoch_steps=meta["epoch_steps"],
-                        epoch_correct=meta["epoch_correct"], epoch_seen=meta["epoch_seen"])
+    return TrainerState(
+        step=meta["step"],
+        epoch=meta["epoch"],
+        position=meta["position"],
+        history=meta["history"],
+        epoch_loss_sum=meta["epoch_loss_sum"],
+        epoch_steps=meta["epoch_steps"],
+        epoch_correct=meta["epoch_correct"],
+        epoch_seen=meta["epoch_seen"],
+    )

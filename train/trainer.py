@@ -84,8 +84,16 @@ def _trainable(examples: list[Example], loss: str) -> list[Example]:
     for example in examples:
         if example.kind is TaskKind.group:
             for i in range(2):
-                out.append(Example(TaskKind.image_to_text, [example.images[i]], list(example.texts), positive=i,
-                                   split=example.split, id=f"{example.id}/image{i}"))
+                out.append(
+                    Example(
+                        TaskKind.image_to_text,
+                        [example.images[i]],
+                        list(example.texts),
+                        positive=i,
+                        split=example.split,
+                        id=f"{example.id}/image{i}",
+                    )
+                )
         elif example.kind is TaskKind.pair and loss != "bce":
             raise ConfigError("the dataset holds labelled pairs, which have no candidates to compare; use --loss bce")
         else:
@@ -134,8 +142,9 @@ class Trainer:
         if cfg.gradient_checkpointing:
             self.model.unet.enable_gradient_checkpointing()
         self.encoder = Scorer(self.model, self.scoring, batch_size=cfg.eval_batch_size)
-        self.adapter = create_adapter(self.model, self.scoring, AdapterConfig(kind=cfg.adapter, rank=cfg.rank,
-                                                                             init_seed=cfg.seed))
+        self.adapter = create_adapter(
+            self.model, self.scoring, AdapterConfig(kind=cfg.adapter, rank=cfg.rank, init_seed=cfg.seed)
+        )
         self.loss_fn = CandidateLoss(cfg.loss, cfg.margin).to(self.model.device)
         parameters = list(self.adapter.parameters()) + list(self.loss_fn.parameters())
         self.optimizer = torch.optim.AdamW(parameters, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -159,13 +168,15 @@ class Trainer:
             )
         if latest is not None:
             if not saved_config.is_file():
-                raise ConfigError(f"{self.run_dir} has checkpoints but no train_config.json; it cannot be resumed safely")
+                raise ConfigError(
+                    f"{self.run_dir} has checkpoints but no train_config.json; it cannot be resumed safely"
+                )
             previous = TrainConfig.from_dict(json.loads(saved_config.read_text(encoding="utf-8")))
             changed = cfg.differences(previous)
             if changed:
                 raise ConfigError(
-                    f"cannot resume {self.run_dir}: {', '.join(changed)} differ from the saved run's train_config.json; "
-                    "resume with the same settings or choose another --output"
+                    f"cannot resume {self.run_dir}: {', '.join(changed)} differ from the saved run's "
+                    "train_config.json; resume with the same settings or choose another --output"
                 )
             self.state = load_checkpoint(latest, self.adapter, self.optimizer, self.loss_fn, self.generator)
             logger.info("resumed %s at step %d (epoch %d)", self.run_dir, self.state.step, self.state.epoch)
@@ -188,9 +199,11 @@ class Trainer:
             step = int(torch.randint(len(encoder.timesteps), (1,), generator=self.generator))
             noise = torch.randn(encoder.noise.shape[1:], generator=self.generator).to(self.model.device)
             images = encoder.encode_images(example.images)
-            texts = encoder.encode_texts(example.texts, where=[f"{example.id} caption {j}" for j in range(len(example.texts))])
+            texts = encoder.encode_texts(
+                example.texts, where=[f"{example.id} caption {j}" for j in range(len(example.texts))]
+            )
 
-            def add(latent, text_states, text_mask):
+            def add(latent, text_states, text_mask, step=step, noise=noise):
                 latents.append(latent)
                 states.append(text_states)
                 masks.append(text_mask)
@@ -205,16 +218,28 @@ class Trainer:
             )
             uncond = None
             if needs_uncond:
-                slots = {i: add(images[i].latent, empty.states, empty.mask) for i in sorted({i for i, _ in example.candidate_pairs()})}
+                slots = {
+                    i: add(images[i].latent, empty.states, empty.mask)
+                    for i in sorted({i for i, _ in example.candidate_pairs()})
+                }
                 uncond = [slots[i] for i, _ in example.candidate_pairs()]
             plans.append((example, cond, uncond))
 
         # Encodings are cached inference tensors; clone them so autograd may save them.
         batch_latents = torch.stack(latents).clone()
         signal, noise_scale, timesteps = encoder.noising(torch.tensor(steps))
-        layers, errors = unet_pass(self.model, encoder._recorder, batch_latents, signal, noise_scale,
-                                   torch.stack(noises), timesteps, torch.stack(states).clone(),
-                                   torch.stack(masks).clone(), self.adapter)
+        layers, errors = unet_pass(
+            self.model,
+            encoder._recorder,
+            batch_latents,
+            signal,
+            noise_scale,
+            torch.stack(noises),
+            timesteps,
+            torch.stack(states).clone(),
+            torch.stack(masks).clone(),
+            self.adapter,
+        )
         losses, correct = [], 0
         for example, cond, uncond in plans:
             c_layers, c_errors = layers[cond][:, None, :], errors[cond][:, None]
@@ -258,14 +283,20 @@ class Trainer:
         return compute_metrics(self.dataset.format, self.eval_examples, matrices)
 
     def _adapter_bytes(self) -> bytes:
-        return adapter_file_bytes(self.adapter, self.model.identity(), self.scoring,
-                                  extra={"trained_steps": self.state.step, "loss": self.config.loss})
+        return adapter_file_bytes(
+            self.adapter,
+            self.model.identity(),
+            self.scoring,
+            extra={"trained_steps": self.state.step, "loss": self.config.loss},
+        )
 
     def checkpoint(self) -> Path:
-        path = save_checkpoint(self.run_dir, self._adapter_bytes(), self.optimizer, self.loss_fn, self.generator,
-                               self.state)
-        atomic_write_text(self.run_dir / "history.jsonl",
-                          "".join(json.dumps(h) + "\n" for h in self.state.history or []))
+        path = save_checkpoint(
+            self.run_dir, self._adapter_bytes(), self.optimizer, self.loss_fn, self.generator, self.state
+        )
+        atomic_write_text(
+            self.run_dir / "history.jsonl", "".join(json.dumps(h) + "\n" for h in self.state.history or [])
+        )
         self.trigger("on_checkpoint", path=path)
         return path
 
@@ -298,9 +329,12 @@ class Trainer:
                         self.checkpoint()
                     self.trigger("on_step_end", step=state.step, loss=loss, accuracy=correct / len(batch))
                 if state.position >= len(order):
-                    summary = {"step": state.step, "epoch": state.epoch + 1,
-                               "train_loss": state.epoch_loss_sum / max(state.epoch_steps, 1),
-                               "train_accuracy": state.epoch_correct / max(state.epoch_seen, 1)}
+                    summary = {
+                        "step": state.step,
+                        "epoch": state.epoch + 1,
+                        "train_loss": state.epoch_loss_sum / max(state.epoch_steps, 1),
+                        "train_accuracy": state.epoch_correct / max(state.epoch_seen, 1),
+                    }
                     state.epoch += 1
                     state.position = 0
                     state.epoch_loss_sum, state.epoch_steps, state.epoch_correct, state.epoch_seen = 0.0, 0, 0, 0
@@ -321,8 +355,9 @@ class Trainer:
         return TrainResult(final, state.step, list(state.history), last_eval, zero_shot)
 
 
-def train(config: TrainConfig, callbacks: dict[str, list[Callable]] | None = None,
-          model: SD2Model | None = None) -> TrainResult:
+def train(
+    config: TrainConfig, callbacks: dict[str, list[Callable]] | None = None, model: SD2Model | None = None
+) -> TrainResult:
     """Train an adapter as ``config`` says; the library form of ``dsdkit train``.
 
     Args:

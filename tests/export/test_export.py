@@ -1,4 +1,5 @@
-"""Export: ONNX Runtime on the bundle against PyTorch, folding, fp16 structure, parity report, bundle integrity, CLI."""
+"""Export: ONNX Runtime on the bundle against PyTorch, folding, fp16 structure, parity report, bundle integrity,
+CLI."""
 
 from __future__ import annotations
 
@@ -39,7 +40,9 @@ def test_folded_weights_differ_from_the_base_model(export_case, tiny_model):
 
     path, manifest = export_case("paper-lora")
     graph = onnx.load(str(path / manifest["graphs"]["scorer"]["file"])).graph
-    base = {tuple(p.shape): p.detach().numpy() for n, p in tiny_model.unet.named_parameters() if n.endswith("to_q.weight")}
+    base = {
+        tuple(p.shape): p.detach().numpy() for n, p in tiny_model.unet.named_parameters() if n.endswith("to_q.weight")
+    }
     initializers = [numpy_helper.to_array(t) for t in graph.initializer]
     matched = [a for a in initializers if a.ndim == 2 and tuple(a.shape) in base]
     assert matched
@@ -99,7 +102,11 @@ def test_fp16_graph_keeps_score_islands_in_fp32(export_case):
     lse = [n for n in graph.node if n.op_type == "ReduceLogSumExp"]
     assert len(lse) == layers and all(out_type(n) == TensorProto.FLOAT for n in lse)
     outputs = {o.name: o.type.tensor_type.elem_type for o in graph.output}
-    assert outputs == {"attention": TensorProto.FLOAT, "layer_scores": TensorProto.FLOAT, "noise_error": TensorProto.FLOAT}
+    assert outputs == {
+        "attention": TensorProto.FLOAT,
+        "layer_scores": TensorProto.FLOAT,
+        "noise_error": TensorProto.FLOAT,
+    }
     attention = producer["attention"]
     while attention.op_type in ("Identity", "Reshape", "Squeeze"):
         attention = producer[attention.input[0]]
@@ -120,8 +127,10 @@ def test_fp16_ranks_like_fp32_pytorch(export_case, tiny_model, image_factory, ca
     reference = pytorch_scores(tiny_model, manifest, None, images, captions, 1)
     agreement = ranking_agreement(ours, reference)
     with capsys.disabled():
-        print(f"\nfp16 bundle vs fp32 PyTorch (8x8, S=1): max abs {np.abs(ours - reference).max():.3g}, "
-              f"top-1 agreement {agreement['top1_agreement']:.3f}, Spearman {agreement['spearman_mean']:.4f}")
+        print(
+            f"\nfp16 bundle vs fp32 PyTorch (8x8, S=1): max abs {np.abs(ours - reference).max():.3g}, "
+            f"top-1 agreement {agreement['top1_agreement']:.3f}, Spearman {agreement['spearman_mean']:.4f}"
+        )
     assert agreement["candidate_sets"] == 16
     assert agreement["top1_agreement"] >= 0.99
     assert np.abs(ours - reference).max() < 5e-3
@@ -223,15 +232,32 @@ def test_cli_export_dynamo_then_inspect(tiny_model_dir, tiny_model, shape_images
 
     out = tmp_path / "bundle"
     runner = CliRunner()
-    result = runner.invoke(app, ["export", "--model", str(tiny_model_dir), "--out", str(out), "--parity-size", "2",
-                                 "--batch", "1:4:8", "--license", "test-licence-1.0"])
+    result = runner.invoke(
+        app,
+        [
+            "export",
+            "--model",
+            str(tiny_model_dir),
+            "--out",
+            str(out),
+            "--parity-size",
+            "2",
+            "--batch",
+            "1:4:8",
+            "--license",
+            "test-licence-1.0",
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert "verified (size and sha256)" in result.output and "dynamo exporter" in result.output
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["model"]["licence"] == "test-licence-1.0"
     assert manifest["export"]["batch"] == [1, 4, 8]
-    assert manifest["graphs"]["scorer"]["profile"]["latents"] == {"min": [1, 4, 16, 16], "opt": [4, 4, 16, 16],
-                                                                 "max": [8, 4, 16, 16]}
+    assert manifest["graphs"]["scorer"]["profile"]["latents"] == {
+        "min": [1, 4, 16, 16],
+        "opt": [4, 4, 16, 16],
+        "max": [8, 4, 16, 16],
+    }
     assert (out / "onnx" / "scorer.onnx.data").is_file()  # dynamo writes external data
     assert manifest["engines"]["built"] is False and "TensorRT" in manifest["engines"]["reason"]
     with Matcher.from_bundle(out, num_timesteps=2) as matcher:
@@ -253,8 +279,9 @@ def test_cli_engines_without_tensorrt_is_one_line(tiny_model_dir, tmp_path):
         pass
     from dsdkit.cli import app
 
-    result = CliRunner().invoke(app, ["export", "--model", str(tiny_model_dir), "--out", str(tmp_path / "b"),
-                                      "--engines"])
+    result = CliRunner().invoke(
+        app, ["export", "--model", str(tiny_model_dir), "--out", str(tmp_path / "b"), "--engines"]
+    )
     assert result.exit_code == 2
     assert result.output.strip().count("\n") == 0 and "cannot build TensorRT engines here" in result.output
     assert not (tmp_path / "b").exists()

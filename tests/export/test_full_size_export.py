@@ -28,9 +28,20 @@ def test_full_size_export_external_data_parity_and_memory(full_model_dir, tmp_pa
     dsdkit = Path(sys.executable).with_name("dsdkit")
     started = time.perf_counter()
     run = subprocess.run(
-        [str(dsdkit), "export", "--model", str(full_model_dir), "--out", str(out), "--parity-size", "2",
-         "--parity-timesteps", "1"],
-        capture_output=True, text=True,
+        [
+            str(dsdkit),
+            "export",
+            "--model",
+            str(full_model_dir),
+            "--out",
+            str(out),
+            "--parity-size",
+            "2",
+            "--parity-timesteps",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
     )
     seconds = time.perf_counter() - started
     peak_gb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20

@@ -58,5 +58,6 @@ def test_tiny_engines_match_onnxruntime(case, export_case, tmp_path):
             got = runner.infer(feeds[name])
         for output, value in expected.items():
             atol = 5e-3 if graph["precision"] == "fp16" else 1e-3
-            np.testing.assert_allclose(np.asarray(got[output], dtype=np.float64), value, atol=atol, rtol=atol,
-                                       err_msg=f"{name}.{output}")
+            np.testing.assert_allclose(
+                np.asarray(got[output], dtype=np.float64), value, atol=atol, rtol=atol, err_msg=f"{name}.{output}"
+            )

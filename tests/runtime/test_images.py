@@ -6,10 +6,10 @@ import io
 
 import numpy as np
 import pytest
+from dsdkit.runtime.images import load_image, preprocess_image
 from PIL import Image
 
 from dsdkit.errors import InputError
-from dsdkit.runtime.images import load_image, preprocess_image
 
 
 def test_squash_matches_plain_pil_bicubic():
@@ -61,7 +61,9 @@ def test_exif_orientation_is_applied(tmp_path):
 def test_arrays_are_accepted():
     rng = np.random.default_rng(1)
     uint8 = rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)
-    np.testing.assert_allclose(preprocess_image(uint8.astype(np.float32) / 255.0, 64), preprocess_image(uint8, 64), atol=1e-5)
+    np.testing.assert_allclose(
+        preprocess_image(uint8.astype(np.float32) / 255.0, 64), preprocess_image(uint8, 64), atol=1e-5
+    )
     np.testing.assert_allclose(preprocess_image(uint8.transpose(2, 0, 1), 64), preprocess_image(uint8, 64))
     with pytest.raises(InputError, match=r"values in \[0, 1\]"):
         preprocess_image(np.full((4, 4, 3), 2.0), 64)

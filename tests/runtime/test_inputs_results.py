@@ -9,10 +9,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from dsdkit.errors import InputError, OutputError
 from dsdkit.runtime.inputs import list_images, read_captions
 from dsdkit.runtime.results import MatchResult, top_k, write_result
+
+from dsdkit.errors import InputError, OutputError
 
 
 def test_captions_file_with_bom_crlf_and_blank_lines(tmp_path):
@@ -83,7 +83,9 @@ def test_json_and_jsonl_have_matrix_and_top_k(tmp_path, result):
     np.testing.assert_array_equal(np.array(document["scores"]), result.scores)
     best = int(np.argmax(result.scores[0]))
     assert document["top_k"]["per_image"][0]["top_k"][0] == {
-        "caption": result.captions[best], "index": best, "score": result.scores[0, best]
+        "caption": result.captions[best],
+        "index": best,
+        "score": result.scores[0, best],
     }
     assert len(document["top_k"]["per_caption"]) == 3 and len(document["top_k"]["per_caption"][0]["top_k"]) == 2
     lines = [json.loads(line) for line in write_result(result, tmp_path / "out.jsonl", k=2).read_text().splitlines()]

@@ -26,8 +26,9 @@ def bundle(export_case):
     return export_case("discffusion-kv-prompt")[0]
 
 
-def test_chunked_streaming_equals_one_chunk_and_pytorch(bundle, tiny_model, adapter_files, shape_images,
-                                                         pytorch_scores):
+def test_chunked_streaming_equals_one_chunk_and_pytorch(
+    bundle, tiny_model, adapter_files, shape_images, pytorch_scores
+):
     from dsdkit.runtime import Matcher
 
     images = shape_images + shape_images[:2]  # duplicates are scored once and still fill their rows
@@ -59,7 +60,8 @@ def test_rank_texts_and_images(bundle, shape_images):
 
 
 def test_runtime_never_imports_torch(bundle, tmp_path):
-    """A fresh interpreter: import the runtime, open the bundle, score; torch, diffusers, transformers stay unloaded."""
+    """A fresh interpreter: import the runtime, open the bundle, score; torch, diffusers, transformers stay
+    unloaded."""
     script = f"""
 import sys
 import numpy as np
@@ -100,18 +102,40 @@ def test_match_bundle_and_model_rank_alike(bundle, tiny_model_dir, adapter_files
     common = [str(EXAMPLES / "images"), str(EXAMPLES / "captions.txt"), "--timesteps", "2"]
     via_bundle = runner.invoke(app, ["match", *common, "--bundle", str(bundle), "-o", str(tmp_path / "b.json")])
     assert via_bundle.exit_code == 0, via_bundle.output
-    via_model = runner.invoke(app, ["match", *common, "--model", str(tiny_model_dir), "--adapters",
-                                    str(adapter_files["kv-prompt"]), "-o", str(tmp_path / "m.json")])
+    via_model = runner.invoke(
+        app,
+        [
+            "match",
+            *common,
+            "--model",
+            str(tiny_model_dir),
+            "--adapters",
+            str(adapter_files["kv-prompt"]),
+            "-o",
+            str(tmp_path / "m.json"),
+        ],
+    )
     assert via_model.exit_code == 0, via_model.output
     b, m = (json.loads((tmp_path / f"{x}.json").read_text()) for x in "bm")
     np.testing.assert_allclose(np.array(b["scores"]), np.array(m["scores"]), atol=1e-5, rtol=1e-5)
-    assert [[t["caption"] for t in r["top_k"]] for r in b["top_k"]["per_image"]] == \
-        [[t["caption"] for t in r["top_k"]] for r in m["top_k"]["per_image"]]
+    assert [[t["caption"] for t in r["top_k"]] for r in b["top_k"]["per_image"]] == [
+        [t["caption"] for t in r["top_k"]] for r in m["top_k"]["per_image"]
+    ]
 
 
 def test_bundle_refuses_scoring_knobs(bundle):
-    result = CliRunner().invoke(app, ["match", str(EXAMPLES / "images"), str(EXAMPLES / "captions.txt"), "--bundle",
-                                      str(bundle), "--pooling", "image-lse"])
+    result = CliRunner().invoke(
+        app,
+        [
+            "match",
+            str(EXAMPLES / "images"),
+            str(EXAMPLES / "captions.txt"),
+            "--bundle",
+            str(bundle),
+            "--pooling",
+            "image-lse",
+        ],
+    )
     assert result.exit_code == 2 and "a bundle fixes the model, adapter and scoring config" in result.output
 
 
@@ -122,7 +146,7 @@ def test_interrupted_match_resumes_without_losing_rows(bundle, shape_images, tmp
     from dsdkit.matching import match
 
     images = [tmp_path / f"im{i}.png" for i in range(4)]
-    for path, image in zip(images, shape_images):
+    for path, image in zip(images, shape_images, strict=True):
         image.save(path)
     out = tmp_path / "scores.csv"
     calls = {"evaluations": 0}
@@ -175,11 +199,27 @@ def test_killed_match_resumes_to_the_same_result(bundle, shape_images, tmp_path)
     captions = tmp_path / "captions.txt"
     captions.write_text("\n".join(CAPTIONS[:4]) + "\n")
     dsdkit = str(Path(sys.executable).with_name("dsdkit"))
-    args = [dsdkit, "match", str(folder), str(captions), "--bundle", str(bundle), "--timesteps", "12",
-            "--chunk-size", "1", "--batch-size", "8"]
+    args = [
+        dsdkit,
+        "match",
+        str(folder),
+        str(captions),
+        "--bundle",
+        str(bundle),
+        "--timesteps",
+        "12",
+        "--chunk-size",
+        "1",
+        "--batch-size",
+        "8",
+    ]
     state = tmp_path / "killed.json.partial" / "state.json"
-    process = subprocess.Popen([*args, "-o", str(tmp_path / "killed.json")], stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL, start_new_session=True)
+    process = subprocess.Popen(
+        [*args, "-o", str(tmp_path / "killed.json")],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     deadline = time.time() + 240
     done = 0
     while time.time() < deadline and process.poll() is None:
@@ -203,8 +243,19 @@ def test_killed_match_resumes_to_the_same_result(bundle, shape_images, tmp_path)
 
 
 def test_dry_run_prints_the_cost(bundle):
-    result = CliRunner().invoke(app, ["match", str(EXAMPLES / "images"), str(EXAMPLES / "captions.txt"), "--bundle",
-                                      str(bundle), "--timesteps", "10", "--dry-run"])
+    result = CliRunner().invoke(
+        app,
+        [
+            "match",
+            str(EXAMPLES / "images"),
+            str(EXAMPLES / "captions.txt"),
+            "--bundle",
+            str(bundle),
+            "--timesteps",
+            "10",
+            "--dry-run",
+        ],
+    )
     assert result.exit_code == 0, result.output
     images = len([p for p in (EXAMPLES / "images").iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg")])
     captions = len([line for line in (EXAMPLES / "captions.txt").read_text().splitlines() if line.strip()])
@@ -214,15 +265,37 @@ def test_dry_run_prints_the_cost(bundle):
 
 
 def test_dry_run_on_the_pytorch_path(tiny_model_dir):
-    result = CliRunner().invoke(app, ["match", str(EXAMPLES / "images"), str(EXAMPLES / "captions.txt"), "--model",
-                                      str(tiny_model_dir), "--timesteps", "3", "--no-denoise", "--dry-run"])
+    result = CliRunner().invoke(
+        app,
+        [
+            "match",
+            str(EXAMPLES / "images"),
+            str(EXAMPLES / "captions.txt"),
+            "--model",
+            str(tiny_model_dir),
+            "--timesteps",
+            "3",
+            "--no-denoise",
+            "--dry-run",
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert "S = 3 timesteps" in result.output and "calibrated pytorch" in result.output
 
 
 def test_tensorrt_backend_without_engines_names_the_fix(bundle):
-    result = CliRunner().invoke(app, ["match", str(EXAMPLES / "images"), str(EXAMPLES / "captions.txt"), "--bundle",
-                                      str(bundle), "--backend", "tensorrt"])
+    result = CliRunner().invoke(
+        app,
+        [
+            "match",
+            str(EXAMPLES / "images"),
+            str(EXAMPLES / "captions.txt"),
+            "--bundle",
+            str(bundle),
+            "--backend",
+            "tensorrt",
+        ],
+    )
     assert result.exit_code == 7
     assert "the bundle has no TensorRT engines; build them on this machine with `dsdkit build-engines" in result.output
 

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import pytest
+from dsdkit.runtime.tokenizer import ROLE_BOS, ROLE_EOS, ROLE_PAD, ROLE_WORD, ClipTokenizer
 
 from dsdkit.errors import InputError, ModelError
-from dsdkit.runtime.tokenizer import ROLE_BOS, ROLE_EOS, ROLE_PAD, ROLE_WORD, ClipTokenizer
 
 CAPTIONS = [
     "a photo of a cat",

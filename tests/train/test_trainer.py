@@ -6,12 +6,12 @@ import json
 
 import pytest
 import torch
+from dsdkit.train import TrainConfig, train
+from dsdkit.train.losses import CandidateLoss
 from safetensors.torch import load_file
 
 from dsdkit.errors import ConfigError, TrainingError
 from dsdkit.synthetic import write_colour_shapes
-from dsdkit.train import TrainConfig, train
-from dsdkit.train.losses import CandidateLoss
 
 # Scoring used by the learning tests: low noise levels keep the image visible to the random-weight UNet; the
 # attention-only score keeps each step to one conditional pass per candidate.
@@ -36,19 +36,39 @@ LEARNING = {
 
 @pytest.mark.parametrize("kind", ["kv-prompt", "lora"])
 def test_adapters_learn_what_the_zero_shot_model_cannot(colours, tiny_model, tmp_path, kind):
-    config = TrainConfig(data=str(colours), output=str(tmp_path / kind), adapter=kind, scoring=EASY_SCORING,
-                         batch_size=2, checkpoint_every=1000, device="cpu", **LEARNING[kind])
+    config = TrainConfig(
+        data=str(colours),
+        output=str(tmp_path / kind),
+        adapter=kind,
+        scoring=EASY_SCORING,
+        batch_size=2,
+        checkpoint_every=1000,
+        device="cpu",
+        **LEARNING[kind],
+    )
     result = train(config, model=tiny_model)
     zero_shot, trained = result.zero_shot_metrics, result.final_metrics
-    print(f"{kind}: zero-shot top-1 {zero_shot['top1']:.2f} -> trained {trained['top1']:.2f} after {result.steps} steps")
+    print(
+        f"{kind}: zero-shot top-1 {zero_shot['top1']:.2f} -> trained {trained['top1']:.2f} after {result.steps} steps"
+    )
     assert zero_shot["examples"] == trained["examples"] == 100
     assert zero_shot["top1"] <= 0.25 + 0.10  # chance is 1 in 4
     assert trained["top1"] >= 0.90
 
 
 def run(small_colours, tiny_model, output, callbacks=None, **overrides):
-    values = dict(data=str(small_colours), output=str(output), scoring=EASY_SCORING, batch_size=2, epochs=2,
-                  checkpoint_every=2, lr=1e-2, device="cpu", seed=3, adapter="kv-prompt")
+    values = dict(
+        data=str(small_colours),
+        output=str(output),
+        scoring=EASY_SCORING,
+        batch_size=2,
+        epochs=2,
+        checkpoint_every=2,
+        lr=1e-2,
+        device="cpu",
+        seed=3,
+        adapter="kv-prompt",
+    )
     values.update(overrides)
     return train(TrainConfig(**values), callbacks=callbacks, model=tiny_model)
 
@@ -81,7 +101,9 @@ def test_resume_after_a_crash_is_bit_identical(small_colours, tiny_model, tmp_pa
     for name in expected:
         assert torch.equal(expected[name], actual[name]), name
     assert resumed.history == reference.history
-    assert any(not torch.equal(v, torch.zeros_like(v)) for k, v in actual.items() if k.endswith(".B") or k.endswith(".up"))
+    assert any(
+        not torch.equal(v, torch.zeros_like(v)) for k, v in actual.items() if k.endswith(".B") or k.endswith(".up")
+    )
 
 
 def test_unsafe_resumes_are_refused(small_colours, tiny_model, tmp_path):
@@ -119,8 +141,13 @@ def test_other_losses_train(small_colours, tiny_model, tmp_path, loss):
 def test_labelled_pairs_need_bce(tmp_path, tiny_model, image_factory):
     image_factory("red", "circle").save(tmp_path / "a.png")
     data = tmp_path / "pairs.jsonl"
-    data.write_text("\n".join(json.dumps({"image": "a.png", "caption": c, "label": y}) for c, y in
-                              [("a red circle", 1), ("a blue square", 0)] * 3) + "\n")
+    data.write_text(
+        "\n".join(
+            json.dumps({"image": "a.png", "caption": c, "label": y})
+            for c, y in [("a red circle", 1), ("a blue square", 0)] * 3
+        )
+        + "\n"
+    )
     with pytest.raises(ConfigError, match="--loss bce"):
         run(data, tiny_model, tmp_path / "ce", eval_every_epoch=False)
     result = run(data, tiny_model, tmp_path / "bce", loss="bce", max_steps=2, eval_fraction=0.0)
@@ -130,16 +157,35 @@ def test_labelled_pairs_need_bce(tmp_path, tiny_model, image_factory):
 def test_gradient_checkpointing_gives_the_same_update(small_colours, tiny_model_dir, tmp_path):
     from dsdkit.models import load_model
 
-    plain = run(small_colours, load_model(tiny_model_dir, device="cpu"), tmp_path / "plain", max_steps=2,
-                eval_every_epoch=False)
-    checkpointed = run(small_colours, None, tmp_path / "ckpt", max_steps=2, eval_every_epoch=False,
-                       gradient_checkpointing=True, model=str(tiny_model_dir))
+    plain = run(
+        small_colours,
+        load_model(tiny_model_dir, device="cpu"),
+        tmp_path / "plain",
+        max_steps=2,
+        eval_every_epoch=False,
+    )
+    checkpointed = run(
+        small_colours,
+        None,
+        tmp_path / "ckpt",
+        max_steps=2,
+        eval_every_epoch=False,
+        gradient_checkpointing=True,
+        model=str(tiny_model_dir),
+    )
     expected, actual = load_file(str(plain.adapter_path)), load_file(str(checkpointed.adapter_path))
     for name in expected:
         torch.testing.assert_close(actual[name], expected[name], rtol=1e-5, atol=1e-6)
 
 
 def test_bf16_training_step_runs_on_cpu(small_colours, tiny_model_dir, tmp_path):
-    result = run(small_colours, None, tmp_path / "bf16", max_steps=1, eval_every_epoch=False, precision="bf16",
-                 model=str(tiny_model_dir))
+    result = run(
+        small_colours,
+        None,
+        tmp_path / "bf16",
+        max_steps=1,
+        eval_every_epoch=False,
+        precision="bf16",
+        model=str(tiny_model_dir),
+    )
     assert result.steps == 1
