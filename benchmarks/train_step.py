@@ -36,8 +36,8 @@ def main(argv=None) -> int:
     import torch
     from dsdkit.train import TrainConfig, Trainer
 
-    from dsdkit.synthetic import write_colour_shapes
     from dsdkit.tiny import write_tiny_model
+    from dsdkit.world import write_colour_shapes
 
     with tempfile.TemporaryDirectory() as scratch:
         scratch = Path(scratch)

@@ -164,10 +164,94 @@ def tiny_data(
     seed: Annotated[int, typer.Option(help="Seed of the generated images.")] = 0,
 ) -> None:
     """Write a synthetic task (coloured shapes vs. colour captions) for trying training offline."""
-    from .synthetic import write_colour_shapes
+    from .world import write_colour_shapes
 
     path = write_colour_shapes(folder, train=train, test=test, seed=seed)
     typer.echo(f"wrote {path} ({train} train + {test} test examples: which of 4 colour captions fits each shape)")
+
+
+@app.command("demo-data")
+@cli_errors
+def demo_data(
+    folder: Annotated[Path, typer.Argument(help="Where to write the demo world's files.")],
+    items: Annotated[int, typer.Option(help="Benchmark items per subset.")] = 200,
+    shots: Annotated[int, typer.Option(help="Few-shot training items per few-shot subset.")] = 64,
+    seed: Annotated[int, typer.Option(help="Seed of the generated scenes.")] = 0,
+) -> None:
+    """Write demo-world files for --model demo: example images and captions (match), benchmark.jsonl (eval),
+    fewshot.jsonl (train)."""
+    from .errors import ConfigError
+    from .world import BENCHMARK_SUBSETS, write_demo_data
+
+    if items < 1 or shots < 1:
+        raise ConfigError("--items and --shots must be >= 1")
+    paths = write_demo_data(folder, per_subset=items, shots=shots, seed=seed)
+    typer.echo(
+        f"wrote {paths['examples']}/ and {paths['captions']} (dsdkit match), {paths['benchmark']} "
+        f"({items} items x {len(BENCHMARK_SUBSETS)} subsets, dsdkit eval) and {paths['fewshot']} (dsdkit train)"
+    )
+
+
+world_app = typer.Typer(
+    help="The demo world model: train it (the recipe of the shipped --model demo).", no_args_is_help=True
+)
+app.add_typer(world_app, name="world")
+
+
+@world_app.command("train")
+@cli_errors
+def world_train(
+    output: Annotated[Path, typer.Argument(help="Run folder (checkpoints); the model is written to OUTPUT/model.")],
+    steps: Annotated[int | None, typer.Option(help="UNet + text encoder steps (recipe default 4000).")] = None,
+    vae_steps: Annotated[int | None, typer.Option(help="VAE steps (recipe default 1000).")] = None,
+    scenes: Annotated[int | None, typer.Option(help="Training scenes (recipe default 20000).")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Diffusion batch size (recipe default 64).")] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed (recipe default 0).")] = None,
+    checkpoint_every: Annotated[int | None, typer.Option(help="Steps between checkpoints (default 500).")] = None,
+    threads: Annotated[
+        int | None, typer.Option(help="Torch threads (default: the CPUs this process may use).")
+    ] = None,
+    recipe_file: Annotated[
+        Path | None, typer.Option("--recipe", help="A recipe JSON (fields of WorldRecipe); options override it.")
+    ] = None,
+    resume: Annotated[bool, typer.Option(help="Continue the run in OUTPUT from its latest checkpoint.")] = False,
+    eval_items: Annotated[
+        int, typer.Option(help="Benchmark items per subset for the accuracy written beside the model (0: skip).")
+    ] = 100,
+) -> None:
+    """Train the demo world model (VAE, then UNet + text encoder) into a plain SD2 diffusers folder."""
+    import os
+
+    # Spinning OpenMP threads beside other work make CPU training 10-100x slower; must be set before torch loads.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    from .train.world import WorldRecipe, measure_world_model, train_world_model
+
+    overrides = {
+        "steps": steps,
+        "vae_steps": vae_steps,
+        "scenes": scenes,
+        "batch_size": batch_size,
+        "seed": seed,
+        "checkpoint_every": checkpoint_every,
+    }
+    if recipe_file is None and resume and (output / "recipe.json").is_file():
+        recipe_file = output / "recipe.json"  # a resumed run keeps its own recipe unless told otherwise
+    base = WorldRecipe() if recipe_file is None else WorldRecipe.from_file(recipe_file)
+    recipe = WorldRecipe.from_dict({**base.to_dict(), **{k: v for k, v in overrides.items() if v is not None}})
+
+    def evaluate(folder: Path) -> dict:
+        return measure_world_model(folder, per_subset=eval_items)
+
+    with _phase_progress() as on_step:
+        folder = train_world_model(
+            output,
+            recipe,
+            resume=resume,
+            threads=threads,
+            evaluate=evaluate if eval_items > 0 else None,
+            on_step=on_step,
+        )
+    typer.echo(f"wrote the world model to {folder} (load it with --model {folder})")
 
 
 @app.command("match")
@@ -985,6 +1069,41 @@ class _training_progress:
             logger.info("%s held-out: %s", label, _format_metrics(metrics))
 
         return {"on_step_end": [on_step], "on_eval_end": [on_eval]}
+
+    def __exit__(self, *exc):
+        return self._progress.__exit__(*exc)
+
+
+class _phase_progress:
+    """A progress bar per training phase (VAE, diffusion) with the smoothed loss; yields the step callback."""
+
+    def __enter__(self):
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        console = Console(stderr=True)
+        self._progress = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[status]}"),
+            TextColumn("left"),
+            TimeRemainingColumn(),
+            console=console,
+            disable=not console.is_terminal,
+            transient=True,
+        )
+        self._progress.__enter__()
+        self._tasks: dict[str, int] = {}
+
+        def on_step(phase, step, total, loss):
+            if phase not in self._tasks:
+                self._tasks[phase] = self._progress.add_task(phase, total=total, completed=step - 1, status="")
+            self._progress.update(self._tasks[phase], completed=step, status=f"loss {loss:.4f}")
+            if step % 500 == 0 or step == total:
+                logger.info("%s step %d/%d: smoothed loss %.5f", phase, step, total, loss)
+
+        return on_step
 
     def __exit__(self, *exc):
         return self._progress.__exit__(*exc)

@@ -10,8 +10,10 @@ Every reader returns a :class:`Dataset` of :class:`Example` s. An example is a s
 
 Formats (``--format``; ``auto`` guesses from the file):
 
-- ``jsonl``: one object per line, one of ``{"image", "caption", "label"}``, ``{"image", "captions", "positive"}``
-  or ``{"caption", "images", "positive"}``, optionally with ``"split"`` and ``"id"``.
+- ``jsonl``: one object per line, one of ``{"image", "caption", "label"}``, ``{"image", "captions", "positive"}``,
+  ``{"caption", "images", "positive"}`` or a 2x2 group ``{"images": [a, b], "captions": [for a, for b]}``
+  (scored as Winoground), optionally with ``"split"``, ``"id"`` and ``"subset"`` (a benchmark's own grouping,
+  reported apart by ``dsdkit eval``; ``dsdkit demo-data`` writes the demo world's benchmark this way).
 - ``comvg``: the ComVG CSV ``id,sentence,pos_triplet,neg_triplet,pos_image_id,neg_image_id,neg_value``; images
   ``<root>/<image_id>.jpg``; splits = ``neg_value`` (subject / object / verb).
 - ``sugarcrepe``: a SugarCrepe JSON file ``{"<i>": {"filename", "caption", "negative_caption"}}`` or a folder of
@@ -78,6 +80,7 @@ class Example:
     label: int | None = None
     split: str | None = None
     id: str = ""
+    subset: str | None = None  # a benchmark's own grouping (e.g. the demo world's "binding"), reported apart
 
     @property
     def num_candidates(self) -> int:
@@ -208,6 +211,15 @@ def read_jsonl(path: Path, root: Path) -> Dataset:
 
     def make(row: dict, number: int) -> Example:
         split, ident = row.get("split"), str(row.get("id", number))
+        subset = row.get("subset")
+        if subset is not None and (not isinstance(subset, str) or not subset.strip()):
+            raise _BadRow(f"subset must be a non-empty string, got {subset!r}")
+        if "images" in row and "captions" in row:
+            images = [rows.image(i) for i in row["images"]]
+            captions = [rows.text(c) for c in row["captions"]]
+            if len(images) != 2 or len(captions) != 2:
+                raise _BadRow(f"a group needs 2 images and 2 captions, got {len(images)} and {len(captions)}")
+            return Example(TaskKind.group, images, captions, split=split, id=ident, subset=subset)
         if "captions" in row:
             captions = [rows.text(c) for c in row["captions"]]
             return Example(
@@ -217,6 +229,7 @@ def read_jsonl(path: Path, root: Path) -> Dataset:
                 positive=_positive(row.get("positive", 0), len(captions)),
                 split=split,
                 id=ident,
+                subset=subset,
             )
         if "images" in row:
             images = [rows.image(i) for i in row["images"]]
@@ -227,6 +240,7 @@ def read_jsonl(path: Path, root: Path) -> Dataset:
                 positive=_positive(row.get("positive", 0), len(images)),
                 split=split,
                 id=ident,
+                subset=subset,
             )
         label = row.get("label")
         if label not in (0, 1, True, False):
@@ -238,6 +252,7 @@ def read_jsonl(path: Path, root: Path) -> Dataset:
             label=int(label),
             split=split,
             id=ident,
+            subset=subset,
         )
 
     _json_lines(path, rows, make)

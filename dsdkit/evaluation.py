@@ -5,7 +5,7 @@
 | ComVG | accuracy per split (subject / object / verb), their unweighted average, and overall |
 | SugarCrepe | accuracy per subset, their unweighted average, and att / obj / rel (means of their subsets) |
 | Winoground | text, image and group scores (Thrush et al.), overall and per tag |
-| candidate sets (JSONL, RefCOCOg, VQA) | top-1 and top-5 accuracy, overall and per split |
+| candidate sets (JSONL, RefCOCOg, VQA) | top-1 (top-5 where a set has > 5 candidates), per split or subset |
 | labelled pairs (JSONL) | ROC-AUC and accuracy at the best threshold |
 
 A candidate counts as chosen only if it scores strictly higher than every other candidate: ties count as wrong
@@ -127,12 +127,25 @@ def compute_metrics(fmt: str, examples: list[Example], matrices: list[np.ndarray
                         metrics[f"accuracy/{group}"] = float(np.mean(members))
             metrics["accuracy/overall"] = float(np.mean(ranks_array == 0))
         else:
+            # Top-5 says nothing where no candidate set has more than 5 candidates (it would always be 1).
+            sizes = [e.num_candidates for e, _ in candidates]
             metrics["top1"] = float(np.mean(ranks_array < 1))
-            metrics["top5"] = float(np.mean(ranks_array < 5))
-            if len(per_split) > 1:
+            if max(sizes) > 5:
+                metrics["top5"] = float(np.mean(ranks_array < 5))
+            per_subset: dict[str, list[tuple[int, int]]] = defaultdict(list)
+            for (example, _), rank in zip(candidates, ranks, strict=True):
+                if example.subset is not None:
+                    per_subset[example.subset].append((rank, example.num_candidates))
+            if len(per_split) > 1 and not per_subset:
                 for split, split_ranks in sorted(per_split.items()):
                     metrics[f"top1/{split}"] = float(np.mean(np.array(split_ranks) < 1))
-                    metrics[f"top5/{split}"] = float(np.mean(np.array(split_ranks) < 5))
+                    if max(sizes) > 5:
+                        metrics[f"top5/{split}"] = float(np.mean(np.array(split_ranks) < 5))
+            for subset, entries in sorted(per_subset.items()):
+                subset_ranks = np.array([rank for rank, _ in entries])
+                metrics[f"top1/{subset}"] = float(np.mean(subset_ranks < 1))
+                if max(size for _, size in entries) > 5:
+                    metrics[f"top5/{subset}"] = float(np.mean(subset_ranks < 5))
         metrics["examples"] = float(len(candidates))
 
     if groups:
@@ -141,8 +154,9 @@ def compute_metrics(fmt: str, examples: list[Example], matrices: list[np.ndarray
             text = m[0, 0] > m[0, 1] and m[1, 1] > m[1, 0]  # each image prefers its own caption
             image = m[0, 0] > m[1, 0] and m[1, 1] > m[0, 1]  # each caption prefers its own image
             tagged["all"].append((text, image))
-            if example.split:
-                tagged[example.split].append((text, image))
+            tag = example.subset or example.split  # Winoground's tags are its splits; the demo world's, subsets
+            if tag:
+                tagged[tag].append((text, image))
         for tag, results in tagged.items():
             prefix = "" if tag == "all" else f"/{tag}"
             array = np.array(results, dtype=bool)
@@ -180,6 +194,7 @@ def evaluate(
         record = {
             "id": example.id,
             "split": example.split,
+            "subset": example.subset,
             "kind": example.kind.value,
             "scores": [[None if np.isnan(v) else float(v) for v in row] for row in matrix],
         }

@@ -17,11 +17,20 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
+from .demo import DEMO_MODEL, demo_model_folder
 from .errors import ConfigError, ModelError
 from .runtime.tokenizer import ClipTokenizer
 from .schedule import NoiseSchedule
 
-__all__ = ["DEFAULT_MODEL", "Precision", "SD2Model", "load_model", "resolve_model_folder", "TEST_MODEL_MARKER"]
+__all__ = [
+    "DEFAULT_MODEL",
+    "DEMO_MODEL",
+    "Precision",
+    "SD2Model",
+    "load_model",
+    "resolve_model_folder",
+    "TEST_MODEL_MARKER",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -55,7 +64,10 @@ class Precision(str, Enum):
 
 
 def resolve_model_folder(model: str | os.PathLike) -> Path:
-    """A local folder holding the model: ``model`` itself, or the hub cache's snapshot of the hub id ``model``."""
+    """A local folder holding the model: the shipped demo model for ``"demo"``, ``model`` itself, or the hub
+    cache's snapshot of the hub id ``model``. (A local folder named ``demo`` is reached as ``./demo``.)"""
+    if str(model) == DEMO_MODEL:
+        return demo_model_folder()
     path = Path(model).expanduser()
     if path.exists():
         if not path.is_dir():
@@ -66,13 +78,14 @@ def resolve_model_folder(model: str | os.PathLike) -> Path:
     name = str(model)
     if not _HUB_ID.match(name):
         raise ModelError(
-            f"model {name!r}: no such folder, and not a hub id of the form owner/name; pass a diffusers SD2 folder "
-            f"(e.g. one made by `dsdkit tiny-model DIR`) or a hub id such as {DEFAULT_MODEL}"
+            f"model {name!r}: no such folder, and not a hub id of the form owner/name; pass a diffusers SD2 folder, "
+            f"a hub id such as {DEFAULT_MODEL}, or `demo` (the shipped demo model)"
         )
     offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
     how_to = (
         f"to get the weights, run `hf download {name} --local-dir DIR` on a machine with network access (accept the "
-        "model's licence on its hub page first) and pass --model DIR"
+        "model's licence on its hub page first) and pass --model DIR (or try `--model demo`, the shipped demo "
+        "model, which runs offline)"
     )
     try:
         from huggingface_hub import snapshot_download
@@ -217,7 +230,8 @@ def load_model(
     """Load an SD2-architecture model for scoring.
 
     Args:
-        model: a local diffusers folder or a hub id. Defaults to ``stabilityai/stable-diffusion-2-1-base``.
+        model: a local diffusers folder, a hub id, or ``"demo"`` (the shipped demo world model). Defaults to
+            ``stabilityai/stable-diffusion-2-1-base``.
         device: ``"auto"`` (CUDA if available), ``"cpu"``, ``"cuda"`` or ``"cuda:N"``. Defaults to ``"auto"``.
         dtype: UNet precision, ``"fp32"``, ``"fp16"`` or ``"bf16"``. Defaults to ``"fp32"``.
 

@@ -25,11 +25,12 @@ from .errors import ConfigError, OutputError
 from .runtime.files import atomic_write_text, output_error, staged_folder
 from .runtime.tokenizer import bytes_to_unicode
 
-__all__ = ["SIZES", "write_tiny_model", "write_clip_tokenizer"]
+__all__ = ["SIZES", "SCHEDULER_CONFIG", "MODEL_INDEX", "write_tiny_model", "write_clip_tokenizer"]
 
 logger = logging.getLogger(__name__)
 
-_SCHEDULER = {
+#: The scheduler config of SD2-2.1-base (what every SD2-architecture model dsdkit writes uses).
+SCHEDULER_CONFIG = {
     "_class_name": "PNDMScheduler",
     "num_train_timesteps": 1000,
     "beta_start": 0.00085,
@@ -87,6 +88,20 @@ SIZES = {
             hidden_size=1024, intermediate_size=4096, projection_dim=512, num_hidden_layers=23, num_attention_heads=16
         ),
     },
+}
+
+
+#: ``model_index.json`` of an SD2 pipeline folder without safety checker.
+MODEL_INDEX = {
+    "_class_name": "StableDiffusionPipeline",
+    "feature_extractor": [None, None],
+    "requires_safety_checker": False,
+    "safety_checker": [None, None],
+    "scheduler": ["diffusers", "PNDMScheduler"],
+    "text_encoder": ["transformers", "CLIPTextModel"],
+    "tokenizer": ["transformers", "CLIPTokenizer"],
+    "unet": ["diffusers", "UNet2DConditionModel"],
+    "vae": ["diffusers", "AutoencoderKL"],
 }
 
 
@@ -239,20 +254,9 @@ def write_tiny_model(folder: str | os.PathLike, size: str = "tiny", seed: int = 
         write_clip_tokenizer(staging / "tokenizer")
         (staging / "scheduler").mkdir()
         (staging / "scheduler" / "scheduler_config.json").write_text(
-            json.dumps(_SCHEDULER, indent=2), encoding="utf-8"
+            json.dumps(SCHEDULER_CONFIG, indent=2), encoding="utf-8"
         )
-        model_index = {
-            "_class_name": "StableDiffusionPipeline",
-            "feature_extractor": [None, None],
-            "requires_safety_checker": False,
-            "safety_checker": [None, None],
-            "scheduler": ["diffusers", "PNDMScheduler"],
-            "text_encoder": ["transformers", "CLIPTextModel"],
-            "tokenizer": ["transformers", "CLIPTokenizer"],
-            "unet": ["diffusers", "UNet2DConditionModel"],
-            "vae": ["diffusers", "AutoencoderKL"],
-        }
-        (staging / "model_index.json").write_text(json.dumps(model_index, indent=2), encoding="utf-8")
+        (staging / "model_index.json").write_text(json.dumps(MODEL_INDEX, indent=2), encoding="utf-8")
         marker = {
             "random_weights": True,
             "size": size,

@@ -124,15 +124,15 @@ _CAPTION_TEMPLATES = (
 def parity_inputs(settings: ParitySettings) -> tuple[list, list[str]]:
     """Generated colour-shape images and distinct captions naming colours and shapes (real inputs, not noise).
 
-    Up to 72 captions are distinct (so benchmarks measure real work, not the cache); images are all distinct.
+    Up to 90 captions are distinct (so benchmarks measure real work, not the cache); images are all distinct.
     """
-    from ..synthetic import COLOURS, SHAPES, colour_shape_image
+    from ..world import COLOURS, SHAPES, colour_shape_image
 
     rng = np.random.default_rng(settings.seed)
     combos = [(c, s) for s in SHAPES for c in COLOURS]
     images = [_textured(colour_shape_image(*combos[i % len(combos)], rng), rng) for i in range(settings.images)]
     every = [template.format(c, s) for template in _CAPTION_TEMPLATES for c, s in combos]
-    # Steps of 13 visit all 72 in an order that mixes colours, shapes and templates early on.
+    # Steps of 13 visit all 90 in an order that mixes colours, shapes and templates early on.
     captions = [every[(1 + 13 * i) % len(every)] for i in range(settings.captions)]
     return images, captions
 

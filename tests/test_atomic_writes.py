@@ -399,7 +399,7 @@ def test_tiny_model_on_a_full_disk_keeps_the_previous_model(micro_model_dir, tmp
 
 
 def test_tiny_data_on_a_full_disk_keeps_the_previous_data_file(tmp_path, monkeypatch):
-    from dsdkit.synthetic import write_colour_shapes
+    from dsdkit.world import write_colour_shapes
 
     data = write_colour_shapes(tmp_path, train=3, test=1, seed=0)
     before = snapshot(tmp_path)

@@ -217,3 +217,21 @@ def test_authors_vqa_csv(tmp_path):
     assert dataset.format == "vqa" and len(dataset.examples) == 1 and len(dataset.skipped) == 1
     example = dataset.examples[0]
     assert example.kind is TaskKind.image_to_text and len(example.texts) == 10 and example.positive == 0
+
+
+def test_jsonl_groups_and_subsets(tmp_path):
+    from dsdkit.datasets import TaskKind, load_dataset
+
+    for name in ("a.png", "b.png"):
+        (tmp_path / name).write_bytes(b"")
+    rows = [
+        {"images": ["a.png", "b.png"], "captions": ["x", "y"], "subset": "group-binding", "split": "test"},
+        {"image": "a.png", "captions": ["x", "y"], "positive": 1, "subset": "colour"},
+        {"images": ["a.png", "b.png", "a.png"], "captions": ["x", "y"]},  # a group needs 2 x 2: a bad row
+        {"image": "a.png", "captions": ["x"], "subset": ""},  # an empty subset name: a bad row
+    ]
+    (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    dataset = load_dataset(tmp_path / "d.jsonl", check_images=False)
+    kinds = [(e.kind, e.subset, e.split) for e in dataset.examples]
+    assert kinds == [(TaskKind.group, "group-binding", "test"), (TaskKind.image_to_text, "colour", None)]
+    assert [where for where, _ in dataset.skipped] == ["d.jsonl line 3", "d.jsonl line 4"]

@@ -49,6 +49,21 @@ def test_top_k_and_auc():
     assert auc["auc"] == pytest.approx(0.75) and auc["accuracy/best_threshold"] == pytest.approx(0.75)
 
 
+def test_subsets_are_reported_apart_and_top5_only_beyond_five_candidates():
+    two = [Example(TaskKind.image_to_text, IMG[:1], ["a", "b"], positive=0, subset="colour", split="test")] * 4
+    rows = [np.array([[2.0, 1.0]])] * 3 + [np.array([[1.0, 1.0]])]  # the last is a tie: wrong
+    eight = [Example(TaskKind.image_to_text, IMG[:1], [f"c{j}" for j in range(8)], positive=7, subset="rank-8")] * 2
+    ranked = [np.arange(8.0)[None], np.arange(8.0)[::-1][None]]  # rank 0, then rank 7
+    group = Example(TaskKind.group, IMG[:2], ["c0", "c1"], subset="group-binding", split="test")
+    metrics = compute_metrics("jsonl", two + eight + [group], rows + ranked + [np.array([[5.0, 1.0], [1.0, 5.0]])])
+    assert metrics["top1/colour"] == pytest.approx(0.75)
+    assert "top5/colour" not in metrics  # two candidates: top-5 would always be 1
+    assert metrics["top1/rank-8"] == pytest.approx(0.5) and metrics["top5/rank-8"] == pytest.approx(0.5)
+    assert metrics["group/group-binding"] == 1.0 and "group/test" not in metrics
+    small = compute_metrics("jsonl", two, rows)
+    assert "top5" not in small and small["top1"] == pytest.approx(0.75)
+
+
 def test_score_examples_matches_direct_scoring_and_shares_work(tiny_model, tmp_path, image_factory):
     from dsdkit.config import ScoringConfig
     from dsdkit.scorer import Scorer

@@ -846,7 +846,7 @@ def test_train_killed_while_checkpointing_resumes_to_the_same_adapter(micro_mode
     from dsdkit.train import TrainConfig, train
 
     from dsdkit.models import load_model
-    from dsdkit.synthetic import write_colour_shapes
+    from dsdkit.world import write_colour_shapes
 
     data = write_colour_shapes(tmp_path / "data", train=6, test=4, seed=1)
     model = load_model(micro_model, device="cpu")

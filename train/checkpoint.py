@@ -23,7 +23,14 @@ import torch
 from ..errors import ModelError
 from ..runtime.files import atomic_write_text, output_error, staged_folder
 
-__all__ = ["TrainerState", "save_checkpoint", "load_checkpoint", "latest_checkpoint"]
+__all__ = [
+    "TrainerState",
+    "save_checkpoint",
+    "load_checkpoint",
+    "latest_checkpoint",
+    "optimizer_tensors",
+    "restore_optimizer",
+]
 
 
 @dataclass
@@ -39,7 +46,7 @@ class TrainerState:
     epoch_seen: int = 0
 
 
-def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+def optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     state = optimizer.state_dict()
     tensors, scalars = {}, {}
     for index, values in state["state"].items():
@@ -63,7 +70,7 @@ def save_checkpoint(
     except OSError as exc:
         raise output_error(folder, exc) from None
     final = folder / f"step-{state.step:08d}"
-    tensors, optimizer_meta = _optimizer_tensors(optimizer)
+    tensors, optimizer_meta = optimizer_tensors(optimizer)
     for name, value in loss_module.state_dict().items():
         tensors[f"loss.{name}"] = value.detach().cpu().contiguous()
     tensors["generator.state"] = generator.get_state()
@@ -115,15 +122,15 @@ def load_checkpoint(path: Path, adapter, optimizer, loss_module, generator: torc
     loss_module.load_state_dict(
         {k.removeprefix("loss."): v.to(device) for k, v in tensors.items() if k.startswith("loss.")}
     )
-    state: dict[int, dict[str, Any]] = {}
-    for name, value in tensors.items():
-        if name.startswith("optimizer."):
-            _, index, key = name.split(".", 2)
-            state.setdefault(int(index), {})[key] = value.to(device) if key != "step" else value
-    for name, value in meta["optimizer"]["scalars"].items():
-        index, key = name.split(".", 1)
-        state.setdefault(int(index), {})[key] = value
-    optimizer.load_state_dict({"state": state, "param_groups": meta["optimizer"]["param_groups"]})
+    restore_optimizer(
+        optimizer,
+        {
+            k: v.to(device) if k.split(".", 2)[2] != "step" else v
+            for k, v in tensors.items()
+            if k.startswith("optimizer.")
+        },
+        meta["optimizer"],
+    )
     generator.set_state(tensors["generator.state"])
     return TrainerState(
         step=meta["step"],
@@ -135,3 +142,18 @@ def load_checkpoint(path: Path, adapter, optimizer, loss_module, generator: torc
         epoch_correct=meta["epoch_correct"],
         epoch_seen=meta["epoch_seen"],
     )
+
+
+def restore_optimizer(
+    optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict[str, Any]
+) -> None:
+    """Load what :func:`optimizer_tensors` saved (tensors already on the parameters' device) into ``optimizer``."""
+    state: dict[int, dict[str, Any]] = {}
+    for name, value in tensors.items():
+        if name.startswith("optimizer."):
+            _, index, key = name.split(".", 2)
+            state.setdefault(int(index), {})[key] = value
+    for name, value in meta["scalars"].items():
+        index, key = name.split(".", 1)
+        state.setdefault(int(index), {})[key] = value
+    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})

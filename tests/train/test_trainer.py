@@ -11,7 +11,7 @@ from dsdkit.train.losses import CandidateLoss
 from safetensors.torch import load_file
 
 from dsdkit.errors import ConfigError, TrainingError
-from dsdkit.synthetic import write_colour_shapes
+from dsdkit.world import write_colour_shapes
 
 # Scoring used by the learning tests: low noise levels keep the image visible to the random-weight UNet; the
 # attention-only score keeps each step to one conditional pass per candidate.

@@ -1,0 +1,121 @@
+"""The shipped demo model (``--model demo``) and scoring the demo world's benchmark in memory.
+
+The demo model is a small SD2-architecture text-to-image model that ``dsdkit world train`` trained on the synthetic
+world of :mod:`dsdkit.world` (recipe and measured metrics in its ``world_model.json``). Its weights ship with the
+package under ``dsdkit/assets/demo/`` as fp16 safetensors, with ``MANIFEST.json`` listing every file's size and
+sha256. It matches coloured-shape captions for real, so every command can be tried offline with scores that mean
+something; it says nothing about accuracy on real images.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable
+from importlib import resources
+from pathlib import Path
+
+from .errors import ModelError
+
+__all__ = [
+    "DEMO_MODEL",
+    "MANIFEST_FILE",
+    "demo_model_folder",
+    "verify_demo_model",
+    "write_manifest",
+    "items_to_examples",
+]
+
+#: The name that ``--model`` and ``load_model`` resolve to the shipped demo model.
+DEMO_MODEL = "demo"
+MANIFEST_FILE = "MANIFEST.json"
+
+
+def demo_model_folder() -> Path:
+    """The installed demo model's folder (a plain diffusers SD2 folder)."""
+    folder = Path(str(resources.files("dsdkit.assets").joinpath("demo")))
+    if not (folder / "model_index.json").is_file():
+        raise ModelError(
+            f"the demo model is not installed ({folder} has no model_index.json); reinstall dsdkit from a checkout "
+            "or a wheel that includes its package data"
+        )
+    return folder
+
+
+def _digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _model_files(folder: Path) -> list[Path]:
+    return sorted(
+        p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST_FILE and "__pycache__" not in p.parts
+    )
+
+
+def write_manifest(folder: str | Path) -> dict:
+    """Write ``MANIFEST.json`` (size and sha256 of every file) into a model folder about to be shipped."""
+    from .runtime.files import atomic_write_text
+
+    folder = Path(folder)
+    files = {
+        p.relative_to(folder).as_posix(): {"bytes": p.stat().st_size, "sha256": _digest(p)}
+        for p in _model_files(folder)
+    }
+    manifest = {"format": "dsdkit-demo-model/1", "files": files}
+    atomic_write_text(folder / MANIFEST_FILE, json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+    return manifest
+
+
+def verify_demo_model(folder: str | Path | None = None) -> dict:
+    """Check every file of the demo model against its manifest; raise :class:`ModelError` naming the first
+    mismatch. Returns the manifest."""
+    folder = Path(folder) if folder is not None else demo_model_folder()
+    try:
+        manifest = json.loads((folder / MANIFEST_FILE).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ModelError(f"{folder / MANIFEST_FILE} is unreadable ({exc}); reinstall dsdkit") from None
+    listed = manifest.get("files", {})
+    present = {p.relative_to(folder).as_posix() for p in _model_files(folder)}
+    extra = sorted(present - set(listed))
+    if extra:
+        raise ModelError(f"{folder}: files not in the demo model's manifest: {', '.join(extra)}; reinstall dsdkit")
+    for name, entry in sorted(listed.items()):
+        path = folder / name
+        if not path.is_file():
+            raise ModelError(f"{path} is missing from the demo model; reinstall dsdkit")
+        if path.stat().st_size != entry["bytes"] or _digest(path) != entry["sha256"]:
+            raise ModelError(
+                f"{path} does not match the demo model's manifest (modified or truncated); reinstall dsdkit"
+            )
+    return manifest
+
+
+def items_to_examples(items: Iterable, size: int | None = None) -> list:
+    """World benchmark items (:class:`dsdkit.world.Item`) as dataset examples holding rendered PIL images."""
+    from . import world
+    from .datasets import Example, TaskKind
+
+    size = size or world.RESOLUTION
+    examples = []
+    for number, item in enumerate(items):
+        images = [world.render(scene, size) for scene in item.scenes]
+        if item.positive is None:
+            examples.append(
+                Example(TaskKind.group, images, list(item.captions), subset=item.subset, id=f"{item.subset}-{number}")
+            )
+        else:
+            examples.append(
+                Example(
+                    TaskKind.image_to_text,
+                    images,
+                    list(item.captions),
+                    positive=item.positive,
+                    subset=item.subset,
+                    id=f"{item.subset}-{number}",
+                )
+            )
+    return examples

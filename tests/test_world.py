@@ -1,0 +1,121 @@
+"""The demo world: pure functions of their seed, captions true to the rendered pixels, held-out combinations and
+test layouts kept out of training."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from dsdkit import world
+
+
+def _blob_centres(image) -> dict[tuple[int, int, int], float]:
+    """Mean x of each palette colour's pixels (an independent reading of the rendered image)."""
+    pixels = np.asarray(image).astype(int)
+    out = {}
+    for rgb in world.COLOURS.values():
+        mask = np.abs(pixels - np.array(rgb)).sum(axis=2) == 0
+        if mask.any():
+            out[rgb] = float(np.nonzero(mask)[1].mean())
+    return out
+
+
+def test_world_is_a_pure_function_of_its_seed():
+    first = list(world.training_scenes(3, 50))
+    again = list(world.training_scenes(3, 50))
+    other = list(world.training_scenes(4, 50))
+    assert first == again
+    assert first != other
+    assert world.benchmark_items(seed=1, per_subset=3, training_count=100) == world.benchmark_items(
+        seed=1, per_subset=3, training_count=100
+    )
+    a = np.asarray(world.render(first[0][0]))
+    b = np.asarray(world.render(again[0][0]))
+    assert np.array_equal(a, b)
+
+
+def test_captions_describe_the_rendered_pixels():
+    """For every two-object training scene, the colour named first in a 'left of' caption is drawn further left."""
+    checked = 0
+    for scene, caption in world.training_scenes(0, 300):
+        centres = _blob_centres(world.render(scene))
+        assert len(centres) == len(scene.things), caption  # each object visible, no other colour drawn
+        if len(scene.things) == 2:
+            words = caption.split()
+            first, second = world.COLOURS[words[1]], world.COLOURS[words[-2]]
+            if " left of " in caption:
+                assert centres[first] < centres[second], caption
+            else:
+                assert " right of " in caption
+                assert centres[first] > centres[second], caption
+            checked += 1
+        else:
+            assert caption == f"a {scene.things[0].colour} {scene.things[0].shape}"
+    assert checked > 100
+
+
+def test_object_sizes_follow_the_spec():
+    for scene, _ in world.training_scenes(0, 500):
+        low, high = world.ONE_SIDE if len(scene.things) == 1 else world.TWO_SIDE
+        for thing in scene.things:
+            assert low - 1e-9 <= thing.side <= high + 1e-9
+            assert 0 <= thing.x and thing.x + thing.side <= 1 + 1e-9
+        if len(scene.things) == 2:
+            assert scene.things[0].x + scene.things[0].side <= 0.5 + 1e-9 <= scene.things[1].x + 1e-9
+            assert scene.things[0].colour != scene.things[1].colour
+
+
+def test_held_out_combinations_never_train():
+    for scene, caption in world.training_scenes(0, 5000):
+        assert not set(scene.combos) & world.HELD_OUT
+        assert not any(f"{c} {s}" in caption for c, s in world.HELD_OUT)
+
+
+def test_benchmark_layouts_are_not_in_training_and_distractors_are_false():
+    training = world.training_layouts(world.TRAINING_SEED, world.TRAINING_SCENES)
+    items = world.benchmark_items(per_subset=60)
+    shots = world.few_shot_items(per_subset=20, exclude=set().union(*(i.layout_keys() for i in items)))
+    world.check_disjoint(items, training, shots)
+    by_subset: dict[str, list] = {}
+    for item in items:
+        by_subset.setdefault(item.subset, []).append(item)
+        if item.positive is None:  # a group: each caption is true of its own image only
+            for k, scene in enumerate(item.scenes):
+                assert item.captions[k] in scene.true_captions()
+                assert item.captions[1 - k] not in scene.true_captions()
+            continue
+        truths = item.scenes[0].true_captions()
+        assert item.captions[item.positive] in truths
+        # A paraphrase of the truth is never a distractor.
+        assert all(c not in truths for k, c in enumerate(item.captions) if k != item.positive)
+        assert len(set(item.captions)) == len(item.captions)
+        held = bool(set(item.scenes[0].combos) & world.HELD_OUT)
+        assert held == item.subset.startswith("heldout-"), item
+    assert set(by_subset) == set(world.BENCHMARK_SUBSETS)
+    assert {len(i.captions) for i in by_subset["rank-8"]} == {8}
+    assert {len(i.captions) for i in by_subset["rank-32"]} == {32}
+    # The positive's position is spread, so a position bias cannot score.
+    assert len({i.positive for i in by_subset["rank-32"]}) > 10
+
+
+def test_check_disjoint_catches_a_leak():
+    items = world.benchmark_items(per_subset=2, subsets=["colour"], training_count=100)
+    leaked = set().union(*(i.layout_keys() for i in items))
+    with pytest.raises(AssertionError, match="occur in the training data"):
+        world.check_disjoint(items, leaked)
+
+
+def test_demo_data_files(tmp_path):
+    paths = world.write_demo_data(tmp_path / "demo", per_subset=3, shots=2)
+    captions = (tmp_path / "demo" / "captions.txt").read_text().splitlines()
+    examples = sorted((tmp_path / "demo" / "examples").glob("*.png"))
+    assert len(captions) == len(examples) == len(world.EXAMPLE_SCENES)
+    assert len(set(captions)) == len(captions)
+    rows = [json.loads(line) for line in paths["benchmark"].read_text().splitlines()]
+    assert len(rows) == 3 * len(world.BENCHMARK_SUBSETS)
+    assert {r["subset"] for r in rows} == set(world.BENCHMARK_SUBSETS)
+    assert all((tmp_path / "demo" / r.get("image", (r.get("images") or [""])[0])).is_file() for r in rows)
+    shots = [json.loads(line) for line in paths["fewshot"].read_text().splitlines()]
+    assert {r["split"] for r in shots} == {"train", "val"}

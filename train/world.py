@@ -1,0 +1,620 @@
+"""Training the demo world model: a small text-to-image model of SD2's architecture, trained on :mod:`dsdkit.world`.
+
+The recipe (:class:`WorldRecipe`, plain data written beside every checkpoint and into the final folder):
+
+1. **VAE** (AutoencoderKL, SD2's block types, 8x down): L1 + MSE reconstruction of random crops plus a tiny KL
+   term; then the scaling factor is set to 1 / std of the posterior means, so latents have unit variance as SD's
+   0.18215 gives for real photographs.
+2. **UNet and text encoder** together, from scratch: ε-prediction MSE on SD2's scaled-linear 1000-step schedule,
+   t uniform, a fraction of captions replaced by the empty caption (so the unconditional pass means something),
+   AdamW with linear warm-up and cosine decay, gradient clipping. Latents are the VAE's posterior means, encoded
+   once, exactly as the scorer encodes images.
+
+Every step's randomness (its batch, timesteps, noise and caption dropout) is a pure function of (seed, phase, step),
+so a run killed at any point and resumed from its latest checkpoint (weights and optimizer moments, atomically
+written) ends with bit-identical weights. The thread count is pinned: spinning OpenMP threads beside another
+process make CPU training 10-100x slower.
+
+The result is a plain diffusers SD2 folder (``unet/``, ``vae/``, ``text_encoder/``, ``tokenizer/``,
+``scheduler/``) that :func:`dsdkit.models.load_model` loads like real weights, with ``world_model.json`` beside it
+(the recipe, the training log and the measured metrics).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .. import world
+from ..errors import ConfigError, ModelError, TrainingError
+from ..runtime.files import atomic_write_text, output_error, staged_folder
+
+__all__ = ["WorldRecipe", "RECIPE_FILE", "train_world_model", "build_modules", "pin_threads"]
+
+logger = logging.getLogger(__name__)
+
+#: Written into the model folder: the recipe, the training log and the measured metrics.
+RECIPE_FILE = "world_model.json"
+_PHASES = ("vae", "diffusion")
+
+
+@dataclass
+class WorldRecipe:
+    """Everything the demo model depends on (defaults: the shipped model's recipe)."""
+
+    seed: int = 0
+    scenes: int = world.TRAINING_SCENES
+    resolution: int = world.RESOLUTION
+    # VAE phase
+    vae_steps: int = 1000
+    vae_batch_size: int = 32
+    vae_crop: int = 32
+    vae_lr: float = 1e-3
+    vae_kl_weight: float = 1e-6
+    vae_channels: tuple[int, ...] = (32, 32, 32, 32)
+    # UNet + text encoder phase
+    steps: int = 4000
+    batch_size: int = 64
+    lr: float = 8e-4
+    warmup_steps: int = 200
+    final_lr_fraction: float = 0.1
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    caption_dropout: float = 0.1
+    unet_channels: tuple[int, ...] = (48, 48, 96, 96)
+    unet_heads: tuple[int, ...] = (1, 1, 2, 2)
+    text_hidden: int = 64
+    text_layers: int = 2
+    text_heads: int = 2
+    norm_groups: int = 8
+    # bookkeeping
+    checkpoint_every: int = 500
+    weights_dtype: str = "fp16"  # of the final folder; checkpoints are always fp32
+
+    def __post_init__(self):
+        for name in ("vae_channels", "unet_channels", "unet_heads"):
+            setattr(self, name, tuple(int(v) for v in getattr(self, name)))
+        if self.steps < 1 or self.vae_steps < 1 or self.batch_size < 1 or self.vae_batch_size < 1:
+            raise ConfigError("world recipe: steps and batch sizes must be >= 1")
+        if self.scenes < self.batch_size:
+            raise ConfigError(f"world recipe: {self.scenes} scenes cannot fill a batch of {self.batch_size}")
+        if self.weights_dtype not in ("fp16", "fp32"):
+            raise ConfigError(f"world recipe: weights_dtype must be fp16 or fp32, got {self.weights_dtype!r}")
+        if self.resolution % 2 ** (len(self.vae_channels) - 1) or self.vae_crop > self.resolution:
+            raise ConfigError("world recipe: resolution must be a multiple of the VAE's downsampling, crop <= it")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> WorldRecipe:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ConfigError(f"world recipe has unknown field(s) {sorted(unknown)}")
+        return cls(**data)
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike) -> WorldRecipe:
+        try:
+            data = json.loads(Path(path).read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ConfigError(f"{path}: not a readable recipe JSON ({exc})") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: a recipe is a JSON object of WorldRecipe fields")
+        try:
+            return cls.from_dict(data)
+        except TypeError as exc:
+            raise ConfigError(f"{path}: {exc}") from None
+
+    @property
+    def latent_size(self) -> int:
+        return self.resolution // 2 ** (len(self.vae_channels) - 1)
+
+
+# Fields that may differ between a run and its resumption.
+_RESUMABLE = frozenset({"checkpoint_every"})
+
+
+def pin_threads(threads: int | None) -> int:
+    """Pin torch's intra-op threads (default: the CPUs this process may use) and one inter-op thread."""
+    import torch
+
+    available = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    count = int(threads or available)
+    if count < 1:
+        raise ConfigError(f"--threads must be >= 1, got {count}")
+    torch.set_num_threads(count)
+    try:
+        torch.set_num_interop_threads(1)
+    except RuntimeError:  # already set, or parallel work has started: the intra-op pin is what matters
+        pass
+    return count
+
+
+def build_modules(recipe: WorldRecipe):
+    """Fresh (seeded) VAE, UNet and text encoder of the recipe's SD2-architecture shapes."""
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(recipe.seed)
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=["DownEncoderBlock2D"] * len(recipe.vae_channels),
+        up_block_types=["UpDecoderBlock2D"] * len(recipe.vae_channels),
+        block_out_channels=list(recipe.vae_channels),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=recipe.norm_groups,
+        act_fn="silu",
+        sample_size=recipe.resolution,
+        scaling_factor=1.0,
+    )
+    torch.manual_seed(recipe.seed + 1)
+    unet = UNet2DConditionModel(
+        sample_size=recipe.latent_size,
+        in_channels=4,
+        out_channels=4,
+        flip_sin_to_cos=True,
+        freq_shift=0,
+        down_block_types=["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
+        mid_block_type="UNetMidBlock2DCrossAttn",
+        up_block_types=["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3,
+        block_out_channels=list(recipe.unet_channels),
+        attention_head_dim=list(recipe.unet_heads),
+        layers_per_block=1,
+        downsample_padding=1,
+        act_fn="silu",
+        norm_num_groups=recipe.norm_groups,
+        norm_eps=1e-5,
+        cross_attention_dim=recipe.text_hidden,
+        use_linear_projection=True,
+        upcast_attention=False,
+    )
+    torch.manual_seed(recipe.seed + 2)
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=49408,
+            hidden_size=recipe.text_hidden,
+            intermediate_size=2 * recipe.text_hidden,
+            projection_dim=recipe.text_hidden,
+            num_hidden_layers=recipe.text_layers,
+            num_attention_heads=recipe.text_heads,
+            max_position_embeddings=77,
+            hidden_act="gelu",
+            layer_norm_eps=1e-5,
+            bos_token_id=49406,
+            eos_token_id=49407,
+            pad_token_id=1,
+        )
+    )
+    return vae, unet, text_encoder
+
+
+def _step_generator(seed: int, phase: str, step: int):
+    """The torch generator and numpy rng of one step: a pure function of (seed, phase, step)."""
+    import torch
+
+    sequence = np.random.SeedSequence([seed, _PHASES.index(phase), step])
+    rng = np.random.default_rng(sequence)
+    generator = torch.Generator().manual_seed(int(sequence.generate_state(1, np.uint64)[0] >> 1))
+    return rng, generator
+
+
+def _lr_at(recipe: WorldRecipe, step: int) -> float:
+    """Linear warm-up, then cosine decay to ``final_lr_fraction`` of the peak at the last step."""
+    if step < recipe.warmup_steps:
+        return recipe.lr * (step + 1) / recipe.warmup_steps
+    span = max(1, recipe.steps - recipe.warmup_steps)
+    progress = min(1.0, (step - recipe.warmup_steps) / span)
+    floor = recipe.final_lr_fraction
+    return recipe.lr * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+class _Run:
+    """The run folder: ``recipe.json``, ``checkpoints/<phase>-<step>/`` and ``latest.json``."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+
+    def latest(self) -> tuple[str, int, Path] | None:
+        pointer = self.folder / "latest.json"
+        if not pointer.is_file():
+            return None
+        try:
+            data = json.loads(pointer.read_text(encoding="utf-8"))
+            phase, step, path = data["phase"], int(data["step"]), self.folder / data["path"]
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+            raise ModelError(f"{pointer} is damaged; delete it to start the run over") from None
+        if not (path / "state.json").is_file():
+            raise ModelError(f"{pointer} points at {path}, which is incomplete; delete latest.json to start over")
+        return phase, step, path
+
+    def save(self, phase: str, step: int, modules: dict, optimizer, log: list[dict]) -> Path:
+        from safetensors.torch import save
+
+        from .checkpoint import optimizer_tensors
+
+        final = self.folder / "checkpoints" / f"{phase}-{step:08d}"
+        try:
+            final.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise output_error(final.parent, exc) from None
+        tensors = {
+            f"{name}.{key}": value.detach().cpu().contiguous()
+            for name, module in modules.items()
+            for key, value in module.state_dict().items()
+        }
+        optim, optim_meta = optimizer_tensors(optimizer)
+        meta = {
+            "phase": phase,
+            "step": step,
+            "optimizer": optim_meta,
+            "log": log,
+            "scaling_factor": float(modules["vae"].config.scaling_factor),
+        }
+        with staged_folder(final) as tmp:
+            (tmp / "weights.safetensors").write_bytes(save(tensors))
+            (tmp / "optimizer.safetensors").write_bytes(save(optim))
+            (tmp / "state.json").write_text(json.dumps(meta, indent=1), encoding="utf-8")
+        atomic_write_text(
+            self.folder / "latest.json",
+            json.dumps({"phase": phase, "step": step, "path": str(final.relative_to(self.folder))}) + "\n",
+        )
+        # Older checkpoints are dropped once the new one is in place (weights are kept whole in each).
+        for old in sorted((self.folder / "checkpoints").glob("*-*")):
+            if old != final and old.is_dir() and not old.name.startswith("."):
+                _remove_tree(old)
+        return final
+
+    def load(self, path: Path, modules: dict, optimizer) -> tuple[int, list[dict]]:
+        from safetensors.torch import load_file
+
+        from .checkpoint import restore_optimizer
+
+        meta = json.loads((path / "state.json").read_text(encoding="utf-8"))
+        weights = load_file(str(path / "weights.safetensors"))
+        for name, module in modules.items():
+            prefix = f"{name}."
+            module.load_state_dict({k[len(prefix) :]: v for k, v in weights.items() if k.startswith(prefix)})
+        modules["vae"].register_to_config(scaling_factor=meta["scaling_factor"])
+        if optimizer is not None:
+            restore_optimizer(optimizer, load_file(str(path / "optimizer.safetensors")), meta["optimizer"])
+        return int(meta["step"]), list(meta["log"])
+
+
+def _remove_tree(path: Path) -> None:
+    import shutil
+
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def _render_data(recipe: WorldRecipe, tokenizer) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Pixels ``uint8[N, H, W, 3]``, token ids ``int64[N, 77]`` and captions of the training scenes."""
+    pixels = np.empty((recipe.scenes, recipe.resolution, recipe.resolution, 3), dtype=np.uint8)
+    ids = np.empty((recipe.scenes, 77), dtype=np.int64)
+    captions = []
+    cache: dict[str, np.ndarray] = {}
+    for index, (scene, caption) in enumerate(world.training_scenes(recipe.seed, recipe.scenes, recipe.resolution)):
+        pixels[index] = np.asarray(world.render(scene, recipe.resolution))
+        if caption not in cache:
+            cache[caption] = tokenizer.encode(caption).ids
+        ids[index] = cache[caption]
+        captions.append(caption)
+    return pixels, ids, captions
+
+
+def _to_model_range(pixels) -> Any:
+    """uint8 HWC -> float32 CHW in [-1, 1], the same arithmetic as ``runtime.images.preprocess_image``."""
+    import torch
+
+    array = torch.from_numpy(np.ascontiguousarray(pixels)).float() / 127.5 - 1.0
+    return array.permute(0, 3, 1, 2).contiguous()
+
+
+def _train_vae(recipe, vae, pixels, run: _Run, start: int, on_step) -> list[dict]:
+    import torch
+
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=recipe.vae_lr, weight_decay=0.0, foreach=True)
+    log: list[dict] = []
+    if start > 0:
+        _, log = run.load(run.latest()[2], {"vae": vae}, optimizer)
+    vae.train()
+    smoothed = None
+    for step in range(start, recipe.vae_steps):
+        rng, generator = _step_generator(recipe.seed, "vae", step)
+        index = rng.integers(0, len(pixels), recipe.vae_batch_size)
+        crop = recipe.vae_crop
+        tops = rng.integers(0, recipe.resolution - crop + 1, (recipe.vae_batch_size, 2))
+        batch = np.stack([pixels[i, y : y + crop, x : x + crop] for i, (y, x) in zip(index, tops, strict=True)])
+        images = _to_model_range(batch)
+        posterior = vae.encode(images).latent_dist
+        latent = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=generator)
+        reconstruction = vae.decode(latent).sample
+        loss = (reconstruction - images).abs().mean() + ((reconstruction - images) ** 2).mean()
+        loss = loss + recipe.vae_kl_weight * posterior.kl().mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            raise TrainingError(f"VAE loss became {value} at step {step}; the last checkpoint is kept")
+        smoothed = value if smoothed is None else 0.98 * smoothed + 0.02 * value
+        if on_step is not None:
+            on_step("vae", step + 1, recipe.vae_steps, smoothed)
+        done = step + 1
+        if done % recipe.checkpoint_every == 0 or done == recipe.vae_steps:
+            log.append({"phase": "vae", "step": done, "loss_ema": round(smoothed, 6)})
+            run.save("vae", done, {"vae": vae}, optimizer, log)
+    vae.eval()
+    return log
+
+
+@dataclass
+class _Encoded:
+    latents: Any  # float32[N, 4, h, w], scaled
+    scaling_factor: float
+    reconstruction_l1: float
+
+
+def _encode_latents(vae, pixels, batch: int = 256) -> _Encoded:
+    """Posterior means of every training image; sets the VAE's scaling factor to 1 / their std."""
+    import torch
+
+    means = []
+    l1_sum, l1_count = 0.0, 0
+    with torch.inference_mode():
+        for start in range(0, len(pixels), batch):
+            images = _to_model_range(pixels[start : start + batch])
+            mean = vae.encode(images).latent_dist.mean
+            means.append(mean)
+            if start < 1024:  # reconstruction quality on the first 1,024 images, at full resolution
+                l1_sum += float((vae.decode(mean).sample - images).abs().mean()) * len(images)
+                l1_count += len(images)
+    latents = torch.cat(means)
+    scale = round(1.0 / float(latents.std()), 6)
+    vae.register_to_config(scaling_factor=scale)
+    return _Encoded(latents * scale, scale, l1_sum / max(1, l1_count))
+
+
+def _train_diffusion(
+    recipe, unet, text_encoder, encoded: _Encoded, ids, empty_ids, schedule, run, start, log, on_step, vae
+) -> list[dict]:
+    import torch
+
+    parameters = list(unet.parameters()) + list(text_encoder.parameters())
+    optimizer = torch.optim.AdamW(parameters, lr=recipe.lr, weight_decay=recipe.weight_decay, foreach=True)
+    modules = {"vae": vae, "unet": unet, "text_encoder": text_encoder}
+    if start > 0:
+        _, log = run.load(run.latest()[2], modules, optimizer)
+    unet.train()
+    text_encoder.train()
+    abar = torch.tensor(schedule.alphas_cumprod, dtype=torch.float32)
+    ids_all = torch.from_numpy(ids)
+    empty = torch.from_numpy(empty_ids)
+    smoothed = None
+    for step in range(start, recipe.steps):
+        rng, generator = _step_generator(recipe.seed, "diffusion", step)
+        index = torch.from_numpy(rng.integers(0, len(ids), recipe.batch_size))
+        drop = torch.from_numpy(rng.random(recipe.batch_size) < recipe.caption_dropout)
+        batch_ids = torch.where(drop[:, None], empty[None, :], ids_all[index])
+        latents = encoded.latents[index]
+        timesteps = torch.randint(0, len(abar), (recipe.batch_size,), generator=generator)
+        noise = torch.randn(latents.shape, generator=generator)
+        a = abar[timesteps].view(-1, 1, 1, 1)
+        noisy = a.sqrt() * latents + (1 - a).sqrt() * noise
+        for group in optimizer.param_groups:
+            group["lr"] = _lr_at(recipe, step)
+        states = text_encoder(input_ids=batch_ids).last_hidden_state
+        prediction = unet(noisy, timesteps, encoder_hidden_states=states).sample
+        loss = torch.nn.functional.mse_loss(prediction, noise)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(parameters, recipe.grad_clip)
+        optimizer.step()
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            raise TrainingError(f"diffusion loss became {value} at step {step}; the last checkpoint is kept")
+        smoothed = value if smoothed is None else 0.99 * smoothed + 0.01 * value
+        if on_step is not None:
+            on_step("diffusion", step + 1, recipe.steps, smoothed)
+        done = step + 1
+        if done % recipe.checkpoint_every == 0 or done == recipe.steps:
+            log.append(
+                {"phase": "diffusion", "step": done, "loss_ema": round(smoothed, 6), "lr": _lr_at(recipe, step)}
+            )
+            run.save("diffusion", done, modules, optimizer, log)
+    unet.eval()
+    text_encoder.eval()
+    return log
+
+
+def _write_model(folder: Path, recipe: WorldRecipe, vae, unet, text_encoder, info: dict) -> None:
+    """The final diffusers SD2 folder (weights in the recipe's dtype), written into place atomically."""
+    import copy
+
+    import torch
+    from diffusers.utils import logging as diffusers_logging
+
+    from ..tiny import MODEL_INDEX, SCHEDULER_CONFIG, write_clip_tokenizer
+
+    # Saving prints a progress bar per shard and a hint about fp32 modules (there are none in these models).
+    diffusers_logging.disable_progress_bar()
+    diffusers_logging.set_verbosity_error()
+    dtype = torch.float16 if recipe.weights_dtype == "fp16" else torch.float32
+    with staged_folder(folder) as staging:
+        for name, module in (("unet", unet), ("vae", vae), ("text_encoder", text_encoder)):
+            copy.deepcopy(module).to(dtype).save_pretrained(staging / name, safe_serialization=True)
+        write_clip_tokenizer(staging / "tokenizer")
+        (staging / "scheduler").mkdir()
+        (staging / "scheduler" / "scheduler_config.json").write_text(
+            json.dumps(SCHEDULER_CONFIG, indent=2), encoding="utf-8"
+        )
+        (staging / "model_index.json").write_text(json.dumps(MODEL_INDEX, indent=2), encoding="utf-8")
+        (staging / RECIPE_FILE).write_text(json.dumps(info, indent=1) + "\n", encoding="utf-8")
+
+
+def train_world_model(
+    output: str | os.PathLike,
+    recipe: WorldRecipe | None = None,
+    resume: bool = False,
+    threads: int | None = None,
+    evaluate: Callable[[Path], dict] | None = None,
+    on_step: Callable[[str, int, int, float], None] | None = None,
+) -> Path:
+    """Train the demo world model into ``output/`` (the run folder); returns the model folder ``output/model``.
+
+    Args:
+        output: run folder: ``recipe.json``, ``checkpoints/``, ``latest.json``; the final model in ``model/``.
+        recipe: the recipe (default: the shipped model's). On ``resume`` it must equal the run's own.
+        resume: continue from the run's latest checkpoint (bit-identical to an uninterrupted run).
+        threads: torch threads (default: the CPUs this process may use).
+        evaluate: called with the written model folder; its metrics go into ``world_model.json``.
+        on_step: progress callback ``(phase, step, total, smoothed_loss)``.
+    """
+    import torch
+
+    from ..runtime.tokenizer import ClipTokenizer
+    from ..schedule import NoiseSchedule
+    from ..tiny import SCHEDULER_CONFIG, write_clip_tokenizer
+
+    recipe = recipe or WorldRecipe()
+    folder = Path(output)
+    run = _Run(folder)
+    recipe_path = folder / "recipe.json"
+    if recipe_path.is_file():
+        if not resume:
+            raise ConfigError(
+                f"{folder} already holds a world-model run; pass --resume to continue it, or a new folder"
+            )
+        saved = WorldRecipe.from_dict(json.loads(recipe_path.read_text(encoding="utf-8")))
+        differing = [
+            f.name
+            for f in dataclasses.fields(WorldRecipe)
+            if f.name not in _RESUMABLE and getattr(saved, f.name) != getattr(recipe, f.name)
+        ]
+        if differing:
+            raise ConfigError(
+                f"{folder}: --resume with a different recipe ({', '.join(differing)}); "
+                "resume with the run's own recipe.json"
+            )
+    else:
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise output_error(folder, exc) from None
+        atomic_write_text(recipe_path, json.dumps(recipe.to_dict(), indent=1) + "\n")
+    used_threads = pin_threads(threads)
+    latest = run.latest() if resume else None
+    started = time.perf_counter()
+
+    tokenizer_dir = folder / "tokenizer"
+    if not (tokenizer_dir / "vocab.json").is_file():
+        write_clip_tokenizer(tokenizer_dir)
+    tokenizer = ClipTokenizer.from_folder(tokenizer_dir)
+    pixels, ids, _ = _render_data(recipe, tokenizer)
+    empty_ids = tokenizer.encode_empty().ids.astype(np.int64)
+    vae, unet, text_encoder = build_modules(recipe)
+
+    # Phase 1, the VAE (skipped when the run already reached the diffusion phase).
+    vae_start = 0 if latest is None else (latest[1] if latest[0] == "vae" else recipe.vae_steps)
+    if vae_start < recipe.vae_steps:
+        _train_vae(recipe, vae, pixels, run, vae_start, on_step)
+    # Phase 2. The VAE is final from here on; fresh and resumed runs both take its weights from the latest
+    # checkpoint, so they encode bit-identical latents.
+    now = run.latest()
+    diffusion_start = now[1] if now[0] == "diffusion" else 0
+    _, log = run.load(now[2], {"vae": vae}, None)
+    vae.eval()
+    encoded = _encode_latents(vae, pixels)
+    schedule = NoiseSchedule.from_scheduler_config(SCHEDULER_CONFIG)
+    log = _train_diffusion(
+        recipe, unet, text_encoder, encoded, ids, empty_ids, schedule, run, diffusion_start, log, on_step, vae
+    )
+
+    model_folder = folder / "model"
+    info = {
+        "about": "The dsdkit demo world model: an SD2-architecture text-to-image model trained from scratch by "
+        "`dsdkit world train` on the synthetic world of dsdkit.world (coloured shapes). It says nothing about "
+        "real images.",
+        "recipe": recipe.to_dict(),
+        "training": {
+            "threads": used_threads,
+            "torch": torch.__version__,
+            "wall_s_this_session": round(time.perf_counter() - started, 1),
+            "resumed_from": None if latest is None else f"{latest[0]}-{latest[1]}",
+            "vae_reconstruction_l1": round(encoded.reconstruction_l1, 5),
+            "scaling_factor": encoded.scaling_factor,
+            "log": log,
+            "parameters": {
+                name: sum(p.numel() for p in module.parameters())
+                for name, module in (("unet", unet), ("text_encoder", text_encoder), ("vae", vae))
+            },
+        },
+    }
+    if model_folder.exists():
+        _remove_tree(model_folder)
+    _write_model(model_folder, recipe, vae, unet, text_encoder, info)
+    if evaluate is not None:
+        info["metrics"] = evaluate(model_folder)
+        atomic_write_text(model_folder / RECIPE_FILE, json.dumps(info, indent=1) + "\n")
+    logger.info("wrote the world model to %s", model_folder)
+    return model_folder
+
+
+#: The subsets :func:`measure_world_model` reports after training (two candidates each).
+QUICK_SUBSETS = ("colour", "shape", "binding", "relation", "order")
+
+
+def measure_world_model(
+    model_folder: str | os.PathLike,
+    per_subset: int = 100,
+    num_timesteps: int = 10,
+    subsets: tuple[str, ...] = QUICK_SUBSETS,
+    batch_size: int = 64,
+) -> dict:
+    """Zero-shot accuracy of the default ``discffusion`` score (S = ``num_timesteps``) on fresh benchmark items of
+    two-candidate ``subsets``: the quick check that training wrote into ``world_model.json``. Ties count as wrong."""
+    from ..config import ScoringConfig
+    from ..models import load_model
+    from ..scorer import Scorer
+
+    model = load_model(model_folder, device="cpu", dtype="fp32")
+    scorer = Scorer(
+        model, ScoringConfig.from_preset("discffusion", num_timesteps=num_timesteps), batch_size=batch_size
+    )
+    started = time.perf_counter()
+    accuracy = {}
+    for subset in subsets:
+        items = world.benchmark_items(per_subset=per_subset, subsets=[subset])
+        images = [world.render(item.scenes[0], model.resolution) for item in items]
+        texts = sorted({c for item in items for c in item.captions})
+        slot = {t: k for k, t in enumerate(texts)}
+        pairs = [(i, slot[c]) for i, item in enumerate(items) for c in item.captions]
+        scores = np.asarray(scorer.score_pairs(images, texts, pairs).scores)
+        correct, position = 0, 0
+        for item in items:
+            row = scores[position : position + len(item.captions)]
+            position += len(item.captions)
+            others = np.delete(row, item.positive)
+            correct += bool((row[item.positive] > others).all())
+        accuracy[subset] = correct / len(items)
+    return {
+        "zero_shot_accuracy": accuracy,
+        "items_per_subset": per_subset,
+        "num_timesteps": num_timesteps,
+        "score": "discffusion (attention + denoising term)",
+        "eval_s": round(time.perf_counter() - started, 1),
+    }
