@@ -634,6 +634,9 @@ def eval_command(
     data_format: Annotated[FormatChoice, typer.Option("--format", help="Dataset format.")] = FormatChoice.auto,
     image_root: Annotated[Path | None, typer.Option(help="Folder image paths are relative to.")] = None,
     split: Annotated[str | None, typer.Option(help="Evaluate only this split.")] = None,
+    subset: Annotated[
+        list[str] | None, typer.Option(help="Evaluate only examples of this subset (repeatable; JSONL 'subset').")
+    ] = None,
     max_examples: Annotated[int | None, typer.Option(help="Evaluate the first N examples only.")] = None,
     preset: Annotated[
         PresetName | None, typer.Option(help="Scoring preset (default: the adapter's, else discffusion).")
@@ -670,7 +673,9 @@ def eval_command(
         compile=_value(compile),
     )
     with _progress_bar("examples", "examples") as progress:
-        report = evaluate(scorer, dataset, split=split, max_examples=max_examples, progress=progress)
+        report = evaluate(
+            scorer, dataset, split=split, max_examples=max_examples, progress=progress, subsets=subset or None
+        )
     report.meta = {
         "model": scorer.model.describe(),
         "adapters": None if adapters is None else str(adapters),

@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from .datasets import Dataset, Example, TaskKind
+from .errors import ConfigError
 
 __all__ = ["EvalReport", "score_examples", "compute_metrics", "evaluate", "write_report"]
 
@@ -181,9 +182,18 @@ def evaluate(
     split: str | None = None,
     max_examples: int | None = None,
     progress: Callable[[int, int], Callable[[int], None]] | None = None,
+    subsets: list[str] | None = None,
 ) -> EvalReport:
-    """Score ``dataset`` (one split of it, optionally the first ``max_examples``) and compute its metrics."""
+    """Score ``dataset`` (one split of it, only ``subsets`` if given, optionally the first ``max_examples``) and
+    compute its metrics."""
     examples = dataset.select(split)
+    if subsets:
+        known = {e.subset for e in examples}
+        unknown = sorted(set(subsets) - known)
+        if unknown:
+            names = ", ".join(sorted(s for s in known if s)) or "none"
+            raise ConfigError(f"{dataset.source}: no examples in subset(s) {', '.join(unknown)} (subsets: {names})")
+        examples = [e for e in examples if e.subset in set(subsets)]
     if max_examples is not None:
         examples = examples[:max_examples]
     advance = progress(len(examples), 0) if progress is not None else None

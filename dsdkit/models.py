@@ -17,7 +17,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
-from .demo import DEMO_MODEL, demo_model_folder
+from .demo import DEMO_MODEL, demo_model_folder, verify_demo_model
 from .errors import ConfigError, ModelError
 from .runtime.tokenizer import ClipTokenizer
 from .schedule import NoiseSchedule
@@ -67,7 +67,9 @@ def resolve_model_folder(model: str | os.PathLike) -> Path:
     """A local folder holding the model: the shipped demo model for ``"demo"``, ``model`` itself, or the hub
     cache's snapshot of the hub id ``model``. (A local folder named ``demo`` is reached as ``./demo``.)"""
     if str(model) == DEMO_MODEL:
-        return demo_model_folder()
+        folder = demo_model_folder()
+        verify_demo_model(folder)  # 16 MB of hashing: cheap, and a damaged install is named instead of misscoring
+        return folder
     path = Path(model).expanduser()
     if path.exists():
         if not path.is_dir():

@@ -48,6 +48,7 @@ __all__ = [
     "few_shot_items",
     "check_disjoint",
     "write_demo_data",
+    "write_examples",
     "colour_shape_image",
     "write_colour_shapes",
 ]
@@ -358,10 +359,12 @@ def _rank_item(subset: str, rng: np.random.Generator, everything: list[str]) -> 
 def _items(seed: int, subsets: Iterable[str], per_subset: int, salt: int, exclude: set[tuple]) -> list[Item]:
     everything = _world_captions()
     items: list[Item] = []
-    for number, subset in enumerate(subsets):
+    for subset in subsets:
         if subset not in BENCHMARK_SUBSETS:
             raise ConfigError(f"unknown world subset {subset!r}; choose from {', '.join(BENCHMARK_SUBSETS)}")
-        rng = np.random.default_rng([seed, salt, number])
+        # Seeded by the subset's name (its place in BENCHMARK_SUBSETS), so a subset's items are the same whichever
+        # other subsets are asked for with it.
+        rng = np.random.default_rng([seed, salt, list(BENCHMARK_SUBSETS).index(subset)])
         heldout = subset.startswith("heldout-")
         combos = ALL_COMBOS if heldout else SEEN_COMBOS
         made, seen_here = 0, set()
@@ -451,6 +454,27 @@ def _png(image) -> bytes:
     return buffer.getvalue()
 
 
+def write_examples(folder: str | os.PathLike, seed: int = 0, size: int = RESOLUTION) -> Path:
+    """The eight :data:`EXAMPLE_SCENES` as ``NN-<caption>.png`` plus ``captions.txt`` (their captions, one per
+    line, in file order) in ``folder``: the README's try-it job (``examples/demo`` in the repository is this)."""
+    from .runtime.files import atomic_write_bytes, atomic_write_text, output_error
+
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise output_error(folder, exc) from None
+    rng = np.random.default_rng([seed, 4])
+    captions = []
+    for number, combos in enumerate(EXAMPLE_SCENES):
+        scene = sample_scene(rng, len(combos), fixed=combos)
+        caption = scene.caption(0)
+        captions.append(caption)
+        atomic_write_bytes(folder / f"{number:02d}-{caption.replace(' ', '-')}.png", _png(render(scene, size)))
+    atomic_write_text(folder / "captions.txt", "\n".join(captions) + "\n")
+    return folder
+
+
 def _item_record(item: Item, names: list[str], split: str, ident: str) -> dict:
     record: dict = {"id": ident, "split": split, "subset": item.subset}
     if item.positive is None:
@@ -465,7 +489,7 @@ def write_demo_data(
 ) -> dict[str, Path]:
     """Write the demo world's files for ``dsdkit match``, ``dsdkit eval`` and ``dsdkit train``.
 
-    - ``examples/*.png`` and ``captions.txt``: eight example scenes and their captions (one per line);
+    - ``examples/``: :func:`write_examples` (eight scenes and ``captions.txt``, for ``dsdkit match``);
     - ``benchmark.jsonl``: :func:`benchmark_items` (split ``test``, a ``subset`` per line), images in ``images/``;
     - ``fewshot.jsonl``: :func:`few_shot_items` (split ``train``) plus 40 held-out items per few-shot subset
       (split ``val``) for the trainer's periodic evaluation.
@@ -478,21 +502,10 @@ def write_demo_data(
         raise ConfigError("demo-data needs at least one item per subset and one shot")
     folder = Path(folder)
     try:
-        for sub in ("examples", "images"):
-            (folder / sub).mkdir(parents=True, exist_ok=True)
+        (folder / "images").mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise output_error(folder, exc) from None
-
-    rng = np.random.default_rng([seed, 4])
-    captions = []
-    for number, combos in enumerate(EXAMPLE_SCENES):
-        scene = sample_scene(rng, len(combos), fixed=combos)
-        caption = scene.caption(0)
-        captions.append(caption)
-        atomic_write_bytes(
-            folder / "examples" / f"{number:02d}-{caption.replace(' ', '-')}.png", _png(render(scene, size))
-        )
-    atomic_write_text(folder / "captions.txt", "\n".join(captions) + "\n")
+    write_examples(folder / "examples", seed=seed, size=size)
 
     training = training_layouts(TRAINING_SEED, TRAINING_SCENES)
     test = _items(seed, BENCHMARK_SUBSETS, per_subset, 2, training)
@@ -502,7 +515,7 @@ def write_demo_data(
     shots_val = _items(seed, FEW_SHOT_SUBSETS, 40, 5, training | test_keys | shot_keys)
     check_disjoint(test, training, shots_train + shots_val)
 
-    paths = {"examples": folder / "examples", "captions": folder / "captions.txt"}
+    paths = {"examples": folder / "examples", "captions": folder / "examples" / "captions.txt"}
     for name, groups in (("benchmark", [("test", test)]), ("fewshot", [("train", shots_train), ("val", shots_val)])):
         lines = []
         for split, items in groups:

@@ -109,7 +109,7 @@ def test_check_disjoint_catches_a_leak():
 
 def test_demo_data_files(tmp_path):
     paths = world.write_demo_data(tmp_path / "demo", per_subset=3, shots=2)
-    captions = (tmp_path / "demo" / "captions.txt").read_text().splitlines()
+    captions = (tmp_path / "demo" / "examples" / "captions.txt").read_text().splitlines()
     examples = sorted((tmp_path / "demo" / "examples").glob("*.png"))
     assert len(captions) == len(examples) == len(world.EXAMPLE_SCENES)
     assert len(set(captions)) == len(captions)
@@ -119,3 +119,21 @@ def test_demo_data_files(tmp_path):
     assert all((tmp_path / "demo" / r.get("image", (r.get("images") or [""])[0])).is_file() for r in rows)
     shots = [json.loads(line) for line in paths["fewshot"].read_text().splitlines()]
     assert {r["split"] for r in shots} == {"train", "val"}
+
+
+def test_a_subsets_items_do_not_depend_on_the_other_subsets_asked_for():
+    alone = world.benchmark_items(per_subset=5, subsets=["binding"], training_count=100)
+    together = world.benchmark_items(per_subset=5, subsets=["colour", "binding"], training_count=100)
+    assert alone == [item for item in together if item.subset == "binding"]
+
+
+def test_repository_examples_are_the_worlds(tmp_path):
+    """examples/demo (the README's try-it job) is exactly what write_examples writes."""
+    from pathlib import Path
+
+    committed = Path(__file__).resolve().parents[1] / "examples" / "demo"
+    fresh = world.write_examples(tmp_path / "examples")
+    names = sorted(p.name for p in fresh.iterdir())
+    assert names == sorted(p.name for p in committed.iterdir())
+    for name in names:
+        assert (fresh / name).read_bytes() == (committed / name).read_bytes(), name

@@ -63,7 +63,7 @@ class WorldRecipe:
     vae_kl_weight: float = 1e-6
     vae_channels: tuple[int, ...] = (32, 32, 32, 32)
     # UNet + text encoder phase
-    steps: int = 4000
+    steps: int = 3000
     batch_size: int = 64
     lr: float = 8e-4
     warmup_steps: int = 200
@@ -441,6 +441,25 @@ def _train_diffusion(
     return log
 
 
+#: The model card written into every world model (its front matter is what `dsdkit export` records as licence).
+MODEL_CARD = """---
+license: mit
+library_name: diffusers
+tags: [dsdkit, stable-diffusion-2-architecture, synthetic-data]
+---
+# dsdkit demo world model
+
+A small text-to-image model with Stable Diffusion 2's architecture (SD2 block types, a CLIP text encoder, an
+AutoencoderKL), trained from scratch by `dsdkit world train` on the synthetic world of `dsdkit.world`: one or two
+flat-coloured circles, squares and triangles on a light background, with captions such as "a red circle left of a
+blue square". `world_model.json` holds the recipe, the training log and measured accuracy.
+
+It exists so that dsdkit's matcher can be tried offline with scores that mean something, and so that the method
+can be measured on a world whose truth is known. It says nothing about accuracy on real images, and it cannot draw
+anything outside its world. Weights: MIT, like dsdkit; trained on generated data only.
+"""
+
+
 def _write_model(folder: Path, recipe: WorldRecipe, vae, unet, text_encoder, info: dict) -> None:
     """The final diffusers SD2 folder (weights in the recipe's dtype), written into place atomically."""
     import copy
@@ -464,6 +483,7 @@ def _write_model(folder: Path, recipe: WorldRecipe, vae, unet, text_encoder, inf
         )
         (staging / "model_index.json").write_text(json.dumps(MODEL_INDEX, indent=2), encoding="utf-8")
         (staging / RECIPE_FILE).write_text(json.dumps(info, indent=1) + "\n", encoding="utf-8")
+        (staging / "README.md").write_text(MODEL_CARD, encoding="utf-8")
 
 
 def train_world_model(
