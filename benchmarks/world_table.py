@@ -219,8 +219,11 @@ def adapters(model, per_subset, shots, work: Path):
 
     from dsdkit import world
     from dsdkit.adapters import load_adapter
+    from dsdkit.config import ScoringConfig
+    from dsdkit.scorer import Scorer
 
-    paths = world.write_demo_data(work / "demo-data", per_subset=1, shots=shots)
+    # The files `dsdkit demo-data` writes by default: the few-shot split avoids every benchmark item's layout.
+    paths = world.write_demo_data(work / "demo-data", per_subset=per_subset, shots=shots)
     weak = ("relation", "order", "heldout-relation", "heldout-order", "binding", "colour")
     rows = [
         run_variant(
@@ -245,9 +248,6 @@ def adapters(model, per_subset, shots, work: Path):
         result = train(config, model=model)
         train_s = time.perf_counter() - started
         adapter = load_adapter(result.adapter_path, model)[0]
-        from dsdkit.config import ScoringConfig
-        from dsdkit.scorer import Scorer
-
         examples = examples_of(weak, per_subset)
         scorer = Scorer(
             model, ScoringConfig.from_preset("discffusion", num_timesteps=10), batch_size=128, adapter=adapter
@@ -266,9 +266,26 @@ def adapters(model, per_subset, shots, work: Path):
     return rows
 
 
+def _average_ranks(values: np.ndarray) -> np.ndarray:
+    """Ranks with ties sharing their mean rank (as Spearman's rho needs)."""
+    order = np.argsort(values, kind="stable")
+    ranks = np.empty(len(values))
+    ranks[order] = np.arange(len(values), dtype=float)
+    for value in np.unique(values):
+        tied = values == value
+        if tied.sum() > 1:
+            ranks[tied] = ranks[tied].mean()
+    return ranks
+
+
 def _rank_corr(a: np.ndarray, b: np.ndarray) -> float:
-    ra, rb = np.argsort(np.argsort(a)), np.argsort(np.argsort(b))
-    return float(np.corrcoef(ra, rb)[0, 1])
+    return float(np.corrcoef(_average_ranks(a), _average_ranks(b))[0, 1])
+
+
+def _strict_best(row: np.ndarray) -> int:
+    """The index of the strictly best candidate, or -1 on a tie for best (ties count as no choice)."""
+    best = int(np.argmax(row))
+    return best if (row == row[best]).sum() == 1 else -1
 
 
 def compare(reference, other) -> dict:
@@ -276,7 +293,7 @@ def compare(reference, other) -> dict:
     agree, flat_ref, flat_other = [], [], []
     for r, o in zip(reference, other, strict=True):
         rr, oo = r[0, :], o[0, :]
-        agree.append(int(np.argmax(rr) == np.argmax(oo)))
+        agree.append(int(_strict_best(rr) == _strict_best(oo)))
         flat_ref += list(rr)
         flat_other += list(oo)
     flat_ref, flat_other = np.array(flat_ref), np.array(flat_other)
@@ -363,7 +380,8 @@ def _subset_cell(subsets: dict, subset: str) -> str:
 def report(paths: list[Path]) -> str:
     """Markdown tables (the README's) from the JSON records."""
     lines = []
-    records = {json.loads(p.read_text())["benchmark"]: json.loads(p.read_text()) for p in paths}
+    loaded = [json.loads(p.read_text()) for p in paths]
+    records = {record["benchmark"]: record for record in loaded}
     order = PAIR_SUBSETS + GROUP_SUBSETS + RANK_SUBSETS
     if "world-zero-shot" in records:
         rows = records["world-zero-shot"]["rows"]
@@ -374,7 +392,8 @@ def report(paths: list[Path]) -> str:
             ("denoising term alone", default["terms"]["denoise"]),
         ]
         columns += [(row["variant"], row["subsets"]) for row in rows[1:]]
-        columns += [("all layers, attention term alone", rows[-1]["terms"]["attention"])]
+        all_layers = next(row for row in rows if row["variant"].endswith("all layers"))
+        columns += [("all layers, attention term alone", all_layers["terms"]["attention"])]
         lines.append("| subset (n) | " + " | ".join(name for name, _ in columns) + " |")
         lines.append("|---" * (len(columns) + 1) + "|")
         for subset in order:

@@ -180,11 +180,8 @@ def demo_data(
 ) -> None:
     """Write demo-world files for --model demo: example images and captions (match), benchmark.jsonl (eval),
     fewshot.jsonl (train)."""
-    from .errors import ConfigError
     from .world import BENCHMARK_SUBSETS, write_demo_data
 
-    if items < 1 or shots < 1:
-        raise ConfigError("--items and --shots must be >= 1")
     paths = write_demo_data(folder, per_subset=items, shots=shots, seed=seed)
     typer.echo(
         f"wrote {paths['examples']}/ and {paths['captions']} (dsdkit match), {paths['benchmark']} "
@@ -202,12 +199,14 @@ app.add_typer(world_app, name="world")
 @cli_errors
 def world_train(
     output: Annotated[Path, typer.Argument(help="Run folder (checkpoints); the model is written to OUTPUT/model.")],
-    steps: Annotated[int | None, typer.Option(help="UNet + text encoder steps (recipe default 4000).")] = None,
-    vae_steps: Annotated[int | None, typer.Option(help="VAE steps (recipe default 1000).")] = None,
-    scenes: Annotated[int | None, typer.Option(help="Training scenes (recipe default 20000).")] = None,
-    batch_size: Annotated[int | None, typer.Option(help="Diffusion batch size (recipe default 64).")] = None,
-    seed: Annotated[int | None, typer.Option(help="Seed (recipe default 0).")] = None,
-    checkpoint_every: Annotated[int | None, typer.Option(help="Steps between checkpoints (default 500).")] = None,
+    steps: Annotated[int | None, typer.Option(help="UNet + text encoder steps; default: the recipe's.")] = None,
+    vae_steps: Annotated[int | None, typer.Option(help="VAE steps; default: the recipe's.")] = None,
+    scenes: Annotated[int | None, typer.Option(help="Training scenes; default: the recipe's.")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Diffusion batch size; default: the recipe's.")] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed; default: the recipe's.")] = None,
+    checkpoint_every: Annotated[
+        int | None, typer.Option(help="Steps between checkpoints; default: the recipe's.")
+    ] = None,
     threads: Annotated[
         int | None, typer.Option(help="Torch threads (default: the CPUs this process may use).")
     ] = None,

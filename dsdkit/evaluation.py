@@ -62,13 +62,15 @@ def score_examples(
             example = examples[index]
             for i, j in example.candidate_pairs():
                 image, text = example.images[i], example.texts[j]
-                if image not in image_slot:
-                    image_slot[image] = len(images)
+                # Paths are shared by value; in-memory images (PIL, arrays: unhashable) by identity.
+                key = image if isinstance(image, str | os.PathLike) else id(image)
+                if key not in image_slot:
+                    image_slot[key] = len(images)
                     images.append(image)
                 if text not in text_slot:
                     text_slot[text] = len(texts)
                     texts.append(text)
-                pairs.append((image_slot[image], text_slot[text]))
+                pairs.append((image_slot[key], text_slot[text]))
                 owners.append((index, i, j))
         scores = scorer.score_pairs(images, texts, pairs).scores
         for (index, i, j), value in zip(owners, scores, strict=True):
@@ -129,24 +131,24 @@ def compute_metrics(fmt: str, examples: list[Example], matrices: list[np.ndarray
             metrics["accuracy/overall"] = float(np.mean(ranks_array == 0))
         else:
             # Top-5 says nothing where no candidate set has more than 5 candidates (it would always be 1).
-            sizes = [e.num_candidates for e, _ in candidates]
+            sizes = np.array([e.num_candidates for e, _ in candidates])
+            large = sizes > 5
             metrics["top1"] = float(np.mean(ranks_array < 1))
-            if max(sizes) > 5:
-                metrics["top5"] = float(np.mean(ranks_array < 5))
+            if large.any():
+                metrics["top5"] = float(np.mean(ranks_array[large] < 5))
             per_subset: dict[str, list[tuple[int, int]]] = defaultdict(list)
+            by_split: dict[str, list[tuple[int, int]]] = defaultdict(list)
             for (example, _), rank in zip(candidates, ranks, strict=True):
+                by_split[example.split or "all"].append((rank, example.num_candidates))
                 if example.subset is not None:
                     per_subset[example.subset].append((rank, example.num_candidates))
-            if len(per_split) > 1 and not per_subset:
-                for split, split_ranks in sorted(per_split.items()):
-                    metrics[f"top1/{split}"] = float(np.mean(np.array(split_ranks) < 1))
-                    if max(sizes) > 5:
-                        metrics[f"top5/{split}"] = float(np.mean(np.array(split_ranks) < 5))
-            for subset, entries in sorted(per_subset.items()):
-                subset_ranks = np.array([rank for rank, _ in entries])
-                metrics[f"top1/{subset}"] = float(np.mean(subset_ranks < 1))
-                if max(size for _, size in entries) > 5:
-                    metrics[f"top5/{subset}"] = float(np.mean(subset_ranks < 5))
+            groups_of = dict(per_subset) if per_subset else (dict(by_split) if len(by_split) > 1 else {})
+            for name, entries in sorted(groups_of.items()):
+                entry_ranks = np.array([rank for rank, _ in entries])
+                entry_large = np.array([size > 5 for _, size in entries])
+                metrics[f"top1/{name}"] = float(np.mean(entry_ranks < 1))
+                if entry_large.any():
+                    metrics[f"top5/{name}"] = float(np.mean(entry_ranks[entry_large] < 5))
         metrics["examples"] = float(len(candidates))
 
     if groups:
@@ -193,7 +195,8 @@ def evaluate(
         if unknown:
             names = ", ".join(sorted(s for s in known if s)) or "none"
             raise ConfigError(f"{dataset.source}: no examples in subset(s) {', '.join(unknown)} (subsets: {names})")
-        examples = [e for e in examples if e.subset in set(subsets)]
+        wanted = set(subsets)
+        examples = [e for e in examples if e.subset in wanted]
     if max_examples is not None:
         examples = examples[:max_examples]
     advance = progress(len(examples), 0) if progress is not None else None

@@ -25,7 +25,14 @@ from .errors import ConfigError, OutputError
 from .runtime.files import atomic_write_text, output_error, staged_folder
 from .runtime.tokenizer import bytes_to_unicode
 
-__all__ = ["SIZES", "SCHEDULER_CONFIG", "MODEL_INDEX", "write_tiny_model", "write_clip_tokenizer"]
+__all__ = [
+    "SIZES",
+    "SCHEDULER_CONFIG",
+    "MODEL_INDEX",
+    "write_tiny_model",
+    "write_clip_tokenizer",
+    "write_pipeline_folder",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -145,6 +152,20 @@ def write_clip_tokenizer(folder: str | os.PathLike, pad_token: str = "!") -> Pat
     return folder
 
 
+def write_pipeline_folder(folder: Path, unet, vae, text_encoder) -> None:
+    """Write the SD2 diffusers layout into an existing (staging) folder: the three modules' weights as they are,
+    the CLIP tokenizer, SD2's scheduler config and ``model_index.json``."""
+    unet.save_pretrained(folder / "unet", safe_serialization=True)
+    vae.save_pretrained(folder / "vae", safe_serialization=True)
+    text_encoder.save_pretrained(folder / "text_encoder", safe_serialization=True)
+    write_clip_tokenizer(folder / "tokenizer")
+    (folder / "scheduler").mkdir()
+    (folder / "scheduler" / "scheduler_config.json").write_text(
+        json.dumps(SCHEDULER_CONFIG, indent=2), encoding="utf-8"
+    )
+    (folder / "model_index.json").write_text(json.dumps(MODEL_INDEX, indent=2), encoding="utf-8")
+
+
 def _calibrate_latent_scale(vae, seed: int) -> None:
     """Set the VAE's scaling factor so latents have unit standard deviation, as SD's 0.18215 does for real images.
 
@@ -248,15 +269,7 @@ def write_tiny_model(folder: str | os.PathLike, size: str = "tiny", seed: int = 
         )
     )
     with staged_folder(folder) as staging:
-        unet.save_pretrained(staging / "unet", safe_serialization=True)
-        vae.save_pretrained(staging / "vae", safe_serialization=True)
-        text_encoder.save_pretrained(staging / "text_encoder", safe_serialization=True)
-        write_clip_tokenizer(staging / "tokenizer")
-        (staging / "scheduler").mkdir()
-        (staging / "scheduler" / "scheduler_config.json").write_text(
-            json.dumps(SCHEDULER_CONFIG, indent=2), encoding="utf-8"
-        )
-        (staging / "model_index.json").write_text(json.dumps(MODEL_INDEX, indent=2), encoding="utf-8")
+        write_pipeline_folder(staging, unet, vae, text_encoder)
         marker = {
             "random_weights": True,
             "size": size,

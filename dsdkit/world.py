@@ -217,8 +217,8 @@ BENCHMARK_SUBSETS = {
     "heldout-binding": "as binding, with at least one held-out combination",
     "heldout-relation": "as relation, with at least one held-out combination",
     "heldout-order": "as order, with at least one held-out combination",
-    "rank-8": "the true caption among 8 (half one-edit neighbours, half random world captions)",
-    "rank-32": "the true caption among 32 (half one-edit neighbours, half random world captions)",
+    "rank-8": "the true caption among 8 (up to half one-edit neighbours, the rest random world captions)",
+    "rank-32": "the true caption among 32 (up to half one-edit neighbours, the rest random world captions)",
 }
 
 
@@ -236,9 +236,7 @@ class Item:
     positive: int | None
 
     def layout_keys(self) -> set[tuple]:
-        if self.positive is None:
-            return {layout_key(s, c) for s, c in zip(self.scenes, self.captions, strict=True)}
-        return {layout_key(self.scenes[0], c) for c in self.scenes[0].true_captions()}
+        return {layout_key(scene, caption) for scene in self.scenes for caption in scene.true_captions()}
 
 
 def _other(rng: np.random.Generator, options: Iterable[str], not_this: str) -> str:
@@ -344,8 +342,9 @@ def _rank_item(subset: str, rng: np.random.Generator, everything: list[str]) -> 
     k = int(subset.removeprefix("rank-"))
     scene = sample_scene(rng, 1 if rng.random() < ONE_OBJECT_FRACTION else 2, SEEN_COMBOS)
     true = scene.caption(int(rng.integers(2)))
-    truths = scene.true_captions()
-    near = _neighbours(scene)
+    # A one-object caption naming one of two objects ("a red circle" for red circle + blue square) is true too.
+    truths = scene.true_captions() | {t.phrase for t in scene.things}
+    near = [c for c in _neighbours(scene) if c not in truths]
     rng.shuffle(near)
     chosen = near[: (k - 1) // 2]
     rest = [c for c in everything if c not in truths and c not in chosen]
@@ -499,7 +498,7 @@ def write_demo_data(
     from .runtime.files import atomic_write_bytes, atomic_write_text, output_error
 
     if per_subset < 1 or shots < 1:
-        raise ConfigError("demo-data needs at least one item per subset and one shot")
+        raise ConfigError("demo-data needs --items >= 1 and --shots >= 1")
     folder = Path(folder)
     try:
         (folder / "images").mkdir(parents=True, exist_ok=True)

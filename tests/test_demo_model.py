@@ -42,6 +42,19 @@ def test_shipped_files_match_their_manifest():
     assert (folder / MANIFEST_FILE).is_file()
 
 
+def test_every_shipped_file_is_package_data():
+    """A built wheel carries only files that pyproject's package-data globs match: each shipped file must match."""
+    import fnmatch
+
+    import tomllib
+
+    config = tomllib.loads((REPO / "pyproject.toml").read_text())
+    globs = config["tool"]["setuptools"]["package-data"]["dsdkit.assets"]
+    names = [f"demo/{name}" for name in verify_demo_model()["files"]] + [f"demo/{MANIFEST_FILE}"]
+    missed = [n for n in names if not any(fnmatch.fnmatch(n, g) and n.count("/") == g.count("/") for g in globs)]
+    assert not missed, f"not in the wheel: {missed}"
+
+
 def test_a_modified_or_extra_file_is_refused(tmp_path):
     copy = tmp_path / "demo"
     shutil.copytree(demo_model_folder(), copy)
@@ -123,3 +136,77 @@ def test_readme_try_it_command_picks_the_right_caption_for_every_example(tmp_pat
         best = max(range(len(row)), key=row.__getitem__)
         assert captions[best] == caption, (name, captions[best])
         assert name.endswith(caption.replace(" ", "-") + ".png")
+
+
+def test_eval_and_explain_take_model_demo(tmp_path):
+    """`--model demo` in eval (the demo-data benchmark, one subset) and explain, as a user types them."""
+    from dsdkit.world import write_demo_data
+
+    paths = write_demo_data(tmp_path / "demo", per_subset=4, shots=1)
+    report = tmp_path / "metrics.json"
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "dsdkit.cli",
+            "eval",
+            str(paths["benchmark"]),
+            "--model",
+            "demo",
+            "--subset",
+            "colour",
+            "--subset",
+            "rank-8",
+            "--timesteps",
+            "2",
+            "-o",
+            str(report),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr
+    metrics = json.loads(report.read_text())["metrics"]
+    assert {"top1/colour", "top1/rank-8", "top5/rank-8"} <= set(metrics) and "top5/colour" not in metrics
+    assert metrics["examples"] == 8
+    wrong = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "dsdkit.cli",
+            "eval",
+            str(paths["benchmark"]),
+            "--model",
+            "demo",
+            "--subset",
+            "colours",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert wrong.returncode == 2 and "no examples in subset(s) colours" in wrong.stderr
+    heat = tmp_path / "heat.png"
+    image = sorted((REPO / "examples" / "demo").glob("*.png"))[0]
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "dsdkit.cli",
+            "explain",
+            str(image),
+            "a red circle",
+            "--model",
+            "demo",
+            "--timesteps",
+            "2",
+            "--out",
+            str(heat),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr
+    assert heat.stat().st_size > 0

@@ -55,11 +55,18 @@ def test_subsets_are_reported_apart_and_top5_only_beyond_five_candidates():
     eight = [Example(TaskKind.image_to_text, IMG[:1], [f"c{j}" for j in range(8)], positive=7, subset="rank-8")] * 2
     ranked = [np.arange(8.0)[None], np.arange(8.0)[::-1][None]]  # rank 0, then rank 7
     group = Example(TaskKind.group, IMG[:2], ["c0", "c1"], subset="group-binding", split="test")
-    metrics = compute_metrics("jsonl", two + eight + [group], rows + ranked + [np.array([[5.0, 1.0], [1.0, 5.0]])])
+    # Each image prefers its own caption (text right); caption 0 prefers image 1 (image wrong).
+    text_only = np.array([[5.0, 4.0], [6.0, 7.0]])
+    metrics = compute_metrics(
+        "jsonl", two + eight + [group] * 2, rows + ranked + [np.array([[5.0, 1.0], [1.0, 5.0]]), text_only]
+    )
     assert metrics["top1/colour"] == pytest.approx(0.75)
     assert "top5/colour" not in metrics  # two candidates: top-5 would always be 1
     assert metrics["top1/rank-8"] == pytest.approx(0.5) and metrics["top5/rank-8"] == pytest.approx(0.5)
-    assert metrics["group/group-binding"] == 1.0 and "group/test" not in metrics
+    assert metrics["text/group-binding"] == 1.0 and metrics["image/group-binding"] == 0.5
+    assert metrics["group/group-binding"] == 0.5 and "group/test" not in metrics
+    # Top-5 over the sets that have more than 5 candidates only (the 2-candidate sets would always count).
+    assert metrics["top5"] == pytest.approx(0.5)
     small = compute_metrics("jsonl", two, rows)
     assert "top5" not in small and small["top1"] == pytest.approx(0.75)
 

@@ -88,6 +88,8 @@ class WorldRecipe:
             raise ConfigError("world recipe: steps and batch sizes must be >= 1")
         if self.scenes < self.batch_size:
             raise ConfigError(f"world recipe: {self.scenes} scenes cannot fill a batch of {self.batch_size}")
+        if self.checkpoint_every < 1 or self.warmup_steps < 0:
+            raise ConfigError("world recipe: checkpoint_every must be >= 1 and warmup_steps >= 0")
         if self.weights_dtype not in ("fp16", "fp32"):
             raise ConfigError(f"world recipe: weights_dtype must be fp16 or fp32, got {self.weights_dtype!r}")
         if self.resolution % 2 ** (len(self.vae_channels) - 1) or self.vae_crop > self.resolution:
@@ -131,7 +133,7 @@ def pin_threads(threads: int | None) -> int:
     import torch
 
     available = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    count = int(threads or available)
+    count = available if threads is None else int(threads)
     if count < 1:
         raise ConfigError(f"--threads must be >= 1, got {count}")
     torch.set_num_threads(count)
@@ -273,9 +275,11 @@ class _Run:
             self.folder / "latest.json",
             json.dumps({"phase": phase, "step": step, "path": str(final.relative_to(self.folder))}) + "\n",
         )
-        # Older checkpoints are dropped once the new one is in place (weights are kept whole in each).
-        for old in sorted((self.folder / "checkpoints").glob("*-*")):
-            if old != final and old.is_dir() and not old.name.startswith("."):
+        # Earlier checkpoints are dropped once the new one is in place (each holds all weights); a later one, left
+        # by a run that was restarted from an earlier pointer, is kept.
+        for old in (self.folder / "checkpoints").glob("*-*"):
+            earlier = _order(old.name) < _order(final.name)
+            if old != final and old.is_dir() and not old.name.startswith(".") and earlier:
                 _remove_tree(old)
         return final
 
@@ -293,6 +297,11 @@ class _Run:
         if optimizer is not None:
             restore_optimizer(optimizer, load_file(str(path / "optimizer.safetensors")), meta["optimizer"])
         return int(meta["step"]), list(meta["log"])
+
+
+def _order(name: str) -> tuple[int, int]:
+    phase, _, step = name.rpartition("-")
+    return (_PHASES.index(phase), int(step)) if phase in _PHASES and step.isdigit() else (-1, -1)
 
 
 def _remove_tree(path: Path) -> None:
@@ -324,6 +333,13 @@ def _to_model_range(pixels) -> Any:
     return array.permute(0, 3, 1, 2).contiguous()
 
 
+def _resumed_ema(log: list[dict], phase: str, start: int) -> float | None:
+    """The smoothed loss of the checkpoint a phase resumes from (logged exactly), so a resumed run logs the same."""
+    if start > 0 and log and log[-1]["phase"] == phase and log[-1]["step"] == start:
+        return float(log[-1]["loss_ema"])
+    return None
+
+
 def _train_vae(recipe, vae, pixels, run: _Run, start: int, on_step) -> list[dict]:
     import torch
 
@@ -332,7 +348,7 @@ def _train_vae(recipe, vae, pixels, run: _Run, start: int, on_step) -> list[dict
     if start > 0:
         _, log = run.load(run.latest()[2], {"vae": vae}, optimizer)
     vae.train()
-    smoothed = None
+    smoothed = _resumed_ema(log, "vae", start)
     for step in range(start, recipe.vae_steps):
         rng, generator = _step_generator(recipe.seed, "vae", step)
         index = rng.integers(0, len(pixels), recipe.vae_batch_size)
@@ -356,7 +372,7 @@ def _train_vae(recipe, vae, pixels, run: _Run, start: int, on_step) -> list[dict
             on_step("vae", step + 1, recipe.vae_steps, smoothed)
         done = step + 1
         if done % recipe.checkpoint_every == 0 or done == recipe.vae_steps:
-            log.append({"phase": "vae", "step": done, "loss_ema": round(smoothed, 6)})
+            log.append({"phase": "vae", "step": done, "loss_ema": smoothed})
             run.save("vae", done, {"vae": vae}, optimizer, log)
     vae.eval()
     return log
@@ -401,10 +417,10 @@ def _train_diffusion(
         _, log = run.load(run.latest()[2], modules, optimizer)
     unet.train()
     text_encoder.train()
+    smoothed = _resumed_ema(log, "diffusion", start)
     abar = torch.tensor(schedule.alphas_cumprod, dtype=torch.float32)
     ids_all = torch.from_numpy(ids)
     empty = torch.from_numpy(empty_ids)
-    smoothed = None
     for step in range(start, recipe.steps):
         rng, generator = _step_generator(recipe.seed, "diffusion", step)
         index = torch.from_numpy(rng.integers(0, len(ids), recipe.batch_size))
@@ -432,9 +448,7 @@ def _train_diffusion(
             on_step("diffusion", step + 1, recipe.steps, smoothed)
         done = step + 1
         if done % recipe.checkpoint_every == 0 or done == recipe.steps:
-            log.append(
-                {"phase": "diffusion", "step": done, "loss_ema": round(smoothed, 6), "lr": _lr_at(recipe, step)}
-            )
+            log.append({"phase": "diffusion", "step": done, "loss_ema": smoothed, "lr": _lr_at(recipe, step)})
             run.save("diffusion", done, modules, optimizer, log)
     unet.eval()
     text_encoder.eval()
@@ -467,21 +481,14 @@ def _write_model(folder: Path, recipe: WorldRecipe, vae, unet, text_encoder, inf
     import torch
     from diffusers.utils import logging as diffusers_logging
 
-    from ..tiny import MODEL_INDEX, SCHEDULER_CONFIG, write_clip_tokenizer
+    from ..tiny import write_pipeline_folder
 
     # Saving prints a progress bar per shard and a hint about fp32 modules (there are none in these models).
     diffusers_logging.disable_progress_bar()
     diffusers_logging.set_verbosity_error()
     dtype = torch.float16 if recipe.weights_dtype == "fp16" else torch.float32
     with staged_folder(folder) as staging:
-        for name, module in (("unet", unet), ("vae", vae), ("text_encoder", text_encoder)):
-            copy.deepcopy(module).to(dtype).save_pretrained(staging / name, safe_serialization=True)
-        write_clip_tokenizer(staging / "tokenizer")
-        (staging / "scheduler").mkdir()
-        (staging / "scheduler" / "scheduler_config.json").write_text(
-            json.dumps(SCHEDULER_CONFIG, indent=2), encoding="utf-8"
-        )
-        (staging / "model_index.json").write_text(json.dumps(MODEL_INDEX, indent=2), encoding="utf-8")
+        write_pipeline_folder(staging, *(copy.deepcopy(module).to(dtype) for module in (unet, vae, text_encoder)))
         (staging / RECIPE_FILE).write_text(json.dumps(info, indent=1) + "\n", encoding="utf-8")
         (staging / "README.md").write_text(MODEL_CARD, encoding="utf-8")
 
@@ -514,12 +521,13 @@ def train_world_model(
     folder = Path(output)
     run = _Run(folder)
     recipe_path = folder / "recipe.json"
+    used_threads = pin_threads(threads)  # first: a bad --threads must not leave a recipe.json behind
     if recipe_path.is_file():
         if not resume:
             raise ConfigError(
                 f"{folder} already holds a world-model run; pass --resume to continue it, or a new folder"
             )
-        saved = WorldRecipe.from_dict(json.loads(recipe_path.read_text(encoding="utf-8")))
+        saved = WorldRecipe.from_file(recipe_path)
         differing = [
             f.name
             for f in dataclasses.fields(WorldRecipe)
@@ -536,7 +544,6 @@ def train_world_model(
         except OSError as exc:
             raise output_error(folder, exc) from None
         atomic_write_text(recipe_path, json.dumps(recipe.to_dict(), indent=1) + "\n")
-    used_threads = pin_threads(threads)
     latest = run.latest() if resume else None
     started = time.perf_counter()
 
@@ -584,8 +591,6 @@ def train_world_model(
             },
         },
     }
-    if model_folder.exists():
-        _remove_tree(model_folder)
     _write_model(model_folder, recipe, vae, unet, text_encoder, info)
     if evaluate is not None:
         info["metrics"] = evaluate(model_folder)
@@ -605,34 +610,29 @@ def measure_world_model(
     subsets: tuple[str, ...] = QUICK_SUBSETS,
     batch_size: int = 64,
 ) -> dict:
-    """Zero-shot accuracy of the default ``discffusion`` score (S = ``num_timesteps``) on fresh benchmark items of
-    two-candidate ``subsets``: the quick check that training wrote into ``world_model.json``. Ties count as wrong."""
+    """Zero-shot accuracy of the default ``discffusion`` score (S = ``num_timesteps``) on the first ``per_subset``
+    benchmark items of each of ``subsets`` (the items ``dsdkit demo-data`` writes, whose layouts the model's
+    training data does not contain): the quick check written into ``world_model.json``. Ties count as wrong."""
     from ..config import ScoringConfig
+    from ..demo import items_to_examples
+    from ..evaluation import compute_metrics, score_examples
     from ..models import load_model
     from ..scorer import Scorer
 
     model = load_model(model_folder, device="cpu", dtype="fp32")
+    # Keep the items out of the training data this model was trained on (its recipe, if it says).
+    recipe_file = Path(model.folder) / RECIPE_FILE
+    recipe = json.loads(recipe_file.read_text(encoding="utf-8"))["recipe"] if recipe_file.is_file() else {}
+    seed, count = recipe.get("seed", world.TRAINING_SEED), recipe.get("scenes", world.TRAINING_SCENES)
     scorer = Scorer(
         model, ScoringConfig.from_preset("discffusion", num_timesteps=num_timesteps), batch_size=batch_size
     )
     started = time.perf_counter()
-    accuracy = {}
-    for subset in subsets:
-        items = world.benchmark_items(per_subset=per_subset, subsets=[subset])
-        images = [world.render(item.scenes[0], model.resolution) for item in items]
-        texts = sorted({c for item in items for c in item.captions})
-        slot = {t: k for k, t in enumerate(texts)}
-        pairs = [(i, slot[c]) for i, item in enumerate(items) for c in item.captions]
-        scores = np.asarray(scorer.score_pairs(images, texts, pairs).scores)
-        correct, position = 0, 0
-        for item in items:
-            row = scores[position : position + len(item.captions)]
-            position += len(item.captions)
-            others = np.delete(row, item.positive)
-            correct += bool((row[item.positive] > others).all())
-        accuracy[subset] = correct / len(items)
+    items = world.benchmark_items(per_subset=per_subset, subsets=subsets, training_seed=seed, training_count=count)
+    examples = items_to_examples(items, model.resolution)
+    metrics = compute_metrics("jsonl", examples, score_examples(scorer, examples))
     return {
-        "zero_shot_accuracy": accuracy,
+        "zero_shot_accuracy": {subset: metrics[f"top1/{subset}"] for subset in subsets},
         "items_per_subset": per_subset,
         "num_timesteps": num_timesteps,
         "score": "discffusion (attention + denoising term)",
