@@ -245,6 +245,7 @@ class _Run:
         return phase, step, path
 
     def save(self, phase: str, step: int, modules: dict, optimizer, log: list[dict]) -> Path:
+        import torch
         from safetensors.torch import save
 
         from .checkpoint import optimizer_tensors
@@ -266,6 +267,7 @@ class _Run:
             "optimizer": optim_meta,
             "log": log,
             "scaling_factor": float(modules["vae"].config.scaling_factor),
+            "threads": torch.get_num_threads(),
         }
         with staged_folder(final) as tmp:
             (tmp / "weights.safetensors").write_bytes(save(tensors))
@@ -284,11 +286,21 @@ class _Run:
         return final
 
     def load(self, path: Path, modules: dict, optimizer) -> tuple[int, list[dict]]:
+        import torch
         from safetensors.torch import load_file
 
         from .checkpoint import restore_optimizer
 
         meta = json.loads((path / "state.json").read_text(encoding="utf-8"))
+        if optimizer is not None and meta.get("threads", torch.get_num_threads()) != torch.get_num_threads():
+            logger.warning(
+                "%s was written with %d threads, this run uses %d: floating-point sums may round differently, so the "
+                "result will not be bit-identical to an uninterrupted run (pass --threads %d for that)",
+                path,
+                meta["threads"],
+                torch.get_num_threads(),
+                meta["threads"],
+            )
         weights = load_file(str(path / "weights.safetensors"))
         for name, module in modules.items():
             prefix = f"{name}."
