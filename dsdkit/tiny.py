@@ -152,6 +152,66 @@ def write_clip_tokenizer(folder: str | os.PathLike, pad_token: str = "!") -> Pat
     return folder
 
 
+def sd2_unet(**shape):
+    """A fresh UNet with SD2's block types (3 cross-attention down blocks + 1 plain, a cross-attention mid block,
+    1 plain + 3 cross-attention up blocks, linear projections); ``shape`` sets sizes (``sample_size``,
+    ``block_out_channels``, ``attention_head_dim``, ``cross_attention_dim``, ``layers_per_block``,
+    ``norm_num_groups``). Weights come from torch's global generator: seed it first."""
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(
+        in_channels=4,
+        out_channels=4,
+        flip_sin_to_cos=True,
+        freq_shift=0,
+        down_block_types=["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
+        mid_block_type="UNetMidBlock2DCrossAttn",
+        up_block_types=["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3,
+        downsample_padding=1,
+        act_fn="silu",
+        norm_eps=1e-5,
+        use_linear_projection=True,
+        upcast_attention=False,
+        **shape,
+    )
+
+
+def sd2_vae(**shape):
+    """A fresh AutoencoderKL with SD2's block types, one down/up block per entry of ``block_out_channels``
+    (``layers_per_block``, ``sample_size``, ``norm_num_groups``, ``scaling_factor`` in ``shape``)."""
+    from diffusers import AutoencoderKL
+
+    levels = len(shape["block_out_channels"])
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=["DownEncoderBlock2D"] * levels,
+        up_block_types=["UpDecoderBlock2D"] * levels,
+        latent_channels=4,
+        act_fn="silu",
+        **shape,
+    )
+
+
+def sd2_text_encoder(**shape):
+    """A fresh CLIP text encoder over CLIP's 49,408-token vocabulary and 77 positions, like SD2's (``hidden_size``,
+    ``intermediate_size``, ``projection_dim``, ``num_hidden_layers``, ``num_attention_heads`` in ``shape``)."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    return CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=49408,
+            max_position_embeddings=77,
+            hidden_act="gelu",
+            layer_norm_eps=1e-5,
+            bos_token_id=49406,
+            eos_token_id=49407,
+            pad_token_id=1,
+            **shape,
+        )
+    )
+
+
 def write_pipeline_folder(folder: Path, unet, vae, text_encoder) -> None:
     """Write the SD2 diffusers layout into an existing (staging) folder: the three modules' weights as they are,
     the CLIP tokenizer, SD2's scheduler config and ``model_index.json``."""
@@ -213,9 +273,7 @@ def write_tiny_model(folder: str | os.PathLike, size: str = "tiny", seed: int = 
             "(or --overwrite a folder made by dsdkit tiny-model)"
         )
     import torch
-    from diffusers import AutoencoderKL, UNet2DConditionModel
     from diffusers.utils import logging as diffusers_logging
-    from transformers import CLIPTextConfig, CLIPTextModel
     from transformers.utils import logging as transformers_logging
 
     diffusers_logging.disable_progress_bar()
@@ -226,48 +284,12 @@ def write_tiny_model(folder: str | os.PathLike, size: str = "tiny", seed: int = 
     except OSError as exc:
         raise output_error(folder, exc) from None
     torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
-        in_channels=4,
-        out_channels=4,
-        flip_sin_to_cos=True,
-        freq_shift=0,
-        down_block_types=["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
-        mid_block_type="UNetMidBlock2DCrossAttn",
-        up_block_types=["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3,
-        downsample_padding=1,
-        act_fn="silu",
-        norm_num_groups=spec["groups"],
-        norm_eps=1e-5,
-        use_linear_projection=True,
-        upcast_attention=False,
-        **spec["unet"],
-    )
+    unet = sd2_unet(norm_num_groups=spec["groups"], **spec["unet"])
     torch.manual_seed(seed + 1)
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=["DownEncoderBlock2D"] * 4,
-        up_block_types=["UpDecoderBlock2D"] * 4,
-        latent_channels=4,
-        norm_num_groups=spec["groups"],
-        scaling_factor=0.18215,
-        act_fn="silu",
-        **spec["vae"],
-    )
+    vae = sd2_vae(norm_num_groups=spec["groups"], scaling_factor=0.18215, **spec["vae"])
     _calibrate_latent_scale(vae, seed)
     torch.manual_seed(seed + 2)
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=49408,
-            max_position_embeddings=77,
-            hidden_act="gelu",
-            layer_norm_eps=1e-5,
-            bos_token_id=49406,
-            eos_token_id=49407,
-            pad_token_id=1,
-            **spec["text"],
-        )
-    )
+    text_encoder = sd2_text_encoder(**spec["text"])
     with staged_folder(folder) as staging:
         write_pipeline_folder(staging, unet, vae, text_encoder)
         marker = {

@@ -147,60 +147,33 @@ def pin_threads(threads: int | None) -> int:
 def build_modules(recipe: WorldRecipe):
     """Fresh (seeded) VAE, UNet and text encoder of the recipe's SD2-architecture shapes."""
     import torch
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from ..tiny import sd2_text_encoder, sd2_unet, sd2_vae
 
     torch.manual_seed(recipe.seed)
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=["DownEncoderBlock2D"] * len(recipe.vae_channels),
-        up_block_types=["UpDecoderBlock2D"] * len(recipe.vae_channels),
+    vae = sd2_vae(
         block_out_channels=list(recipe.vae_channels),
         layers_per_block=1,
-        latent_channels=4,
         norm_num_groups=recipe.norm_groups,
-        act_fn="silu",
         sample_size=recipe.resolution,
         scaling_factor=1.0,
     )
     torch.manual_seed(recipe.seed + 1)
-    unet = UNet2DConditionModel(
+    unet = sd2_unet(
         sample_size=recipe.latent_size,
-        in_channels=4,
-        out_channels=4,
-        flip_sin_to_cos=True,
-        freq_shift=0,
-        down_block_types=["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
-        mid_block_type="UNetMidBlock2DCrossAttn",
-        up_block_types=["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3,
         block_out_channels=list(recipe.unet_channels),
         attention_head_dim=list(recipe.unet_heads),
         layers_per_block=1,
-        downsample_padding=1,
-        act_fn="silu",
         norm_num_groups=recipe.norm_groups,
-        norm_eps=1e-5,
         cross_attention_dim=recipe.text_hidden,
-        use_linear_projection=True,
-        upcast_attention=False,
     )
     torch.manual_seed(recipe.seed + 2)
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=49408,
-            hidden_size=recipe.text_hidden,
-            intermediate_size=2 * recipe.text_hidden,
-            projection_dim=recipe.text_hidden,
-            num_hidden_layers=recipe.text_layers,
-            num_attention_heads=recipe.text_heads,
-            max_position_embeddings=77,
-            hidden_act="gelu",
-            layer_norm_eps=1e-5,
-            bos_token_id=49406,
-            eos_token_id=49407,
-            pad_token_id=1,
-        )
+    text_encoder = sd2_text_encoder(
+        hidden_size=recipe.text_hidden,
+        intermediate_size=2 * recipe.text_hidden,
+        projection_dim=recipe.text_hidden,
+        num_hidden_layers=recipe.text_layers,
+        num_attention_heads=recipe.text_heads,
     )
     return vae, unet, text_encoder
 
@@ -352,6 +325,22 @@ def _resumed_ema(log: list[dict], phase: str, start: int) -> float | None:
     return None
 
 
+def _end_step(recipe, phase, step, total, loss, smoothed, decay, on_step, log, extra, save) -> float:
+    """What ends every optimizer step of both phases: the NaN guard, the smoothed loss, progress, and at each
+    checkpoint a log entry and the atomic save. Returns the new smoothed loss."""
+    value = float(loss.detach())
+    if not math.isfinite(value):
+        raise TrainingError(f"{phase} loss became {value} at step {step}; the last checkpoint is kept")
+    smoothed = value if smoothed is None else decay * smoothed + (1 - decay) * value
+    done = step + 1
+    if on_step is not None:
+        on_step(phase, done, total, smoothed)
+    if done % recipe.checkpoint_every == 0 or done == total:
+        log.append({"phase": phase, "step": done, "loss_ema": smoothed, **extra})
+        save(done)
+    return smoothed
+
+
 def _train_vae(recipe, vae, pixels, run: _Run, start: int, on_step) -> list[dict]:
     import torch
 
@@ -376,16 +365,19 @@ def _train_vae(recipe, vae, pixels, run: _Run, start: int, on_step) -> list[dict
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        value = float(loss.detach())
-        if not math.isfinite(value):
-            raise TrainingError(f"VAE loss became {value} at step {step}; the last checkpoint is kept")
-        smoothed = value if smoothed is None else 0.98 * smoothed + 0.02 * value
-        if on_step is not None:
-            on_step("vae", step + 1, recipe.vae_steps, smoothed)
-        done = step + 1
-        if done % recipe.checkpoint_every == 0 or done == recipe.vae_steps:
-            log.append({"phase": "vae", "step": done, "loss_ema": smoothed})
-            run.save("vae", done, {"vae": vae}, optimizer, log)
+        smoothed = _end_step(
+            recipe,
+            "vae",
+            step,
+            recipe.vae_steps,
+            loss,
+            smoothed,
+            0.98,
+            on_step,
+            log,
+            {},
+            lambda done: run.save("vae", done, {"vae": vae}, optimizer, log),
+        )
     vae.eval()
     return log
 
@@ -452,16 +444,19 @@ def _train_diffusion(
         loss.backward()
         torch.nn.utils.clip_grad_norm_(parameters, recipe.grad_clip)
         optimizer.step()
-        value = float(loss.detach())
-        if not math.isfinite(value):
-            raise TrainingError(f"diffusion loss became {value} at step {step}; the last checkpoint is kept")
-        smoothed = value if smoothed is None else 0.99 * smoothed + 0.01 * value
-        if on_step is not None:
-            on_step("diffusion", step + 1, recipe.steps, smoothed)
-        done = step + 1
-        if done % recipe.checkpoint_every == 0 or done == recipe.steps:
-            log.append({"phase": "diffusion", "step": done, "loss_ema": smoothed, "lr": _lr_at(recipe, step)})
-            run.save("diffusion", done, modules, optimizer, log)
+        smoothed = _end_step(
+            recipe,
+            "diffusion",
+            step,
+            recipe.steps,
+            loss,
+            smoothed,
+            0.99,
+            on_step,
+            log,
+            {"lr": _lr_at(recipe, step)},
+            lambda done: run.save("diffusion", done, modules, optimizer, log),
+        )
     unet.eval()
     text_encoder.eval()
     return log
