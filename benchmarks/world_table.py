@@ -266,22 +266,6 @@ def adapters(model, per_subset, shots, work: Path):
     return rows
 
 
-def _average_ranks(values: np.ndarray) -> np.ndarray:
-    """Ranks with ties sharing their mean rank (as Spearman's rho needs)."""
-    order = np.argsort(values, kind="stable")
-    ranks = np.empty(len(values))
-    ranks[order] = np.arange(len(values), dtype=float)
-    for value in np.unique(values):
-        tied = values == value
-        if tied.sum() > 1:
-            ranks[tied] = ranks[tied].mean()
-    return ranks
-
-
-def _rank_corr(a: np.ndarray, b: np.ndarray) -> float:
-    return float(np.corrcoef(_average_ranks(a), _average_ranks(b))[0, 1])
-
-
 def _strict_best(row: np.ndarray) -> int:
     """The index of the strictly best candidate, or -1 on a tie for best (ties count as no choice)."""
     best = int(np.argmax(row))
@@ -289,7 +273,10 @@ def _strict_best(row: np.ndarray) -> int:
 
 
 def compare(reference, other) -> dict:
-    """Top-1 agreement per candidate set, Spearman over all pair scores, max abs difference."""
+    """Top-1 agreement per candidate set (strictly best, ties count as no choice), Spearman over all pair scores
+    (the export parity check's), max abs difference."""
+    from dsdkit.export.parity import spearman
+
     agree, flat_ref, flat_other = [], [], []
     for r, o in zip(reference, other, strict=True):
         rr, oo = r[0, :], o[0, :]
@@ -302,7 +289,7 @@ def compare(reference, other) -> dict:
         "candidate_sets": n,
         "top1_agreement": float(np.mean(agree)),
         "top1_agreement_wilson95": wilson(sum(agree), n),
-        "spearman": _rank_corr(flat_ref, flat_other),
+        "spearman": spearman(flat_ref, flat_other),
         "max_abs_diff": float(np.abs(flat_ref - flat_other).max()),
         "score_range": [float(flat_ref.min()), float(flat_ref.max())],
     }
