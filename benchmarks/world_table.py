@@ -78,8 +78,16 @@ def machine() -> dict:
         "dsdkit": dsdkit.__version__,
         "cpu": platform.processor() or platform.machine(),
         "threads": torch.get_num_threads(),
-        "command": " ".join(sys.argv),
+        "command": _command(),
     }
+
+
+def _command() -> str:
+    """The command line, with the scratch folder (a path of the machine it ran on) left out."""
+    args = list(sys.argv)
+    if "--work" in args and args.index("--work") + 1 < len(args):
+        args[args.index("--work") + 1] = "SCRATCH"
+    return " ".join(["python", *args])
 
 
 def examples_of(subsets, per_subset: int, seed: int = 0):
@@ -413,7 +421,7 @@ def report(paths: list[Path]) -> str:
             low, high = row["score_range"]
             lines.append(
                 f"| {row['variant']} | {row['candidate_sets']} | {row['top1_agreement']:.4f} | "
-                f"{row['spearman']:.5f} | {row['max_abs_diff']:.2e} ({low:.2f} to {high:.2f}) |"
+                f"{row['spearman']:.8f} | {row['max_abs_diff']:.2e} ({low:.2f} to {high:.2f}) |"
             )
         lines.append("")
     return "\n".join(lines)
