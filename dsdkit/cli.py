@@ -1004,6 +1004,27 @@ def exit_codes() -> None:
 # -- terminal output ------------------------------------------------------------------------------------------
 
 
+def _started_progress(label: str, status: str):
+    """A started rich progress display on stderr (label, bar, done/total, status, time left); silent when stderr is
+    not a terminal, and gone when it ends."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    console = Console(stderr=True)
+    progress = Progress(
+        TextColumn(label),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn(status),
+        TimeRemainingColumn(),
+        console=console,
+        disable=not console.is_terminal,
+        transient=True,
+    )
+    progress.__enter__()
+    return progress
+
+
 class _progress_bar:
     """A rich progress bar on stderr; silent when stderr is not a terminal."""
 
@@ -1011,21 +1032,7 @@ class _progress_bar:
         self.label, self.unit = label, unit
 
     def __enter__(self):
-        from rich.console import Console
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-        console = Console(stderr=True)
-        self._progress = Progress(
-            TextColumn(self.label),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn(self.unit),
-            TimeRemainingColumn(),
-            console=console,
-            disable=not console.is_terminal,
-            transient=True,
-        )
-        self._progress.__enter__()
+        self._progress = _started_progress(self.label, self.unit)
         return self.make
 
     def make(self, total: int, done: int):
@@ -1040,21 +1047,7 @@ class _training_progress:
     """Progress bar over optimizer steps with running loss and accuracy; yields the trainer callbacks."""
 
     def __enter__(self):
-        from rich.console import Console
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-        console = Console(stderr=True)
-        self._progress = Progress(
-            TextColumn("training"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("{task.fields[status]}"),
-            TimeRemainingColumn(),
-            console=console,
-            disable=not console.is_terminal,
-            transient=True,
-        )
-        self._progress.__enter__()
+        self._progress = _started_progress("training", "{task.fields[status]}")
         self._task = None
         self._losses, self._correct = [], []
 
@@ -1082,22 +1075,7 @@ class _phase_progress:
     """A progress bar per training phase (VAE, diffusion) with the smoothed loss; yields the step callback."""
 
     def __enter__(self):
-        from rich.console import Console
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-        console = Console(stderr=True)
-        self._progress = Progress(
-            TextColumn("{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("{task.fields[status]}"),
-            TextColumn("left"),
-            TimeRemainingColumn(),
-            console=console,
-            disable=not console.is_terminal,
-            transient=True,
-        )
-        self._progress.__enter__()
+        self._progress = _started_progress("{task.description}", "{task.fields[status]}")
         self._tasks: dict[str, int] = {}
 
         def on_step(phase, step, total, loss):
