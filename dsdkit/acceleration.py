@@ -5,13 +5,14 @@ export's parity tolerances (``tests/test_acceleration.py`` checks fp32 on CPU; `
 
 How the compiled path is built, and why:
 
-* What is compiled is the whole scoring forward of one UNet batch, :func:`dsdkit.scorer.unet_pass` (noising, the
-  UNet with its scoring processors, the recorder's pooling, the noise error), so the scored layers' fp32 logits,
-  softmax and LogSumExp fuse with their neighbours and nothing leaves the graph but ``[B, L]`` and ``[B]``.
+* What is compiled is the whole scoring forward of one UNet batch, :class:`dsdkit.forward.ScoringForward` (noising,
+  the UNet with its processors, the pooling of each scored layer, the noise error), so the scored layers' fp32
+  logits, softmax and LogSumExp fuse with their neighbours and nothing leaves the graph but ``[B, L]`` and ``[B]``.
+  The per-call state the processors record into is made inside the compiled frame, and the processors are installed
+  once, so nothing a guard checks changes from call to call.
 * One compiled forward per (model, mode, adapter, pooling definition, scored layers) is kept on the model and shared
-  by every :class:`~dsdkit.scorer.Scorer` that matches, together with its recorder and processor objects: installing
-  the *same* processor objects again keeps the compiled graph's guards valid, so a new scorer (another S, another
-  job) does not recompile.
+  by every :class:`~dsdkit.scorer.Scorer` that matches, so a new scorer (another S, another job) does not
+  recompile.
 * Shapes are static (``dynamic=False``): the scorer pads a short last batch to the batch size, so a job compiles
   once per batch size, and CUDA graphs (``reduce-overhead``, ``max-autotune``) replay one recorded graph.
 * Compiling costs time once per process and shape (about 2 min for the tiny test model on a 2-core CPU with a cold
@@ -26,7 +27,7 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import ConfigError, ModelError
+from .errors import CompileError, ConfigError
 
 __all__ = [
     "COMPILE_MODES",
@@ -83,22 +84,14 @@ def set_channels_last(model, enabled: bool) -> None:
 
 
 class CompiledForward:
-    """A compiled :func:`~dsdkit.scorer.unet_pass` with its own recorder and scoring processors (see the module doc).
+    """A compiled :class:`~dsdkit.forward.ScoringForward` (see the module doc); called like the forward itself."""
 
-    Use :meth:`installed` around calls to :meth:`__call__`.
-    """
-
-    def __init__(self, model, layer_names: list[str], config, adapter, mode: str):
+    def __init__(self, forward, mode: str):
         import torch
 
-        from .attention import Recorder, build_scoring_processors
-
-        self.model = model
-        self.adapter = adapter
+        self.forward = forward
         self.mode = mode
-        self.recorder = Recorder(list(layer_names), config)
-        self.processors = build_scoring_processors(model.unet, self.recorder, adapter)
-        self.cuda_graphs = model.device.type == "cuda" and mode in _CUDA_GRAPH_MODES
+        self.cuda_graphs = forward.model.device.type == "cuda" and mode in _CUDA_GRAPH_MODES
         # Every instance compiles the same code object (_forward). Without isolation all of them would share one
         # recompile budget per process, and past it dynamo silently runs the frame eagerly: a "compiled" scorer
         # that is not. Where this torch can isolate them, each instance gets its own budget, and exceeding it is an
@@ -112,17 +105,8 @@ class CompiledForward:
             raise _compile_error(error) from error
         self._shapes: set[tuple] = set()
 
-    def installed(self):
-        from .attention import installed
-
-        return installed(self.model.unet, self.processors)
-
     def _forward(self, latents, signal, noise_scale, noise, timesteps, states, masks):
-        from .scorer import unet_pass
-
-        return unet_pass(
-            self.model, self.recorder, latents, signal, noise_scale, noise, timesteps, states, masks, self.adapter
-        )
+        return self.forward(latents, signal, noise_scale, noise, timesteps, states, masks)
 
     def __call__(self, latents, signal, noise_scale, noise, timesteps, states, masks) -> tuple[Any, Any]:
         import torch
@@ -150,20 +134,15 @@ class CompiledForward:
             if first or isinstance(error, torch._dynamo.exc.TorchDynamoException):
                 raise _compile_error(error) from error
             raise
-        finally:
-            # Guards also check the recorder's state: every call must find it as the first one did (empty).
-            self.recorder.mask = None
-            self.recorder.scores.clear()
-            self.recorder.head_weights.clear()
         self._shapes.add(shape)
         # CUDA-graph outputs live in the graph's memory pool and are overwritten by the next replay.
         return (layers.clone(), errors.clone()) if self.cuda_graphs else (layers, errors)
 
 
-def _compile_error(error: BaseException) -> ModelError:
+def _compile_error(error: BaseException) -> CompileError:
     text = str(error).strip()
     reason = text.splitlines()[0] if text else type(error).__name__
-    return ModelError(f"torch.compile failed ({type(error).__name__}: {reason[:300]}); run without --compile")
+    return CompileError(f"torch.compile failed ({type(error).__name__}: {reason[:300]}); run without --compile")
 
 
 @contextlib.contextmanager
@@ -182,14 +161,22 @@ def _no_silent_fallback():
 MAX_CACHED_FORWARDS = 4
 
 
-def compiled_forward(model, layer_names: list[str], config, adapter, mode: str) -> CompiledForward:
-    """The shared :class:`CompiledForward` for this model, mode, adapter and pooling definition (made on first use;
-    the least recently used of more than :data:`MAX_CACHED_FORWARDS` is dropped)."""
-    cache: dict = model.__dict__.setdefault("_compiled_forwards", {})
-    # What the recorder computes depends on these and nothing else of the scoring config (the timesteps, noise bank
+def compiled_forward(forward, mode: str) -> CompiledForward:
+    """The shared :class:`CompiledForward` for this forward's model, mode, adapter and pooling definition (made on
+    first use; the least recently used of more than :data:`MAX_CACHED_FORWARDS` is dropped)."""
+    cache: dict = forward.model.__dict__.setdefault("_compiled_forwards", {})
+    # What the forward computes depends on these and nothing else of the scoring config (the timesteps, noise bank
     # and token masks are inputs); the adapter is held by the entry, so its id cannot be reused while cached.
-    key = (mode, id(adapter), tuple(layer_names), config.pooling, float(config.lse_lambda), config.heads)
-    entry = cache.pop(key, None) or CompiledForward(model, layer_names, config, adapter, mode)
+    config = forward.config
+    key = (
+        mode,
+        id(forward.adapter),
+        tuple(forward.layer_names),
+        config.pooling,
+        float(config.lse_lambda),
+        config.heads,
+    )
+    entry = cache.pop(key, None) or CompiledForward(forward, mode)
     cache[key] = entry  # most recently used last
     while len(cache) > MAX_CACHED_FORWARDS:
         cache.pop(next(iter(cache)))

@@ -34,7 +34,7 @@ from torch import nn
 
 from . import __version__
 from .attention import select_layers
-from .config import ScoringConfig
+from .config import PINNED_KNOBS, ScoringConfig
 from .errors import ConfigError, ModelError
 
 __all__ = [
@@ -132,23 +132,24 @@ class Adapter(nn.Module):
         super().__init__()
         self.config = config
         self.layer_names = list(layer_names)
-        self._condition: torch.Tensor | None = None
 
     @property
     def conditioned(self) -> bool:
-        """Whether the adapter needs a per-sample image condition (:meth:`condition`, :meth:`set_condition`)."""
+        """Whether the adapter needs a per-sample image condition (:meth:`condition`, passed to :meth:`delta`)."""
         return False
 
     def condition(self, latents: torch.Tensor) -> torch.Tensor:
         """The per-sample image condition computed from ``z0`` ``[B, C, h, w]`` (kv-prompt: ``m_θ(x)``, ``[B, r]``)."""
         raise NotImplementedError(f"{type(self).__name__} is not image-conditioned")
 
-    def set_condition(self, condition: torch.Tensor | None) -> None:
-        """The conditions of the samples of the next UNet forward (from :meth:`condition`)."""
-        self._condition = condition
+    def delta(
+        self, module: str, projection: str, inputs: torch.Tensor, condition: torch.Tensor | None = None
+    ) -> torch.Tensor | None:
+        """What to add to ``<module>.to_<projection>(inputs)``, or ``None`` when this adapter does not touch it.
 
-    def delta(self, module: str, projection: str, inputs: torch.Tensor) -> torch.Tensor | None:
-        """What to add to ``<module>.to_<projection>(inputs)``, or ``None`` when this adapter does not touch it."""
+        ``condition`` is the batch's per-sample image condition (from :meth:`condition`) for conditioned adapters;
+        it is an argument, not adapter state, so one adapter can serve concurrent forwards.
+        """
         raise NotImplementedError
 
     def fold(self) -> FoldedAdapter:
@@ -211,15 +212,15 @@ class KVPromptAdapter(Adapter):
     def condition(self, latents):
         return self.meta(image_feature(latents, self.config.feature_grid))
 
-    def delta(self, module, projection, inputs):
+    def delta(self, module, projection, inputs, condition=None):
         if projection not in ("k", "v"):
             return None
         key = f"{_key(module)}__{projection}"
         if key not in self.A:
             return None
-        if self._condition is None:
-            raise RuntimeError("kv-prompt adapter: set_condition(condition(z0)) must precede the UNet forward")
-        scale = self.p[key] + self._condition  # [B, r]: static prompt plus the image-conditioned part
+        if condition is None:
+            raise RuntimeError("kv-prompt adapter: delta() needs the batch's condition(z0)")
+        scale = self.p[key] + condition  # [B, r]: static prompt plus the image-conditioned part
         low = torch.matmul(inputs, self.A[key].to(inputs.dtype).t()) * scale.to(inputs.dtype)[:, None, :]
         return torch.matmul(low, self.B[key].to(inputs.dtype).t())
 
@@ -264,12 +265,12 @@ class FoldedConditionedAdapter(Adapter):
     def conditioned(self) -> bool:
         return True
 
-    def delta(self, module, projection, inputs):
+    def delta(self, module, projection, inputs, condition=None):
         factors = self.factors.get(f"{module}.to_{projection}")
         if factors is None:
             return None
         A, B = (f.to(inputs.device, inputs.dtype) for f in factors)
-        low = torch.matmul(inputs, A.t()) * self._condition.to(inputs.dtype)[:, None, :]
+        low = torch.matmul(inputs, A.t()) * condition.to(inputs.dtype)[:, None, :]
         return torch.matmul(low, B.t())
 
 
@@ -290,7 +291,7 @@ class LoRAAdapter(Adapter):
                 self.down[key] = nn.Parameter(torch.randn(rank, in_features, generator=generator) / rank)
                 self.up[key] = nn.Parameter(torch.zeros(out_features, rank))
 
-    def delta(self, module, projection, inputs):
+    def delta(self, module, projection, inputs, condition=None):
         key = f"{_key(module)}__{projection}"
         if key not in self.down:
             return None
@@ -408,9 +409,9 @@ def read_adapter_header(path: str | os.PathLike) -> dict[str, Any]:
     return header
 
 
-#: Knobs that define what a score *is*: an adapter is trained for one setting of them and refused with another.
-#: Timesteps, S, the denoising term, normalisation and image resizing may differ (evaluation choices).
-SCORE_DEFINING_KNOBS = ("pooling", "lse_lambda", "tokens", "layers", "heads", "uncond_in_attention")
+#: Knobs that define what a score *is* (:data:`dsdkit.config.PINNED_KNOBS`): an adapter is trained for one setting
+#: of them and refused with another. The others (timesteps, S, the denoising term, normalisation, resizing) are free.
+SCORE_DEFINING_KNOBS = PINNED_KNOBS
 
 
 def check_scoring_matches(path: str | os.PathLike, trained: ScoringConfig, scoring: ScoringConfig) -> None:

@@ -362,31 +362,33 @@ def match_command(
             raise ConfigError(
                 f"--noise-levels {noise_levels!r}: expected comma-separated numbers like 0.2,0.4"
             ) from None
-    if adapters is not None and preset is None:
-        # Score the way the adapter was trained, with any knob given here on top.
+    config = None
+    if bundle is None:
         from .adapters import read_adapter_header
+        from .config import resolve_scoring
 
-        preset_name, base = None, read_adapter_header(adapters)["scoring"]
-    else:
-        preset_name, base = (preset.value if preset is not None else "discffusion"), None
-    config = _scoring_config(
-        preset_name,
-        base,
-        num_timesteps=timesteps,
-        pooling=_value(pooling),
-        lse_lambda=lse_lambda,
-        tokens=_value(tokens),
-        layers=_value(layers),
-        heads=_value(heads),
-        timesteps=_value(schedule),
-        noise_levels=levels,
-        denoise_term=denoise,
-        uncond_in_attention=uncond_in_attention,
-        normalize=_value(normalize),
-        resize=_value(resize),
-        resolution=resolution,
-        noise_seed=seed,
-    )
+        # Explicit knobs over the adapter's header over the preset (the one rule every command uses).
+        config = resolve_scoring(
+            _value(preset),
+            read_adapter_header(adapters)["scoring"] if adapters is not None else None,
+            dict(
+                num_timesteps=timesteps,
+                pooling=_value(pooling),
+                lse_lambda=lse_lambda,
+                tokens=_value(tokens),
+                layers=_value(layers),
+                heads=_value(heads),
+                timesteps=_value(schedule),
+                noise_levels=levels,
+                denoise_term=denoise,
+                uncond_in_attention=uncond_in_attention,
+                normalize=_value(normalize),
+                resize=_value(resize),
+                resolution=resolution,
+                noise_seed=seed,
+            ),
+            source=str(adapters),
+        )
     if dry_run:
         from .matching import plan_match
 
@@ -402,6 +404,7 @@ def match_command(
             bundle=bundle,
             backend=backend,
             num_timesteps=timesteps if bundle is not None else None,
+            compile=_value(compile),
         )
         typer.echo(_format_plan(plan))
         return
@@ -438,15 +441,6 @@ def match_command(
             f"{len(result.meta.get('truncated_captions', {}))} captions truncated: "
             f"{skipped_report_path(output)})"
         )
-
-
-def _scoring_config(preset: str | None, base: dict | None, **knobs):
-    """A preset, or a saved scoring config (``base``, e.g. an adapter's), with the given knobs (``None``: unset)."""
-    from .config import ScoringConfig
-
-    if base is None:
-        return ScoringConfig.from_preset(preset, **knobs)
-    return ScoringConfig.from_dict({**base, **{k: v for k, v in knobs.items() if v is not None}})
 
 
 def _format_plan(plan: dict) -> str:

@@ -1,8 +1,8 @@
 """``dsdkit explain``: per-token cross-attention heat maps of one image-caption pair, from the PyTorch scorer.
 
 The maps are the attention probabilities ``P = softmax_j(QKᵀ/√d)`` that the score pools: the same UNet passes
-(:func:`dsdkit.scorer.unet_pass` with the scoring processors, the same noise bank and timesteps), recorded by the
-same :class:`~dsdkit.attention.Recorder` that computes the layer scores. Per word token: the probability of that
+(the scorer's :class:`~dsdkit.forward.ScoringForward`, the same noise bank and timesteps), recorded by the same
+per-call record that computes the layer scores. Per word token: the probability of that
 token for every image position, averaged over heads, upsampled to the finest scored layer's grid, averaged over the
 scored layers and the timesteps.
 """
@@ -51,22 +51,16 @@ def explain(scorer, image: ImageInput, caption: str) -> Explanation:
     import torch
     import torch.nn.functional as F
 
-    from .attention import Recorder, scoring_processors
-    from .scorer import unet_pass
-
     model, config = scorer.model, scorer.config
     encoding = scorer.encode_images([image])[0]
     text = scorer.encode_texts([caption])[0]
-    recorder = Recorder(scorer.layer_names, config, keep_maps=True)
     grid = int(math.sqrt(max(encoding.latent.shape[-1] * encoding.latent.shape[-2], 1)))
     accumulated, layer_scores = None, []
-    with torch.inference_mode(), scoring_processors(model.unet, recorder, scorer.adapter):
+    with torch.inference_mode():
         for k in range(len(scorer.timesteps)):
             steps = torch.tensor([k])
             signal, noise_scale, timesteps = scorer.noising(steps)
-            layers, _ = unet_pass(
-                model,
-                recorder,
+            layers, _, call = scorer.forward.trace(
                 encoding.latent[None],
                 signal,
                 noise_scale,
@@ -74,12 +68,12 @@ def explain(scorer, image: ImageInput, caption: str) -> Explanation:
                 timesteps,
                 text.states[None],
                 text.mask[None],
-                scorer.adapter,
+                keep_maps=True,
             )
             layer_scores.append(layers[0].double().cpu().numpy())
             per_layer = []
             for index in range(len(scorer.layer_names)):
-                probs = recorder.maps[index][0]  # [n, T], head mean of what the pooling consumed
+                probs = call.maps[index][0]  # [n, T], head mean of what the pooling consumed
                 side = int(round(math.sqrt(probs.shape[0])))
                 maps = probs.T.reshape(-1, 1, side, side).float()
                 per_layer.append(F.interpolate(maps, size=(grid, grid), mode="bilinear", align_corners=False)[:, 0])

@@ -1,5 +1,10 @@
-"""`dsdkit match` as a library function: images x captions -> score matrix (+ result file), on the PyTorch scorer
-or on an exported bundle."""
+"""`dsdkit match` as a library function: images x captions -> score matrix (+ result file), on either engine.
+
+Written once against the engine interface (:class:`~dsdkit.runtime.engine.Engine`): :func:`open_engine` returns the
+PyTorch :class:`~dsdkit.scorer.Scorer` or a bundle's :class:`~dsdkit.runtime.matcher.Matcher`, and everything
+after that (screening and decoding images once, chunking, resuming, per-layer terms, metadata, the dry run's
+calibration) is the same code for both. Nothing here imports torch unless the PyTorch engine is asked for.
+"""
 
 from __future__ import annotations
 
@@ -15,15 +20,16 @@ from typing import Any
 import numpy as np
 
 from . import __version__
-from .config import ScoringConfig
+from .config import ScoringConfig, resolve_scoring
 from .errors import ConfigError, InputError
+from .runtime.engine import Engine, chunk_slices
 from .runtime.files import atomic_write_text
-from .runtime.images import ImageInput, Pixels, ResizeMode, check_image, describe, preprocess_image
+from .runtime.images import ImageInput, check_image, describe, preprocess_image
 from .runtime.inputs import list_images, read_captions
 from .runtime.jobs import finish, job_fingerprint, run_resumable
 from .runtime.results import OUTPUT_FORMATS, MatchResult, write_result
 
-__all__ = ["match", "gather_inputs", "JobInputs", "skipped_report_path"]
+__all__ = ["match", "plan_match", "open_engine", "gather_inputs", "JobInputs", "skipped_report_path"]
 
 logger = logging.getLogger(__name__)
 
@@ -117,6 +123,56 @@ class _Skips:
         ]
 
 
+def open_engine(
+    model: Any = None,
+    config: ScoringConfig | None = None,
+    adapters: str | os.PathLike | None = None,
+    bundle: str | os.PathLike | None = None,
+    backend: str = "auto",
+    batch_size: int | None = None,
+    device: str | None = None,
+    dtype: str | None = None,
+    num_timesteps: int | None = None,
+    chunk_size: int = 64,
+    compile: str | None = None,
+) -> Engine:
+    """The engine a job runs on: a bundle's :class:`~dsdkit.runtime.matcher.Matcher` (``bundle``; torch is not
+    imported) or the PyTorch :class:`~dsdkit.scorer.Scorer` (``model``, ``config``, ``adapters``, ``compile``).
+
+    The PyTorch engine's scoring config is :func:`~dsdkit.config.resolve_scoring` of ``config`` (as explicit knobs)
+    over the adapter's header: an adapter is refused under a config that scores differently from its training.
+    """
+    if bundle is not None:
+        if compile is not None:
+            raise ConfigError("--compile is for the PyTorch path (--model); a bundle's speed comes from its backend")
+        from .runtime.matcher import Matcher
+
+        return Matcher.from_bundle(
+            bundle,
+            backend=backend,
+            device=device or "auto",
+            batch_size=batch_size,
+            num_timesteps=num_timesteps,
+            chunk_size=chunk_size,
+        )
+    from .acceleration import Acceleration
+    from .adapters import load_adapter, read_adapter_header
+    from .models import SD2Model, load_model
+    from .scorer import Scorer
+
+    acceleration = Acceleration(compile=compile)  # a bad mode is refused before the model loads
+    pinned = read_adapter_header(adapters)["scoring"] if adapters is not None else None
+    explicit = config.to_dict() if config is not None else None
+    # Without a config of its own, the job scores the way the adapter was trained (or with the default preset).
+    resolved = resolve_scoring(None, pinned, explicit, source=str(adapters)) if pinned or explicit else None
+    sd2 = model if isinstance(model, SD2Model) else load_model(model, device=device, dtype=dtype)
+    adapter = load_adapter(adapters, sd2, resolved)[0] if adapters is not None else None
+    scorer = Scorer(sd2, resolved, batch_size=batch_size, adapter=adapter, acceleration=acceleration)
+    scorer.chunk_size = chunk_size
+    scorer.adapter_file = None if adapters is None else str(adapters)
+    return scorer
+
+
 def match(
     images: str | os.PathLike | Sequence[ImageInput],
     captions: str | os.PathLike | Sequence[str],
@@ -140,9 +196,10 @@ def match(
 ) -> MatchResult:
     """Score every image against every caption and optionally write a result file.
 
-    Two engines: the PyTorch scorer (``model``, ``config``, ``adapters``) or an exported bundle (``bundle``,
-    ``backend``; torch is not imported). Rows are computed in chunks of ``chunk_size`` images; with an ``output``,
-    each finished chunk is saved atomically in ``<output>.partial/`` and ``resume`` continues an interrupted job.
+    Two engines (:func:`open_engine`): the PyTorch scorer (``model``, ``config``, ``adapters``) or an exported
+    bundle (``bundle``, ``backend``; torch is not imported). Rows are computed in chunks of ``chunk_size`` images;
+    with an ``output``, each finished chunk is saved atomically in ``<output>.partial/`` and ``resume`` continues an
+    interrupted job.
 
     Args:
         images: a folder, an image-list file, or a list of paths / PIL images / arrays.
@@ -157,7 +214,7 @@ def match(
             ``device`` picks the ONNX Runtime provider.
         progress: ``progress(total, already_done) -> advance`` makes a progress reporter for a job of ``total``
             UNet evaluations; ``advance(n)`` is called as batches finish.
-        per_layer: keep the attention term of every scored layer (``[N, M, L]``; PyTorch path).
+        per_layer: keep the attention term of every scored layer (``[N, M, L]``).
         adapters: an adapter file from ``dsdkit train`` (refused if made for another base model or other layers).
         bundle: a bundle folder from ``dsdkit export`` (its scoring config is fixed at export).
         backend: ``auto``, ``onnxruntime`` or ``tensorrt`` (bundles only).
@@ -191,43 +248,60 @@ def match(
     skips = _Skips(job.names, strict).screen(job.images)
     skips.raise_if_all_skipped(len(job.images))  # before any model is loaded
     started = time.perf_counter()
-    if bundle is not None:
-        if per_layer:
-            raise ConfigError("--per-layer comes from the PyTorch path (--model); bundles output pooled scores only")
-        if compile is not None:
-            raise ConfigError("--compile is for the PyTorch path (--model); a bundle's speed comes from its backend")
-        engine = _BundleEngine(bundle, backend, device, batch_size, num_timesteps, chunk_size)
-    else:
-        engine = _TorchEngine(model, config, adapters, batch_size, device, dtype, compile)
+    engine = open_engine(
+        model, config, adapters, bundle, backend, batch_size, device, dtype, num_timesteps, chunk_size, compile
+    )
     with engine:
-        text_count = engine.encode_texts(job.captions, job.where)
+        texts = engine.encode_texts(job.captions, job.where)
         fingerprint = job_fingerprint(
             {
                 "images": [_identify(i, name) for i, name in zip(job.images, job.names, strict=True)],
                 "captions": job.captions,
-                **engine.identity(),
+                **_identity(engine),
             }
         )
-        total = engine.planned_evaluations(len(job.images) - len(skips.images), text_count)
-        if progress is not None:
-            engine.set_progress(progress(total, 0))
-        notes = {"skipped_images": skips.images}
-        scores = run_resumable(
-            lambda start: _blocks(engine, job, skips, chunk_size, start),
-            (len(job.images), len(job.captions)),
-            output,
-            fingerprint,
-            resume,
-            notes,
+        unique_texts = len({e.text for e in texts})
+        total = engine.planned_evaluations(
+            len(job.images) - len(skips.images), (len(job.images) - len(skips.images)) * unique_texts
         )
-        skips.images = notes["skipped_images"]
+        counter = _Counter(progress(total, 0) if progress is not None else None)
+        layers = np.full((len(job.images), len(texts), len(engine.layer_names)), np.nan) if per_layer else None
+
+        def blocks(start: int):
+            """Rows of the score matrix from ``start``, a chunk of images at a time; unusable images stay NaN.
+
+            Each image is decoded once, here: a file that passed the header screen but fails to decode (truncated)
+            is skipped now, and the others reach the engine as preprocessed pixels."""
+            for rows in chunk_slices(len(job.images), chunk_size, start):
+                block = np.full((rows.stop - rows.start, len(texts)), np.nan)
+                pixels, at = [], []
+                for index in range(rows.start, rows.stop):
+                    if index in skips:
+                        continue
+                    try:
+                        pixels.append(
+                            preprocess_image(job.images[index], engine.resolution, engine.config.resize, index=index)
+                        )
+                    except InputError as exc:
+                        skips.skip(index, exc)
+                        continue
+                    at.append(index)
+                if pixels:
+                    out = engine.score_encoded_matrix(engine.encode_pixels(pixels), texts, progress=counter)
+                    block[np.asarray(at) - rows.start] = out.scores
+                    if layers is not None:
+                        layers[at] = out.layer_scores
+                yield rows, block
+
+        scores = run_resumable(
+            blocks, (len(job.images), len(job.captions)), output, fingerprint, resume, {"skipped_images": skips.images}
+        )
         if strict and skips.images:  # skipped by an earlier run without --strict, merged back by --resume
             raise InputError(
                 f"{skips.records()[0]['reason']} (--strict: an earlier run skipped it; fix or remove it, "
                 "or resume without --strict)"
             )
-        meta = engine.meta(job.captions, job.where)
-        layer_scores = engine.layer_scores() if per_layer else None
+        meta = _meta(engine, texts, job.where, counter.evaluations)
     skips.raise_if_all_skipped(len(job.images))
     keep = [i for i in range(len(job.images)) if i not in skips]
     meta["seconds"] = round(time.perf_counter() - started, 3)
@@ -240,7 +314,7 @@ def match(
         captions=job.captions,
         scores=scores[keep],
         meta=meta,
-        layer_scores=None if layer_scores is None else layer_scores[keep],
+        layer_scores=None if layers is None else layers[keep],
     )
     if output is not None:
         write_result(result, output, k=top_k)
@@ -256,227 +330,64 @@ def match(
     return result
 
 
-def _blocks(engine, job: JobInputs, skips: _Skips, chunk_size: int, start: int):
-    """Rows of the score matrix from ``start``, a chunk of images at a time; unusable images stay NaN rows.
+class _Counter:
+    """The progress callback of a job: counts evaluations and forwards them to the user's reporter."""
 
-    Each image is decoded once, here: a file that passed the header screen but fails to decode (truncated) is
-    skipped now, and the others reach the engine as :class:`Pixels`.
-    """
-    count = len(job.captions)
-    for begin in range(start, len(job.images), chunk_size):
-        rows = slice(begin, min(begin + chunk_size, len(job.images)))
-        block = np.full((rows.stop - begin, count), np.nan)
-        ready, at = [], []
-        for index in range(rows.start, rows.stop):
-            if index in skips:
-                continue
-            try:
-                pixels = preprocess_image(job.images[index], engine.resolution, engine.resize, index=index)
-            except InputError as exc:
-                skips.skip(index, exc)
-                continue
-            ready.append(Pixels(pixels, engine.resize, job.names[index]))
-            at.append(index - begin)
-        # Called for an all-skipped chunk too, so per-row side outputs (per-layer terms) stay aligned with rows.
-        block[at] = engine.score_rows(ready, at, rows.stop - begin)
-        yield rows, block
+    def __init__(self, advance: Callable[[int], None] | None):
+        self.advance = advance
+        self.evaluations = 0
+
+    def __call__(self, n: int) -> None:
+        self.evaluations += n
+        if self.advance is not None:
+            self.advance(n)
 
 
-def _identify(image: ImageInput, name: str) -> str:
-    """What a resumed job compares: a file's path, size and modification time, or an in-memory image's name."""
-    if isinstance(image, (str, os.PathLike)):
-        try:
-            stat = os.stat(image)
-            return f"{name}:{stat.st_size}:{stat.st_mtime_ns}"
-        except OSError:
-            return name
-    return name
-
-
-class _TorchEngine:
-    """The PyTorch scorer behind :func:`match`."""
-
-    def __init__(self, model, config, adapters, batch_size, device, dtype, compile=None):
-        from .acceleration import Acceleration
-        from .models import SD2Model, load_model
-        from .scorer import Scorer
-
-        acceleration = Acceleration(compile=compile)  # a bad mode is refused before the model loads
-        self.model = model if isinstance(model, SD2Model) else load_model(model, device=device, dtype=dtype)
-        adapter = None
-        if adapters is not None:
-            from .adapters import load_adapter
-
-            # Without a scoring config of its own, the job scores the way the adapter was trained.
-            adapter, trained = load_adapter(adapters, self.model, config)
-            config = config or trained
-        config = config or ScoringConfig()
-        self.adapters = adapters
-        self.config = config
-        self.scorer = Scorer(self.model, config, batch_size=batch_size, adapter=adapter, acceleration=acceleration)
-        self._layers: list[np.ndarray] = []
-        self._truncated: list[int] = []
-        self._evaluations = 0
-        self._layer_names: list[str] = list(self.scorer.layer_names)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return None
-
-    def encode_texts(self, captions, where) -> int:
-        self._texts = self.scorer.encode_texts(captions, where=where)
-        self._truncated = [e.tokens.truncated for e in self._texts]
-        return len({e.text for e in self._texts})
-
-    def identity(self) -> dict:
+def _identity(engine: Engine) -> dict[str, Any]:
+    """What, besides the inputs, makes a job's numbers (the resume fingerprint; its form is kept stable so that
+    partial results of earlier versions still resume)."""
+    meta = engine.metadata()
+    if meta["backend"] == "pytorch":
         return {
             "engine": "pytorch",
-            "model": self.model.identity(),
-            "scoring": self.config.to_dict(),
-            "adapters": None if self.adapters is None else str(self.adapters),
-            "timesteps": self.scorer.timesteps,
+            "model": meta["model_identity"],
+            "scoring": meta["scoring"],
+            "adapters": getattr(engine, "adapter_file", None),
+            "timesteps": meta["timesteps"],
         }
-
-    def planned_evaluations(self, num_images: int, num_texts: int) -> int:
-        return self.scorer.planned_evaluations(num_images, num_images * num_texts)
-
-    def set_progress(self, advance) -> None:
-        self.scorer.progress = advance
-
-    @property
-    def resolution(self) -> int:
-        return self.scorer.resolution
-
-    @property
-    def resize(self) -> str:
-        return ResizeMode(self.config.resize).value
-
-    def score_rows(self, images, at, num_rows) -> np.ndarray:
-        layers = np.full((num_rows, len(self._texts), len(self._layer_names)), np.nan)
-        self._layers.append(layers)
-        if not images:
-            return np.empty((0, len(self._texts)))
-        out = self.scorer.score_encoded_matrix(self.scorer.encode_images(images), self._texts)
-        layers[at] = out.layer_scores
-        self._evaluations += out.unet_evaluations
-        return out.scores
-
-    def layer_scores(self):
-        return np.concatenate(self._layers) if self._layers else None
-
-    def meta(self, captions, where) -> dict:
-        truncated = {where[j]: count for j, count in enumerate(self._truncated) if count}
-        warnings = []
-        if self.model.is_test_model:
-            warnings.append("random-weight test model: scores are meaningless")
-        _warn_truncated(truncated, warnings, self.model.tokenizer.max_length)
-        return {
-            "dsdkit_version": __version__,
-            "backend": "pytorch",
-            "compile": self.scorer.acceleration.compile,
-            "model": self.model.describe(),
-            "scoring": self.config.to_dict(),
-            "adapters": None if self.adapters is None else str(self.adapters),
-            "timesteps": list(self.scorer.timesteps),
-            "layers": self._layer_names,
-            "unet_evaluations": self._evaluations,
-            "truncated_captions": truncated,
-            "warnings": warnings,
-        }
+    return {
+        "engine": "bundle",
+        "scorer": meta["bundle_scorer_sha256"],
+        "scoring": meta["scoring"],
+        "timesteps": meta["timesteps"],
+    }
 
 
-class _BundleEngine:
-    """The torch-free runtime behind :func:`match` (``--bundle``)."""
-
-    def __init__(self, bundle, backend, device, batch_size, num_timesteps, chunk_size):
-        from .runtime.matcher import Matcher
-
-        self.matcher = Matcher.from_bundle(
-            bundle,
-            backend=backend,
-            device=device or "auto",
-            batch_size=batch_size,
-            num_timesteps=num_timesteps,
-            chunk_size=chunk_size,
-        )
-        self.path = Path(bundle)
-        self._evaluations = 0
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.matcher.close()
-
-    def encode_texts(self, captions, where) -> int:
-        self._texts = self.matcher.encode_texts(captions, where=where)
-        return len({e.text for e in self._texts})
-
-    def identity(self) -> dict:
-        manifest = self.matcher.bundle.manifest
-        return {
-            "engine": "bundle",
-            "scorer": manifest["files"][manifest["graphs"]["scorer"]["file"]]["sha256"],
-            "scoring": self.matcher.scoring,
-            "timesteps": self.matcher.timesteps,
-        }
-
-    def planned_evaluations(self, num_images: int, num_texts: int) -> int:
-        return self.matcher.planned_evaluations(num_images, num_texts)
-
-    def set_progress(self, advance) -> None:
-        def counted(n: int) -> None:
-            self._evaluations += n
-            advance(n)
-
-        self.matcher.progress = counted
-
-    @property
-    def resolution(self) -> int:
-        return self.matcher.resolution
-
-    @property
-    def resize(self) -> str:
-        return ResizeMode(self.matcher.resize).value
-
-    def score_rows(self, images, at, num_rows) -> np.ndarray:
-        if not images:
-            return np.empty((0, len(self._texts)))
-        return self.matcher.score_encoded_matrix(self.matcher.encode_images(images), self._texts)
-
-    def layer_scores(self):
-        return None
-
-    def meta(self, captions, where) -> dict:
-        manifest = self.matcher.bundle.manifest
-        truncated = {where[j]: e.tokens.truncated for j, e in enumerate(self._texts) if e.tokens.truncated}
-        warnings = []
-        if manifest["model"].get("test_model_random_weights"):
-            warnings.append("random-weight test model: scores are meaningless")
-        _warn_truncated(truncated, warnings, manifest["model"]["text_length"])
-        return {
-            "dsdkit_version": __version__,
-            "backend": next(iter(self.matcher.runners.values())).name,
-            "bundle": str(self.path),
-            "model": {k: manifest["model"][k] for k in ("source", "identity", "resolution", "licence")},
-            "adapters": (manifest.get("adapter") or {}).get("file"),
-            "precision": manifest["precision"],
-            "scoring": self.matcher.scoring,
-            "timesteps": self.matcher.timesteps,
-            "layers": manifest["layers"],
-            "unet_evaluations": self._evaluations,
-            "truncated_captions": truncated,
-            "warnings": warnings,
-        }
-
-
-def _warn_truncated(truncated: dict, warnings: list, length: int) -> None:
+def _meta(engine: Engine, texts, where: list[str], evaluations: int) -> dict[str, Any]:
+    """The result file's ``meta``: the engine's metadata plus what this job did."""
+    meta = engine.metadata()
+    truncated = {where[j]: e.tokens.truncated for j, e in enumerate(texts) if e.tokens.truncated}
+    warnings = list(meta.pop("warnings"))
+    length = meta.pop("text_length")
     if truncated:
         warnings.append(f"{len(truncated)} caption(s) longer than {length} tokens were truncated")
         for name, count in truncated.items():
-            logger.warning("%s: %d token(s) beyond the 77-token context were dropped", name, count)
+            logger.warning("%s: %d token(s) beyond the %d-token context were dropped", name, count, length)
+    out = {"dsdkit_version": __version__, **meta}
+    if meta["backend"] == "pytorch":
+        out.pop("model_identity")
+        out["adapters"] = getattr(engine, "adapter_file", None)
+    else:
+        manifest = engine.bundle.manifest
+        out.pop("bundle_scorer_sha256")
+        out["backend"] = next(iter(engine.runners.values())).name
+        out["model"] = {k: manifest["model"][k] for k in ("source", "identity", "resolution", "licence")}
+        out["adapters"] = (manifest.get("adapter") or {}).get("file")
+        out["precision"] = manifest["precision"]
+    out["unet_evaluations"] = evaluations
+    out["truncated_captions"] = truncated
+    out["warnings"] = warnings
+    return out
 
 
 def plan_match(
@@ -491,11 +402,13 @@ def plan_match(
     bundle: str | os.PathLike | None = None,
     backend: str = "auto",
     num_timesteps: int | None = None,
+    compile: str | None = None,
 ) -> dict[str, Any]:
-    """What a match job will cost, from a short calibration on its first image and caption (``--dry-run``).
+    """What a match job will cost, from a short calibration of the engine that will run it (``--dry-run``; with
+    ``compile``, the compiled scorer, so the first timed batch follows a compiling warm-up).
 
     Returns pairs, UNet evaluations (``N·S`` unconditional when needed + ``N·M·S``), measured seconds per image
-    encoding, caption encoding and scorer evaluation, and the estimated total seconds.
+    encoding, caption encoding and UNet batch, and the estimated total seconds.
     """
     job = gather_inputs(images, captions)
     skips = _Skips(job.names, strict=False).screen(job.images)
@@ -504,31 +417,20 @@ def plan_match(
     if not image_list or not caption_list:
         raise InputError("nothing to score: give at least one usable image and one caption")
     n, m = len(image_list), len(caption_list)
-    if bundle is not None:
-        from .runtime.matcher import Matcher
-
-        engine = Matcher.from_bundle(
-            bundle, backend=backend, device=device or "auto", batch_size=batch_size, num_timesteps=num_timesteps
-        )
-        with engine:
-            timing = _calibrate_bundle(engine, image_list[0], caption_list[0], where[0])
-            steps, batch = len(engine.timesteps), engine.batch_size
-            evaluations = engine.planned_evaluations(n, m)
+    engine = open_engine(
+        model, config, adapters, bundle, backend, batch_size, device, dtype, num_timesteps, compile=compile
+    )
+    with engine:
+        timing = _calibrate(engine, image_list[0], caption_list[0], where[0])
+        steps, batch = len(engine.timesteps), engine.batch_size
+        evaluations = engine.planned_evaluations(n, n * m)
+        meta = engine.metadata()
+        if meta["backend"] == "pytorch":
+            label = f"pytorch ({engine.model.device}, {engine.model.precision.value})"
+            if compile is not None:
+                label += f", compiled ({compile})"
+        else:
             label = f"{next(iter(engine.runners.values())).name} ({bundle})"
-    else:
-        from .scorer import build_scorer
-
-        scorer = build_scorer(model, adapters, None, None, batch_size=batch_size, device=device, dtype=dtype)
-        if adapters is not None and config is not None:
-            from .adapters import check_scoring_matches
-
-            check_scoring_matches(adapters, scorer.config, config)
-        config = config or scorer.config
-        scorer = scorer.__class__(scorer.model, config, batch_size=batch_size, adapter=scorer.adapter)
-        timing = _calibrate_torch(scorer, image_list[0], caption_list[0], where[0])
-        steps, batch = len(scorer.timesteps), scorer.batch_size
-        evaluations = scorer.planned_evaluations(n, n * m)
-        label = f"pytorch ({scorer.model.device}, {scorer.model.precision.value})"
     batches = -(-evaluations // batch)
     estimate = n * timing["image_s"] + m * timing["caption_s"] + batches * timing["batch_s"]
     return {
@@ -551,39 +453,23 @@ def _timed(function) -> float:
     return time.perf_counter() - started
 
 
-def _calibrate_bundle(matcher, image, caption, where) -> dict[str, float]:
-    image_s = _timed(lambda: matcher.encode_images([image]))
-    caption_s = _timed(lambda: matcher.encode_texts([caption], where=[where]))
-    encoded, text = matcher.encode_images([image])[0], matcher.encode_texts([caption], where=[where])[0]
-    count = matcher.batch_size
-    feed = {
-        "latents": np.repeat(encoded.latent[None], count, 0),
-        "states": np.repeat(text.states[None], count, 0),
-        "token_mask": np.repeat(text.mask[None], count, 0),
-        "timestep": np.full(count, matcher.timesteps[0], dtype=np.int64),
-        "noise_index": np.zeros(count, np.int64),
-    }
-    if matcher.conditioned:
-        feed["condition"] = np.repeat(encoded.condition[None], count, 0)
-    matcher.runners["scorer"].infer(feed)  # warm-up: session creation, allocations
-    batch_s = _timed(lambda: matcher.runners["scorer"].infer(feed))
+def _calibrate(engine: Engine, image, caption, where) -> dict[str, float]:
+    """Seconds per image encoding, caption encoding and full UNet batch, measured on the job's own engine."""
+    image_s = _timed(lambda: engine.encode_images([image]))
+    caption_s = _timed(lambda: engine.encode_texts([caption], where=[where]))
+    encoded, text = engine.encode_images([image]), engine.encode_texts([caption], where=[where])
+    pairs = [(0, 0)] * engine.batch_size  # one full batch at one timestep
+    engine.score_encoded_pairs(encoded, text, pairs, steps=[0])  # warm-up (and the unconditional pass, cached)
+    batch_s = _timed(lambda: engine.score_encoded_pairs(encoded, text, pairs, steps=[0]))
     return {"image_s": image_s, "caption_s": caption_s, "batch_s": batch_s}
 
 
-def _calibrate_torch(scorer, image, caption, where) -> dict[str, float]:
-    image_s = _timed(lambda: scorer.encode_images([image]))
-    caption_s = _timed(lambda: scorer.encode_texts([caption], where=[where]))
-    # One batch of the job's size at one timestep (the unconditional pass off so only the timed batch runs).
-    probe = scorer.__class__(
-        scorer.model,
-        scorer.config.replace(
-            num_timesteps=1, noise_levels=(0.5,), denoise_term=False, normalize="none", uncond_in_attention=False
-        ),
-        batch_size=scorer.batch_size,
-        adapter=scorer.adapter,
-    )
-    encoded, text = probe.encode_images([image]), probe.encode_texts([caption], where=[where])
-    pairs = [(0, 0)] * scorer.batch_size
-    probe.score_encoded_pairs(encoded, text, pairs[:1])  # warm-up
-    batch_s = _timed(lambda: probe.score_encoded_pairs(encoded, text, pairs))
-    return {"image_s": image_s, "caption_s": caption_s, "batch_s": batch_s}
+def _identify(image: ImageInput, name: str) -> str:
+    """What a resumed job compares: a file's path, size and modification time, or an in-memory image's name."""
+    if isinstance(image, (str, os.PathLike)):
+        try:
+            stat = os.stat(image)
+            return f"{name}:{stat.st_size}:{stat.st_mtime_ns}"
+        except OSError:
+            return name
+    return name

@@ -12,16 +12,16 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .config import ScoringConfig, TimestepSchedule
+from .config import ScoringConfig
+from .errors import ModelError
 from .runtime.schedule import discffusion_timesteps, noise_level_timesteps
 
 __all__ = ["discffusion_timesteps", "noise_level_timesteps", "timesteps_for", "NoiseSchedule", "noise_bank"]
 
 
 def timesteps_for(config: ScoringConfig) -> list[int]:
-    if config.timesteps is TimestepSchedule.discffusion:
-        return discffusion_timesteps(config.num_timesteps)
-    return noise_level_timesteps(config.noise_levels)
+    """The config's timestep table (:attr:`~dsdkit.config.ScoringConfig.timestep_table`)."""
+    return config.timestep_table
 
 
 @dataclass(frozen=True)
@@ -42,8 +42,6 @@ class NoiseSchedule:
         elif kind == "linear":
             betas = np.linspace(beta_start, beta_end, steps, dtype=np.float64)
         else:
-            from .errors import ModelError
-
             raise ModelError(
                 f"scheduler beta_schedule {kind!r} is not supported; SD2 uses 'scaled_linear' "
                 "(check scheduler_config.json)"

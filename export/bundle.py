@@ -274,11 +274,7 @@ def _export_graphs(scorer, staging: Path, manifest: dict[str, Any], config: Expo
     for name, build in modules.items():
         module = build().eval()
         file = f"onnx/{name}.onnx"
-        try:
-            info = export_graph(module, specs[name], staging / file, config.exporter, config.opset, sd2.device)
-        finally:
-            if isinstance(module, ScorerGraph):
-                module.release()  # the UNet's own processors return; the unfolded scorer below needs them
+        info = export_graph(module, specs[name], staging / file, config.exporter, config.opset, sd2.device)
         timings[name] = info["seconds"]
         precision = config.precision if name == "scorer" else "fp32"
         manifest["graphs"][name] = {**specs[name].to_dict(file, config.batch), "precision": precision}
@@ -351,7 +347,7 @@ def run_parity(staging: Path, manifest: dict[str, Any], references: dict[str, An
     try:
         matcher.encode_images(images)
         matcher.encode_texts(captions)
-        if matcher.needs_unconditional_pass:
+        if matcher.config.needs_unconditional_pass:
             _ = matcher.empty_caption
         runners["text_encoder"].close()
         runners["image_encoder"].close()
@@ -388,9 +384,7 @@ def _reference_outputs(scorer, images, captions, manifest, preprocess_image) -> 
     """Feeds for each graph built from the parity inputs, and PyTorch's outputs for them (unfolded, fp32)."""
     import torch
 
-    from ..attention import Recorder, scoring_processors
     from ..schedule import noise_bank
-    from ..scorer import unet_pass
 
     sd2 = scorer.model
     device = sd2.device
@@ -432,11 +426,8 @@ def _reference_outputs(scorer, images, captions, manifest, preprocess_image) -> 
         feed["condition"] = condition.cpu().numpy()
     signal, noise_scale = sd2.schedule.coefficients(timesteps.tolist())
     bank = noise_bank(scorer.config.noise_seed, int(noise_index.max()) + 1, tuple(manifest["model"]["latent_shape"]))
-    recorder = Recorder(scorer.layer_names, scorer.config)
-    with torch.no_grad(), scoring_processors(sd2.unet, recorder, scorer.adapter):
-        layers, error = unet_pass(
-            sd2,
-            recorder,
+    with torch.no_grad():
+        layers, error = scorer.forward(
             latents,
             torch.tensor(signal, dtype=torch.float32, device=device),
             torch.tensor(noise_scale, dtype=torch.float32, device=device),
@@ -444,7 +435,6 @@ def _reference_outputs(scorer, images, captions, manifest, preprocess_image) -> 
             torch.from_numpy(timesteps).to(device),
             states[pick],
             masks.to(device),
-            scorer.adapter,
             condition=condition,
         )
     out["scorer"] = (

@@ -6,7 +6,7 @@ scorer, fed by ``condition = m_θ(x)``, which the image encoder computes.
 
 ``precision="fp16"`` exports the scorer with fp16 weights and activations and fp32 islands where scores are made:
 the scoring processors compute ``QKᵀ/√d``, the softmax and the LogSumExp pooling in fp32, and the layer means, the
-noise error and the outputs are fp32 (see :mod:`dsdkit.attention`, :func:`dsdkit.scorer.unet_pass`).
+noise error and the outputs are fp32 (see :mod:`dsdkit.forward`).
 """
 
 from __future__ import annotations
@@ -18,9 +18,8 @@ import torch
 from torch import nn
 
 from ..adapters import Adapter, AdapterConfig, FoldedConditionedAdapter, image_feature
-from ..attention import Recorder, scoring_processors
+from ..forward import ScoringForward
 from ..models import Precision, SD2Model
-from ..scorer import unet_pass
 
 __all__ = ["TextEncoderGraph", "ImageEncoderGraph", "ScorerGraph", "fold_adapter"]
 
@@ -92,21 +91,14 @@ class ScorerGraph(nn.Module):
         self.model = model
         self.unet = model.unet
         self.adapter = adapter
-        self.recorder = Recorder(layer_names, config)
+        self.scoring_forward = ScoringForward(model, config, adapter, layer_names)
         abar = torch.tensor(model.schedule.alphas_cumprod, dtype=torch.float64)
         self.register_buffer("signal", abar.sqrt().float())
         self.register_buffer("noise_scale", (1.0 - abar).sqrt().float())
         self.register_buffer("noise_bank", noise_bank.float())
-        self._processors = scoring_processors(self.unet, self.recorder, adapter)
-        self._processors.__enter__()  # installed for the module's lifetime; :meth:`release` restores them
-
-    def release(self) -> None:
-        self._processors.__exit__(None, None, None)
 
     def forward(self, latents, states, token_mask, timestep, noise_index, condition=None):
-        layers, error = unet_pass(
-            self.model,
-            self.recorder,
+        layers, error = self.scoring_forward(
             latents,
             self.signal[timestep],
             self.noise_scale[timestep],
@@ -114,7 +106,6 @@ class ScorerGraph(nn.Module):
             timestep,
             states,
             token_mask,
-            self.adapter,
             condition=condition,
             autocast=False,
         )

@@ -5,42 +5,36 @@ Works on numpy arrays (the runtime) and torch tensors (the PyTorch scorer and th
 
 from __future__ import annotations
 
+from .config import Normalization, ScoringConfig
+
 __all__ = ["combine_terms"]
 
 
-def combine_terms(
-    layers,
-    errors,
-    uncond_layers=None,
-    uncond_errors=None,
-    *,
-    uncond_in_attention: bool = False,
-    normalize_uncond: bool = False,
-    denoise_term: bool = True,
-):
-    """Combine per-timestep terms into scores.
+def combine_terms(config: ScoringConfig, layers, errors, uncond_layers=None, uncond_errors=None):
+    """Combine per-timestep terms into per-timestep scores, with the switches of ``config``.
 
     Args:
         layers: ``[P, K, L]`` attention term per pair, timestep and scored layer (conditional pass).
         errors: ``[P, K]`` ``‖ε − ε̂(x_t, c)‖₂``.
-        uncond_layers, uncond_errors: the same for the empty caption on each pair's image (needed by the switches
-            below).
-        uncond_in_attention: average the conditional and unconditional attention terms (the authors' bug B3).
-        normalize_uncond: subtract the empty caption's attention term (``normalize=uncond``).
-        denoise_term: add ``‖ε − ε̂(x_t, ∅)‖₂ − ‖ε − ε̂(x_t, c)‖₂``.
+        uncond_layers, uncond_errors: the same for the empty caption on each pair's image (needed when
+            ``config.needs_unconditional_pass``).
+
+    ``uncond_in_attention`` averages the conditional and unconditional attention terms (the authors' bug B3),
+    ``normalize=uncond`` subtracts the empty caption's attention term, and ``denoise_term`` adds
+    ``‖ε − ε̂(x_t, ∅)‖₂ − ‖ε − ε̂(x_t, c)‖₂``.
 
     Returns:
         ``(per_step [P, K], attention [P, K, L], denoise [P, K] or None)``; a pair's score is the mean of its
-        ``per_step`` over timesteps.
+        ``per_step`` over the timesteps it is scored at.
     """
     attention = layers
-    if uncond_in_attention:
+    if config.uncond_in_attention:
         attention = 0.5 * (attention + uncond_layers)
-    if normalize_uncond:
+    if config.normalize is Normalization.uncond:
         attention = attention - uncond_layers
     per_step = attention.mean(-1)
     denoise = None
-    if denoise_term:
+    if config.denoise_term:
         denoise = uncond_errors - errors
         per_step = per_step + denoise
     return per_step, attention, denoise

@@ -4,7 +4,8 @@
 (which also wrote ``tests/data/formats/``) before the scoring core was reshaped. The same job must give the same
 matrices: ``|Δ| <= 1e-6 + 1e-6·|x|`` on PyTorch, the bundle's own parity tolerance on ONNX Runtime.
 
-These tests never skip. The tiny model's weights are a function of the installed torch (and diffusers); when the
+fp32 convolutions sum in an order that depends on the thread count (~1e-6 on these scores, more than the
+tolerance), so the tests run with the recorded number of torch threads. These tests never skip. The tiny model's weights are a function of the installed torch (and diffusers); when the
 matrices differ while those versions differ from the recorded ones, the failure says so and gives the command that
 re-records them. A difference at the recorded versions is a regression.
 """
@@ -44,6 +45,16 @@ def _version_note() -> str:
         return "at the recorded library versions: this is a regression"
     listed = ", ".join(f"{k} {old} -> {new}" for k, (old, new) in changed.items())
     return f"library versions differ from the recording ({listed}); if intended, re-record with `{RECORD['command']}`"
+
+
+@pytest.fixture(autouse=True)
+def recorded_threads():
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(RECORD["threads"])
+    yield
+    torch.set_num_threads(before)
 
 
 def assert_matches(name: str, actual: np.ndarray, expected: np.ndarray, atol: float, rtol: float) -> None:

@@ -24,13 +24,14 @@ import numpy as np
 import torch
 
 from ..adapters import AdapterConfig, adapter_file_bytes, create_adapter
-from ..config import ScoringConfig
+from ..config import resolve_scoring
 from ..datasets import Dataset, Example, TaskKind, few_shot, load_dataset
 from ..errors import ConfigError, TrainingError
 from ..evaluation import compute_metrics, score_examples
+from ..forward import ScoringForward
 from ..models import SD2Model, load_model
 from ..runtime.files import atomic_write_bytes, atomic_write_text
-from ..scorer import Scorer, combine_terms, unet_pass
+from ..scorer import Scorer
 from .checkpoint import TrainerState, latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .losses import CandidateLoss
@@ -130,7 +131,7 @@ class Trainer:
 
     def setup(self) -> None:
         cfg = self.config
-        self.scoring = ScoringConfig.from_preset(cfg.preset, **cfg.scoring)
+        self.scoring = resolve_scoring(cfg.preset, None, cfg.scoring)
         self.dataset = load_dataset(cfg.data, cfg.format, cfg.image_root, seed=cfg.seed)
         training, held_out = split_for_training(self.dataset, cfg)
         training = few_shot(training, cfg.shots, cfg.fraction, cfg.first, seed=cfg.seed)
@@ -145,6 +146,7 @@ class Trainer:
         self.adapter = create_adapter(
             self.model, self.scoring, AdapterConfig(kind=cfg.adapter, rank=cfg.rank, init_seed=cfg.seed)
         )
+        self.forward = ScoringForward(self.model, self.scoring, self.adapter, self.encoder.layer_names)
         self.loss_fn = CandidateLoss(cfg.loss, cfg.margin).to(self.model.device)
         parameters = list(self.adapter.parameters()) + list(self.loss_fn.parameters())
         self.optimizer = torch.optim.AdamW(parameters, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -228,9 +230,7 @@ class Trainer:
         # Encodings are cached inference tensors; clone them so autograd may save them.
         batch_latents = torch.stack(latents).clone()
         signal, noise_scale, timesteps = encoder.noising(torch.tensor(steps))
-        layers, errors = unet_pass(
-            self.model,
-            encoder._recorder,
+        layers, errors = self.forward(
             batch_latents,
             signal,
             noise_scale,
@@ -238,7 +238,6 @@ class Trainer:
             timesteps,
             torch.stack(states).clone(),
             torch.stack(masks).clone(),
-            self.adapter,
         )
         losses, correct = [], 0
         for example, cond, uncond in plans:
@@ -247,7 +246,7 @@ class Trainer:
                 u_layers, u_errors = layers[uncond][:, None, :], errors[uncond][:, None]
             else:
                 u_layers, u_errors = torch.zeros_like(c_layers), torch.zeros_like(c_errors)
-            per_step, _, _ = combine_terms(scoring, c_layers, c_errors, u_layers, u_errors)
+            per_step, _, _ = self.forward.combine(c_layers, c_errors, u_layers, u_errors)
             scores = per_step[:, 0]
             losses.append(self.loss_fn(scores, example.positive, example.label))
             correct += self.loss_fn.correct(scores.detach(), example.positive, example.label)
@@ -311,41 +310,37 @@ class Trainer:
             zero_shot = self.evaluate(zero_shot=True)
             state.history.append({"step": 0, "epoch": 0, "eval": zero_shot, "zero_shot": True})
             self.trigger("on_eval_end", metrics=zero_shot, zero_shot=True)
-        from ..attention import scoring_processors
-
-        with scoring_processors(self.model.unet, self.encoder._recorder, self.adapter):
-            while state.step < self.total_steps and state.epoch < cfg.epochs:
-                order = np.random.default_rng([cfg.seed, state.epoch]).permutation(len(self.train_examples))
-                while state.position < len(order) and state.step < self.total_steps:
-                    batch = [self.train_examples[i] for i in order[state.position : state.position + cfg.batch_size]]
-                    loss, correct = self._step(batch)
-                    state.step += 1
-                    state.position += len(batch)
-                    state.epoch_loss_sum += loss
-                    state.epoch_steps += 1
-                    state.epoch_correct += correct
-                    state.epoch_seen += len(batch)
-                    if state.step % cfg.checkpoint_every == 0 and state.step < self.total_steps:
-                        self.checkpoint()
-                    self.trigger("on_step_end", step=state.step, loss=loss, accuracy=correct / len(batch))
-                if state.position >= len(order):
-                    summary = {
-                        "step": state.step,
-                        "epoch": state.epoch + 1,
-                        "train_loss": state.epoch_loss_sum / max(state.epoch_steps, 1),
-                        "train_accuracy": state.epoch_correct / max(state.epoch_seen, 1),
-                    }
-                    state.epoch += 1
-                    state.position = 0
-                    state.epoch_loss_sum, state.epoch_steps, state.epoch_correct, state.epoch_seen = 0.0, 0, 0, 0
-                    if cfg.eval_every_epoch and self.eval_examples:
-                        # The evaluation scorer installs its processors and restores these training ones after.
-                        summary["eval"] = self.evaluate()
-                        self.trigger("on_eval_end", metrics=summary["eval"], zero_shot=False)
-                    state.history.append(summary)
-                    self.trigger("on_epoch_end", epoch=state.epoch)
-                    if state.step < self.total_steps:
-                        self.checkpoint()
+        while state.step < self.total_steps and state.epoch < cfg.epochs:
+            order = np.random.default_rng([cfg.seed, state.epoch]).permutation(len(self.train_examples))
+            while state.position < len(order) and state.step < self.total_steps:
+                batch = [self.train_examples[i] for i in order[state.position : state.position + cfg.batch_size]]
+                loss, correct = self._step(batch)
+                state.step += 1
+                state.position += len(batch)
+                state.epoch_loss_sum += loss
+                state.epoch_steps += 1
+                state.epoch_correct += correct
+                state.epoch_seen += len(batch)
+                if state.step % cfg.checkpoint_every == 0 and state.step < self.total_steps:
+                    self.checkpoint()
+                self.trigger("on_step_end", step=state.step, loss=loss, accuracy=correct / len(batch))
+            if state.position >= len(order):
+                summary = {
+                    "step": state.step,
+                    "epoch": state.epoch + 1,
+                    "train_loss": state.epoch_loss_sum / max(state.epoch_steps, 1),
+                    "train_accuracy": state.epoch_correct / max(state.epoch_seen, 1),
+                }
+                state.epoch += 1
+                state.position = 0
+                state.epoch_loss_sum, state.epoch_steps, state.epoch_correct, state.epoch_seen = 0.0, 0, 0, 0
+                if cfg.eval_every_epoch and self.eval_examples:
+                    summary["eval"] = self.evaluate()
+                    self.trigger("on_eval_end", metrics=summary["eval"], zero_shot=False)
+                state.history.append(summary)
+                self.trigger("on_epoch_end", epoch=state.epoch)
+                if state.step < self.total_steps:
+                    self.checkpoint()
         self.checkpoint()
         final = self.run_dir / "adapter.safetensors"
         atomic_write_bytes(final, self._adapter_bytes())

@@ -1,0 +1,278 @@
+"""The scoring configuration: every knob of the DSD score, its two presets, its timestep tables, and the one rule
+that decides which config a job runs with (:func:`resolve_scoring`).
+
+A :class:`ScoringConfig` is plain data (torch-free, so the bundle runtime reads the same type the PyTorch side
+writes). It is written next to every artifact (result files, adapters, bundles) so that a score can always be traced
+to exactly how it was computed; ``dsdkit.config`` re-exports this module.
+
+| knob                    | ``discffusion`` (authors' code, per pair) | ``paper`` (Eq. 3-4, 7)                  |
+|-------------------------|-------------------------------------------|-----------------------------------------|
+| ``pooling``             | ``text-lse``: mean_i LSE_j L_ij            | ``image-lse``: mean_j (1/λ) LSE_i λP_ij  |
+| ``lse_lambda``          | 1                                         | 5                                       |
+| ``tokens``              | ``all`` 77 positions                      | ``words-eos`` (BOS and padding masked)  |
+| ``layers``              | ``last`` (last down, mid, last up block)  | ``all`` cross-attention layers          |
+| ``heads``               | ``uniform``                               | ``dynamic`` (Eq. 7, closed form)        |
+| ``timesteps``           | ``discffusion`` table with S steps        | ``noise-levels`` 0.2/0.4/0.6/0.8        |
+| ``denoise_term``        | on                                        | off                                     |
+| ``uncond_in_attention`` | off (the authors' bug B3, as a knob)      | off                                     |
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any
+
+from .errors import ConfigError
+from .images import ResizeMode
+from .schedule import discffusion_timesteps, noise_level_timesteps
+
+__all__ = [
+    "Pooling",
+    "TokenSet",
+    "LayerSet",
+    "HeadWeighting",
+    "TimestepSchedule",
+    "Normalization",
+    "ResizeMode",
+    "ScoringConfig",
+    "PRESETS",
+    "PINNED_KNOBS",
+    "FREE_KNOBS",
+    "resolve_scoring",
+]
+
+
+class Pooling(str, Enum):
+    text_lse = "text-lse"  # per image token, LogSumExp of the logits over text tokens; mean over image tokens
+    image_lse = "image-lse"  # per text token, LogSumExp of the probabilities over image tokens; mean over tokens
+
+
+class TokenSet(str, Enum):
+    all = "all"  # all 77 positions: BOS, words, EOS, padding (authors' code)
+    words_eos = "words-eos"  # word tokens and EOS (paper preset)
+    words = "words"  # word tokens only
+
+
+class LayerSet(str, Enum):
+    last = "last"  # last cross-attention block of the down path, the mid block, last of the up path (6 on SD2)
+    all = "all"  # every cross-attention layer (16 on SD2)
+
+
+class HeadWeighting(str, Enum):
+    uniform = "uniform"
+    dynamic = "dynamic"  # paper Eq. 7: attribution-based weights, per pair and per head
+
+
+class TimestepSchedule(str, Enum):
+    discffusion = "discffusion"  # idx_k = 10 + k*floor(1000/S) < 990, t = 999 - idx, ascending
+    noise_levels = "noise-levels"  # t = round(level * 999) for the given levels
+
+
+class Normalization(str, Enum):
+    none = "none"
+    uncond = "uncond"  # score(x, c) - score(x, empty caption), for comparing images under one caption
+
+
+@dataclass(frozen=True)
+class ScoringConfig:
+    """How a DSD score is computed. Build one with :meth:`preset` and override single knobs."""
+
+    preset: str = "discffusion"
+    pooling: Pooling = Pooling.text_lse
+    lse_lambda: float = 1.0
+    tokens: TokenSet = TokenSet.all
+    layers: LayerSet = LayerSet.last
+    heads: HeadWeighting = HeadWeighting.uniform
+    timesteps: TimestepSchedule = TimestepSchedule.discffusion
+    num_timesteps: int = 30
+    noise_levels: tuple[float, ...] = (0.2, 0.4, 0.6, 0.8)
+    denoise_term: bool = True
+    uncond_in_attention: bool = False
+    normalize: Normalization = Normalization.none
+    resize: ResizeMode = ResizeMode.squash
+    resolution: int | None = None  # None: the model's native resolution (512 for SD2-base)
+    noise_seed: int = 0
+
+    def __post_init__(self):
+        enums = {
+            "pooling": Pooling,
+            "tokens": TokenSet,
+            "layers": LayerSet,
+            "heads": HeadWeighting,
+            "timesteps": TimestepSchedule,
+            "normalize": Normalization,
+            "resize": ResizeMode,
+        }
+        for name, enum in enums.items():
+            value = getattr(self, name)
+            try:
+                object.__setattr__(self, name, enum(value.value if isinstance(value, Enum) else value))
+            except ValueError:
+                choices = ", ".join(m.value for m in enum)
+                raise ConfigError(f"scoring config: {name}={value!r} is not one of {choices}") from None
+        object.__setattr__(self, "noise_levels", tuple(float(v) for v in self.noise_levels))
+        self.validate()
+
+    def validate(self) -> None:
+        """Reject impossible knob values and combinations with a message that says what to change."""
+        if not self.lse_lambda > 0:
+            raise ConfigError(f"scoring config: lse_lambda must be > 0, got {self.lse_lambda}")
+        if self.timesteps is TimestepSchedule.discffusion and not 1 <= self.num_timesteps <= 980:
+            raise ConfigError(
+                "scoring config: num_timesteps must be between 1 and 980 for the discffusion table, "
+                f"got {self.num_timesteps}"
+            )
+        if self.timesteps is TimestepSchedule.noise_levels:
+            if not self.noise_levels:
+                raise ConfigError("scoring config: noise_levels is empty; give at least one level in (0, 1]")
+            bad = [v for v in self.noise_levels if not 0.0 < v <= 1.0]
+            if bad:
+                raise ConfigError(f"scoring config: noise levels must lie in (0, 1], got {bad}")
+        if self.heads is HeadWeighting.dynamic and self.pooling is not Pooling.image_lse:
+            raise ConfigError(
+                "scoring config: dynamic head weighting (paper Eq. 7) attributes over attention probabilities and is "
+                "defined for pooling=image-lse; use --heads uniform with text-lse pooling"
+            )
+        if self.resolution is not None and (self.resolution < 64 or self.resolution % 64):
+            raise ConfigError(f"scoring config: resolution must be a multiple of 64 (>= 64), got {self.resolution}")
+
+    # -- presets and serialisation ---------------------------------------------------------------------------
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides: Any) -> ScoringConfig:
+        """The named preset with some knobs overridden (``None`` values are ignored, so CLI defaults pass through)."""
+        try:
+            base = PRESETS[name]
+        except KeyError:
+            raise ConfigError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}") from None
+        unknown = set(overrides) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ConfigError(f"unknown scoring knob(s): {', '.join(sorted(unknown))}")
+        values = {k: v for k, v in overrides.items() if v is not None}
+        return dataclasses.replace(base, **values)
+
+    def replace(self, **changes: Any) -> ScoringConfig:
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            out[f.name] = (
+                value.value if isinstance(value, Enum) else (list(value) if isinstance(value, tuple) else value)
+            )
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ScoringConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ConfigError(
+                f"scoring config has unknown field(s) {sorted(unknown)}; it was written by a newer dsdkit"
+            )
+        values = dict(data)
+        if "noise_levels" in values:
+            values["noise_levels"] = tuple(values["noise_levels"])
+        return cls(**values)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=1, sort_keys=True)
+
+    @property
+    def timestep_table(self) -> list[int]:
+        """The timesteps ``t_k`` this config scores at, ascending (entry k is paired with noise-bank entry k)."""
+        if self.timesteps is TimestepSchedule.discffusion:
+            return discffusion_timesteps(self.num_timesteps)
+        return noise_level_timesteps(self.noise_levels)
+
+    @property
+    def needs_empty_caption_score(self) -> bool:
+        """Whether the empty caption's attention term is needed (``normalize=uncond`` or the authors' B3)."""
+        return self.normalize is Normalization.uncond or self.uncond_in_attention
+
+    @property
+    def needs_unconditional_pass(self) -> bool:
+        """Whether ε̂(x_t, ∅) or the empty caption's attention is needed (computed once per image and timestep)."""
+        return self.denoise_term or self.uncond_in_attention or self.normalize is Normalization.uncond
+
+
+PRESETS: dict[str, ScoringConfig] = {}
+PRESETS["discffusion"] = ScoringConfig()
+PRESETS["paper"] = ScoringConfig(
+    preset="paper",
+    pooling=Pooling.image_lse,
+    lse_lambda=5.0,
+    tokens=TokenSet.words_eos,
+    layers=LayerSet.all,
+    heads=HeadWeighting.dynamic,
+    timesteps=TimestepSchedule.noise_levels,
+    denoise_term=False,
+)
+
+
+# -- which config a job runs with ---------------------------------------------------------------------------------
+
+#: Knobs that define what a score *is*. An adapter (or a bundle) is trained / exported for one setting of them, pins
+#: them in its header, and is refused under another.
+PINNED_KNOBS = ("pooling", "lse_lambda", "tokens", "layers", "heads", "uncond_in_attention")
+
+#: Knobs that stay free under an adapter: evaluation choices that do not change what the adapter computes.
+FREE_KNOBS = tuple(
+    f.name for f in dataclasses.fields(ScoringConfig) if f.name not in PINNED_KNOBS and f.name != "preset"
+)
+
+
+def resolve_scoring(
+    preset: str | None = None,
+    pinned: ScoringConfig | dict[str, Any] | None = None,
+    overrides: dict[str, Any] | None = None,
+    source: str = "the adapter",
+) -> ScoringConfig:
+    """The scoring config of a job: explicit knob ``overrides`` over the adapter's header (``pinned``) over the preset.
+
+    Used by every command (match, eval, explain, export, train, the dry run), so all of them agree.
+
+    Args:
+        preset: the ``--preset`` given explicitly, or ``None``.
+        pinned: the scoring config an adapter was trained with (its header) or a bundle was exported with, if any.
+        overrides: knob values given explicitly (``None`` values are ignored, so CLI defaults pass through).
+        source: how ``pinned`` is named in messages (an adapter file, a bundle folder).
+
+    Without ``pinned``: the preset (``discffusion`` by default) with the overrides. With it: the header's config with
+    the overrides of :data:`FREE_KNOBS`. An explicit preset or override that contradicts one of its
+    :data:`PINNED_KNOBS` is refused in one line, since the adapter computes another score under it.
+
+    Raises:
+        ConfigError: unknown preset or knob, an invalid value, or a contradiction of a pinned knob.
+    """
+    overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
+    unknown = set(overrides) - {f.name for f in dataclasses.fields(ScoringConfig)}
+    if unknown:
+        raise ConfigError(f"unknown scoring knob(s): {', '.join(sorted(unknown))}")
+    if pinned is None:
+        return ScoringConfig.from_preset(preset or "discffusion", **overrides)
+    base = pinned if isinstance(pinned, ScoringConfig) else ScoringConfig.from_dict(pinned)
+    wanted = {}
+    if preset is not None:
+        chosen = ScoringConfig.from_preset(preset)
+        wanted.update({k: getattr(chosen, k) for k in PINNED_KNOBS if getattr(chosen, k) != getattr(base, k)})
+    wanted.update({k: v for k, v in overrides.items() if k in PINNED_KNOBS})
+    clashes = {k: v for k, v in wanted.items() if _plain(v) != _plain(getattr(base, k))}
+    if clashes:
+        asked = ", ".join(f"{k}={_plain(v)}" for k, v in clashes.items())
+        has = ", ".join(f"{k}={_plain(getattr(base, k))}" for k in clashes)
+        via = f"--preset {preset} " if preset is not None and set(clashes) - set(overrides) else ""
+        raise ConfigError(
+            f"{source} pins {has}, but this run asks {via}for {asked}; leave out --preset and those knob options "
+            "to score the way it was trained (or retrain / re-export it)"
+        )
+    free = {k: v for k, v in overrides.items() if k not in PINNED_KNOBS}
+    return base.replace(**free) if free else base
+
+
+def _plain(value: Any) -> Any:
+    return value.value if isinstance(value, Enum) else value

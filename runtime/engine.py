@@ -1,0 +1,430 @@
+"""The one engine interface behind every command: the PyTorch :class:`~dsdkit.scorer.Scorer` and the bundle
+:class:`~dsdkit.runtime.matcher.Matcher` are both an :class:`Engine`.
+
+Everything that does not depend on *how* a UNet runs lives here, once, torch-free:
+
+- per image, once: preprocessing, then the engine's image encoder, cached by pixel content (bounded);
+- per caption, once: tokenizing, then the engine's text encoder, cached by caption;
+- per (image, timestep), once, when the config needs it: the empty caption's terms (the unconditional pass);
+- per (pair, timestep): one UNet evaluation, work items packed into batches of :attr:`Engine.batch_size`;
+- combining terms (:func:`~dsdkit.runtime.scoring.combine_terms`), duplicates scored once, matrices, ranking.
+
+An engine implements the primitives :meth:`Engine._encode_pixel_batch`, :meth:`Engine._encode_token_batch`,
+:meth:`Engine._evaluate` and :meth:`Engine.metadata`, and sets the attributes listed on :class:`Engine`. Scores
+come back as a :class:`ScoreOutput` holding the **per-timestep** terms, so a caller can combine any subset of
+timesteps (:meth:`ScoreOutput.at`), or ask for a subset only (the ``steps`` argument of the scoring methods).
+A pair's score never depends on what else is scored with it: every work item is evaluated on its own.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import numpy as np
+
+from .config import ScoringConfig
+from .errors import ConfigError, InputError
+from .images import ImageInput, preprocess_image
+from .scoring import combine_terms
+from .tokenizer import TokenizedText
+
+__all__ = ["Engine", "ScoreOutput", "ImageEncoding", "TextEncoding", "ProgressCallback", "chunk_slices"]
+
+#: ``progress(n)`` is called after each batch with the number of UNet (scorer-graph) evaluations it ran.
+ProgressCallback = Callable[[int], None]
+
+
+def chunk_slices(total: int, size: int, start: int = 0) -> Iterator[slice]:
+    """Consecutive ``slice``s of at most ``size`` items covering ``start..total`` (the one chunking rule)."""
+    if size < 1:
+        raise ConfigError(f"chunk size must be >= 1, got {size}")
+    for begin in range(start, total, size):
+        yield slice(begin, min(begin + size, total))
+
+
+@dataclass
+class ImageEncoding:
+    """One image's cached work: ``z0`` and, for image-conditioned adapters of a bundle, their condition."""
+
+    key: str  # sha1 of the preprocessed pixels: identical pixels share one encoding
+    latent: Any  # the engine's array (a torch tensor on the Scorer, numpy on the Matcher)
+    condition: Any = None
+
+
+@dataclass
+class TextEncoding:
+    """One caption's cached work: token ids and roles, text states and the kept-token mask."""
+
+    text: str
+    tokens: TokenizedText
+    states: Any
+    mask: Any
+
+
+@dataclass
+class ScoreOutput:
+    """Per-timestep terms of scored pairs (or of a matrix), and the scores they make.
+
+    Attributes:
+        attention_steps: ``float64[..., K, L]`` attention term per timestep and scored layer, after the config's
+            unconditional mixing and normalisation (the leading axes are ``[P]`` for pairs, ``[N, M]`` for a matrix).
+        denoise_steps: ``float64[..., K]`` the denoising term per timestep, or ``None`` when it is off.
+        steps: the timestep indices (positions in the engine's :attr:`~Engine.timesteps`) of the K axis.
+        timesteps: the timesteps ``t`` of those indices.
+        layer_names: the scored cross-attention layers.
+        truncated: per caption, word tokens dropped beyond the text encoder's context.
+        unet_evaluations: UNet (scorer-graph) sample-evaluations this call ran; cached work is not counted.
+    """
+
+    attention_steps: np.ndarray
+    denoise_steps: np.ndarray | None
+    steps: list[int]
+    timesteps: list[int]
+    layer_names: list[str]
+    truncated: list[int] = field(default_factory=list)
+    unet_evaluations: int = 0
+
+    @property
+    def per_step(self) -> np.ndarray:
+        """``float64[..., K]``: each timestep's score (mean attention term over layers, plus the denoising term)."""
+        per_step = self.attention_steps.mean(-1)
+        return per_step if self.denoise_steps is None else per_step + self.denoise_steps
+
+    @property
+    def scores(self) -> np.ndarray:
+        """``float64[...]``: the DSD score, the mean of :attr:`per_step` over the timesteps held."""
+        return self.per_step.mean(-1)
+
+    @property
+    def layer_scores(self) -> np.ndarray:
+        """``float64[..., L]``: the attention term per layer, mean over the timesteps held."""
+        return self.attention_steps.mean(-2)
+
+    @property
+    def denoise(self) -> np.ndarray | None:
+        """``float64[...]``: the denoising term, mean over the timesteps held (``None`` when off)."""
+        return None if self.denoise_steps is None else self.denoise_steps.mean(-1)
+
+    def at(self, steps: Sequence[int]) -> ScoreOutput:
+        """The terms of a subset of the timestep indices held (scores then average over that subset only)."""
+        where = {s: i for i, s in enumerate(self.steps)}
+        missing = [s for s in steps if s not in where]
+        if missing:
+            raise ConfigError(f"timestep indices {missing} were not scored (held: {self.steps})")
+        index = [where[s] for s in steps]
+        return replace(
+            self,
+            attention_steps=self.attention_steps[..., index, :],
+            denoise_steps=None if self.denoise_steps is None else self.denoise_steps[..., index],
+            steps=list(steps),
+            timesteps=[self.timesteps[i] for i in index],
+        )
+
+
+class Engine:
+    """The engine interface (see the module doc). Subclasses set, in ``__init__``:
+
+    Attributes:
+        config: the :class:`~dsdkit.runtime.config.ScoringConfig` scores are computed with.
+        timesteps: the timestep table ``t_k`` (index k pairs with noise-bank entry k).
+        layer_names: the scored cross-attention layers.
+        resolution: the square size images are preprocessed to.
+        batch_size: work items (pairs x timesteps) per UNet / scorer-graph batch; scores do not depend on it.
+        tokenizer: has ``encode(text, where=...)`` and ``encode_empty()``.
+        progress: the default :data:`ProgressCallback` (each scoring call may pass its own).
+        chunk_size: images per chunk in :meth:`score` (memory stays flat).
+        max_cached_images: the image cache's bound (oldest first out).
+    """
+
+    config: ScoringConfig
+    timesteps: list[int]
+    layer_names: list[str]
+    resolution: int
+    batch_size: int
+    tokenizer: Any
+    progress: ProgressCallback | None = None
+    chunk_size: int = 64
+    max_cached_images: int = 4096
+
+    def _init_caches(self) -> None:
+        self._images: dict[str, ImageEncoding] = {}
+        self._texts: dict[str, TextEncoding] = {}
+        # Per image key: the empty caption's attention terms [K, L] and ‖ε_k − ε̂(x_t, ∅)‖₂ [K], NaN where not yet
+        # computed (a job that scores a subset of the timesteps computes only those).
+        self._uncond: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        self._empty: TextEncoding | None = None
+
+    # -- what an engine implements -------------------------------------------------------------------------------
+
+    def _encode_pixel_batch(self, pixels: np.ndarray) -> list[tuple[Any, Any]]:
+        """``float32[B, 3, H, W]`` pixels in [-1, 1] -> per image ``(latent, condition or None)``."""
+        raise NotImplementedError
+
+    def _encode_token_batch(self, tokens: list[TokenizedText]) -> list[tuple[Any, Any]]:
+        """Tokenized captions -> per caption ``(states, kept-token mask)``."""
+        raise NotImplementedError
+
+    def _evaluate(
+        self, images: list[ImageEncoding], texts: list[TextEncoding], steps: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """One batch of work items ``(images[b], texts[b], timestep index steps[b])`` -> attention term per layer
+        ``float64[B, L]`` and ``‖ε − ε̂(x_t, c)‖₂`` ``float64[B]``."""
+        raise NotImplementedError
+
+    def metadata(self) -> dict[str, Any]:
+        """What result files record about the engine (backend, model, scoring, timesteps, layers, warnings)."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Release the engine's resources (sessions, engines); the PyTorch scorer holds none of its own."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # -- per-image and per-caption work (cached) -----------------------------------------------------------------
+
+    def encode_images(self, images: Sequence[ImageInput], offset: int = 0) -> list[ImageEncoding]:
+        """Preprocess and encode ``images``; ``offset`` numbers them in error messages when they are a chunk."""
+        pixels = [
+            preprocess_image(image, self.resolution, self.config.resize, index=offset + i)
+            for i, image in enumerate(images)
+        ]
+        return self.encode_pixels(pixels)
+
+    def encode_pixels(self, pixels: Sequence[np.ndarray]) -> list[ImageEncoding]:
+        """Encode already preprocessed images (``float32[3, R, R]`` from
+        :func:`~dsdkit.runtime.images.preprocess_image` at :attr:`resolution`), cached by pixel content."""
+        keys, todo = [], {}
+        for array in pixels:
+            if array.shape[-2:] != (self.resolution, self.resolution):
+                raise InputError(
+                    f"preprocessed image of size {array.shape[-2:]}: this engine needs {self.resolution} pixels "
+                    "(preprocess_image at engine.resolution)"
+                )
+            key = hashlib.sha1(np.ascontiguousarray(array).tobytes()).hexdigest()
+            keys.append(key)
+            if key not in self._images:
+                todo[key] = array
+        items = list(todo.items())
+        for chunk in chunk_slices(len(items), self.batch_size):
+            batch = items[chunk]
+            encoded = self._encode_pixel_batch(np.stack([a for _, a in batch]).astype(np.float32, copy=False))
+            for (key, _), (latent, condition) in zip(batch, encoded, strict=True):
+                self._images[key] = ImageEncoding(key, latent, condition)
+        encodings = [self._images[key] for key in keys]
+        self._evict(set(keys))
+        return encodings
+
+    def _evict(self, keep: set[str]) -> None:
+        """Drop the oldest cached images (and their unconditional terms) beyond :attr:`max_cached_images`."""
+        excess = len(self._images) - max(self.max_cached_images, len(keep))
+        if excess > 0:
+            for key in [k for k in self._images if k not in keep][:excess]:
+                del self._images[key]
+                self._uncond.pop(key, None)
+
+    def encode_texts(self, texts: Sequence[str], where: Sequence[str] | None = None) -> list[TextEncoding]:
+        """Text states and kept-token masks of ``texts``, cached by caption.
+
+        ``where`` names each caption in error messages (e.g. ``"captions.txt line 3"``).
+        """
+        keys, todo = [], {}
+        for index, text in enumerate(texts):
+            tokens = self.tokenizer.encode(text, where=where[index] if where is not None else f"caption #{index}")
+            key = text.strip()
+            keys.append(key)
+            if key not in self._texts and key not in todo:
+                todo[key] = tokens
+        self._encode_tokens(todo)
+        return [self._texts[key] for key in keys]
+
+    def _encode_tokens(self, todo: dict[str, TokenizedText]) -> None:
+        items = list(todo.items())
+        for chunk in chunk_slices(len(items), self.batch_size):
+            batch = items[chunk]
+            encoded = self._encode_token_batch([tokens for _, tokens in batch])
+            for (key, tokens), (states, mask) in zip(batch, encoded, strict=True):
+                self._texts[key] = TextEncoding(key, tokens, states, mask)
+
+    @property
+    def empty_caption(self) -> TextEncoding:
+        """The unconditional prompt's encoding (BOS, EOS, padding)."""
+        if self._empty is None:
+            tokens = self.tokenizer.encode_empty()
+            ((states, mask),) = self._encode_token_batch([tokens])
+            self._empty = TextEncoding("", tokens, states, mask)
+        return self._empty
+
+    # -- scoring -------------------------------------------------------------------------------------------------
+
+    def step_indices(self, steps: Sequence[int] | None = None) -> list[int]:
+        """Validated timestep indices (positions in :attr:`timesteps`), ascending; ``None``: all of them."""
+        if steps is None:
+            return list(range(len(self.timesteps)))
+        chosen = sorted({int(s) for s in steps})
+        bad = [s for s in chosen if not 0 <= s < len(self.timesteps)]
+        if bad or not chosen:
+            raise ConfigError(
+                f"timestep indices {bad or '[]'} are out of range: this engine has {len(self.timesteps)} timesteps "
+                f"(indices 0..{len(self.timesteps) - 1})"
+            )
+        return chosen
+
+    def planned_evaluations(self, num_images: int, num_pairs: int, num_steps: int | None = None) -> int:
+        """UNet sample-evaluations for ``num_pairs`` pairs over ``num_images`` new images at ``num_steps``
+        timesteps (default: all), nothing cached: the unconditional pass per image (when needed) plus one per pair."""
+        steps = len(self.timesteps) if num_steps is None else int(num_steps)
+        per_image = steps if self.config.needs_unconditional_pass else 0
+        return num_images * per_image + num_pairs * steps
+
+    def _run(self, work: list[tuple[ImageEncoding, TextEncoding, int]], progress) -> tuple[np.ndarray, np.ndarray]:
+        """Evaluate work items in batches: attention terms ``float64[W, L]`` and errors ``float64[W]``."""
+        layers = np.empty((len(work), len(self.layer_names)), dtype=np.float64)
+        errors = np.empty(len(work), dtype=np.float64)
+        for sl in chunk_slices(len(work), self.batch_size):
+            batch = work[sl]
+            steps = np.fromiter((k for _, _, k in batch), dtype=np.int64, count=len(batch))
+            layers[sl], errors[sl] = self._evaluate([i for i, _, _ in batch], [t for _, t, _ in batch], steps)
+            if progress is not None:
+                progress(len(batch))
+        return layers, errors
+
+    def _ensure_unconditional(self, images: Sequence[ImageEncoding], steps: list[int], progress) -> int:
+        """Compute the empty caption's terms once per (image, timestep); returns the evaluations run."""
+        empty = self.empty_caption
+        work = []
+        for image in {e.key: e for e in images}.values():
+            if image.key not in self._uncond:
+                shape = (len(self.timesteps), len(self.layer_names))
+                self._uncond[image.key] = (np.full(shape, np.nan), np.full(len(self.timesteps), np.nan))
+            errors = self._uncond[image.key][1]
+            work += [(image, empty, k) for k in steps if np.isnan(errors[k])]
+        if not work:
+            return 0
+        layers, errors = self._run(work, progress)
+        for (image, _, k), layer, error in zip(work, layers, errors, strict=True):
+            self._uncond[image.key][0][k] = layer
+            self._uncond[image.key][1][k] = error
+        return len(work)
+
+    def score_encoded_pairs(
+        self,
+        images: Sequence[ImageEncoding],
+        texts: Sequence[TextEncoding],
+        pairs,
+        steps: Sequence[int] | None = None,
+        progress: ProgressCallback | None = None,
+    ) -> ScoreOutput:
+        """Per-timestep terms of the ``(image index, text index)`` pairs (indices into the two lists).
+
+        Args:
+            steps: timestep indices to score at (default: all of :attr:`timesteps`).
+            progress: called after each batch with its evaluations (default: :attr:`progress`).
+        """
+        progress = progress or self.progress
+        chosen = self.step_indices(steps)
+        pairs = np.asarray(pairs, dtype=np.int64).reshape(-1, 2)
+        cfg = self.config
+        evaluations = 0
+        if cfg.needs_unconditional_pass:
+            evaluations += self._ensure_unconditional([images[i] for i in np.unique(pairs[:, 0])], chosen, progress)
+        # Work items ordered (pair, timestep) so each pair's terms are contiguous; batches mix timesteps freely.
+        work = [(images[i], texts[j], k) for i, j in pairs.tolist() for k in chosen]
+        layers, errors = self._run(work, progress)
+        evaluations += len(work)
+        count, num_steps = len(pairs), len(chosen)
+        layers = layers.reshape(count, num_steps, -1)
+        errors = errors.reshape(count, num_steps)
+        uncond_layers = uncond_errors = None
+        if cfg.needs_unconditional_pass:
+            keys = [images[i].key for i in pairs[:, 0]]
+            uncond_layers = np.stack([self._uncond[key][0][chosen] for key in keys]).reshape(layers.shape)
+            uncond_errors = np.stack([self._uncond[key][1][chosen] for key in keys]).reshape(errors.shape)
+        _, attention, denoise = combine_terms(cfg, layers, errors, uncond_layers, uncond_errors)
+        return ScoreOutput(
+            attention_steps=attention,
+            denoise_steps=denoise,
+            steps=chosen,
+            timesteps=[self.timesteps[k] for k in chosen],
+            layer_names=list(self.layer_names),
+            truncated=[e.tokens.truncated for e in texts],
+            unet_evaluations=evaluations,
+        )
+
+    def score_encoded_matrix(
+        self,
+        images: Sequence[ImageEncoding],
+        texts: Sequence[TextEncoding],
+        steps: Sequence[int] | None = None,
+        progress: ProgressCallback | None = None,
+    ) -> ScoreOutput:
+        """Every encoded image against every encoded caption (``[N, M]`` leading axes); duplicates scored once."""
+        if len(images) == 0 or len(texts) == 0:
+            raise InputError("nothing to score: give at least one image and one caption")
+        unique_images = list({e.key: e for e in images}.values())
+        unique_texts = list({e.text: e for e in texts}.values())
+        rows = {e.key: i for i, e in enumerate(unique_images)}
+        cols = {e.text: j for j, e in enumerate(unique_texts)}
+        pairs = [(i, j) for i in range(len(unique_images)) for j in range(len(unique_texts))]
+        out = self.score_encoded_pairs(unique_images, unique_texts, pairs, steps, progress)
+        flat = np.array([rows[e.key] for e in images])[:, None] * len(unique_texts) + np.array(
+            [cols[e.text] for e in texts]
+        )
+        return replace(
+            out,
+            attention_steps=out.attention_steps[flat],
+            denoise_steps=None if out.denoise_steps is None else out.denoise_steps[flat],
+            truncated=[e.tokens.truncated for e in texts],
+        )
+
+    def score_pairs(
+        self,
+        images: Sequence[ImageInput],
+        texts: Sequence[str],
+        pairs,
+        steps: Sequence[int] | None = None,
+        progress: ProgressCallback | None = None,
+    ) -> ScoreOutput:
+        """Terms of the given ``(image index, caption index)`` pairs only (e.g. a query and its candidates)."""
+        return self.score_encoded_pairs(self.encode_images(images), self.encode_texts(texts), pairs, steps, progress)
+
+    def score_matrix(
+        self,
+        images: Sequence[ImageInput],
+        texts: Sequence[str],
+        steps: Sequence[int] | None = None,
+        progress: ProgressCallback | None = None,
+    ) -> ScoreOutput:
+        """Every image against every caption, with the per-timestep terms."""
+        return self.score_encoded_matrix(self.encode_images(images), self.encode_texts(texts), steps, progress)
+
+    def score(self, images: Sequence[ImageInput], texts: Sequence[str]) -> np.ndarray:
+        """``float64[N, M]`` scores of every image against every caption, a chunk of :attr:`chunk_size` images at a
+        time (memory stays flat however many images there are; captions are encoded once)."""
+        if len(images) == 0 or len(texts) == 0:
+            raise InputError("nothing to score: give at least one image and one caption")
+        text_encodings = self.encode_texts(texts)
+        out = np.empty((len(images), len(texts)), dtype=np.float64)
+        for rows in chunk_slices(len(images), self.chunk_size):
+            encoded = self.encode_images(images[rows], offset=rows.start)
+            out[rows] = self.score_encoded_matrix(encoded, text_encodings).scores
+        return out
+
+    def rank_texts(self, image: ImageInput, texts: Sequence[str]) -> list[tuple[str, float]]:
+        """``texts`` sorted best first for ``image``, as ``(caption, score)``."""
+        scores = self.score([image], texts)[0]
+        return [(texts[j], float(scores[j])) for j in np.argsort(-scores, kind="stable")]
+
+    def rank_images(self, text: str, images: Sequence[ImageInput]) -> list[tuple[int, float]]:
+        """Images sorted best first for ``text``, as ``(index into images, score)``.
+
+        Comparing images under one caption is where ``normalize=uncond`` helps: raw scores depend on the image.
+        """
+        scores = self.score(images, [text])[:, 0]
+        return [(int(i), float(scores[i])) for i in np.argsort(-scores, kind="stable")]
