@@ -14,9 +14,6 @@ def _hand_counted_flops(scorer) -> tuple[int, int]:
     import torch
     from diffusers.models.attention_processor import Attention
 
-    from dsdkit.attention import Recorder, scoring_processors
-    from dsdkit.scorer import unet_pass
-
     model = scorer.model
     total = [0]
     products = [0]
@@ -48,15 +45,14 @@ def _hand_counted_flops(scorer) -> tuple[int, int]:
         elif isinstance(module, Attention):
             handles.append(module.register_forward_hook(attention, with_kwargs=True))
     latent = scorer.resolution // model.vae_scale_factor
-    z0 = torch.zeros(1, model.latent_channels, latent, latent)
+    x_t = torch.zeros(1, model.latent_channels, latent, latent)
     states = torch.zeros(1, 77, int(model.text_encoder.config.hidden_size))
-    recorder = Recorder(scorer.layer_names, scorer.config)
-    signal, noise_scale, timesteps = scorer.noising(torch.tensor([0]))
+    _, _, timesteps = scorer.noising(torch.tensor([0]))
     try:
-        with torch.inference_mode(), scoring_processors(model.unet, recorder):
-            unet_pass(
-                model, recorder, z0, signal, noise_scale, scorer.noise[:1], timesteps, states, torch.ones(1, 77), None
-            )
+        # The plain UNet forward: the count comes from module shapes, which no attention processor changes, so it
+        # stays independent of the scoring code whose count it checks.
+        with torch.inference_mode():
+            model.unet(x_t, timesteps, encoder_hidden_states=states)
     finally:
         for handle in handles:
             handle.remove()
@@ -111,13 +107,161 @@ def test_bench_reference_agrees_and_reports(tiny_model_dir):
     assert record["machine"]["cpus"] >= 1 and record["versions"]["torch"]
 
 
-def test_bench_refuses_to_compare_disagreeing_computations(tiny_model_dir, monkeypatch):
-    from dsdkit import bench
-    from dsdkit.errors import ConfigError
+# Configs the bench sends through the reference, each with a neighbouring config (one knob changed) whose scores
+# must be far from the reference's: agreement then shows the reference implements that knob, not that both ignore it.
+REFERENCE_CASES = {
+    "bench check: discffusion, B3 on, no denoise": (
+        "discffusion",
+        {"num_timesteps": 2, "denoise_term": False, "uncond_in_attention": True},
+        {"uncond_in_attention": False},
+    ),
+    "discffusion preset: B3 off, denoise on": ("discffusion", {"num_timesteps": 2}, {"denoise_term": False}),
+    "normalize=uncond, words-eos, lambda 2": (
+        "discffusion",
+        {"num_timesteps": 2, "denoise_term": False, "normalize": "uncond", "tokens": "words-eos", "lse_lambda": 2.0},
+        {"tokens": "all"},
+    ),
+    "paper: image-lse, dynamic heads, all layers, B3 on": (
+        "paper",
+        {"noise_levels": (0.3, 0.7), "uncond_in_attention": True},
+        {"heads": "uniform"},
+    ),
+}
+CAPTIONS = ["a red circle", "two blue squares on a table"]
 
-    monkeypatch.setattr(bench, "AGREEMENT_TOLERANCE", 0.0)
-    with pytest.raises(ConfigError, match="ratios would compare different computations"):
-        bench.run_bench(bench.BenchConfig(model=str(tiny_model_dir), timesteps=1, images=2, captions=2))
+
+def _tolerance(scores) -> float:
+    """1e-5 relative to the scores' scale (normalised scores are small: then 1e-5 absolute)."""
+    import numpy as np
+
+    return 1e-5 * max(1.0, float(np.abs(scores).max()))
+
+
+def _scores_and_reference(model, images, case: str):
+    from dsdkit.config import ScoringConfig
+    from dsdkit.reference import reference_scores
+    from dsdkit.scorer import Scorer
+
+    preset, knobs, neighbour = REFERENCE_CASES[case]
+    config = ScoringConfig.from_preset(preset, **knobs)
+    ours = Scorer(model, config, batch_size=3).score(images, CAPTIONS)
+    scorer = Scorer(model, config, batch_size=2)
+    processors = dict(model.unet.attn_processors)
+    expected = reference_scores(scorer, images, CAPTIONS)
+    _assert_left_as_found(model.unet, processors)
+    return ours, expected, config.replace(**neighbour)
+
+
+@pytest.mark.parametrize("case", list(REFERENCE_CASES))
+def test_reference_agrees_with_the_scorer(case, tiny_model, shape_images):
+    """The reference (stock attention, its own pooling) and the Scorer agree on every config the bench runs."""
+    import numpy as np
+
+    from dsdkit.scorer import Scorer
+
+    ours, expected, neighbour = _scores_and_reference(tiny_model, shape_images[:2], case)
+    tolerance = _tolerance(ours)
+    assert np.abs(ours - expected).max() <= tolerance
+    # Agreement must be able to fail: the pairs differ, and so does the config with one knob changed.
+    assert np.ptp(expected) > 20 * tolerance
+    other = Scorer(tiny_model, neighbour, batch_size=3).score(shape_images[:2], CAPTIONS)
+    assert np.abs(other - expected).max() > 20 * tolerance
+
+
+def _assert_left_as_found(unet, processors) -> None:
+    """The reference leaves the UNet with the processors it found and none of its hooks."""
+    assert all(unet.attn_processors[name] is processor for name, processor in processors.items())
+    assert not any(module._forward_hooks or module._forward_pre_hooks for module in unet.modules())
+
+
+def _text_lse_over_image_tokens(logits, mask, lam):
+    import torch
+
+    return (torch.logsumexp(lam * logits, dim=-2) / lam).mean(dim=-1)
+
+
+def _image_lse_over_text_tokens(probs, mask, lam):
+    import torch
+
+    return (torch.logsumexp(lam * probs, dim=-1) / lam).mean(dim=-1)
+
+
+def _every_position_kept(roles, tokens):
+    import torch
+
+    return torch.ones(roles.shape, dtype=torch.bool)
+
+
+def _uniform_weights(probs, mask, lam):
+    import torch
+
+    return torch.full(probs.shape[:2], 1.0 / probs.shape[1])
+
+
+@pytest.mark.parametrize(
+    ("helper", "wrong", "case"),
+    [
+        ("_text_lse", _text_lse_over_image_tokens, "bench check: discffusion, B3 on, no denoise"),
+        ("_image_lse", _image_lse_over_text_tokens, "paper: image-lse, dynamic heads, all layers, B3 on"),
+        ("_kept_positions", _every_position_kept, "normalize=uncond, words-eos, lambda 2"),
+        ("_eq7_head_weights", _uniform_weights, "paper: image-lse, dynamic heads, all layers, B3 on"),
+    ],
+)
+def test_a_wrong_reference_fails_the_agreement(helper, wrong, case, tiny_model, shape_images, monkeypatch):
+    """Pooling over the wrong axis, ignoring the token set or the head weights is caught by the tolerance."""
+    import numpy as np
+
+    from dsdkit import reference
+
+    monkeypatch.setattr(reference, helper, wrong)
+    ours, broken, _ = _scores_and_reference(tiny_model, shape_images[:2], case)
+    assert np.abs(ours - broken).max() > 20 * _tolerance(ours)
+
+
+def test_reference_refuses_adapters_and_restores_the_unet_on_errors(tiny_model, shape_images):
+    from types import SimpleNamespace
+
+    from dsdkit.config import ScoringConfig
+    from dsdkit.errors import ConfigError
+    from dsdkit.reference import reference_scores
+    from dsdkit.scorer import Scorer
+
+    adapted = SimpleNamespace(model=tiny_model, config=ScoringConfig(), adapter=object())
+    with pytest.raises(ConfigError, match="cannot apply a dsdkit adapter"):
+        reference_scores(adapted, shape_images[:1], CAPTIONS[:1])
+
+    def interrupted(n):
+        raise KeyboardInterrupt
+
+    unet = tiny_model.unet
+    scorer = Scorer(tiny_model, ScoringConfig(num_timesteps=1))
+    processors = dict(unet.attn_processors)
+    with pytest.raises(KeyboardInterrupt):
+        reference_scores(scorer, shape_images[:1], CAPTIONS[:1], interrupted)
+    _assert_left_as_found(unet, processors)
+
+
+def test_bench_refuses_to_compare_disagreeing_computations(tiny_model_dir, monkeypatch):
+    """A reference that disagrees with the scorer stops the run with ParityError (exit 8), not as a bad option."""
+    from dsdkit import reference
+    from dsdkit.cli import app
+    from dsdkit.errors import ConfigError, ParityError
+
+    real = reference.reference_scores
+
+    def perturbed(*args, **kwargs):
+        scores = real(*args, **kwargs)
+        scores[-1, -1] += 1e-3  # the untimed warm-up scores one pair, the timed run all of them
+        return scores
+
+    monkeypatch.setattr(reference, "reference_scores", perturbed)
+    assert not issubclass(ParityError, ConfigError)
+    result = CliRunner().invoke(
+        app, ["bench", "--model", str(tiny_model_dir), "--timesteps", "1", "--images", "2", "--captions", "2"]
+    )
+    assert result.exit_code == ParityError.exit_code, result.output
+    assert "disagree by up to 0.001 > 1e-05" in result.output
+    assert "no speed ratios are reported" in result.output and "dsdkit bug" in result.output
 
 
 def test_bench_cli_writes_json(tiny_model_dir, tmp_path):
