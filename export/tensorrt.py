@@ -7,8 +7,9 @@ the graphs of a bundle so rebuilds are fast.
 
 Each engine is saved with its metadata (TensorRT version, GPU name and compute capability, profile, precision) and a
 cache key over everything that makes an engine valid: the model, the adapter, the graph file, the precision, the
-profile, the TensorRT version and the compute capability. An engine whose key does not match the machine is refused
-by the runtime with the command that rebuilds it (``dsdkit build-engines BUNDLE``).
+profile, the TensorRT version and the compute capability (:mod:`dsdkit.runtime.engine_key`). An engine whose key does
+not match the bundle or the machine is refused by the runtime, before it is deserialized, with the command that
+rebuilds it (``dsdkit build-engines BUNDLE``).
 
 None of this runs on our CI machines: TensorRT's libraries come only from NVIDIA's package index, which they cannot
 reach. The ``trt``-marked tests run it wherever ``import tensorrt`` works and a GPU is present.
@@ -16,7 +17,6 @@ reach. The ``trt``-marked tests run it wherever ``import tensorrt`` works and a 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
+from ..runtime.engine_key import engine_cache_key, engine_key_fields
 from ..runtime.files import atomic_write_text, disk_full, output_error
 
 __all__ = ["tensorrt_unavailable_reason", "engine_cache_key", "build_engine", "build_engines"]
@@ -58,11 +59,6 @@ def device_description() -> dict[str, Any]:
 
     major, minor = torch.cuda.get_device_capability(0)
     return {"gpu": torch.cuda.get_device_name(0), "compute_capability": f"{major}.{minor}"}
-
-
-def engine_cache_key(fields: dict[str, Any]) -> str:
-    """sha256 over the canonical JSON of everything an engine depends on."""
-    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
 
 
 def build_engine(
@@ -132,15 +128,8 @@ def build_engines(bundle_dir: Path, manifest: dict[str, Any], workspace_gb: floa
     entries = {}
     for name, graph in manifest["graphs"].items():
         onnx_path = bundle_dir / graph["file"]
-        fields = {
-            "model": manifest["model"]["identity"],
-            "adapter": (manifest.get("adapter") or {}).get("sha256"),
-            "graph": manifest["files"][graph["file"]]["sha256"],
-            "precision": graph["precision"],
-            "profile": graph["profile"],
-            "tensorrt": trt.__version__,
-            "compute_capability": device["compute_capability"],
-        }
+        # The same fields the runtime recomputes from the bundle and its machine before loading (one definition).
+        fields = engine_key_fields(manifest, name, trt.__version__, device["compute_capability"])
         engine_file = f"engines/{name}.plan"
         seconds = build_engine(onnx_path, bundle_dir / engine_file, graph["profile"], timing_cache, workspace_gb)
         meta = {

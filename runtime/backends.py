@@ -6,6 +6,8 @@ any number of times, :meth:`close`. It is a context manager.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import logging
 import os
 from pathlib import Path
@@ -13,9 +15,18 @@ from typing import Any
 
 import numpy as np
 
+from .engine_key import check_engine_key, engine_key_fields
 from .errors import BundleError, ConfigError
 
-__all__ = ["Runner", "OrtRunner", "TrtRunner", "ort_providers", "make_runners", "BACKENDS"]
+__all__ = [
+    "Runner",
+    "OrtRunner",
+    "TrtRunner",
+    "ort_providers",
+    "make_runners",
+    "gpu_compute_capability",
+    "BACKENDS",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -137,19 +148,66 @@ class OrtRunner(Runner):
         return {"backend": self.name, "providers": self.providers_in_use}
 
 
+def gpu_compute_capability(device: int = 0) -> str | None:
+    """Compute capability (``"9.0"``) of CUDA device ``device``, asked of the driver; ``None`` when none answers.
+
+    Read through the driver library with ctypes because the runtime has neither torch nor cuda-python to ask, and
+    the driver is present wherever a TensorRT engine can run at all.
+    """
+    driver = None
+    for name in ("libcuda.so.1", "libcuda.so", "nvcuda.dll"):
+        try:
+            driver = ctypes.CDLL(name)
+            break
+        except OSError:
+            continue
+    if driver is None:
+        found = ctypes.util.find_library("cuda")  # last: it may run ldconfig or a compiler to search
+        try:
+            driver = ctypes.CDLL(found) if found else None
+        except OSError:
+            driver = None
+    if driver is None:
+        return None
+    handle, major, minor = ctypes.c_int(), ctypes.c_int(), ctypes.c_int()
+    # CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR / _MINOR of the CUDA driver API.
+    calls = (
+        lambda: driver.cuInit(0),
+        lambda: driver.cuDeviceGet(ctypes.byref(handle), device),
+        lambda: driver.cuDeviceGetAttribute(ctypes.byref(major), 75, handle),
+        lambda: driver.cuDeviceGetAttribute(ctypes.byref(minor), 76, handle),
+    )
+    try:
+        if any(call() != 0 for call in calls):
+            return None
+    except AttributeError:  # a library by that name that is not the CUDA driver
+        return None
+    return f"{major.value}.{minor.value}"
+
+
 class TrtRunner(Runner):
     """A TensorRT engine from a bundle, through Polygraphy's runner (thin on purpose).
 
-    The engine's metadata (written by ``dsdkit build-engines``) is checked before loading: an engine built with
-    another TensorRT version, or one that this GPU cannot deserialize, is refused with the command that rebuilds it.
+    The engine's cache key (written by ``dsdkit build-engines``) is checked against ``needs`` (the bundle's
+    :func:`~dsdkit.runtime.engine_key.engine_key_fields`) and this machine's TensorRT version and compute capability
+    before anything is deserialized: a stale engine, or one that this GPU cannot deserialize, is refused with the
+    command that rebuilds it.
     """
 
     name = "tensorrt"
 
-    def __init__(self, path: str | os.PathLike, meta: dict[str, Any], bundle_path: str | os.PathLike):
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        meta: dict[str, Any],
+        bundle_path: str | os.PathLike,
+        needs: dict[str, Any] | None = None,
+    ):
         super().__init__()
         self.path = Path(path)
         self.meta = meta
+        self.needs = dict(needs or {})
+        self.bundle_path = bundle_path
         self.rebuild = f"rebuild the engines on this machine with `dsdkit build-engines {bundle_path}`"
         first = next(iter(meta["profile"].values()))
         self.max_batch = int(first["max"][0])
@@ -166,11 +224,11 @@ class TrtRunner(Runner):
                 "the TensorRT backend needs tensorrt and polygraphy (install dsdkit[trt]); or use "
                 "--backend onnxruntime"
             ) from None
-        if self.meta.get("tensorrt") != trt.__version__:
-            raise BundleError(
-                f"{self.path}: engine built with TensorRT {self.meta.get('tensorrt')}, this machine has "
-                f"{trt.__version__}; {self.rebuild}"
-            )
+        needed = {**self.needs, "tensorrt": trt.__version__}
+        capability = gpu_compute_capability()
+        if capability is not None:
+            needed["compute_capability"] = capability
+        check_engine_key(self.path, self.meta, needed, self.bundle_path)
         try:
             engine = EngineFromBytes(BytesFromPath(str(self.path)))()
         except Exception:  # noqa: BLE001 - TensorRT reports deserialization failures in several ways
@@ -225,8 +283,16 @@ def make_runners(bundle, backend: str = "auto", device: str = "auto") -> dict[st
                 f"{bundle.path}: the bundle has no TensorRT engines; build them on this machine with "
                 f"`dsdkit build-engines {bundle.path}`, or use --backend onnxruntime"
             )
-        return {
-            name: TrtRunner(bundle.path / meta["file"], meta, bundle.path) for name, meta in engines["graphs"].items()
-        }
+        runners = {}
+        for name, meta in engines["graphs"].items():
+            try:
+                needs = engine_key_fields(bundle.manifest, name)
+            except KeyError as exc:
+                raise BundleError(
+                    f"{bundle.path}: the manifest has no {exc} record for the {name!r} engine's graph; re-export the "
+                    f"bundle with `dsdkit export` and rebuild its engines with `dsdkit build-engines {bundle.path}`"
+                ) from None
+            runners[name] = TrtRunner(bundle.path / meta["file"], meta, bundle.path, needs)
+        return runners
     providers = ort_providers(device)
     return {name: OrtRunner(bundle.graph_path(name), providers) for name in bundle.manifest["graphs"]}

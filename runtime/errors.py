@@ -20,6 +20,7 @@ __all__ = [
     "TrainingError",
     "BundleError",
     "ParityError",
+    "CompileError",
     "EXIT_CODES",
 ]
 
@@ -72,6 +73,16 @@ class ParityError(DsdkitError):
     exit_code = 8
 
 
+class CompileError(DsdkitError):
+    """``torch.compile`` could not compile the scoring forward; the eager path (no ``--compile``) still works.
+
+    Its own class so that a compiler failure is not reported as :class:`ModelError`, whose message points at the
+    model weights, which are fine in this case.
+    """
+
+    exit_code = 9
+
+
 #: Documented process exit codes of the ``dsdkit`` command.
 EXIT_CODES = {
     0: "success",
@@ -83,5 +94,6 @@ EXIT_CODES = {
     TrainingError.exit_code: "training stopped (diverged or no usable examples); the last good checkpoint is kept",
     BundleError.exit_code: "bundle or engine unusable (modified, missing, other format, other TensorRT or GPU)",
     ParityError.exit_code: "an exported graph disagrees with PyTorch beyond its tolerance (nothing was written)",
+    CompileError.exit_code: "torch.compile failed; run without --compile",
     130: "interrupted (Ctrl-C)",
 }

@@ -169,3 +169,45 @@ def pytorch_scores():
         return Scorer(model, config, batch_size=5, adapter=adapter).score(images, captions)
 
     return compute
+
+
+# -- the fault suite's summary (records made by tests/test_fault_suite.py) ---------------------------------------
+
+#: The ``user_properties`` key of a fault-suite record: ``[fault, command, crash or None, lost result or None]``.
+FAULT_LEDGER = "fault_ledger"
+
+
+def fault_summary(records) -> tuple[str, list[str]]:
+    """The summary line and the sorted problem lines of fault-suite records.
+
+    Built from the reports at the end of the session, not from a list that earlier tests fill, so that neither the
+    line nor the problems depend on the order (or the selection) in which the tests ran.
+    """
+    tried, crashes, lost = 0, [], []
+    for fault, command, crashed, missing in records:
+        tried += 1
+        if crashed:
+            crashes.append(f"{fault} / {command}: {crashed}")
+        if missing:
+            lost.append(f"{fault} / {command}: {missing}")
+    line = f"{tried} bad inputs tried, {len(crashes)} crashes, {len(lost)} results lost"
+    return line, sorted(crashes + lost)
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Print the fault suite's summary line when any of its tests ran (the README quotes it)."""
+    records = [
+        value
+        for reports in terminalreporter.stats.values()
+        for report in reports
+        if getattr(report, "when", None) == "call"
+        for name, value in getattr(report, "user_properties", ())
+        if name == FAULT_LEDGER
+    ]
+    if not records:
+        return
+    line, problems = fault_summary(records)
+    terminalreporter.write_sep("-", "fault suite")
+    terminalreporter.write_line(f"fault suite: {line}")
+    for problem in problems:
+        terminalreporter.write_line(f"  {problem}")

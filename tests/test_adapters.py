@@ -19,10 +19,10 @@ from dsdkit.adapters import (
     read_adapter_header,
     save_adapter,
 )
-from dsdkit.attention import Recorder, scoring_processors
 from dsdkit.config import ScoringConfig
 from dsdkit.errors import ConfigError, ModelError
-from dsdkit.scorer import Scorer, unet_pass
+from dsdkit.forward import ScoringForward
+from dsdkit.scorer import Scorer
 
 CAPTIONS = ["a red circle", "a blue square", "a green triangle"]
 KINDS = ["kv-prompt", "lora"]
@@ -45,20 +45,15 @@ def one_backward(model, adapter, config, images):
     text = scorer.encode_texts(CAPTIONS[:1])[0]
     count = latents.shape[0]
     signal, noise_scale, timesteps = scorer.noising(torch.zeros(count, dtype=torch.long))
-    recorder = Recorder(scorer.layer_names, config)
-    with scoring_processors(model.unet, recorder, adapter):
-        layers, errors = unet_pass(
-            model,
-            recorder,
-            latents,
-            signal,
-            noise_scale,
-            scorer.noise[[0] * count],
-            timesteps,
-            text.states.clone().expand(count, -1, -1),
-            text.mask.clone().expand(count, -1),
-            adapter,
-        )
+    layers, errors = ScoringForward(model, config, adapter)(
+        latents,
+        signal,
+        noise_scale,
+        scorer.noise[[0] * count],
+        timesteps,
+        text.states.clone().expand(count, -1, -1),
+        text.mask.clone().expand(count, -1),
+    )
     (layers.mean() - errors.mean() * 1e-3).backward()
 
 
@@ -97,12 +92,12 @@ def test_kv_prompt_fold_reproduces_the_deltas(tiny_model):
     meta.load_state_dict(folded.meta_network)
     latents = torch.randn(2, 4, 16, 16)
     features = image_feature(latents, folded.feature_grid)
-    adapter.set_condition(adapter.condition(latents))
+    condition = adapter.condition(latents)
     name = adapter.layer_names[0]
     layer = tiny_model.unet.get_submodule(name).to_k
     context = torch.randn(2, 77, layer.in_features)
     with torch.no_grad():
-        expected = layer(context) + adapter.delta(name, "k", context)
+        expected = layer(context) + adapter.delta(name, "k", context, condition)
         A, B = folded.conditioned[f"{name}.to_k"]
         static = torch.nn.functional.linear(context, layer.weight + folded.weight_deltas[f"{name}.to_k"], layer.bias)
         dynamic = ((context @ A.T) * meta(features)[:, None, :]) @ B.T

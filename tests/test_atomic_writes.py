@@ -236,18 +236,6 @@ def test_checkpoint_on_a_full_disk(tmp_path, monkeypatch, inject, step):
     assert latest_checkpoint(run) == good
 
 
-def test_checkpoint_adapter_bytes_are_the_adapter_file(micro_model, tmp_path):
-    """The trainer serialises adapters in memory (no scratch file in /tmp to fill up or leave behind); the bytes are
-    exactly those of the adapter file."""
-    from dsdkit.adapters import AdapterConfig, adapter_file_bytes, create_adapter, save_adapter
-    from dsdkit.config import ScoringConfig
-
-    scoring = ScoringConfig.from_preset("discffusion")
-    adapter = create_adapter(micro_model, scoring, AdapterConfig(kind="lora"))
-    saved = save_adapter(adapter, tmp_path / "a.safetensors", micro_model.identity(), scoring, extra={"loss": "x"})
-    assert adapter_file_bytes(adapter, micro_model.identity(), scoring, extra={"loss": "x"}) == saved.read_bytes()
-
-
 # -- bundles -------------------------------------------------------------------------------------------------------
 
 

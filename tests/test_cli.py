@@ -151,3 +151,4 @@ def test_non_utf8_captions_name_the_line(runner, job, tiny_model_dir, tmp_path):
 def test_exit_codes_are_listed(runner):
     result = runner.invoke(app, ["exit-codes"])
     assert result.exit_code == 0 and "invalid options" in result.stdout and "bad input data" in result.stdout
+    assert "   9  torch.compile failed; run without --compile" in result.stdout.splitlines()

@@ -5,9 +5,10 @@
 matrices: ``|Δ| <= 1e-6 + 1e-6·|x|`` on PyTorch, the bundle's own parity tolerance on ONNX Runtime.
 
 fp32 convolutions sum in an order that depends on the thread count (~1e-6 on these scores, more than the
-tolerance), so the tests run with the recorded number of torch threads. These tests never skip. The tiny model's weights are a function of the installed torch (and diffusers); when the
-matrices differ while those versions differ from the recorded ones, the failure says so and gives the command that
-re-records them. A difference at the recorded versions is a regression.
+tolerance), so the tests run with the recorded number of torch threads. These tests never skip. The tiny model's
+weights are a function of the installed torch (and diffusers); when the matrices differ while those versions differ
+from the recorded ones, the failure says so and gives the command that re-records them. A difference at the
+recorded versions is a regression.
 """
 
 from __future__ import annotations

@@ -83,11 +83,11 @@ def autograd_weights(probs: torch.Tensor, mask: torch.Tensor, lam: float) -> tor
 
 def test_closed_form_head_weights_equal_autograd_on_real_attention(tiny_model, shape_images):
     """Capture real cross-attention maps of the tiny model and compare both formulations of Eq. 7."""
-    from dsdkit.attention import Recorder
+    from dsdkit.forward import ForwardCall
     from dsdkit.scorer import Scorer
 
     captured = []
-    original = Recorder.record
+    original = ForwardCall.record
 
     def spy(self, index, logits, probs):
         captured.append((index, probs.detach().clone(), self.mask.clone()))
@@ -95,11 +95,11 @@ def test_closed_form_head_weights_equal_autograd_on_real_attention(tiny_model, s
 
     config = ScoringConfig.from_preset("paper", noise_levels=(0.5,))
     scorer = Scorer(tiny_model, config, batch_size=4)
-    Recorder.record = spy
+    ForwardCall.record = spy
     try:
         scorer.score_pairs(shape_images[:2], ["a red circle", "a blue square on a wooden table"], [(0, 0), (1, 1)])
     finally:
-        Recorder.record = original
+        ForwardCall.record = original
     multi_head = [(i, p, m) for i, p, m in captured if p.shape[1] > 1]
     assert multi_head, "the tiny model must have multi-head cross-attention layers"
     for _, probs, mask in multi_head:

@@ -39,7 +39,7 @@ def test_batch_invariance_alone_together_reversed(tiny_model, shape_images):
 
     together_scorer = Scorer(tiny_model, config, batch_size=len(pairs) * 2)
     together_scorer.encode_images(images)
-    together_scorer._ensure_unconditional(together_scorer.encode_images(images))
+    together_scorer._ensure_unconditional(together_scorer.encode_images(images), together_scorer.step_indices(), None)
     spy = UNetBatchSpy(tiny_model.unet)
     try:
         together = together_scorer.score_pairs(images, texts, pairs).scores

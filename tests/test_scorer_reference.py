@@ -105,7 +105,11 @@ def linear64(layer, inputs):
     return torch.nn.functional.linear(inputs, layer.weight.double(), bias).detach()
 
 
-def reference_scores(folder, images, captions, config: ScoringConfig, resolution, layer_names, timesteps):
+def reference_scores(
+    folder, images, captions, config: ScoringConfig, resolution, layer_names, timesteps, noise_indices=None
+):
+    """Scores averaged over ``timesteps``; the k-th is noised with bank entry ``noise_indices[k]`` (default k)."""
+    noise_indices = list(range(len(timesteps))) if noise_indices is None else list(noise_indices)
     unet, z0, states, lengths, scheduler = reference_setup(folder, images, captions, resolution)
     captured = {}
 
@@ -117,7 +121,7 @@ def reference_scores(folder, images, captions, config: ScoringConfig, resolution
 
     handles = [unet.get_submodule(n).register_forward_hook(hook(n), with_kwargs=True) for n in layer_names]
     generator = torch.Generator().manual_seed(config.noise_seed)
-    bank = [torch.randn(z0.shape[1:], generator=generator) for _ in timesteps]
+    bank = [torch.randn(z0.shape[1:], generator=generator) for _ in range(max(noise_indices) + 1)]
     empty = len(captions)
     scores = np.zeros((len(images), len(captions)))
     try:
@@ -125,7 +129,7 @@ def reference_scores(folder, images, captions, config: ScoringConfig, resolution
             for j in range(len(captions)):
                 total = 0.0
                 for k, t in enumerate(timesteps):
-                    noise = bank[k][None]
+                    noise = bank[noise_indices[k]][None]
                     x_t = scheduler.add_noise(z0[i : i + 1], noise, torch.tensor([t]))
                     terms = {}
                     for which in (j, empty):

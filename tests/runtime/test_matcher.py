@@ -56,7 +56,7 @@ def test_rank_texts_and_images(bundle, shape_images):
         assert [s for _, s in ranked] == sorted((s for _, s in ranked), reverse=True)
         images = matcher.rank_images(CAPTIONS[2], shape_images)
         assert [i for i, _ in images] == list(np.argsort(-matrix[:, 2], kind="stable"))
-        assert matcher.planned_evaluations(4, 4) == 4 * 1 * (4 + 1)
+        assert matcher.planned_evaluations(4, 16) == 4 * 1 * (4 + 1)
 
 
 def test_runtime_never_imports_torch(bundle, tmp_path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from dsdkit.train import TrainConfig, train
@@ -104,6 +105,61 @@ def test_resume_after_a_crash_is_bit_identical(small_colours, tiny_model, tmp_pa
     assert any(
         not torch.equal(v, torch.zeros_like(v)) for k, v in actual.items() if k.endswith(".B") or k.endswith(".up")
     )
+
+
+def test_checkpoints_hold_the_trained_adapter(small_colours, tiny_model, tmp_path, image_factory):
+    """Each checkpoint's adapter file is the trainer's in-memory adapter at that step: it loads onto the model with
+    the same tensors and says which step it is; the final file scores exactly like the trained adapter."""
+    from dsdkit.train.trainer import Trainer
+
+    from dsdkit.adapters import load_adapter, read_adapter_header
+    from dsdkit.scorer import Scorer
+
+    config = TrainConfig(
+        data=str(small_colours),
+        output=str(tmp_path / "run"),
+        scoring=EASY_SCORING,
+        batch_size=2,
+        epochs=2,
+        checkpoint_every=2,
+        lr=1e-2,
+        device="cpu",
+        seed=3,
+        adapter="lora",
+        max_steps=4,
+        eval_every_epoch=False,
+    )
+    snapshots = {}
+
+    def snapshot(trainer, path):
+        tensors = {name: value.detach().clone() for name, value in trainer.adapter.flat_state().items()}
+        snapshots[path] = (trainer.state.step, tensors)
+
+    trainer = Trainer(config, model=tiny_model)
+    trainer.add_callback("on_checkpoint", snapshot)
+    trainer.setup()
+    result = trainer.run()
+    steps = sorted(step for step, _ in snapshots.values())
+    assert steps[0] < steps[-1] == result.steps == 4
+    for path, (step, tensors) in snapshots.items():
+        file = path / "adapter.safetensors"
+        assert read_adapter_header(file)["trained_steps"] == step
+        loaded = load_adapter(file, tiny_model)[0].flat_state()
+        assert loaded.keys() == tensors.keys()
+        for name, value in tensors.items():
+            assert torch.equal(loaded[name].float(), value.float()), (path.name, name)
+    # Training moved the weights between checkpoints (LoRA starts at up = 0), so a stale file would not pass.
+    by_step = {step: tensors for step, tensors in snapshots.values()}
+    first, last = by_step[steps[0]], by_step[steps[-1]]
+    assert any(not torch.equal(first[name], last[name]) for name in first)
+    final, scoring = load_adapter(result.adapter_path, tiny_model)
+    images = [image_factory("red", "circle"), image_factory("blue", "square", seed=1)]
+    captions = ["a red circle", "a blue square"]
+    trained = Scorer(tiny_model, trainer.scoring, adapter=trainer.adapter).score(images, captions)
+    reloaded = Scorer(tiny_model, scoring, adapter=final).score(images, captions)
+    np.testing.assert_array_equal(np.asarray(reloaded), np.asarray(trained))
+    zero_shot = Scorer(tiny_model, trainer.scoring).score(images, captions)
+    assert np.abs(np.asarray(trained) - np.asarray(zero_shot)).max() > 1e-6  # the adapter is in the scores
 
 
 def test_unsafe_resumes_are_refused(small_colours, tiny_model, tmp_path):

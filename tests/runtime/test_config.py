@@ -1,0 +1,67 @@
+"""``resolve_scoring``: the one rule for which scoring config a job runs with (explicit knobs > adapter header >
+preset), and the torch-free home of the config."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+from dsdkit.runtime.config import FREE_KNOBS, PINNED_KNOBS, PRESETS, ScoringConfig, resolve_scoring
+from dsdkit.runtime.errors import ConfigError
+
+
+def test_without_a_header_the_preset_and_the_knobs():
+    assert resolve_scoring() == PRESETS["discffusion"]
+    assert resolve_scoring("paper") == PRESETS["paper"]
+    config = resolve_scoring("paper", None, {"lse_lambda": 2.0, "denoise_term": None})
+    assert config.lse_lambda == 2.0 and config.denoise_term is False  # None means "not given"
+    assert config.pooling.value == "image-lse"
+
+
+def test_the_header_wins_over_the_preset_and_explicit_knobs_over_the_header():
+    header = PRESETS["discffusion"].replace(num_timesteps=7, normalize="uncond").to_dict()
+    # Free knobs come from the header, not from the preset's defaults ...
+    assert resolve_scoring("discffusion", header).num_timesteps == 7
+    assert resolve_scoring(None, header).normalize.value == "uncond"
+    # ... and explicit knobs override them.
+    config = resolve_scoring(None, header, {"num_timesteps": 3, "denoise_term": False})
+    assert (config.num_timesteps, config.denoise_term, config.normalize.value) == (3, False, "uncond")
+
+
+def test_a_contradiction_of_a_pinned_knob_is_refused_in_one_line():
+    header = PRESETS["discffusion"].to_dict()
+    with pytest.raises(ConfigError) as preset_clash:
+        resolve_scoring("paper", header, source="run/adapter.safetensors")
+    message = str(preset_clash.value)
+    assert "\n" not in message and "run/adapter.safetensors pins" in message and "--preset paper" in message
+    assert "pooling=text-lse" in message and "pooling=image-lse" in message
+    with pytest.raises(ConfigError, match="pins lse_lambda=1.0, but this run asks for lse_lambda=3"):
+        resolve_scoring(None, header, {"lse_lambda": 3})
+    # Giving a pinned knob its pinned value is no contradiction.
+    assert resolve_scoring(None, header, {"pooling": "text-lse", "layers": "last"}) == PRESETS["discffusion"]
+
+
+def test_pinned_and_free_knobs_cover_every_field_once():
+    fields = set(ScoringConfig.__dataclass_fields__) - {"preset"}
+    assert set(PINNED_KNOBS) | set(FREE_KNOBS) == fields
+    assert not set(PINNED_KNOBS) & set(FREE_KNOBS)
+    # What the adapter computes: pooling definition, tokens, layers, heads and the B3 mixing.
+    assert set(PINNED_KNOBS) == {"pooling", "lse_lambda", "tokens", "layers", "heads", "uncond_in_attention"}
+
+
+def test_unknown_knobs_and_presets_are_refused():
+    with pytest.raises(ConfigError, match="unknown scoring knob"):
+        resolve_scoring(None, None, {"temperature": 1})
+    with pytest.raises(ConfigError, match="unknown preset 'fast'"):
+        resolve_scoring("fast")
+
+
+def test_the_config_and_its_timestep_table_import_without_torch():
+    code = (
+        "import sys; from dsdkit.runtime.config import ScoringConfig; "
+        "assert ScoringConfig(num_timesteps=10).timestep_table[0] == 89; "
+        "from dsdkit.config import ScoringConfig as Again; assert Again is ScoringConfig; "
+        "assert 'torch' not in sys.modules, sorted(m for m in sys.modules if m.startswith('torch'))"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
