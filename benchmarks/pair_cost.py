@@ -39,7 +39,6 @@ def main(argv=None) -> int:
     import torch
 
     from dsdkit import Scorer, ScoringConfig, load_model
-    from dsdkit.attention import scoring_processors
     from dsdkit.tiny import write_tiny_model
 
     with tempfile.TemporaryDirectory() as scratch:
@@ -51,7 +50,7 @@ def main(argv=None) -> int:
         image = rng.integers(0, 256, (model.resolution, model.resolution, 3), dtype=np.uint8)
         caption = "a red circle next to a blue square"
 
-        latent = scorer.encode_images([image])[0].latent[None]
+        latent = scorer.encode_images([image])[0].latent[None]  # z0 of the one image
         text = scorer.encode_texts([caption])[0]
         steps = torch.tensor([len(scorer.timesteps) // 2])
         x_t = (
@@ -71,10 +70,9 @@ def main(argv=None) -> int:
 
         with torch.inference_mode():
             plain, plain_all = timed(lambda: model.unet(x_t, t, encoder_hidden_states=text.states[None]))
-            with scoring_processors(model.unet, scorer._recorder):
-                scoring, scoring_all = timed(
-                    lambda: scorer._unet_pass(latent, steps, text.states[None], text.mask[None])
-                )
+            step_index = steps.numpy()
+            encoded, texts = scorer.encode_images([image]), [text]
+            scoring, scoring_all = timed(lambda: scorer._evaluate(encoded, texts, step_index))
 
         fresh = Scorer(model, config, batch_size=1)
         start = time.perf_counter()

@@ -66,8 +66,8 @@ def main(argv=None) -> int:
         started = time.perf_counter()
         ours = matcher.score(images, captions)
         runtime_s = time.perf_counter() - started
-        scoring = dict(matcher.scoring)
-        evaluations = matcher.planned_evaluations(args.images, args.captions)
+        scoring = matcher.config.to_dict()
+        evaluations = matcher.planned_evaluations(args.images, args.images * args.captions)
         matcher.close()
 
         started = time.perf_counter()

@@ -70,18 +70,15 @@ def main(argv=None) -> int:
         )
         trainer = Trainer(config)
         trainer.setup()
-        from dsdkit.attention import scoring_processors
-
         examples = trainer.train_examples
         samples = []
-        with scoring_processors(trainer.model.unet, trainer.encoder._recorder, trainer.adapter):
-            trainer.encoder.encode_images([p for e in examples for p in e.images])  # per-image work is cached
-            trainer.encoder.encode_texts(examples[0].texts)
-            for index, example in enumerate(examples):
-                start = time.perf_counter()
-                trainer._step([example])
-                if index > 0:
-                    samples.append(time.perf_counter() - start)
+        trainer.encoder.encode_images([p for e in examples for p in e.images])  # per-image work is cached
+        trainer.encoder.encode_texts(examples[0].texts)
+        for index, example in enumerate(examples):
+            start = time.perf_counter()
+            trainer._step([example])
+            if index > 0:
+                samples.append(time.perf_counter() - start)
         model = trainer.model
         record = {
             "benchmark": "train_step",

@@ -98,32 +98,17 @@ def examples_of(subsets, per_subset: int, seed: int = 0):
 
 
 def score_terms(scorer, examples):
-    """Per example: the final score matrix, the attention-term matrix and the denoising-term matrix."""
-    images, texts, pairs, owners = [], [], [], []
-    image_slot, text_slot = {}, {}
-    for index, example in enumerate(examples):
-        for i, j in example.candidate_pairs():
-            image, text = example.images[i], example.texts[j]
-            if id(image) not in image_slot:
-                image_slot[id(image)] = len(images)
-                images.append(image)
-            if text not in text_slot:
-                text_slot[text] = len(texts)
-                texts.append(text)
-            pairs.append((image_slot[id(image)], text_slot[text]))
-            owners.append((index, i, j))
-    out = scorer.score_pairs(images, texts, pairs)
-    attention = np.asarray(out.layer_scores).mean(axis=-1)
-    denoise = np.zeros_like(attention) if out.denoise is None else np.asarray(out.denoise)
-    mats = {
-        name: [np.full((len(e.images), len(e.texts)), np.nan) for e in examples]
-        for name in ("score", "attention", "denoise")
-    }
-    for (index, i, j), s, a, d in zip(owners, out.scores, attention, denoise, strict=True):
-        mats["score"][index][i, j] = s
-        mats["attention"][index][i, j] = a
-        mats["denoise"][index][i, j] = d
-    return mats, out.unet_evaluations
+    """Per example: the final score, attention-term and denoising-term matrices (``score_examples`` with its
+    terms), and the UNet evaluations they took."""
+    from dsdkit.evaluation import score_examples
+
+    seen = []
+    default, scorer.progress = scorer.progress, seen.append  # the engine's default progress callback counts them
+    try:
+        mats = score_examples(scorer, examples, chunk_pairs=sys.maxsize, terms=True)
+    finally:
+        scorer.progress = default
+    return mats, sum(seen)
 
 
 def metrics_by_subset(examples, matrices) -> dict:
@@ -332,7 +317,8 @@ def fidelity(model, per_subset, work: Path):
             started = time.perf_counter()
             mats = []
             for example in examples:
-                mats.append(matcher.score_pairs(example.images, example.texts, example.candidate_pairs())[None, :])
+                pairs = example.candidate_pairs()
+                mats.append(matcher.score_pairs(example.images, example.texts, pairs).scores[None, :])
             score_s = time.perf_counter() - started
         rows.append(
             {

@@ -46,10 +46,19 @@ class EvalReport:
 
 
 def score_examples(
-    scorer, examples: list[Example], chunk_pairs: int = 256, progress: Callable[[int], None] | None = None
-) -> list[np.ndarray]:
-    """Score matrix ``[images, texts]`` of every example (only the pairs it needs; others are NaN)."""
-    matrices = [np.full((len(e.images), len(e.texts)), np.nan) for e in examples]
+    scorer,
+    examples: list[Example],
+    chunk_pairs: int = 256,
+    progress: Callable[[int], None] | None = None,
+    terms: bool = False,
+):
+    """Score matrix ``[images, texts]`` of every example (only the pairs it needs; others are NaN), on either engine.
+
+    With ``terms``, a dict of such matrix lists instead: ``score``, ``attention`` (the mean attention term over the
+    scored layers) and ``denoise`` (the denoising term; 0 when it is off), all means over timesteps.
+    """
+    names = ("score", "attention", "denoise") if terms else ("score",)
+    mats = {name: [np.full((len(e.images), len(e.texts)), np.nan) for e in examples] for name in names}
     start = 0
     while start < len(examples):
         chunk, count = [], 0
@@ -72,12 +81,17 @@ def score_examples(
                     texts.append(text)
                 pairs.append((image_slot[key], text_slot[text]))
                 owners.append((index, i, j))
-        scores = scorer.score_pairs(images, texts, pairs).scores
-        for (index, i, j), value in zip(owners, scores, strict=True):
-            matrices[index][i, j] = value
+        out = scorer.score_pairs(images, texts, pairs)
+        values = {"score": out.scores}
+        if terms:
+            values["attention"] = out.layer_scores.mean(axis=-1)
+            values["denoise"] = np.zeros(len(pairs)) if out.denoise is None else out.denoise
+        for name, column in values.items():
+            for (index, i, j), value in zip(owners, column, strict=True):
+                mats[name][index][i, j] = value
         if progress is not None:
             progress(len(chunk))
-    return matrices
+    return mats if terms else mats["score"]
 
 
 def _rank(scores: np.ndarray, positive: int) -> int:

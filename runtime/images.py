@@ -17,7 +17,6 @@ import contextlib
 import errno
 import os
 import struct
-from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 from typing import Union
@@ -30,7 +29,6 @@ __all__ = [
     "ResizeMode",
     "ImageInput",
     "MAX_IMAGE_PIXELS",
-    "Pixels",
     "check_image",
     "load_image",
     "to_rgb",
@@ -47,28 +45,10 @@ class ResizeMode(str, Enum):
 ImageInput = Union[str, os.PathLike, "PIL.Image.Image", np.ndarray]  # noqa: F821
 
 
-@dataclass(frozen=True)
-class Pixels:
-    """An image already through :func:`preprocess_image`; passed through unchanged, so a file is decoded once even
-    when it was screened (loaded) before the engine that scores it saw it.
-
-    Attributes:
-        array: ``float32[3, resolution, resolution]`` in [-1, 1].
-        resize: the resize mode the array was made with.
-        name: the image's name in messages (usually its path).
-    """
-
-    array: np.ndarray
-    resize: str
-    name: str
-
-
 def describe(image: ImageInput, index: int | None = None) -> str:
     """A short name for an image in messages and result files."""
     if isinstance(image, (str, os.PathLike)):
         return _printable(str(image))
-    if isinstance(image, Pixels):
-        return image.name
     prefix = f"image #{index}" if index is not None else "image"
     return f"{prefix} ({type(image).__name__})"
 
@@ -262,13 +242,6 @@ def preprocess_image(
     from PIL import Image
 
     resize = ResizeMode(resize)
-    if isinstance(image, Pixels):
-        if image.array.shape != (3, resolution, resolution) or ResizeMode(image.resize) is not resize:
-            raise ValueError(
-                f"{image.name}: preprocessed for {image.array.shape}/{image.resize}, "
-                f"not {resolution} px/{resize.value}"
-            )
-        return image.array
     pil = as_pil(image, index)
     width, height = pil.size
     if width < 1 or height < 1:
