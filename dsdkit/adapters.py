@@ -36,6 +36,7 @@ from . import __version__
 from .attention import select_layers
 from .config import PINNED_KNOBS, ScoringConfig
 from .errors import ConfigError, ModelError
+from .runtime.files import atomic_write_bytes
 
 __all__ = [
     "AdapterKind",
@@ -376,7 +377,6 @@ def save_adapter(
 ) -> Path:
     """Write ``adapter`` as safetensors with a JSON header, atomically (a full disk is an ``OutputError``; the file
     under ``path`` before, if any, is left as it was)."""
-    from .runtime.files import atomic_write_bytes
 
     atomic_write_bytes(path, adapter_file_bytes(adapter, model_identity, scoring, extra))
     return Path(path)

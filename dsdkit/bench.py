@@ -30,6 +30,7 @@ import platform
 import resource
 import statistics
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,7 +38,9 @@ from typing import Any
 
 import numpy as np
 
+from .config import ScoringConfig
 from .errors import ConfigError, ParityError
+from .runtime import Matcher
 
 __all__ = ["BenchConfig", "run_bench", "unet_flops", "unet_flop_counts", "SCALING_TABLE"]
 
@@ -132,9 +135,6 @@ def unet_flop_counts(scorer) -> dict[str, int]:
     import torch
     from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
-    from .attention import Recorder, scoring_processors
-    from .scorer import unet_pass
-
     model = scorer.model
     latent = scorer.resolution // model.vae_scale_factor
     z0 = torch.zeros(1, model.latent_channels, latent, latent, device=model.device)
@@ -142,7 +142,6 @@ def unet_flop_counts(scorer) -> dict[str, int]:
         1, model.tokenizer.max_length, int(model.text_encoder.config.hidden_size), device=model.device
     )
     mask = torch.ones(1, model.tokenizer.max_length, device=model.device)
-    recorder = Recorder(scorer.layer_names, scorer.config)
     signal, noise_scale, timesteps = scorer.noising(torch.tensor([0]))
 
     # torch's table has the CUDA flash/efficient SDPA kernels but not the CPU one the self-attention layers use here.
@@ -154,8 +153,8 @@ def unet_flop_counts(scorer) -> dict[str, int]:
     if hasattr(aten, "_scaled_dot_product_flash_attention_for_cpu"):
         custom[aten._scaled_dot_product_flash_attention_for_cpu] = cpu_sdpa
     counter = FlopCounterMode(display=False, custom_mapping=custom)
-    with torch.inference_mode(), scoring_processors(model.unet, recorder, scorer.adapter), counter:
-        unet_pass(model, recorder, z0, signal, noise_scale, scorer.noise[:1], timesteps, states, mask, scorer.adapter)
+    with torch.inference_mode(), counter:
+        scorer.forward(z0, signal, noise_scale, scorer.noise[:1], timesteps, states, mask)
     # The counter attributes FLOPs to every module on the stack. An attention layer's products are what it runs
     # beyond its own projections (op names cannot tell them apart: a Linear on a 3-D input may run as bmm too).
     by_module = {name: sum(int(n) for n in ops.values()) for name, ops in counter.get_flop_counts().items()}
@@ -181,13 +180,11 @@ def _device_peak_tflops(name: str) -> float | None:
 
 def run_bench(config: BenchConfig, folder: str | os.PathLike | None = None) -> dict[str, Any]:
     """Run one benchmark job; returns the JSON-ready record (see the module doc)."""
-    import tempfile
 
     import torch
 
     from . import __version__
     from .acceleration import Acceleration, release_compiled, set_channels_last
-    from .config import ScoringConfig
     from .export.parity import ParitySettings, parity_inputs
     from .models import load_model
     from .reference import reference_scores
@@ -297,7 +294,6 @@ def run_bench(config: BenchConfig, folder: str | os.PathLike | None = None) -> d
                 set_channels_last(model, False)
                 release_compiled(model)
             for backend in (e for e in BUNDLE_ENGINES if e in config.engines):
-                from .runtime import Matcher
 
                 def runtime(clock, batch=batch, backend=backend):
                     with Matcher.from_bundle(
@@ -405,7 +401,7 @@ def _compiled_parity(results, config: BenchConfig) -> dict[str, Any] | None:
     diff = max(float(np.abs(c - e).max()) for c, e in pairs)
     excess = max(float((np.abs(c - e) - (atol + rtol * np.abs(e))).max()) for c, e in pairs)
     if excess > 0:
-        raise ConfigError(
+        raise ParityError(
             f"bench: compiled and eager scores differ by up to {diff:.3g}, beyond the parity gate "
             f"{atol:g} + {rtol:g}*|score| for {config.dtype}: torch.compile changed the computation "
             "here; score without --compile and report your torch version"

@@ -8,8 +8,12 @@ their class (see :data:`dsdkit.errors.EXIT_CODES`); `--debug` shows the tracebac
 from __future__ import annotations
 
 import functools
+import json
 import logging
+import os
 import sys
+import tempfile
+import time
 from enum import Enum
 from pathlib import Path
 from typing import Annotated
@@ -20,9 +24,24 @@ from . import __version__
 
 # The config module and its enums are light (no torch), so the CLI's choices are the library's own enums.
 from .acceleration import COMPILE_MODES
-from .config import PRESETS, HeadWeighting, LayerSet, Normalization, Pooling, ResizeMode, TimestepSchedule, TokenSet
+from .config import (
+    PRESETS,
+    HeadWeighting,
+    LayerSet,
+    Normalization,
+    Pooling,
+    ResizeMode,
+    ScoringConfig,
+    TimestepSchedule,
+    TokenSet,
+    resolve_scoring,
+)
+from .errors import ConfigError
 from .models import Precision
+from .runtime.bundle import Bundle
 from .runtime.errors import EXIT_CODES, DsdkitError
+from .runtime.files import atomic_write_text
+from .runtime.results import top_k
 
 app = typer.Typer(
     name="dsdkit",
@@ -219,7 +238,6 @@ def world_train(
     ] = 100,
 ) -> None:
     """Train the demo world model (VAE, then UNet + text encoder) into a plain SD2 diffusers folder."""
-    import os
 
     # Spinning OpenMP threads beside other work make CPU training 10-100x slower; must be set before torch loads.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -267,7 +285,8 @@ def match_command(
         typer.Option("--output", "-o", help="Result file: .csv (matrix), .json or .jsonl (matrix + top-k)."),
     ] = None,
     preset: Annotated[
-        PresetName | None, typer.Option(help="Scoring preset (DESIGN.md). Default: the adapter's, else discffusion.")
+        PresetName | None,
+        typer.Option(help="Scoring preset (discffusion or paper). Default: the adapter's, else discffusion."),
     ] = None,
     timesteps: Annotated[int | None, typer.Option(help="S for the discffusion timestep table (default 30).")] = None,
     batch_size: Annotated[int, typer.Option(help="UNet batch size (scores do not depend on it).")] = 8,
@@ -323,7 +342,6 @@ def match_command(
     Unusable images (unreadable, corrupt, truncated, over the pixel limit) and blank caption lines are skipped with
     a one-line reason and listed in <output stem>.skipped.json; --strict makes them an error instead.
     """
-    from .errors import ConfigError
     from .matching import match
 
     knobs_given = [
@@ -365,7 +383,6 @@ def match_command(
     config = None
     if bundle is None:
         from .adapters import read_adapter_header
-        from .config import resolve_scoring
 
         # Explicit knobs over the adapter's header over the preset (the one rule every command uses).
         config = resolve_scoring(
@@ -464,7 +481,6 @@ def _format_plan(plan: dict) -> str:
 
 def parse_knobs(values: list[str] | None) -> dict:
     """``--set knob=value`` pairs as scoring-config overrides (numbers, true/false and comma lists are parsed)."""
-    from .errors import ConfigError
 
     knobs = {}
     for item in values or []:
@@ -700,7 +716,6 @@ def import_discffusion(
 ) -> None:
     """Convert the authors' released LoRA checkpoint without executing pickled code."""
     from .adapters import import_discffusion_lora, save_adapter
-    from .config import ScoringConfig
     from .models import load_model
 
     sd2 = load_model(model, device="cpu")
@@ -717,7 +732,6 @@ def import_discffusion(
 @cli_errors
 def adapter_info(path: Annotated[Path, typer.Argument(help="An adapter file.")]) -> None:
     """Print an adapter file's header."""
-    import json
 
     from .adapters import read_adapter_header
 
@@ -788,11 +802,8 @@ def bench_command(
     output: Annotated[Path | None, typer.Option("--output", "-o", help="Write the JSON record(s) here.")] = None,
 ) -> None:
     """Throughput of our engines vs the authors' cost structure, side by side, with counted UNet FLOPs."""
-    import json
-    import time
 
     from .bench import SCALING_TABLE, BenchConfig, format_record, run_bench
-    from .runtime.files import atomic_write_text
 
     base = dict(
         preset=preset.value,
@@ -815,7 +826,6 @@ def bench_command(
         ]
     records = []
     folders: dict[str, Path] = {}
-    import tempfile
 
     with tempfile.TemporaryDirectory() as scratch:
         for job in jobs:
@@ -871,7 +881,6 @@ def export_command(
     overwrite: Annotated[bool, typer.Option(help="Replace an existing bundle at --out.")] = False,
 ) -> None:
     """Export ONNX scoring graphs (adapters folded), check parity with PyTorch, build engines: a bundle."""
-    from .errors import ConfigError
     from .export import ExportConfig, ParitySettings, export_bundle, parse_batch
 
     if parity_size < 1 or parity_timesteps < 1:
@@ -909,9 +918,6 @@ def inspect_command(
     verify: Annotated[bool, typer.Option("--verify/--no-verify", help="Check every file's size and sha256.")] = True,
 ) -> None:
     """Print a bundle's manifest readably and verify the hashes of its files."""
-    import json
-
-    from .runtime.bundle import Bundle
 
     opened = Bundle.open(bundle, verify=verify)
     if as_json:
@@ -1106,8 +1112,6 @@ def _print_metrics(metrics: dict, title: str) -> None:
 def _print_summary(result, max_rows: int = 20) -> None:
     from rich.console import Console
     from rich.table import Table
-
-    from .runtime.results import top_k
 
     scores = result.scores
     best_two = top_k(scores, 2, axis=1)

@@ -40,12 +40,14 @@ import logging
 import os
 import pickle
 import random
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError, InputError
+from .runtime.images import load_image
 
 __all__ = [
     "TaskKind",
@@ -506,9 +508,6 @@ def load_dataset(
 def _drop_unusable_images(dataset: Dataset, images: list[Path]) -> None:
     """Decode every image once, up front; examples that need an unusable one (corrupt, truncated, too large) move to
     ``dataset.skipped`` with the reason, so a bad file costs one example, not the run."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    from .runtime.images import load_image
 
     def problem(image: Path) -> str | None:
         try:

@@ -16,6 +16,7 @@ from importlib import resources
 from pathlib import Path
 
 from .errors import ModelError
+from .runtime.files import atomic_write_text
 
 __all__ = [
     "DEMO_MODEL",
@@ -58,7 +59,6 @@ def _model_files(folder: Path) -> list[Path]:
 
 def write_manifest(folder: str | Path) -> dict:
     """Write ``MANIFEST.json`` (size and sha256 of every file) into a model folder about to be shipped."""
-    from .runtime.files import atomic_write_text
 
     folder = Path(folder)
     files = {

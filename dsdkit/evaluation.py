@@ -17,6 +17,7 @@ and unconditional passes are shared.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections import defaultdict
@@ -28,6 +29,7 @@ import numpy as np
 
 from .datasets import Dataset, Example, TaskKind
 from .errors import ConfigError
+from .runtime.files import atomic_write_text
 
 __all__ = ["EvalReport", "score_examples", "compute_metrics", "evaluate", "write_report"]
 
@@ -237,9 +239,6 @@ def evaluate(
 
 def write_report(report: EvalReport, path: str | os.PathLike) -> None:
     """Metrics and per-example scores as one JSON file (atomically)."""
-    import json
-
-    from .runtime.files import atomic_write_text
 
     document = {
         "dataset": report.dataset,

@@ -1,6 +1,6 @@
 """The reference cost: DSD computed the way the authors' code runs it, for side-by-side benchmarks.
 
-What their pipeline does per image-caption pair (``reference-dsd.md`` §1.6): encode the caption and the empty
+What their pipeline does per image-caption pair: encode the caption and the empty
 caption, then **for every timestep** encode the image with the VAE again, run the UNet on the doubled batch
 ``[x_t, x_t]`` with ``[∅, c]`` (an unconditional and a conditional half for *every pair*), with diffusers' eager
 attention processor, which materialises every attention probability of every layer, and pool the scored layers.
@@ -27,6 +27,7 @@ import numpy as np
 
 from .errors import ConfigError
 from .runtime.images import ImageInput, preprocess_image
+from .runtime.tokenizer import ROLE_EOS, ROLE_WORD
 
 __all__ = ["reference_scores"]
 
@@ -149,8 +150,6 @@ def _kept_positions(roles: np.ndarray, tokens: str):
     """bool ``[B, T]``: the text positions a token set keeps, decided by each position's role (never by id, since
     SD2 pads with ``"!"``)."""
     import torch
-
-    from .runtime.tokenizer import ROLE_EOS, ROLE_WORD
 
     roles = torch.from_numpy(np.asarray(roles, dtype=np.int64))
     if tokens == "all":

@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import ConfigError
+from .runtime.files import atomic_write_bytes, atomic_write_text, output_error
 
 __all__ = [
     "BACKGROUND",
@@ -456,7 +457,6 @@ def _png(image) -> bytes:
 def write_examples(folder: str | os.PathLike, seed: int = 0, size: int = RESOLUTION) -> Path:
     """The eight :data:`EXAMPLE_SCENES` as ``NN-<caption>.png`` plus ``captions.txt`` (their captions, one per
     line, in file order) in ``folder``: the README's try-it job (``examples/demo`` in the repository is this)."""
-    from .runtime.files import atomic_write_bytes, atomic_write_text, output_error
 
     folder = Path(folder)
     try:
@@ -495,7 +495,6 @@ def write_demo_data(
 
     Every file is written atomically, the JSONL files last. Returns the paths by name.
     """
-    from .runtime.files import atomic_write_bytes, atomic_write_text, output_error
 
     if per_subset < 1 or shots < 1:
         raise ConfigError("demo-data needs --items >= 1 and --shots >= 1")
@@ -551,7 +550,6 @@ def write_colour_shapes(folder: str | os.PathLike, train: int = 256, test: int =
     Every file is written atomically and ``data.jsonl`` last, so an interrupted run or a full disk (an
     ``OutputError``) never leaves a dataset file that lists missing or half-written images.
     """
-    from .runtime.files import atomic_write_bytes, atomic_write_text, output_error
 
     if train < 1 or test < 0:
         raise ConfigError("tiny-data needs at least one training example")

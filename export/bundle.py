@@ -25,8 +25,12 @@ from typing import Any
 import numpy as np
 
 from ..errors import ConfigError
+from ..runtime.backends import OrtRunner, ort_providers
 from ..runtime.bundle import BUNDLE_FORMAT, Bundle, file_records, sha256_file
 from ..runtime.files import atomic_write_text, output_error, staged_folder
+from ..runtime.images import preprocess_image
+from ..runtime.matcher import Matcher
+from ..schedule import noise_bank
 from .parity import ParitySettings, check_report, compare_outputs, parity_inputs, ranking_agreement
 
 __all__ = ["ExportConfig", "export_bundle", "add_engines", "model_licence"]
@@ -173,7 +177,7 @@ def export_bundle(
         if config.parity.enabled:
             references = pytorch_references(scorer, manifest, config.parity)
             # Free the PyTorch model before ONNX Runtime loads the same weights: at full size the two together would
-            # need twice the memory (feasibility.md: 24 GB machines).
+            # need twice the memory (more than a 24 GB machine has).
             del scorer, sd2
             gc.collect()
             manifest["parity"] = run_parity(staging, manifest, references, config)
@@ -254,7 +258,6 @@ def _base_manifest(scorer, adapters, config: ExportConfig, version: str) -> dict
 
 def _export_graphs(scorer, staging: Path, manifest: dict[str, Any], config: ExportConfig) -> dict[str, float]:
     from ..models import Precision
-    from ..schedule import noise_bank
     from .graphs import ImageEncoderGraph, ScorerGraph, TextEncoderGraph, fold_adapter
     from .specs import graph_specs
     from .to_onnx import export_graph
@@ -301,7 +304,6 @@ def _tolerance(graph: dict[str, Any], output: str, precision: str) -> tuple[floa
 def pytorch_references(scorer, manifest: dict[str, Any], settings: ParitySettings) -> dict[str, Any]:
     """Everything parity compares against, computed with the (unfolded, fp32) PyTorch scorer: per-graph feeds and
     outputs, and the end-to-end score matrix at the parity's number of timesteps."""
-    from ..runtime.images import preprocess_image
     from ..scorer import Scorer
 
     images, captions = parity_inputs(settings)
@@ -324,8 +326,6 @@ def pytorch_references(scorer, manifest: dict[str, Any], settings: ParitySetting
 
 def run_parity(staging: Path, manifest: dict[str, Any], references: dict[str, Any], config: ExportConfig) -> dict:
     """Per-graph and end-to-end parity of the staged bundle on ONNX Runtime against :func:`pytorch_references`."""
-    from ..runtime.backends import OrtRunner, ort_providers
-    from ..runtime.matcher import Matcher
 
     providers = ort_providers("cuda" if str(config.device).startswith("cuda") else "cpu")
     report: dict[str, Any] = {"inputs": asdict(config.parity), "providers": providers, "graphs": {}}
@@ -383,8 +383,6 @@ def run_parity(staging: Path, manifest: dict[str, Any], references: dict[str, An
 def _reference_outputs(scorer, images, captions, manifest, preprocess_image) -> dict[str, tuple[dict, dict]]:
     """Feeds for each graph built from the parity inputs, and PyTorch's outputs for them (unfolded, fp32)."""
     import torch
-
-    from ..schedule import noise_bank
 
     sd2 = scorer.model
     device = sd2.device

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import BundleError
+from .tokenizer import ClipTokenizer
 
 __all__ = ["BUNDLE_FORMAT", "Bundle", "sha256_file", "file_records"]
 
@@ -115,6 +116,5 @@ class Bundle:
         return self.path / self.graph(name)["file"]
 
     def tokenizer(self):
-        from .tokenizer import ClipTokenizer
 
         return ClipTokenizer.from_folder(self.path / self.manifest.get("tokenizer", {}).get("folder", "tokenizer"))

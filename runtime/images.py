@@ -3,7 +3,7 @@
 One implementation for every backend: the PyTorch scorer and the ONNX/TensorRT runtime feed the VAE the exact
 same float32 pixels.
 
-Policy (DESIGN.md, scoring contract):
+Policy (the scoring contract of the README's "How a score is computed"):
 - EXIF orientation is applied, so a photo is scored the way it is displayed.
 - Transparent pixels are composited on white; palette, grayscale, CMYK and 16-bit images become 8-bit RGB.
 - ``squash`` (default, as the authors' code) resizes to ``resolution x resolution`` ignoring the aspect ratio;

@@ -6,7 +6,7 @@ __all__ = ["discffusion_timesteps", "noise_level_timesteps"]
 
 
 def discffusion_timesteps(num_steps: int) -> list[int]:
-    """The authors' timestep table, made explicit (``reference-dsd.md`` §2).
+    """The authors' timestep table, made explicit (their pipeline's strength-0.8 start of a 50-step schedule).
 
     ``idx_k = 10 + k * floor(1000 / S)`` for k = 0, 1, ... while ``idx_k < 990``; ``t_k = 999 - idx_k``; sorted
     ascending. S=10 gives 89, 189, ..., 989; S=30 gives 30 steps from 32; S=50 gives 49 steps.

@@ -134,6 +134,7 @@ def export_case(tiny_model_dir, adapter_files, tmp_path_factory):
         "discffusion-kv-prompt": dict(adapters=adapter_files["kv-prompt"], config={}),
         "paper-lora": dict(adapters=adapter_files["lora"], preset="paper", config={}),
         "discffusion-fp16": dict(config={"precision": "fp16"}),
+        "discffusion": dict(config={}),  # zero-shot fp32: comparable with the naive reference
     }
     done = {}
 

@@ -122,7 +122,7 @@ def test_kv_prompt_size_on_full_sd2_is_under_a_million():
         adapter = create_adapter(model, ScoringConfig(layers=layers), AdapterConfig(kind="kv-prompt"))
         assert adapter.num_parameters() < 1_000_000
     lora = create_adapter(model, ScoringConfig(), AdapterConfig(kind="lora"))
-    assert lora.num_parameters() == 829_952  # the authors' released checkpoint (reference-dsd.md §3)
+    assert lora.num_parameters() == 829_952  # the authors' released checkpoint (its key count and shapes)
 
 
 def test_save_load_round_trip_and_refusals(tiny_model, shape_images, tmp_path):

@@ -319,14 +319,14 @@ def test_bench_compiled_parity_gate():
     import numpy as np
 
     from dsdkit import bench
-    from dsdkit.errors import ConfigError
+    from dsdkit.errors import ParityError
 
     eager = np.array([[10.0, -2.0], [0.5, 3.0]])
     config = bench.BenchConfig(engines=["pytorch", "pytorch-compiled"])
     inside = {("pytorch", 4): eager, ("pytorch-compiled", 4): eager + np.array([[5e-4, 0], [0, -1e-5]])}
     assert bench._compiled_parity(inside, config)["max_abs_diff"] == pytest.approx(5e-4)
     outside = {("pytorch", 4): eager, ("pytorch-compiled", 4): eager + np.array([[0, 3e-4], [0, 0]])}  # gate 2.1e-4
-    with pytest.raises(ConfigError, match="torch.compile changed the computation"):
+    with pytest.raises(ParityError, match="torch.compile changed the computation"):
         bench._compiled_parity(outside, config)
     assert bench._compiled_parity({("pytorch", 4): eager}, config) is None
 

@@ -29,7 +29,7 @@ def authors_timesteps(sampling_time_steps: int) -> list[int]:
 def test_discffusion_table_equals_the_authors(steps, count, first, last):
     table = discffusion_timesteps(steps)
     assert table == authors_timesteps(steps)
-    assert (len(table), table[0], table[-1]) == (count, first, last)  # reference-dsd.md §2
+    assert (len(table), table[0], table[-1]) == (count, first, last)  # the authors' table
 
 
 def test_paper_noise_levels():

@@ -821,9 +821,11 @@ def test_match_interrupted_anywhere_resumes_to_the_same_result(
         original = jobs._save
         monkeypatch.setattr(jobs, "_save", lambda *a, **k: (original(*a, **k), trip(point)))
     elif point == "in the middle of a chunk":
-        original_score = matching._BundleEngine.score_rows
+        from dsdkit.runtime.matcher import Matcher
+
+        original_score = Matcher.score_encoded_matrix
         monkeypatch.setattr(
-            matching._BundleEngine, "score_rows", lambda self, *a: (trip(point), original_score(self, *a))[1]
+            Matcher, "score_encoded_matrix", lambda self, *a, **k: (trip(point), original_score(self, *a, **k))[1]
         )
     elif point == "between scores and state":
         original_write = jobs.atomic_write_text

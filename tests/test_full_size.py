@@ -35,7 +35,7 @@ def test_full_size_layers_heads_and_one_pair(full_model, image_factory):
     from dsdkit.scorer import Scorer
 
     unet = full_model.unet
-    assert sum(p.numel() for p in unet.parameters()) == 865_910_724  # SD2-2.1-base UNet (feasibility.md §4)
+    assert sum(p.numel() for p in unet.parameters()) == 865_910_724  # SD2-2.1-base UNet
     assert full_model.resolution == 512
     assert select_layers(unet, LayerSet.last) == SD2_SCORED_LAYERS
     assert [unet.get_submodule(n).heads for n in SD2_SCORED_LAYERS] == [20, 20, 20, 5, 5, 5]

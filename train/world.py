@@ -22,11 +22,13 @@ The result is a plain diffusers SD2 folder (``unet/``, ``vae/``, ``text_encoder/
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import logging
 import math
 import os
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -36,8 +38,12 @@ from typing import Any
 import numpy as np
 
 from .. import world
+from ..config import ScoringConfig
+from ..demo import items_to_examples
 from ..errors import ConfigError, ModelError, TrainingError
 from ..runtime.files import atomic_write_text, output_error, staged_folder
+from ..runtime.tokenizer import ClipTokenizer
+from ..schedule import NoiseSchedule
 
 __all__ = ["WorldRecipe", "RECIPE_FILE", "train_world_model", "build_modules", "pin_threads"]
 
@@ -290,7 +296,6 @@ def _order(name: str) -> tuple[int, int]:
 
 
 def _remove_tree(path: Path) -> None:
-    import shutil
 
     shutil.rmtree(path, ignore_errors=True)
 
@@ -483,7 +488,6 @@ anything outside its world. Weights: MIT, like dsdkit; trained on generated data
 
 def _write_model(folder: Path, recipe: WorldRecipe, vae, unet, text_encoder, info: dict) -> None:
     """The final diffusers SD2 folder (weights in the recipe's dtype), written into place atomically."""
-    import copy
 
     import torch
     from diffusers.utils import logging as diffusers_logging
@@ -520,8 +524,6 @@ def train_world_model(
     """
     import torch
 
-    from ..runtime.tokenizer import ClipTokenizer
-    from ..schedule import NoiseSchedule
     from ..tiny import SCHEDULER_CONFIG, write_clip_tokenizer
 
     recipe = recipe or WorldRecipe()
@@ -620,8 +622,6 @@ def measure_world_model(
     """Zero-shot accuracy of the default ``discffusion`` score (S = ``num_timesteps``) on the first ``per_subset``
     benchmark items of each of ``subsets`` (the items ``dsdkit demo-data`` writes, whose layouts the model's
     training data does not contain): the quick check written into ``world_model.json``. Ties count as wrong."""
-    from ..config import ScoringConfig
-    from ..demo import items_to_examples
     from ..evaluation import compute_metrics, score_examples
     from ..models import load_model
     from ..scorer import Scorer

@@ -15,7 +15,7 @@ import pytest
 
 pytestmark = pytest.mark.slow
 
-# The export process must leave room on a 24 GB machine for the test process and the OS (feasibility.md §10).
+# The export process must leave room on a 24 GB machine for the test process and the OS.
 PEAK_BUDGET_GB = 20.0
 
 
