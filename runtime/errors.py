@@ -68,7 +68,8 @@ class BundleError(DsdkitError):
 
 
 class ParityError(DsdkitError):
-    """An exported graph disagrees with PyTorch beyond its tolerance; the bundle is not written."""
+    """Two computations that must agree do not: an exported graph vs PyTorch (the bundle is not written), or, in
+    ``dsdkit bench``, the reference vs the scorer or compiled vs eager (no ratios are reported)."""
 
     exit_code = 8
 
@@ -93,7 +94,8 @@ EXIT_CODES = {
     OutputError.exit_code: "results could not be written",
     TrainingError.exit_code: "training stopped (diverged or no usable examples); the last good checkpoint is kept",
     BundleError.exit_code: "bundle or engine unusable (modified, missing, other format, other TensorRT or GPU)",
-    ParityError.exit_code: "an exported graph disagrees with PyTorch beyond its tolerance (nothing was written)",
+    ParityError.exit_code: "two computations that must agree do not (an exported graph vs PyTorch: nothing was "
+    "written; bench: reference or compiled vs eager scores)",
     CompileError.exit_code: "torch.compile failed; run without --compile",
     130: "interrupted (Ctrl-C)",
 }
