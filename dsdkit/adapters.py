@@ -34,7 +34,7 @@ from torch import nn
 
 from . import __version__
 from .attention import select_layers
-from .config import PINNED_KNOBS, ScoringConfig
+from .config import PINNED_KNOBS, ScoringConfig, resolve_scoring
 from .errors import ConfigError, ModelError
 from .runtime.files import atomic_write_bytes
 
@@ -415,19 +415,13 @@ SCORE_DEFINING_KNOBS = PINNED_KNOBS
 
 
 def check_scoring_matches(path: str | os.PathLike, trained: ScoringConfig, scoring: ScoringConfig) -> None:
-    """Refuse to score with an adapter under another definition of the score than it was trained with.
+    """Refuse to score with an adapter under another definition of the score than it was trained with: the rule
+    of :func:`~dsdkit.config.resolve_scoring`, with ``scoring`` as the explicit knobs over the adapter's header.
 
     Raises:
-        ConfigError: one line naming the adapter file, the knobs that differ, and the values it needs.
+        ConfigError: one line naming the adapter file, the pinned knobs that differ, and the values it needs.
     """
-    mine, theirs = trained.to_dict(), scoring.to_dict()
-    differ = [k for k in SCORE_DEFINING_KNOBS if mine.get(k) != theirs.get(k)]
-    if differ:
-        raise ConfigError(
-            f"{path} was trained with another scoring config ({', '.join(f'{k}={mine[k]}' for k in differ)}; this "
-            f"run asks for {', '.join(f'{k}={theirs[k]}' for k in differ)}); leave out --preset and those knob "
-            "options to score the way the adapter was trained, or retrain the adapter"
-        )
+    resolve_scoring(None, trained, scoring.to_dict(), source=str(path))
 
 
 def load_adapter(

@@ -404,16 +404,24 @@ class Engine:
         """Every image against every caption, with the per-timestep terms."""
         return self.score_encoded_matrix(self.encode_images(images), self.encode_texts(texts), steps, progress)
 
-    def score(self, images: Sequence[ImageInput], texts: Sequence[str]) -> np.ndarray:
-        """``float64[N, M]`` scores of every image against every caption, a chunk of :attr:`chunk_size` images at a
-        time (memory stays flat however many images there are; captions are encoded once)."""
+    def iter_blocks(
+        self, images: Sequence[ImageInput], texts: Sequence[str], start: int = 0
+    ) -> Iterator[tuple[slice, np.ndarray]]:
+        """Yield ``(rows, float64[rows, M] scores)`` for consecutive chunks of :attr:`chunk_size` images from
+        ``start``: only one chunk of images is decoded and encoded at a time, so memory stays flat however many
+        images there are; captions are encoded once."""
         if len(images) == 0 or len(texts) == 0:
             raise InputError("nothing to score: give at least one image and one caption")
         text_encodings = self.encode_texts(texts)
-        out = np.empty((len(images), len(texts)), dtype=np.float64)
-        for rows in chunk_slices(len(images), self.chunk_size):
+        for rows in chunk_slices(len(images), self.chunk_size, start):
             encoded = self.encode_images(images[rows], offset=rows.start)
-            out[rows] = self.score_encoded_matrix(encoded, text_encodings).scores
+            yield rows, self.score_encoded_matrix(encoded, text_encodings).scores
+
+    def score(self, images: Sequence[ImageInput], texts: Sequence[str]) -> np.ndarray:
+        """``float64[N, M]`` scores of every image against every caption (streamed by :meth:`iter_blocks`)."""
+        out = np.empty((len(images), len(texts)), dtype=np.float64)
+        for rows, block in self.iter_blocks(images, texts):
+            out[rows] = block
         return out
 
     def rank_texts(self, image: ImageInput, texts: Sequence[str]) -> list[tuple[str, float]]:

@@ -144,7 +144,7 @@ def test_save_load_round_trip_and_refusals(tiny_model, shape_images, tmp_path):
     other._identity = "0" * 64
     with pytest.raises(ModelError, match="another base model"):
         load_adapter(path, other)
-    with pytest.raises(ConfigError, match="another scoring config .*layers=last"):
+    with pytest.raises(ConfigError, match="pins layers=last, but this run asks for layers=all"):
         load_adapter(path, tiny_model, ScoringConfig(layers="all"))
     broken = tmp_path / "broken.safetensors"
     broken.write_bytes(path.read_bytes()[:100])

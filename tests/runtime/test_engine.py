@@ -43,6 +43,7 @@ INTERFACE = [
     "score_pairs",
     "score_matrix",
     "score",
+    "iter_blocks",
     "rank_texts",
     "rank_images",
     "planned_evaluations",
