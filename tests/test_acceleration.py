@@ -200,18 +200,18 @@ def test_compiled_forwards_are_bounded_and_released(micro_model_dir):
     """Entries hold compiled code and their adapter: at most MAX_CACHED_FORWARDS per model, least recently used out.
     (Building an entry compiles nothing yet: torch.compile compiles on the first call.)"""
     from dsdkit.acceleration import MAX_CACHED_FORWARDS, compiled_forward, release_compiled
-    from dsdkit.attention import select_layers
+    from dsdkit.forward import ScoringForward
     from dsdkit.models import load_model
 
     model = load_model(micro_model_dir, device="cpu", dtype="fp32")
     base = ScoringConfig.from_preset("discffusion")
-    layers = select_layers(model.unet, base.layers)
-    configs = [base.replace(lse_lambda=float(v)) for v in range(1, MAX_CACHED_FORWARDS + 2)]
-    entries = [compiled_forward(model, layers, config, None, "default") for config in configs]
-    assert compiled_forward(model, layers, configs[-1], None, "default") is entries[-1]
+    forwards = [ScoringForward(model, base.replace(lse_lambda=float(v))) for v in range(1, MAX_CACHED_FORWARDS + 2)]
+    entries = [compiled_forward(forward, "default") for forward in forwards]
+    # Another forward object with the same pooling definition shares the compiled entry.
+    assert compiled_forward(ScoringForward(model, forwards[-1].config), "default") is entries[-1]
     cached = list(model._compiled_forwards.values())
     assert len(cached) == MAX_CACHED_FORWARDS and entries[0] not in cached and entries[1] in cached
-    assert compiled_forward(model, layers, configs[0], None, "default") is not entries[0]  # rebuilt
+    assert compiled_forward(forwards[0], "default") is not entries[0]  # rebuilt
     release_compiled(model)
     assert not getattr(model, "_compiled_forwards", None)
 
@@ -220,7 +220,7 @@ def test_a_compiler_failure_is_one_line(micro_model_dir, monkeypatch):
     import torch
 
     from dsdkit.acceleration import Acceleration
-    from dsdkit.errors import ModelError
+    from dsdkit.errors import CompileError
     from dsdkit.models import load_model
     from dsdkit.scorer import Scorer
 
@@ -229,8 +229,9 @@ def test_a_compiler_failure_is_one_line(micro_model_dir, monkeypatch):
 
     monkeypatch.setattr(torch, "compile", broken)
     model = load_model(micro_model_dir, device="cpu", dtype="fp32")
-    with pytest.raises(ModelError) as caught:
+    with pytest.raises(CompileError) as caught:
         Scorer(model, ScoringConfig.from_preset("discffusion"), acceleration=Acceleration(compile="default"))
     assert str(caught.value) == (
         "torch.compile failed (RuntimeError: Windows not yet supported for torch.compile); run without --compile"
     )
+    assert caught.value.exit_code == 9  # its own documented code, not the missing-weights one (ModelError, 4)
