@@ -167,10 +167,8 @@ def open_engine(
     resolved = resolve_scoring(None, pinned, explicit, source=str(adapters)) if pinned or explicit else None
     sd2 = model if isinstance(model, SD2Model) else load_model(model, device=device, dtype=dtype)
     adapter = load_adapter(adapters, sd2, resolved)[0] if adapters is not None else None
-    scorer = Scorer(sd2, resolved, batch_size=batch_size, adapter=adapter, acceleration=acceleration)
-    scorer.chunk_size = chunk_size
-    scorer.adapter_file = None if adapters is None else str(adapters)
-    return scorer
+    adapter_file = None if adapters is None else str(adapters)
+    return Scorer(sd2, resolved, batch_size, None, adapter, acceleration, adapter_file, chunk_size=chunk_size)
 
 
 def match(
@@ -352,7 +350,7 @@ def _identity(engine: Engine) -> dict[str, Any]:
             "engine": "pytorch",
             "model": meta["model_identity"],
             "scoring": meta["scoring"],
-            "adapters": getattr(engine, "adapter_file", None),
+            "adapters": meta["adapters"],
             "timesteps": meta["timesteps"],
         }
     return {
@@ -376,13 +374,11 @@ def _meta(engine: Engine, texts, where: list[str], evaluations: int) -> dict[str
     out = {"dsdkit_version": __version__, **meta}
     if meta["backend"] == "pytorch":
         out.pop("model_identity")
-        out["adapters"] = getattr(engine, "adapter_file", None)
     else:
         manifest = engine.bundle.manifest
         out.pop("bundle_scorer_sha256")
         out["backend"] = next(iter(engine.runners.values())).name
         out["model"] = {k: manifest["model"][k] for k in ("source", "identity", "resolution", "licence")}
-        out["adapters"] = (manifest.get("adapter") or {}).get("file")
         out["precision"] = manifest["precision"]
     out["unet_evaluations"] = evaluations
     out["truncated_captions"] = truncated

@@ -35,6 +35,10 @@ logger = logging.getLogger(__name__)
 class Scorer(Engine):
     """Scores image-caption pairs with DSD on a loaded SD2 model (the PyTorch :class:`~dsdkit.runtime.engine.Engine`).
 
+    Threads: scorers that share one model may score from different threads at the same time (the UNet's processors
+    keep no state; each call records into its own :class:`~dsdkit.forward.ForwardCall`), and get their sequential
+    results. One scorer's caches take no lock, so give each thread its own scorer.
+
     Args:
         model: from :func:`dsdkit.load_model`.
         config: how to score; defaults to the ``discffusion`` preset.
@@ -45,6 +49,8 @@ class Scorer(Engine):
         acceleration: ``torch.compile`` and channels-last (:class:`~dsdkit.acceleration.Acceleration`); scores
             agree with the eager scorer's within the export's parity tolerances. Compiled scorers pad a short last
             batch to ``batch_size`` (one static shape per batch size).
+        adapter_file: where ``adapter`` was loaded from, for :meth:`metadata` (result files name it).
+        chunk_size: images per chunk in :meth:`score` and :meth:`iter_blocks`.
     """
 
     def __init__(
@@ -55,8 +61,15 @@ class Scorer(Engine):
         progress: ProgressCallback | None = None,
         adapter=None,
         acceleration: Acceleration | None = None,
+        adapter_file: str | None = None,
+        *,
+        chunk_size: int = 64,
     ):
         self.model = model
+        self.adapter_file = adapter_file
+        if chunk_size < 1:
+            raise ConfigError(f"chunk size must be >= 1, got {chunk_size}")
+        self.chunk_size = int(chunk_size)
         self.acceleration = acceleration or Acceleration()
         self.adapter = adapter
         self.config = cfg = config or ScoringConfig()
@@ -100,7 +113,7 @@ class Scorer(Engine):
 
     def with_adapter(self, adapter) -> Scorer:
         """A scorer for another adapter (or its new weights) that reuses this one's image and caption encodings."""
-        other = Scorer(self.model, self.config, self.batch_size, self.progress, adapter, self.acceleration)
+        other = Scorer(self.model, self.config, self.batch_size, self.progress, adapter, self.acceleration, None)
         other._images, other._texts, other._empty = self._images, self._texts, self._empty
         return other
 
@@ -112,6 +125,7 @@ class Scorer(Engine):
             "compile": self.acceleration.compile,
             "model": self.model.describe(),
             "model_identity": self.model.identity(),
+            "adapters": self.adapter_file,
             "scoring": self.config.to_dict(),
             "timesteps": list(self.timesteps),
             "layers": list(self.layer_names),
@@ -186,4 +200,5 @@ def build_scorer(
     config = resolve_scoring(preset, pinned, overrides, source=str(adapters))  # refused before the model loads
     sd2 = model if isinstance(model, SD2Model) else load_model(model, device=device, dtype=dtype)
     adapter = load_adapter(adapters, sd2, config)[0] if adapters is not None else None
-    return Scorer(sd2, config, batch_size=batch_size, adapter=adapter, acceleration=acceleration)
+    adapter_file = None if adapters is None else str(adapters)
+    return Scorer(sd2, config, batch_size, None, adapter, acceleration, adapter_file)

@@ -137,6 +137,7 @@ class Matcher(Engine):
             "bundle": str(self.bundle.path),
             "bundle_scorer_sha256": manifest["files"][manifest["graphs"]["scorer"]["file"]]["sha256"],
             "model": model,
+            "adapters": (manifest.get("adapter") or {}).get("file"),
             "scoring": self.config.to_dict(),
             "timesteps": list(self.timesteps),
             "layers": list(self.layer_names),
