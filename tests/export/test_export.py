@@ -79,7 +79,10 @@ def test_parity_report_in_manifest(export_case, adapter_files, tiny_model, pytor
     np.testing.assert_allclose(np.array(end["onnxruntime"]), runtime, atol=1e-6, rtol=1e-6)
     # The reported error is the one measured here, and within the documented fp32 gate 1e-5 + 1e-4 |score|.
     measured = np.abs(runtime - reference)
-    assert end["scores"]["max_abs"] == pytest.approx(measured.max(), abs=1e-6)
+    # Bounded by the triangle inequality: the reported error can differ from the one measured here only by how far
+    # each side's rerun moved (another batch size / thread count reorders fp32 sums by ~1e-6 on these scores).
+    slack = np.abs(np.array(end["pytorch"]) - reference).max() + np.abs(np.array(end["onnxruntime"]) - runtime).max()
+    assert abs(end["scores"]["max_abs"] - measured.max()) <= slack + 1e-7
     assert (end["scores"]["atol"], end["scores"]["rtol"]) == (1e-5, 1e-4)
     assert end["scores"]["ok"] and (measured <= 1e-5 + 1e-4 * np.abs(reference)).all()
     # Top-1 agreement per image and per caption, counted here.
