@@ -397,7 +397,9 @@ def test_tiny_data_on_a_full_disk_keeps_the_previous_data_file(tmp_path, monkeyp
         fail_writes(monkeypatch)
         real(path, text)
 
-    monkeypatch.setattr(files, "atomic_write_text", full_for_the_data_file)
+    from dsdkit import world
+
+    monkeypatch.setattr(world, "atomic_write_text", full_for_the_data_file)  # the name world.py writes through
     with pytest.raises(OutputError) as caught:
         write_colour_shapes(tmp_path, train=3, test=1, seed=0)
     monkeypatch.undo()
