@@ -166,12 +166,14 @@ class DSDAttnProcessor:
         return hidden_states / attn.rescale_output_factor
 
 
-def install_processors(unet) -> None:
-    """Put a :class:`DSDAttnProcessor` on every attention layer of ``unet`` (once; a no-op when they are there)."""
+def install_processors(unet) -> set[str]:
+    """Put a :class:`DSDAttnProcessor` on every attention layer of ``unet`` (once; a no-op when they are there).
+
+    Returns the attention modules' names."""
     current = unet.attn_processors
-    if all(isinstance(p, DSDAttnProcessor) for p in current.values()):
-        return
-    unet.set_attn_processor({name: DSDAttnProcessor(name.removesuffix(".processor")) for name in current})
+    if not all(isinstance(p, DSDAttnProcessor) for p in current.values()):
+        unet.set_attn_processor({name: DSDAttnProcessor(name.removesuffix(".processor")) for name in current})
+    return {name.removesuffix(".processor") for name in current}
 
 
 class ScoringForward:
@@ -191,13 +193,12 @@ class ScoringForward:
         self.config = config
         self.adapter = adapter
         self.layer_names = list(layer_names or select_layers(model.unet, config.layers))
-        modules = {name.removesuffix(".processor") for name in model.unet.attn_processors}
+        modules = install_processors(model.unet)
         unknown = [name for name in self.layer_names if name not in modules]
         if unknown:
             raise ModelError(f"the UNet has no attention layer(s) {unknown}")
         self._layer_index = {name: i for i, name in enumerate(self.layer_names)}
         self._adapted = frozenset(adapter.layer_names) if adapter is not None else frozenset()
-        install_processors(model.unet)
 
     def with_adapter(self, adapter) -> ScoringForward:
         return ScoringForward(self.model, self.config, adapter, self.layer_names)

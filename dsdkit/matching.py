@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from . import __version__
-from .config import ScoringConfig, resolve_scoring
+from .config import ScoringConfig
 from .errors import ConfigError, InputError
 from .runtime.engine import Engine, chunk_slices
 from .runtime.files import atomic_write_text
@@ -155,20 +155,11 @@ def open_engine(
             num_timesteps=num_timesteps,
             chunk_size=chunk_size,
         )
-    from .acceleration import Acceleration
-    from .adapters import load_adapter, read_adapter_header
-    from .models import SD2Model, load_model
-    from .scorer import Scorer
+    from .scorer import build_scorer
 
-    acceleration = Acceleration(compile=compile)  # a bad mode is refused before the model loads
-    pinned = read_adapter_header(adapters)["scoring"] if adapters is not None else None
-    explicit = config.to_dict() if config is not None else None
     # Without a config of its own, the job scores the way the adapter was trained (or with the default preset).
-    resolved = resolve_scoring(None, pinned, explicit, source=str(adapters)) if pinned or explicit else None
-    sd2 = model if isinstance(model, SD2Model) else load_model(model, device=device, dtype=dtype)
-    adapter = load_adapter(adapters, sd2, resolved)[0] if adapters is not None else None
-    adapter_file = None if adapters is None else str(adapters)
-    return Scorer(sd2, resolved, batch_size, None, adapter, acceleration, adapter_file, chunk_size=chunk_size)
+    explicit = config.to_dict() if config is not None else None
+    return build_scorer(model, adapters, None, explicit, batch_size, device, dtype, compile, chunk_size=chunk_size)
 
 
 def match(

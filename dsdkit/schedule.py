@@ -12,16 +12,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .config import ScoringConfig
 from .errors import ModelError
 from .runtime.schedule import discffusion_timesteps, noise_level_timesteps
 
-__all__ = ["discffusion_timesteps", "noise_level_timesteps", "timesteps_for", "NoiseSchedule", "noise_bank"]
-
-
-def timesteps_for(config: ScoringConfig) -> list[int]:
-    """The config's timestep table (:attr:`~dsdkit.config.ScoringConfig.timestep_table`)."""
-    return config.timestep_table
+# The timestep tables live in runtime/schedule.py (a config's own: ScoringConfig.timestep_table); re-exported here.
+__all__ = ["discffusion_timesteps", "noise_level_timesteps", "NoiseSchedule", "noise_bank"]
 
 
 @dataclass(frozen=True)

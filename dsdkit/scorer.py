@@ -188,10 +188,12 @@ def build_scorer(
     device: str | None = None,
     dtype: str | None = None,
     compile: str | None = None,
+    chunk_size: int = 64,
 ) -> Scorer:
     """A scorer from command-line style options: the model (or a loaded one), an optional adapter file, the
     scoring config (:func:`~dsdkit.config.resolve_scoring` of ``preset``, the adapter's header and the knob
-    ``overrides``), and an optional ``torch.compile`` mode (:class:`~dsdkit.acceleration.Acceleration`)."""
+    ``overrides``), an optional ``torch.compile`` mode (:class:`~dsdkit.acceleration.Acceleration`) and the
+    images per chunk of :meth:`~Scorer.score`."""
     from .adapters import load_adapter, read_adapter_header
     from .models import load_model
 
@@ -201,4 +203,4 @@ def build_scorer(
     sd2 = model if isinstance(model, SD2Model) else load_model(model, device=device, dtype=dtype)
     adapter = load_adapter(adapters, sd2, config)[0] if adapters is not None else None
     adapter_file = None if adapters is None else str(adapters)
-    return Scorer(sd2, config, batch_size, None, adapter, acceleration, adapter_file)
+    return Scorer(sd2, config, batch_size, None, adapter, acceleration, adapter_file, chunk_size=chunk_size)

@@ -153,23 +153,15 @@ class Matcher(Engine):
 
     # -- the engine's primitives ---------------------------------------------------------------------------------
 
-    def _run_batched(self, graph: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        count = len(next(iter(feeds.values())))
-        outputs: dict[str, list[np.ndarray]] = {}
-        for start in range(0, count, self.batch_size):
-            chunk = {name: value[start : start + self.batch_size] for name, value in feeds.items()}
-            for name, value in self.runners[graph].infer(chunk).items():
-                outputs.setdefault(name, []).append(value)
-        return {name: np.concatenate(values) for name, values in outputs.items()}
-
     def _encode_pixel_batch(self, pixels: np.ndarray) -> list[tuple[Any, Any]]:
-        out = self._run_batched("image_encoder", {"pixels": pixels})
+        # The engine hands over at most batch_size images (one graph run within the export's profile).
+        out = self.runners["image_encoder"].infer({"pixels": pixels})
         conditions = out.get("condition")
         return [(out["latents"][i], None if conditions is None else conditions[i]) for i in range(len(pixels))]
 
     def _encode_token_batch(self, tokens) -> list[tuple[Any, Any]]:
         ids = np.stack([t.ids for t in tokens])
-        states = self._run_batched("text_encoder", {"input_ids": ids})["states"]
+        states = self.runners["text_encoder"].infer({"input_ids": ids})["states"]
         return [(states[i], token_mask(t.roles, self.config.tokens.value)) for i, t in enumerate(tokens)]
 
     def _evaluate(self, images, texts, steps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
