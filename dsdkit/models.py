@@ -76,6 +76,10 @@ def resolve_model_folder(model: str | os.PathLike) -> Path:
             raise ModelError(
                 f"model {path} is a file; pass the diffusers model folder (the one with unet/, vae/, ...)"
             )
+        if _is_bundle(path):
+            raise ModelError(
+                f"{path} is a dsdkit bundle (from `dsdkit export`), not a model folder: score it with --bundle {path}"
+            )
         return path
     name = str(model)
     if not _HUB_ID.match(name):
@@ -104,6 +108,15 @@ def resolve_model_folder(model: str | os.PathLike) -> Path:
             f"model {name}: tried the folder ./{name} (absent) and {where}: not found ({reason}); {how_to}"
         ) from None
     return Path(folder)
+
+
+def _is_bundle(folder: Path) -> bool:
+    """Whether ``folder`` holds an exported bundle (its manifest names the bundle format), not model weights."""
+    try:
+        manifest = json.loads((folder / "manifest.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+    return isinstance(manifest, dict) and str(manifest.get("format", "")).startswith("dsdkit-bundle/")
 
 
 def _read_json(path: Path) -> dict[str, Any]:

@@ -42,7 +42,27 @@ __all__ = [
     "PINNED_KNOBS",
     "FREE_KNOBS",
     "resolve_scoring",
+    "KNOB_OPTIONS",
+    "knob_option",
 ]
+
+
+#: The command-line option of each knob whose option is not simply ``--knob-name`` (``--set knob=value`` sets any
+#: knob), so that a message names what the user typed.
+KNOB_OPTIONS = {
+    "num_timesteps": "--timesteps",
+    "lse_lambda": "--lambda",
+    "timesteps": "--schedule",
+    "denoise_term": "--denoise",
+    "noise_seed": "--seed",
+}
+
+
+def knob_option(name: str) -> str:
+    """How messages name a knob: its option and, for library callers, the field, e.g. ``--timesteps
+    (num_timesteps)``."""
+    option = KNOB_OPTIONS.get(name, "--" + name.replace("_", "-"))
+    return option if option.lstrip("-").replace("-", "_") == name else f"{option} ({name})"
 
 
 class Pooling(str, Enum):
@@ -112,32 +132,32 @@ class ScoringConfig:
                 object.__setattr__(self, name, enum(value.value if isinstance(value, Enum) else value))
             except ValueError:
                 choices = ", ".join(m.value for m in enum)
-                raise ConfigError(f"scoring config: {name}={value!r} is not one of {choices}") from None
+                raise ConfigError(f"{knob_option(name)} {value!r} is not one of {choices}") from None
         object.__setattr__(self, "noise_levels", tuple(float(v) for v in self.noise_levels))
         self.validate()
 
     def validate(self) -> None:
         """Reject impossible knob values and combinations with a message that says what to change."""
         if not self.lse_lambda > 0:
-            raise ConfigError(f"scoring config: lse_lambda must be > 0, got {self.lse_lambda}")
+            raise ConfigError(f"{knob_option('lse_lambda')} must be > 0, got {self.lse_lambda}")
         if self.timesteps is TimestepSchedule.discffusion and not 1 <= self.num_timesteps <= 980:
             raise ConfigError(
-                "scoring config: num_timesteps must be between 1 and 980 for the discffusion table, "
-                f"got {self.num_timesteps}"
+                f"{knob_option('num_timesteps')} {self.num_timesteps}: S of the discffusion table must be between 1 "
+                "and 980"
             )
         if self.timesteps is TimestepSchedule.noise_levels:
             if not self.noise_levels:
-                raise ConfigError("scoring config: noise_levels is empty; give at least one level in (0, 1]")
+                raise ConfigError(f"{knob_option('noise_levels')} is empty; give at least one level in (0, 1]")
             bad = [v for v in self.noise_levels if not 0.0 < v <= 1.0]
             if bad:
-                raise ConfigError(f"scoring config: noise levels must lie in (0, 1], got {bad}")
+                raise ConfigError(f"{knob_option('noise_levels')}: levels must lie in (0, 1], got {bad}")
         if self.heads is HeadWeighting.dynamic and self.pooling is not Pooling.image_lse:
             raise ConfigError(
-                "scoring config: dynamic head weighting (paper Eq. 7) attributes over attention probabilities and is "
-                "defined for pooling=image-lse; use --heads uniform with text-lse pooling"
+                f"{knob_option('heads')} dynamic (paper Eq. 7) attributes over attention probabilities and is "
+                "defined for --pooling image-lse; use --heads uniform with text-lse pooling"
             )
         if self.resolution is not None and (self.resolution < 64 or self.resolution % 64):
-            raise ConfigError(f"scoring config: resolution must be a multiple of 64 (>= 64), got {self.resolution}")
+            raise ConfigError(f"{knob_option('resolution')} must be a multiple of 64 (>= 64), got {self.resolution}")
 
     # -- presets and serialisation ---------------------------------------------------------------------------
 
@@ -254,7 +274,11 @@ def resolve_scoring(
     if unknown:
         raise ConfigError(f"unknown scoring knob(s): {', '.join(sorted(unknown))}")
     if pinned is None:
-        return ScoringConfig.from_preset(preset or "discffusion", **overrides)
+        resolved = ScoringConfig.from_preset(preset or "discffusion", **overrides)
+        chosen = PRESETS[preset or "discffusion"]
+        where = "--schedule noise-levels" if "timesteps" in overrides else f"the {chosen.preset} preset"
+        _refuse_steps_on_noise_levels(resolved, overrides, chosen.num_timesteps, where, pinned=False)
+        return resolved
     base = pinned if isinstance(pinned, ScoringConfig) else ScoringConfig.from_dict(pinned)
     wanted = {}
     if preset is not None:
@@ -271,7 +295,25 @@ def resolve_scoring(
             "to score the way it was trained (or retrain / re-export it)"
         )
     free = {k: v for k, v in overrides.items() if k not in PINNED_KNOBS}
-    return base.replace(**free) if free else base
+    resolved = base.replace(**free) if free else base
+    _refuse_steps_on_noise_levels(resolved, overrides, base.num_timesteps, source)
+    return resolved
+
+
+def _refuse_steps_on_noise_levels(
+    resolved: ScoringConfig, overrides: dict, base_steps: int, source: str, pinned: bool = True
+) -> None:
+    """S (``--timesteps``) only sizes the discffusion table; under the noise-levels schedule it would be silently
+    ignored, so asking for another S there is refused with the option that does choose the timesteps."""
+    asked = overrides.get("num_timesteps")
+    if asked is None or resolved.timesteps is not TimestepSchedule.noise_levels or int(asked) == int(base_steps):
+        return
+    levels = ",".join(f"{level:g}" for level in resolved.noise_levels)
+    raise ConfigError(
+        f"{knob_option('num_timesteps')} {asked} sets S of the discffusion timestep table, but {source} scores at "
+        f"the noise-levels schedule ({levels}); choose the levels with --noise-levels instead"
+        + (" (an adapter learned the levels it was trained with: keep them unless you retrain)" if pinned else "")
+    )
 
 
 def _plain(value: Any) -> Any:

@@ -21,6 +21,10 @@ __all__ = [
     "BundleError",
     "ParityError",
     "CompileError",
+    "MissingDependencyError",
+    "Interrupted",
+    "EXTRA_OF_MODULE",
+    "missing_dependency",
     "EXIT_CODES",
 ]
 
@@ -84,6 +88,64 @@ class CompileError(DsdkitError):
     exit_code = 9
 
 
+class MissingDependencyError(DsdkitError):
+    """An optional dependency that this command needs is not installed; the message names the extra to install."""
+
+    exit_code = 10
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C during a job that saves its results as it goes: a ``KeyboardInterrupt`` (so it stops everything as
+    one does) that says what was kept; ``resumable`` is true when ``--resume`` can continue from it."""
+
+    exit_code = 130
+
+    def __init__(self, message: str, resumable: bool = False):
+        super().__init__(message)
+        self.resumable = resumable
+
+
+#: The extra of ``pyproject.toml`` that installs each optional top-level module (``pip install -e ".[EXTRA]"``).
+EXTRA_OF_MODULE = {
+    "torch": "torch",
+    "diffusers": "torch",
+    "transformers": "torch",
+    "safetensors": "torch",
+    "huggingface_hub": "torch",
+    "accelerate": "torch",
+    "onnx": "export",
+    "onnxscript": "export",
+    "onnxruntime": "ort",
+    "tensorrt": "trt",
+    "polygraphy": "trt",
+}
+
+
+def missing_dependency(exc: BaseException) -> MissingDependencyError | None:
+    """The one-line error for an ``import`` of an optional dependency that failed, or ``None`` when ``exc`` is not
+    one (a missing module of dsdkit itself, or of a required dependency, stays a bug)."""
+    import importlib.util
+
+    if not isinstance(exc, ModuleNotFoundError) or not exc.name:
+        return None
+    top = exc.name.partition(".")[0]
+    extra = EXTRA_OF_MODULE.get(top)
+    if extra is None:
+        return None
+    install = f'pip install -e ".[{extra}]" in a checkout, or the wheel with [{extra}]'
+    try:
+        present = importlib.util.find_spec(top) is not None
+    except (ImportError, ValueError):  # a module blocked in sys.modules (None) has no spec to find
+        present = False
+    if present and top != exc.name:
+        return MissingDependencyError(
+            f"{top} is installed but its module {exc.name} is missing (a broken install); reinstall it: {install}"
+        )
+    return MissingDependencyError(
+        f"this command needs {top}, which is not installed: it comes with the '{extra}' extra ({install})"
+    )
+
+
 #: Documented process exit codes of the ``dsdkit`` command.
 EXIT_CODES = {
     0: "success",
@@ -97,5 +159,6 @@ EXIT_CODES = {
     ParityError.exit_code: "two computations that must agree do not (an exported graph vs PyTorch: nothing was "
     "written; bench: reference or compiled vs eager scores)",
     CompileError.exit_code: "torch.compile failed; run without --compile",
+    MissingDependencyError.exit_code: "an optional dependency is not installed (the message names the extra)",
     130: "interrupted (Ctrl-C)",
 }

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import ConfigError
+from .errors import ConfigError, Interrupted
 from .files import atomic_write_bytes, atomic_write_text, output_error
 
 __all__ = ["PARTIAL_FORMAT", "job_fingerprint", "partial_folder", "run_resumable", "finish"]
@@ -75,9 +75,19 @@ def run_resumable(
             )
         start = _load(folder, scores, fingerprint, notes)
         logger.warning("resuming %s: %d of %d image rows already scored", output, start, shape[0])
-    for rows, block in blocks(start):
-        scores[rows] = block
-        _save(folder, scores, rows.stop, fingerprint, notes)
+    done = start
+    try:
+        for rows, block in blocks(start):
+            scores[rows] = block
+            _save(folder, scores, rows.stop, fingerprint, notes)
+            done = rows.stop
+    except KeyboardInterrupt:
+        # Each chunk was saved atomically as it finished: say what is kept, so the user can continue from it.
+        if done == 0:
+            raise Interrupted(f"interrupted before the first chunk of {output} was saved; nothing to resume") from None
+        raise Interrupted(
+            f"interrupted: {done} of {shape[0]} image rows of {output} are saved in {folder}", resumable=True
+        ) from None
     return scores
 
 

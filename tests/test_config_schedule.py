@@ -79,11 +79,11 @@ def test_overrides_round_trip_and_validation():
     assert ScoringConfig.from_dict(json.loads(config.to_json())) == config
     with pytest.raises(ConfigError, match="unknown preset"):
         ScoringConfig.from_preset("fast")
-    with pytest.raises(ConfigError, match="pooling='max'"):
+    with pytest.raises(ConfigError, match="--pooling 'max' is not one of"):
         ScoringConfig(pooling="max")
     with pytest.raises(ConfigError, match="image-lse"):
         ScoringConfig(heads="dynamic")
-    with pytest.raises(ConfigError, match="noise levels"):
+    with pytest.raises(ConfigError, match="--noise-levels: levels must lie in"):
         ScoringConfig(timesteps="noise-levels", noise_levels=(0.0, 1.5))
     with pytest.raises(ConfigError, match="unknown field"):
         ScoringConfig.from_dict({"bogus": 1})
