@@ -10,7 +10,6 @@ from __future__ import annotations
 import functools
 import json
 import logging
-import os
 import sys
 import tempfile
 import time
@@ -42,6 +41,7 @@ from .runtime.bundle import Bundle
 from .runtime.errors import EXIT_CODES, DsdkitError
 from .runtime.files import atomic_write_text
 from .runtime.results import top_k
+from .runtime.threads import configure_threads, use_passive_waiting
 
 app = typer.Typer(
     name="dsdkit",
@@ -90,6 +90,8 @@ def _main(
 ) -> None:
     _State.debug = debug
     _configure_logging(verbose, quiet)
+    # Before any command imports torch: libgomp reads its wait policy once, when it loads (runtime/threads.py).
+    use_passive_waiting()
 
 
 def cli_errors(command):
@@ -140,6 +142,21 @@ CompileOption = Annotated[
         "channels-last weights; the first batch compiles (minutes).",
     ),
 ]
+
+# Every command that computes takes --threads and calls _use_threads first, before it imports torch.
+ThreadsOption = Annotated[
+    int | None,
+    typer.Option(
+        "--threads",
+        help="CPU threads for torch and ONNX Runtime (default: OMP_NUM_THREADS, else the CPUs this process may "
+        "use: its affinity and cgroup quota). Lower it when other work shares the CPUs.",
+    ),
+]
+
+
+def _use_threads(threads: int | None) -> int:
+    """Apply --threads (and passive waiting) for the command; a count below 1 is a one-line ConfigError."""
+    return configure_threads(threads)
 
 
 class TinySize(str, Enum):
@@ -226,9 +243,7 @@ def world_train(
     checkpoint_every: Annotated[
         int | None, typer.Option(help="Steps between checkpoints; default: the recipe's.")
     ] = None,
-    threads: Annotated[
-        int | None, typer.Option(help="Torch threads (default: the CPUs this process may use).")
-    ] = None,
+    threads: ThreadsOption = None,
     recipe_file: Annotated[
         Path | None, typer.Option("--recipe", help="A recipe JSON (fields of WorldRecipe); options override it.")
     ] = None,
@@ -238,9 +253,7 @@ def world_train(
     ] = 100,
 ) -> None:
     """Train the demo world model (VAE, then UNet + text encoder) into a plain SD2 diffusers folder."""
-
-    # Spinning OpenMP threads beside other work make CPU training 10-100x slower; must be set before torch loads.
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    threads = _use_threads(threads)  # before torch loads; the count is recorded with the checkpoints
     from .train.world import WorldRecipe, measure_world_model, train_world_model
 
     overrides = {
@@ -336,12 +349,14 @@ def match_command(
         bool, typer.Option(help="Fail on the first unusable image or blank caption line instead of skipping it.")
     ] = False,
     compile: CompileOption = None,
+    threads: ThreadsOption = None,
 ) -> None:
     """Score every image against every caption and show the best caption per image.
 
     Unusable images (unreadable, corrupt, truncated, over the pixel limit) and blank caption lines are skipped with
     a one-line reason and listed in <output stem>.skipped.json; --strict makes them an error instead.
     """
+    _use_threads(threads)
     from .matching import match
 
     knobs_given = [
@@ -583,8 +598,10 @@ def train_command(
         bool, typer.Option("--eval/--no-eval", help="Evaluate the held-out split after each epoch.")
     ] = True,
     resume: Annotated[bool, typer.Option(help="Continue the run in --output from its latest checkpoint.")] = False,
+    threads: ThreadsOption = None,
 ) -> None:
     """Train a few-shot adapter on a frozen SD2 model."""
+    _use_threads(threads)
     from .train import TrainConfig, train
 
     scoring = {k: v for k, v in {"num_timesteps": timesteps, "denoise_term": denoise}.items() if v is not None}
@@ -661,8 +678,10 @@ def eval_command(
         Path | None, typer.Option("--output", "-o", help="Write metrics and per-example scores (JSON).")
     ] = None,
     compile: CompileOption = None,
+    threads: ThreadsOption = None,
 ) -> None:
     """Evaluate zero-shot or with adapters on a benchmark and report its own metrics."""
+    _use_threads(threads)
     from .evaluation import evaluate, write_report
     from .scorer import build_scorer
 
@@ -755,8 +774,10 @@ def explain_command(
     knobs: SetOption = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
     dtype: Annotated[Precision, typer.Option(help="UNet precision.")] = Precision.fp32,
+    threads: ThreadsOption = None,
 ) -> None:
     """Per-word cross-attention heat maps of one image-caption pair (the attention the score pools)."""
+    _use_threads(threads)
     from .explain import explain, render_heat_maps
     from .scorer import build_scorer
 
@@ -800,9 +821,10 @@ def bench_command(
     dtype: Annotated[Precision, typer.Option(help="UNet precision.")] = Precision.fp32,
     table: Annotated[bool, typer.Option(help="Run the README's scaling table instead of one job.")] = False,
     output: Annotated[Path | None, typer.Option("--output", "-o", help="Write the JSON record(s) here.")] = None,
+    threads: ThreadsOption = None,
 ) -> None:
     """Throughput of our engines vs the authors' cost structure, side by side, with counted UNet FLOPs."""
-
+    _use_threads(threads)
     from .bench import SCALING_TABLE, BenchConfig, format_record, run_bench
 
     base = dict(
@@ -879,8 +901,10 @@ def export_command(
         str | None, typer.Option("--license", help="The base model's licence, if its folder does not state it.")
     ] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing bundle at --out.")] = False,
+    threads: ThreadsOption = None,
 ) -> None:
     """Export ONNX scoring graphs (adapters folded), check parity with PyTorch, build engines: a bundle."""
+    _use_threads(threads)
     from .export import ExportConfig, ParitySettings, export_bundle, parse_batch
 
     if parity_size < 1 or parity_timesteps < 1:
@@ -1139,6 +1163,7 @@ def _print_summary(result, max_rows: int = 20) -> None:
 
 def main() -> None:
     """Console-script entry point."""
+    use_passive_waiting()  # first of all (the callback does it again for apps embedding `app`)
     app()
 
 

@@ -17,6 +17,7 @@ import numpy as np
 
 from .engine_key import check_engine_key, engine_key_fields
 from .errors import BundleError, ConfigError
+from .threads import ort_session_options
 
 __all__ = [
     "Runner",
@@ -91,7 +92,8 @@ class OrtRunner(Runner):
     Args:
         path: the ``.onnx`` file (external data beside it is found automatically).
         providers: execution providers in order of preference; default :func:`ort_providers`.
-        threads: intra-op threads (default: ONNX Runtime's choice).
+        threads: intra-op threads (default: :func:`~dsdkit.runtime.threads.current_threads`, the CLI's
+            ``--threads``). The session's thread pools never spin while they wait (see runtime/threads.py).
     """
 
     name = "onnxruntime"
@@ -110,10 +112,7 @@ class OrtRunner(Runner):
             raise ConfigError(
                 "onnxruntime is not installed; install dsdkit[ort] (CPU) or dsdkit[ort-gpu] (CUDA)"
             ) from None
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        if self.threads:
-            options.intra_op_num_threads = self.threads
+        options = ort_session_options(self.threads)
         requested = self.providers or ort_providers()
         try:
             self.session = ort.InferenceSession(str(self.path), sess_options=options, providers=requested)
@@ -265,8 +264,11 @@ class TrtRunner(Runner):
 BACKENDS = ("auto", "onnxruntime", "tensorrt")
 
 
-def make_runners(bundle, backend: str = "auto", device: str = "auto") -> dict[str, Runner]:
-    """One runner per graph of ``bundle``: TensorRT engines or ONNX Runtime sessions (not yet activated)."""
+def make_runners(
+    bundle, backend: str = "auto", device: str = "auto", threads: int | None = None
+) -> dict[str, Runner]:
+    """One runner per graph of ``bundle``: TensorRT engines or ONNX Runtime sessions (not yet activated; ``threads``:
+    their intra-op CPU threads, default :func:`~dsdkit.runtime.threads.current_threads`)."""
     if backend not in BACKENDS:
         raise ConfigError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     engines = bundle.manifest.get("engines") or {}
@@ -295,4 +297,4 @@ def make_runners(bundle, backend: str = "auto", device: str = "auto") -> dict[st
             runners[name] = TrtRunner(bundle.path / meta["file"], meta, bundle.path, needs)
         return runners
     providers = ort_providers(device)
-    return {name: OrtRunner(bundle.graph_path(name), providers) for name in bundle.manifest["graphs"]}
+    return {name: OrtRunner(bundle.graph_path(name), providers, threads) for name in bundle.manifest["graphs"]}

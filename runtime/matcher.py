@@ -94,6 +94,7 @@ class Matcher(Engine):
         chunk_size: int = 64,
         progress: Callable[[int], None] | None = None,
         overrides: dict[str, Any] | None = None,
+        threads: int | None = None,
     ) -> Matcher:
         """Open a bundle and prepare its runners (sessions are created on first use).
 
@@ -107,9 +108,11 @@ class Matcher(Engine):
             chunk_size: images per chunk in :meth:`score`.
             progress: the default progress callback (evaluations after each batch).
             overrides: free scoring knobs to change (see the class doc).
+            threads: ONNX Runtime's intra-op CPU threads (default: :func:`~dsdkit.runtime.threads.current_threads`;
+                its pools wait without spinning either way).
         """
         bundle = Bundle.open(path, verify=verify)
-        runners = make_runners(bundle, backend, device)
+        runners = make_runners(bundle, backend, device, threads)
         return cls(
             bundle,
             runners,

@@ -42,6 +42,7 @@ from ..config import ScoringConfig
 from ..demo import items_to_examples
 from ..errors import ConfigError, ModelError, TrainingError
 from ..runtime.files import atomic_write_text, output_error, staged_folder
+from ..runtime.threads import configure_threads
 from ..runtime.tokenizer import ClipTokenizer
 from ..schedule import NoiseSchedule
 
@@ -135,19 +136,11 @@ _RESUMABLE = frozenset({"checkpoint_every"})
 
 
 def pin_threads(threads: int | None) -> int:
-    """Pin torch's intra-op threads (default: the CPUs this process may use) and one inter-op thread."""
-    import torch
+    """Pin torch's intra-op threads (default: ``OMP_NUM_THREADS``, else the CPUs this process may use: affinity and
+    cgroup quota) and one inter-op thread: :func:`dsdkit.runtime.threads.configure_threads`, after torch loads."""
+    import torch  # noqa: F401 - loaded first, so that the count is set on torch itself, not only in the environment
 
-    available = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    count = available if threads is None else int(threads)
-    if count < 1:
-        raise ConfigError(f"--threads must be >= 1, got {count}")
-    torch.set_num_threads(count)
-    try:
-        torch.set_num_interop_threads(1)
-    except RuntimeError:  # already set, or parallel work has started: the intra-op pin is what matters
-        pass
-    return count
+    return configure_threads(threads)
 
 
 def build_modules(recipe: WorldRecipe):
