@@ -38,7 +38,7 @@ from .config import (
 from .errors import ConfigError
 from .models import Precision
 from .runtime.bundle import Bundle
-from .runtime.errors import EXIT_CODES, DsdkitError
+from .runtime.errors import EXIT_CODES, DsdkitError, Interrupted, missing_dependency
 from .runtime.files import atomic_write_text
 from .runtime.results import top_k
 from .runtime.threads import configure_threads, use_passive_waiting
@@ -56,6 +56,13 @@ logger = logging.getLogger("dsdkit")
 
 class _State:
     debug = False
+    quiet = False
+
+
+def _say(text: str) -> None:
+    """Print a command's report on stdout, unless ``-q`` asked for errors only."""
+    if not _State.quiet:
+        typer.echo(text)
 
 
 def _configure_logging(verbose: int, quiet: bool) -> None:
@@ -89,6 +96,7 @@ def _main(
     ] = False,
 ) -> None:
     _State.debug = debug
+    _State.quiet = quiet
     _configure_logging(verbose, quiet)
     # Before any command imports torch: libgomp reads its wait policy once, when it loads (runtime/threads.py).
     use_passive_waiting()
@@ -106,16 +114,23 @@ def cli_errors(command):
                 raise
             typer.echo(f"error: {exc}", err=True)
             raise typer.Exit(exc.exit_code) from None
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as exc:
             if _State.debug:
                 raise
-            typer.echo("interrupted", err=True)
+            if isinstance(exc, Interrupted):  # a job that kept its finished chunks says how to continue
+                typer.echo(f"{exc}; continue with: {_resume_command()}" if exc.resumable else str(exc), err=True)
+            else:
+                typer.echo("interrupted", err=True)
             raise typer.Exit(130) from None
         except (typer.Exit, typer.Abort):
             raise
         except Exception as exc:  # noqa: BLE001 - anything else is our bug; say so in one line
             if _State.debug:
                 raise
+            missing = missing_dependency(exc)
+            if missing is not None:  # an extra the user did not install is not our bug
+                typer.echo(f"error: {missing}", err=True)
+                raise typer.Exit(missing.exit_code) from None
             typer.echo(
                 f"internal error: {type(exc).__name__}: {exc} "
                 "(a dsdkit bug: rerun with --debug and report the traceback)",
@@ -124,6 +139,14 @@ def cli_errors(command):
             raise typer.Exit(1) from None
 
     return wrapper
+
+
+def _resume_command() -> str:
+    """The command line that continues this interrupted run: the same arguments with ``--resume``."""
+    import shlex
+
+    arguments = sys.argv[1:]
+    return shlex.join(["dsdkit", *arguments, *([] if "--resume" in arguments else ["--resume"])])
 
 
 # -- option types ---------------------------------------------------------------------------------------------
@@ -138,8 +161,8 @@ CompileOption = Annotated[
     CompileMode | None,
     typer.Option(
         "--compile",
-        help="PyTorch scorer: torch.compile the scoring UNet (auto: CUDA graphs on a GPU) with "
-        "channels-last weights; the first batch compiles (minutes).",
+        help="PyTorch scorer: torch.compile the scoring UNet in this mode (--compile alone: auto, CUDA graphs on "
+        "a GPU) with channels-last weights; the first batch compiles (minutes).",
     ),
 ]
 
@@ -186,7 +209,7 @@ def tiny_model(
     from .tiny import write_tiny_model
 
     write_tiny_model(folder, size=size.value, seed=seed, overwrite=overwrite)
-    typer.echo(
+    _say(
         f"wrote {size.value} random-weight SD2-architecture model to {folder} (for testing: scores are meaningless)"
     )
 
@@ -195,22 +218,22 @@ def tiny_model(
 @cli_errors
 def tiny_data(
     folder: Annotated[Path, typer.Argument(help="Where to write images/ and data.jsonl.")],
-    train: Annotated[int, typer.Option(help="Training examples.")] = 256,
-    test: Annotated[int, typer.Option(help="Held-out examples.")] = 100,
+    train: Annotated[int, typer.Option(min=1, help="Training examples.")] = 256,
+    test: Annotated[int, typer.Option(min=1, help="Held-out examples.")] = 100,
     seed: Annotated[int, typer.Option(help="Seed of the generated images.")] = 0,
 ) -> None:
     """Write a synthetic task (coloured shapes vs. colour captions) for trying training offline."""
     from .world import write_colour_shapes
 
     path = write_colour_shapes(folder, train=train, test=test, seed=seed)
-    typer.echo(f"wrote {path} ({train} train + {test} test examples: which of 4 colour captions fits each shape)")
+    _say(f"wrote {path} ({train} train + {test} test examples: which of 4 colour captions fits each shape)")
 
 
 @app.command("demo-data")
 @cli_errors
 def demo_data(
     folder: Annotated[Path, typer.Argument(help="Where to write the demo world's files.")],
-    items: Annotated[int, typer.Option(help="Benchmark items per subset.")] = 200,
+    items: Annotated[int, typer.Option(min=1, help="Benchmark items per subset.")] = 200,
     shots: Annotated[int, typer.Option(help="Few-shot training items per few-shot subset.")] = 64,
     seed: Annotated[int, typer.Option(help="Seed of the generated scenes.")] = 0,
 ) -> None:
@@ -219,7 +242,7 @@ def demo_data(
     from .world import BENCHMARK_SUBSETS, write_demo_data
 
     paths = write_demo_data(folder, per_subset=items, shots=shots, seed=seed)
-    typer.echo(
+    _say(
         f"wrote {paths['examples']}/ and {paths['captions']} (dsdkit match), {paths['benchmark']} "
         f"({items} items x {len(BENCHMARK_SUBSETS)} subsets, dsdkit eval) and {paths['fewshot']} (dsdkit train)"
     )
@@ -238,7 +261,7 @@ def world_train(
     steps: Annotated[int | None, typer.Option(help="UNet + text encoder steps; default: the recipe's.")] = None,
     vae_steps: Annotated[int | None, typer.Option(help="VAE steps; default: the recipe's.")] = None,
     scenes: Annotated[int | None, typer.Option(help="Training scenes; default: the recipe's.")] = None,
-    batch_size: Annotated[int | None, typer.Option(help="Diffusion batch size; default: the recipe's.")] = None,
+    batch_size: Annotated[int | None, typer.Option(min=1, help="Diffusion batch size; default: the recipe's.")] = None,
     seed: Annotated[int | None, typer.Option(help="Seed; default: the recipe's.")] = None,
     checkpoint_every: Annotated[
         int | None, typer.Option(help="Steps between checkpoints; default: the recipe's.")
@@ -281,7 +304,7 @@ def world_train(
             evaluate=evaluate if eval_items > 0 else None,
             on_step=on_step,
         )
-    typer.echo(f"wrote the world model to {folder} (load it with --model {folder})")
+    _say(f"wrote the world model to {folder} (load it with --model {folder})")
 
 
 @app.command("match")
@@ -302,8 +325,10 @@ def match_command(
         typer.Option(help="Scoring preset (discffusion or paper). Default: the adapter's, else discffusion."),
     ] = None,
     timesteps: Annotated[int | None, typer.Option(help="S for the discffusion timestep table (default 30).")] = None,
-    batch_size: Annotated[int, typer.Option(help="UNet batch size (scores do not depend on it).")] = 8,
-    top_k: Annotated[int, typer.Option(help="Best captions per image / images per caption in JSON outputs.")] = 5,
+    batch_size: Annotated[int, typer.Option(min=1, help="UNet batch size (scores do not depend on it).")] = 8,
+    top_k: Annotated[
+        int, typer.Option(min=1, help="Best captions per image / images per caption in JSON outputs.")
+    ] = 5,
     per_layer: Annotated[
         bool, typer.Option(help="Also write each scored layer's attention term (JSON outputs).")
     ] = False,
@@ -340,7 +365,9 @@ def match_command(
         Path | None, typer.Option(help="Score with an exported bundle (torch-free runtime) instead of --model.")
     ] = None,
     backend: Annotated[str, typer.Option(help="Bundle backend: auto, onnxruntime or tensorrt.")] = "auto",
-    chunk_size: Annotated[int, typer.Option(help="Images per chunk (memory stays flat; the unit of --resume).")] = 64,
+    chunk_size: Annotated[
+        int, typer.Option(min=1, help="Images per chunk (memory stays flat; the unit of --resume).")
+    ] = 64,
     resume: Annotated[bool, typer.Option(help="Continue an interrupted run from <output>.partial/.")] = False,
     dry_run: Annotated[
         bool, typer.Option(help="Print pairs, UNet evaluations and an estimated time; score nothing.")
@@ -467,12 +494,16 @@ def match_command(
         from .matching import skipped_report_path
 
         skipped = result.meta["skipped"]
-        typer.echo(
-            f"wrote {len(result.images)} x {len(result.captions)} scores to {output} "
-            f"({len(skipped['images'])} images and {len(skipped['caption_lines'])} caption lines skipped, "
-            f"{len(result.meta.get('truncated_captions', {}))} captions truncated: "
-            f"{skipped_report_path(output)})"
-        )
+        line = f"wrote {len(result.images)} x {len(result.captions)} scores to {output}"
+        if result.meta.get("skipped_report"):  # written only when it has something in it
+            warned = len(result.meta.get("image_warnings", []))
+            line += (
+                f" ({len(skipped['images'])} images and {len(skipped['caption_lines'])} caption lines skipped, "
+                f"{len(result.meta.get('truncated_captions', {}))} captions truncated"
+                + (f", {warned} images with decoder warnings" if warned else "")
+                + f": {skipped_report_path(output)})"
+            )
+        _say(line)
 
 
 def _format_plan(plan: dict) -> str:
@@ -566,7 +597,7 @@ def train_command(
     data_format: Annotated[FormatChoice, typer.Option("--format", help="Dataset format.")] = FormatChoice.auto,
     image_root: Annotated[Path | None, typer.Option(help="Folder image paths are relative to.")] = None,
     adapter: Annotated[AdapterChoice, typer.Option(help="Adapter kind.")] = AdapterChoice.kv_prompt,
-    rank: Annotated[int | None, typer.Option(help="Adapter rank (default 8 kv-prompt, 4 lora).")] = None,
+    rank: Annotated[int | None, typer.Option(min=1, help="Adapter rank (default 8 kv-prompt, 4 lora).")] = None,
     preset: Annotated[PresetName, typer.Option(help="Scoring preset.")] = PresetName.discffusion,
     timesteps: Annotated[int | None, typer.Option(help="S of the discffusion table.")] = None,
     denoise: Annotated[bool | None, typer.Option("--denoise/--no-denoise", help="Denoising term.")] = None,
@@ -575,7 +606,7 @@ def train_command(
         LossChoice, typer.Option(help="ce (default), bce (paper Eq. 6) or hinge (authors').")
     ] = LossChoice.ce,
     margin: Annotated[float, typer.Option(help="Hinge margin.")] = 0.1,
-    shots: Annotated[int | None, typer.Option(help="Train on this many examples (seeded random).")] = None,
+    shots: Annotated[int | None, typer.Option(min=1, help="Train on this many examples (seeded random).")] = None,
     fraction: Annotated[float | None, typer.Option(help="Train on this fraction of the examples.")] = None,
     first: Annotated[
         bool, typer.Option(help="Take the first rows instead of a random sample (authors' splits).")
@@ -583,17 +614,19 @@ def train_command(
     train_split: Annotated[str | None, typer.Option(help="Split to train on.")] = None,
     eval_split: Annotated[str | None, typer.Option(help="Held-out split evaluated after each epoch.")] = None,
     eval_fraction: Annotated[float, typer.Option(help="Held-out fraction when the dataset has no splits.")] = 0.2,
-    max_eval: Annotated[int | None, typer.Option(help="Evaluate on at most this many held-out examples.")] = None,
-    epochs: Annotated[int, typer.Option(help="Passes over the training examples.")] = 1,
-    max_steps: Annotated[int | None, typer.Option(help="Stop after this many optimizer steps.")] = None,
-    batch_size: Annotated[int, typer.Option(help="Examples per optimizer step.")] = 1,
+    max_eval: Annotated[
+        int | None, typer.Option(min=1, help="Evaluate on at most this many held-out examples.")
+    ] = None,
+    epochs: Annotated[int, typer.Option(min=1, help="Passes over the training examples.")] = 1,
+    max_steps: Annotated[int | None, typer.Option(min=1, help="Stop after this many optimizer steps.")] = None,
+    batch_size: Annotated[int, typer.Option(min=1, help="Examples per optimizer step.")] = 1,
     lr: Annotated[float, typer.Option(help="AdamW learning rate.")] = 1e-4,
     weight_decay: Annotated[float, typer.Option(help="AdamW weight decay.")] = 1e-2,
     precision: Annotated[Precision, typer.Option(help="Frozen UNet precision (adapters stay fp32).")] = Precision.fp32,
     gradient_checkpointing: Annotated[bool, typer.Option(help="Recompute UNet activations in backward.")] = False,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
     seed: Annotated[int, typer.Option(help="Seed of sampling, noise and adapter init.")] = 0,
-    checkpoint_every: Annotated[int, typer.Option(help="Optimizer steps between checkpoints.")] = 100,
+    checkpoint_every: Annotated[int, typer.Option(min=1, help="Optimizer steps between checkpoints.")] = 100,
     evaluate: Annotated[
         bool, typer.Option("--eval/--no-eval", help="Evaluate the held-out split after each epoch.")
     ] = True,
@@ -641,10 +674,10 @@ def train_command(
     with _training_progress() as callbacks:
         result = train(config, callbacks=callbacks)
     if result.zero_shot_metrics:
-        typer.echo(f"zero-shot: {_format_metrics(result.zero_shot_metrics)}")
+        _say(f"zero-shot: {_format_metrics(result.zero_shot_metrics)}")
     if result.final_metrics:
-        typer.echo(f"trained:   {_format_metrics(result.final_metrics)}")
-    typer.echo(f"wrote {result.adapter_path} after {result.steps} steps")
+        _say(f"trained:   {_format_metrics(result.final_metrics)}")
+    _say(f"wrote {result.adapter_path} after {result.steps} steps")
 
 
 @app.command("eval")
@@ -663,7 +696,7 @@ def eval_command(
     subset: Annotated[
         list[str] | None, typer.Option(help="Evaluate only examples of this subset (repeatable; JSONL 'subset').")
     ] = None,
-    max_examples: Annotated[int | None, typer.Option(help="Evaluate the first N examples only.")] = None,
+    max_examples: Annotated[int | None, typer.Option(min=1, help="Evaluate the first N examples only.")] = None,
     preset: Annotated[
         PresetName | None, typer.Option(help="Scoring preset (default: the adapter's, else discffusion).")
     ] = None,
@@ -671,7 +704,7 @@ def eval_command(
     denoise: Annotated[bool | None, typer.Option("--denoise/--no-denoise", help="Denoising term.")] = None,
     normalize: Annotated[Normalization | None, typer.Option(help="uncond for image-choice tasks.")] = None,
     knobs: SetOption = None,
-    batch_size: Annotated[int, typer.Option(help="UNet batch size.")] = 8,
+    batch_size: Annotated[int, typer.Option(min=1, help="UNet batch size.")] = 8,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
     dtype: Annotated[Precision, typer.Option(help="UNet precision.")] = Precision.fp32,
     output: Annotated[
@@ -700,7 +733,7 @@ def eval_command(
         dtype.value,
         compile=_value(compile),
     )
-    with _progress_bar("examples", "examples") as progress:
+    with _progress_bar("evaluating", "UNet evals") as progress:
         report = evaluate(
             scorer, dataset, split=split, max_examples=max_examples, progress=progress, subsets=subset or None
         )
@@ -712,10 +745,10 @@ def eval_command(
     }
     _print_metrics(report.metrics, f"{dataset.format}: {report.source}" + (f", split {split}" if split else ""))
     for item in report.skipped[:20]:
-        typer.echo(f"skipped: {item['where']}: {item['reason']}")
+        _say(f"skipped: {item['where']}: {item['reason']}")
     if output is not None:
         write_report(report, output)
-        typer.echo(f'wrote {output} ({len(report.skipped)} rows or examples skipped, listed under "skipped")')
+        _say(f'wrote {output} ({len(report.skipped)} rows or examples skipped, listed under "skipped")')
 
 
 adapters_app = typer.Typer(help="Inspect and convert adapter files.", no_args_is_help=True)
@@ -741,7 +774,7 @@ def import_discffusion(
     scoring = ScoringConfig()
     adapter = import_discffusion_lora(source, sd2, scoring)
     save_adapter(adapter, destination, sd2.identity(), scoring, extra={"imported_from": source.name})
-    typer.echo(
+    _say(
         f"wrote {destination}: LoRA rank {adapter.config.rank} on {len(adapter.layer_names)} attention modules "
         f"({adapter.num_parameters():,} parameters)"
     )
@@ -787,11 +820,12 @@ def explain_command(
     scorer = build_scorer(
         model, adapters, None if preset is None else preset.value, overrides, device=device, dtype=dtype.value
     )
-    explanation = explain(scorer, image, caption)
+    with _progress_bar("explaining", "UNet passes") as progress:
+        explanation = explain(scorer, image, caption, progress=progress)
     render_heat_maps(explanation, out, caption=caption)
-    typer.echo(
+    _say(
         f"wrote {out}: {len(explanation.tokens)} panels ({', '.join(explanation.tokens)}), "
-        f"{len(explanation.timesteps)} timesteps, {len(scorer.layer_names)} layers"
+        f"{len(explanation.timesteps)} timesteps, {len(scorer.layer_names)} layers, score {explanation.score:.4f}"
     )
 
 
@@ -803,9 +837,9 @@ def bench_command(
     preset: Annotated[PresetName, typer.Option(help="Scoring preset.")] = PresetName.discffusion,
     timesteps: Annotated[int, typer.Option(help="S of the discffusion table.")] = 10,
     denoise: Annotated[bool, typer.Option("--denoise/--no-denoise", help="Denoising term.")] = False,
-    images: Annotated[int, typer.Option(help="N generated images.")] = 2,
-    captions: Annotated[int, typer.Option(help="M captions.")] = 2,
-    batch_size: Annotated[list[int] | None, typer.Option(help="UNet batch size (repeatable).")] = None,
+    images: Annotated[int, typer.Option(min=1, help="N generated images.")] = 2,
+    captions: Annotated[int, typer.Option(min=1, help="M captions.")] = 2,
+    batch_size: Annotated[list[int] | None, typer.Option(min=1, help="UNet batch size (repeatable).")] = None,
     engine: Annotated[
         list[str] | None,
         typer.Option(
@@ -849,21 +883,47 @@ def bench_command(
     records = []
     folders: dict[str, Path] = {}
 
-    with tempfile.TemporaryDirectory() as scratch:
-        for job in jobs:
-            started = time.perf_counter()
-            if job.model is None and job.size not in folders:
-                from .tiny import write_tiny_model
+    # One bar over the table's jobs (when there are several) and, per job, one over its rows (an engine at a batch
+    # size), whose status says what runs now: the row, its warm-up, its UNet evaluations.
+    bars = _started_progress("{task.description}", "{task.fields[status]}")
+    jobs_bar = bars.add_task("bench jobs", total=len(jobs), status="") if len(jobs) > 1 else None
+    try:
+        with tempfile.TemporaryDirectory() as scratch:
+            for number, job in enumerate(jobs, 1):
+                started = time.perf_counter()
+                if job.model is None and job.size not in folders:
+                    from .tiny import write_tiny_model
 
-                folders[job.size] = write_tiny_model(Path(scratch) / job.size, size=job.size)
-            record = run_bench(job, folder=folders.get(job.size))
-            record["row_wall_s"] = round(time.perf_counter() - started, 1)
-            records.append(record)
-            typer.echo(format_record(record))
-            typer.echo(f"(this job took {record['row_wall_s']:.0f} s wall, model writing included)\n")
+                    if jobs_bar is not None:
+                        bars.update(jobs_bar, status=f"writing the random-weight {job.size} model")
+                    folders[job.size] = write_tiny_model(Path(scratch) / job.size, size=job.size)
+                if jobs_bar is not None:
+                    bars.update(jobs_bar, status=f"{job.size} model, {job.images}x{job.captions}, S={job.timesteps}")
+                rows_bar = []
+
+                def rows(total, done, number=number, rows_bar=rows_bar):
+                    name = f"job {number} rows" if len(jobs) > 1 else "bench rows"
+                    rows_bar.append(bars.add_task(name, total=total, completed=done, status=""))
+                    return lambda n: bars.advance(rows_bar[0], n)
+
+                def status(text, rows_bar=rows_bar):
+                    if rows_bar:
+                        bars.update(rows_bar[0], status=text)
+
+                record = run_bench(job, folder=folders.get(job.size), progress=rows, status=status)
+                for task in rows_bar:
+                    bars.remove_task(task)
+                if jobs_bar is not None:
+                    bars.advance(jobs_bar, 1)
+                record["row_wall_s"] = round(time.perf_counter() - started, 1)
+                records.append(record)
+                _say(format_record(record))
+                _say(f"(this job took {record['row_wall_s']:.0f} s wall, model writing included)\n")
+    finally:
+        bars.stop()
     if output is not None:
         atomic_write_text(output, json.dumps(records if table else records[0], indent=1) + "\n")
-        typer.echo(f"wrote {output}")
+        _say(f"wrote {output}")
 
 
 class ExporterChoice(str, Enum):
@@ -931,7 +991,7 @@ def export_command(
         config=config,
         overwrite=overwrite,
     )
-    typer.echo(_bundle_summary(out, manifest, verified=True))
+    _say(_bundle_summary(out, manifest, verified=True))
 
 
 @app.command("inspect")
@@ -941,13 +1001,18 @@ def inspect_command(
     as_json: Annotated[bool, typer.Option("--json", help="Print the whole manifest as JSON.")] = False,
     verify: Annotated[bool, typer.Option("--verify/--no-verify", help="Check every file's size and sha256.")] = True,
 ) -> None:
-    """Print a bundle's manifest readably and verify the hashes of its files."""
+    """Print a bundle's manifest readably, then every file with its size and sha256 (verified unless
+    --no-verify)."""
 
     opened = Bundle.open(bundle, verify=verify)
     if as_json:
         typer.echo(json.dumps(opened.manifest, indent=1))
-    else:
-        typer.echo(_bundle_summary(bundle, opened.manifest, verified=verify))
+        return
+    typer.echo(_bundle_summary(bundle, opened.manifest, verified=verify))
+    files = opened.manifest.get("files", {})
+    width = max((len(name) for name in files), default=0)
+    for name, record in sorted(files.items()):
+        typer.echo(f"  {name:<{width}}  {record['size']:>14,} B  sha256 {record['sha256']}")
 
 
 @app.command("build-engines")
@@ -960,7 +1025,7 @@ def build_engines_command(
     from .export import add_engines
 
     manifest = add_engines(bundle, workspace_gb)
-    typer.echo(_bundle_summary(bundle, manifest, verified=True))
+    _say(_bundle_summary(bundle, manifest, verified=True))
 
 
 def _bundle_summary(path: Path, manifest: dict, verified: bool) -> str:
@@ -1029,10 +1094,17 @@ def exit_codes() -> None:
 
 
 def _started_progress(label: str, status: str):
-    """A started rich progress display on stderr (label, bar, done/total, status, time left); silent when stderr is
-    not a terminal, and gone when it ends."""
+    """A started rich progress display on stderr (label, bar, done/total, status, time elapsed and estimated time
+    left, each labelled); silent when stderr is not a terminal, and gone when it ends."""
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     console = Console(stderr=True)
     progress = Progress(
@@ -1040,9 +1112,13 @@ def _started_progress(label: str, status: str):
         BarColumn(),
         MofNCompleteColumn(),
         TextColumn(status),
+        # A bare clock would not say which time it is: elapsed and estimated remaining get their words.
+        TimeElapsedColumn(),
+        TextColumn("elapsed,"),
         TimeRemainingColumn(),
+        TextColumn("left"),
         console=console,
-        disable=not console.is_terminal,
+        disable=_State.quiet or not console.is_terminal,
         transient=True,
     )
     progress.__enter__()
@@ -1120,6 +1196,8 @@ def _format_metrics(metrics: dict) -> str:
 
 
 def _print_metrics(metrics: dict, title: str) -> None:
+    if _State.quiet:
+        return
     from rich.console import Console
     from rich.table import Table
 
@@ -1133,36 +1211,86 @@ def _print_metrics(metrics: dict, title: str) -> None:
     console.print(table)
 
 
+_SCORE_LEGEND = (
+    "score: how well the caption fits the image, higher is better (comparable within one image; not a "
+    "probability); margin: best minus second-best score"
+)
+
+
+def _count(n: int, noun: str) -> str:
+    """``1 image``, ``2 images``."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
+def _tail(name: str, width: int) -> str:
+    """A long path shortened from the left, so that the file name (its distinctive end) stays visible."""
+    return name if len(name) <= width else "…" + name[-(width - 1) :]
+
+
 def _print_summary(result, max_rows: int = 20) -> None:
+    if _State.quiet:
+        return
     from rich.console import Console
     from rich.table import Table
 
     scores = result.scores
     best_two = top_k(scores, 2, axis=1)
-    table = Table(title=f"{len(result.images)} images x {len(result.captions)} captions: best caption per image")
-    table.add_column("image", overflow="fold")
-    table.add_column("best caption", overflow="fold")
-    table.add_column("score", justify="right")
-    table.add_column("margin", justify="right")
+    with_margin = best_two.shape[1] > 1  # one caption has no runner-up to compare with
+    console = Console(width=max(100, Console().width))
+    # The two text columns share what the number columns and the borders leave (each at most 60 wide).
+    text_width = min(60, (console.width - 28) // 2)
+    table = Table(
+        title=f"{_count(len(result.images), 'image')} x {_count(len(result.captions), 'caption')}: "
+        "best caption per image",
+        caption=_SCORE_LEGEND if with_margin else _SCORE_LEGEND.partition("; margin")[0],
+        caption_justify="left",
+    )
+    # One row per image stays about one line: long names and captions are shortened (the result file has them
+    # whole), instead of wrapping a row over many lines.
+    table.add_column("image", no_wrap=True, overflow="ellipsis", max_width=text_width)
+    table.add_column("best caption", no_wrap=True, overflow="ellipsis", max_width=text_width)
+    table.add_column("score", justify="right", no_wrap=True, min_width=7)
+    if with_margin:
+        table.add_column("margin", justify="right", no_wrap=True, min_width=7)
     for i, name in enumerate(result.images[:max_rows]):
         best = best_two[i, 0]
-        margin = scores[i, best] - scores[i, best_two[i, 1]] if best_two.shape[1] > 1 else float("nan")
-        table.add_row(name, result.captions[best], f"{scores[i, best]:.4f}", f"{margin:.4f}")
-    console = Console(width=max(100, Console().width))
-    console.print(table)
+        row = [_tail(name, text_width), result.captions[best], f"{scores[i, best]:.4f}"]
+        if with_margin:
+            row.append(f"{scores[i, best] - scores[i, best_two[i, 1]]:.4f}")
+        table.add_row(*row)
+    console.print(table, markup=False, highlight=False)
     if len(result.images) > max_rows:
-        console.print(f"... {len(result.images) - max_rows} more images in the result file")
+        more = len(result.images) - max_rows
+        console.print(f"... {_count(more, 'more image')} in the result file", markup=False, highlight=False)
     for warning in result.meta.get("warnings", []):
         console.print(f"note: {warning}")
+    # Each skip was logged once as it happened (the first few by name), so no second list here: only the count,
+    # when no report holds them all (with one, the final "wrote" line counts them and names the report).
     skipped = result.meta.get("skipped", {})
-    for item in skipped.get("images", [])[:max_rows]:
-        console.print(f"skipped: {item['reason']}", markup=False, highlight=False)
-    for item in skipped.get("caption_lines", [])[:max_rows]:
-        console.print(f"skipped: {item['where']}: {item['reason']}", markup=False, highlight=False)
+    images, lines = len(skipped.get("images", [])), len(skipped.get("caption_lines", []))
+    if (images or lines) and not result.meta.get("skipped_report"):
+        console.print(
+            f"skipped {images} images and {lines} caption lines (named above; -o writes every reason to a report)",
+            markup=False,
+            highlight=False,
+        )
+
+
+def expand_bare_compile(arguments: list[str]) -> list[str]:
+    """``--compile`` given without a mode means ``--compile auto``: the mode is filled in when the next argument is
+    not one (typer options cannot have an optional value)."""
+    expanded = []
+    for index, argument in enumerate(arguments):
+        expanded.append(argument)
+        following = arguments[index + 1] if index + 1 < len(arguments) else None
+        if argument == "--compile" and following not in COMPILE_MODES:
+            expanded.append(CompileMode.auto.value)
+    return expanded
 
 
 def main() -> None:
     """Console-script entry point."""
+    sys.argv[1:] = expand_bare_compile(sys.argv[1:])
     use_passive_waiting()  # first of all (the callback does it again for apps embedding `app`)
     app()
 

@@ -59,10 +59,8 @@ KNOB_OPTIONS = {
 
 
 def knob_option(name: str) -> str:
-    """How messages name a knob: its option and, for library callers, the field, e.g. ``--timesteps
-    (num_timesteps)``."""
-    option = KNOB_OPTIONS.get(name, "--" + name.replace("_", "-"))
-    return option if option.lstrip("-").replace("-", "_") == name else f"{option} ({name})"
+    """How messages name a knob: by the option a user types (``num_timesteps`` -> ``--timesteps``)."""
+    return KNOB_OPTIONS.get(name, "--" + name.replace("_", "-"))
 
 
 class Pooling(str, Enum):
