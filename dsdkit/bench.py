@@ -32,6 +32,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,7 +43,7 @@ from .config import ScoringConfig
 from .errors import ConfigError, ParityError
 from .runtime import Matcher
 
-__all__ = ["BenchConfig", "run_bench", "unet_flops", "unet_flop_counts", "SCALING_TABLE"]
+__all__ = ["BenchConfig", "run_bench", "planned_rows", "unet_flops", "unet_flop_counts", "SCALING_TABLE"]
 
 logger = logging.getLogger(__name__)
 
@@ -105,16 +106,36 @@ def _peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
-class _Clock:
-    """Progress callback that timestamps every UNet batch (for latency per batch)."""
+def planned_rows(config: BenchConfig) -> list[tuple[str, int]]:
+    """The ``(engine, batch)`` rows :func:`run_bench` measures for ``config``, in order."""
+    scoring = ScoringConfig.from_preset(config.preset, num_timesteps=config.timesteps, denoise_term=config.denoise)
+    rows = []
+    for batch in config.batch_sizes:
+        if "pytorch" in config.engines:
+            rows.append(("pytorch", batch))
+            if config.check and "reference" in config.engines and not scoring.uncond_in_attention:
+                rows.append(("pytorch (B3 on)", batch))
+        if "pytorch-compiled" in config.engines:
+            rows.append(("pytorch-compiled", batch))
+        rows += [(backend, batch) for backend in BUNDLE_ENGINES if backend in config.engines]
+    if "reference" in config.engines:
+        rows.append(("reference", 2))
+    return rows
 
-    def __init__(self):
+
+class _Clock:
+    """Progress callback that timestamps every UNet batch (for latency per batch) and reports the count."""
+
+    def __init__(self, report: Callable[[int], None] | None = None):
         self.stamps = [time.perf_counter()]
         self.evaluations = 0
+        self.report = report
 
     def __call__(self, n: int) -> None:
         self.evaluations += n
         self.stamps.append(time.perf_counter())
+        if self.report is not None:
+            self.report(self.evaluations)
 
     def latency_ms(self) -> float | None:
         gaps = np.diff(self.stamps[1:]) if len(self.stamps) > 2 else np.diff(self.stamps)
@@ -178,8 +199,21 @@ def _device_peak_tflops(name: str) -> float | None:
     return None
 
 
-def run_bench(config: BenchConfig, folder: str | os.PathLike | None = None) -> dict[str, Any]:
-    """Run one benchmark job; returns the JSON-ready record (see the module doc)."""
+def run_bench(
+    config: BenchConfig,
+    folder: str | os.PathLike | None = None,
+    progress: Callable[[int, int], Callable[[int], None]] | None = None,
+    status: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Run one benchmark job; returns the JSON-ready record (see the module doc).
+
+    Args:
+        folder: the random-weight model of ``config.size`` when it is already written (else one is written).
+        progress: ``progress(total, done) -> advance`` makes a reporter over the job's rows (one per engine and
+            batch size, :func:`planned_rows`); ``advance(1)`` follows each measured row.
+        status: called with a line saying what runs now: the row, its warm-up, and its UNet evaluations so far
+            (of how many, where the engine can tell).
+    """
 
     import torch
 
@@ -192,6 +226,9 @@ def run_bench(config: BenchConfig, folder: str | os.PathLike | None = None) -> d
     from .tiny import write_tiny_model
 
     config.validate()
+    advance = progress(len(planned_rows(config)), 0) if progress is not None else None
+    if status is not None:
+        status("loading the model, counting UNet FLOPs")
     with tempfile.TemporaryDirectory() as scratch:
         model_dir = config.model or folder or write_tiny_model(Path(scratch) / "model", size=config.size)
         started = time.perf_counter()
@@ -212,15 +249,22 @@ def run_bench(config: BenchConfig, folder: str | os.PathLike | None = None) -> d
         # selection, cuDNN autotuning on a GPU) must not land on whichever engine happens to run first.
         warm_scoring = scoring.replace(num_timesteps=1) if scoring.timesteps.value == "discffusion" else scoring
 
-        def measure(engine: str, batch: int, run, warm_up=None) -> None:
+        def measure(engine: str, batch: int, run, warm_up=None, planned: int | None = None) -> None:
+            name = f"{engine} batch {batch}"
             begin = time.perf_counter()
             if warm_up is not None:
+                if status is not None:
+                    status(f"{name}: warm-up")
                 warm_up()
             if cuda:
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()
             warm_up_s = None if warm_up is None else round(time.perf_counter() - begin, 2)
-            clock = _Clock()
+            of = "" if planned is None else f"/{planned}"
+            report = None if status is None else lambda done: status(f"{name}: {done}{of} UNet evals")
+            if report is not None:
+                report(0)
+            clock = _Clock(report)
             begin = time.perf_counter()
             scores = run(clock)
             if cuda:
@@ -251,6 +295,8 @@ def run_bench(config: BenchConfig, folder: str | os.PathLike | None = None) -> d
             )
             rows.append(row)
             results[(engine, batch)] = scores
+            if advance is not None:
+                advance(1)
 
         for batch in config.batch_sizes:
             if "pytorch" in config.engines:
@@ -263,6 +309,7 @@ def run_bench(config: BenchConfig, folder: str | os.PathLike | None = None) -> d
                     batch,
                     ours,
                     lambda batch=batch: Scorer(model, warm_scoring, batch_size=batch).score(images[:1], captions[:1]),
+                    probe.planned_evaluations(config.images, pairs),
                 )
                 if config.check and "reference" in config.engines and not scoring.uncond_in_attention:
                     b3 = scoring.replace(uncond_in_attention=True)
@@ -270,7 +317,8 @@ def run_bench(config: BenchConfig, folder: str | os.PathLike | None = None) -> d
                     def ours_b3(clock, batch=batch, b3=b3):
                         return Scorer(model, b3, batch_size=batch, progress=clock).score(images, captions)
 
-                    measure("pytorch (B3 on)", batch, ours_b3)
+                    planned = Scorer(model, b3, batch_size=1).planned_evaluations(config.images, pairs)
+                    measure("pytorch (B3 on)", batch, ours_b3, planned=planned)
             if "pytorch-compiled" in config.engines:
                 acceleration = Acceleration(compile=config.compile_mode)
 
@@ -288,7 +336,8 @@ def run_bench(config: BenchConfig, folder: str | os.PathLike | None = None) -> d
                             images[:1], captions[:1]
                         )
 
-                measure("pytorch-compiled", batch, compiled, compiled_warm_up)
+                planned = probe.planned_evaluations(config.images, pairs)
+                measure("pytorch-compiled", batch, compiled, compiled_warm_up, planned)
                 # The engines measured after this one run as they would alone: contiguous weights, and no
                 # compiled code or CUDA-graph memory pool held (it would count in their peak device memory).
                 set_channels_last(model, False)
@@ -329,7 +378,8 @@ def run_bench(config: BenchConfig, folder: str | os.PathLike | None = None) -> d
                 "reference",
                 2,
                 reference,
-                lambda: reference_scores(
+                planned=2 * pairs * len(probe.timesteps),  # both halves of every pair and timestep
+                warm_up=lambda: reference_scores(
                     Scorer(
                         model,
                         warm_scoring.replace(uncond_in_attention=reference_config.uncond_in_attention),

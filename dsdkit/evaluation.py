@@ -31,7 +31,7 @@ from .datasets import Dataset, Example, TaskKind
 from .errors import ConfigError
 from .runtime.files import atomic_write_text
 
-__all__ = ["EvalReport", "score_examples", "compute_metrics", "evaluate", "write_report"]
+__all__ = ["EvalReport", "score_examples", "planned_evaluations", "compute_metrics", "evaluate", "write_report"]
 
 logger = logging.getLogger(__name__)
 
@@ -47,20 +47,10 @@ class EvalReport:
     skipped: list[dict[str, str]] = field(default_factory=list)  # rows and examples left out, with the reason
 
 
-def score_examples(
-    scorer,
-    examples: list[Example],
-    chunk_pairs: int = 256,
-    progress: Callable[[int], None] | None = None,
-    terms: bool = False,
-):
-    """Score matrix ``[images, texts]`` of every example (only the pairs it needs; others are NaN), on either engine.
-
-    With ``terms``, a dict of such matrix lists instead: ``score``, ``attention`` (the mean attention term over the
-    scored layers) and ``denoise`` (the denoising term; 0 when it is off), all means over timesteps.
-    """
-    names = ("score", "attention", "denoise") if terms else ("score",)
-    mats = {name: [np.full((len(e.images), len(e.texts)), np.nan) for e in examples] for name in names}
+def _chunks(examples: list[Example], chunk_pairs: int):
+    """Consecutive chunks of examples with at most ``chunk_pairs`` pairs (one example at least), each as
+    ``(images, texts, pairs, owners, keys)``: the chunk's distinct images and captions, its ``(image slot, text
+    slot)`` pairs, the ``(example, i, j)`` each pair fills, and the images' sharing keys."""
     start = 0
     while start < len(examples):
         chunk, count = [], 0
@@ -83,7 +73,51 @@ def score_examples(
                     texts.append(text)
                 pairs.append((image_slot[key], text_slot[text]))
                 owners.append((index, i, j))
-        out = scorer.score_pairs(images, texts, pairs)
+        yield images, texts, pairs, owners, list(image_slot)
+
+
+def _chunk_plans(scorer, examples: list[Example], chunk_pairs: int) -> list[int]:
+    """UNet evaluations each chunk is expected to run: the unconditional pass of images no earlier chunk had (when
+    the config needs it) and one evaluation per pair and timestep."""
+    seen, plans = set(), []
+    for _, _, pairs, _, keys in _chunks(examples, chunk_pairs):
+        plans.append(scorer.planned_evaluations(len(set(keys) - seen), len(pairs)))
+        seen.update(keys)
+    return plans
+
+
+def planned_evaluations(scorer, examples: list[Example], chunk_pairs: int = 256) -> int:
+    """UNet evaluations :func:`score_examples` runs for ``examples`` on a scorer with nothing cached (the total of
+    its progress)."""
+    return sum(_chunk_plans(scorer, examples, chunk_pairs))
+
+
+def score_examples(
+    scorer,
+    examples: list[Example],
+    chunk_pairs: int = 256,
+    progress: Callable[[int], None] | None = None,
+    terms: bool = False,
+):
+    """Score matrix ``[images, texts]`` of every example (only the pairs it needs; others are NaN), on either engine.
+
+    With ``terms``, a dict of such matrix lists instead: ``score``, ``attention`` (the mean attention term over the
+    scored layers) and ``denoise`` (the denoising term; 0 when it is off), all means over timesteps.
+
+    ``progress(n)`` is called after each UNet batch with the evaluations it ran (the engine's progress callback),
+    and, where a chunk ran fewer than planned (work the engine had cached), once more with the rest, so that the
+    calls add up to :func:`planned_evaluations`.
+    """
+    names = ("score", "attention", "denoise") if terms else ("score",)
+    mats = {name: [np.full((len(e.images), len(e.texts)), np.nan) for e in examples] for name in names}
+    plans = _chunk_plans(scorer, examples, chunk_pairs) if progress is not None else None
+    for number, (images, texts, pairs, owners, _) in enumerate(_chunks(examples, chunk_pairs)):
+        if progress is None:
+            out = scorer.score_pairs(images, texts, pairs)
+        else:
+            out = scorer.score_pairs(images, texts, pairs, progress=progress)
+            if plans[number] > out.unet_evaluations:
+                progress(plans[number] - out.unet_evaluations)
         values = {"score": out.scores}
         if terms:
             values["attention"] = out.layer_scores.mean(axis=-1)
@@ -91,8 +125,6 @@ def score_examples(
         for name, column in values.items():
             for (index, i, j), value in zip(owners, column, strict=True):
                 mats[name][index][i, j] = value
-        if progress is not None:
-            progress(len(chunk))
     return mats if terms else mats["score"]
 
 
@@ -203,7 +235,11 @@ def evaluate(
     subsets: list[str] | None = None,
 ) -> EvalReport:
     """Score ``dataset`` (one split of it, only ``subsets`` if given, optionally the first ``max_examples``) and
-    compute its metrics."""
+    compute its metrics.
+
+    ``progress(total, done) -> advance`` makes a reporter for the job's ``total`` UNet evaluations
+    (:func:`planned_evaluations`); ``advance(n)`` is called as each UNet batch finishes.
+    """
     examples = dataset.select(split)
     if subsets:
         known = {e.subset for e in examples}
@@ -215,7 +251,8 @@ def evaluate(
         examples = [e for e in examples if e.subset in wanted]
     if max_examples is not None:
         examples = examples[:max_examples]
-    advance = progress(len(examples), 0) if progress is not None else None
+    # The progress unit is a UNet evaluation, reported per batch (examples differ in cost by their pair count).
+    advance = progress(planned_evaluations(scorer, examples), 0) if progress is not None else None
     matrices = score_examples(scorer, examples, progress=advance)
     metrics = compute_metrics(dataset.format, examples, matrices)
     records = []

@@ -339,3 +339,44 @@ def test_bench_refuses_bundle_engines_without_a_bundle_and_unknown_modes():
         BenchConfig(engines=["tensorrt"]).validate()
     with pytest.raises(ConfigError, match="--compile-mode 'turbo' is not one of"):
         BenchConfig(compile_mode="turbo").validate()
+
+
+def test_bench_reports_progress_per_engine_and_row(micro_model_dir):
+    from dsdkit.bench import BenchConfig, planned_rows, run_bench
+
+    config = BenchConfig(model=str(micro_model_dir), timesteps=1, images=1, captions=2, batch_sizes=[1, 2])
+    calls, statuses = [], []
+
+    def progress(total, done):
+        calls.append(("total", total, done))
+        return calls.append
+
+    record = run_bench(config, progress=progress, status=statuses.append)
+    rows = [(r["engine"], r["batch"]) for r in record["rows"]]
+    assert planned_rows(config) == rows and len(rows) == 5
+    assert calls == [("total", 5, 0)] + [1] * 5  # one advance per measured row
+    for row in record["rows"]:
+        name = f"{row['engine']} batch {row['batch']}"
+        mine = [s.removeprefix(f"{name}: ") for s in statuses if s.startswith(f"{name}: ")]
+        done = row["unet_evaluations"]
+        # Each row says when it runs (its warm-up, where it has one) and counts its UNet evaluations up to the total.
+        assert mine[-1] == f"{done}/{done} UNet evals" and f"0/{done} UNet evals" in mine
+        assert ("warm-up" in mine) == (row["warm_up_s"] is not None)
+
+
+def test_progress_display_labels_its_times():
+    from rich.progress import TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    from dsdkit.cli import _started_progress
+
+    progress = _started_progress("label", "status")
+    try:
+        columns = list(progress.columns)
+        words = {
+            type(columns[i]): columns[i + 1].text_format
+            for i in range(len(columns) - 1)
+            if isinstance(columns[i + 1], TextColumn)
+        }
+        assert words[TimeRemainingColumn] == "left" and words[TimeElapsedColumn] == "elapsed,"
+    finally:
+        progress.stop()

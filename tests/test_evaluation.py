@@ -92,3 +92,42 @@ def test_score_examples_matches_direct_scoring_and_shares_work(tiny_model, tmp_p
     np.testing.assert_allclose(matrices[0][:, 0], direct[:2, 0], rtol=1e-6)
     np.testing.assert_allclose(matrices[1][0], direct[1, :2], rtol=1e-6)
     np.testing.assert_allclose(matrices[2], direct[1:, 1:], rtol=1e-6)
+
+
+def test_evaluate_advances_per_unet_batch(tiny_model, tmp_path, image_factory):
+    """The progress unit is a UNet evaluation, reported as each batch finishes (not once per chunk of examples)."""
+    from dsdkit.config import ScoringConfig
+    from dsdkit.datasets import Dataset
+    from dsdkit.evaluation import evaluate, planned_evaluations
+    from dsdkit.scorer import Scorer
+
+    paths = []
+    for i, colour in enumerate(["red", "blue", "green"]):
+        paths.append(tmp_path / f"{i}.png")
+        image_factory(colour, "circle", seed=i).save(paths[-1])
+    examples = [
+        Example(TaskKind.image_to_text, paths[:1], ["a red circle", "a blue circle", "a cat"], positive=0),
+        Example(TaskKind.text_to_image, paths[:2], ["a red circle"], positive=0),
+        Example(TaskKind.group, paths[1:], ["a blue circle", "a green circle"]),
+    ]
+    # 9 pairs over 3 images at S=1; the denoising term needs the unconditional pass of each image.
+    config = ScoringConfig(num_timesteps=1)
+    assert config.needs_unconditional_pass
+    scorer = Scorer(tiny_model, config, batch_size=2)
+    assert planned_evaluations(scorer, examples) == 3 + 9
+    calls = []
+
+    def progress(total, done):
+        calls.append(("total", total, done))
+        return calls.append
+
+    dataset = Dataset("jsonl", tmp_path / "data.jsonl", tmp_path, examples)
+    evaluate(scorer, dataset, progress=progress)
+    # One chunk: the 3 unconditional evaluations in batches of 2 and 1, then the 9 conditional in 2, 2, 2, 2, 1.
+    assert calls == [("total", 12, 0), 2, 1, 2, 2, 2, 2, 1]
+
+    # In chunks that share images, and on a scorer that has the unconditional passes cached already: the calls
+    # still add up to the planned total (the cached work is reported once its chunk is done).
+    counted = []
+    score_examples(scorer, examples, chunk_pairs=4, progress=counted.append)
+    assert sum(counted) == planned_evaluations(scorer, examples, chunk_pairs=4) == 12
