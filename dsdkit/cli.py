@@ -790,6 +790,11 @@ def adapter_info(path: Annotated[Path, typer.Argument(help="An adapter file.")])
     typer.echo(json.dumps(read_adapter_header(path), indent=1))
 
 
+class HeatScale(str, Enum):
+    shared = "shared"
+    token = "token"
+
+
 @app.command("explain")
 @cli_errors
 def explain_command(
@@ -807,6 +812,9 @@ def explain_command(
     knobs: SetOption = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
     dtype: Annotated[Precision, typer.Option(help="UNet precision.")] = Precision.fp32,
+    scale: Annotated[
+        HeatScale, typer.Option(help="shared: one colour scale for all tokens; token: each token's own range.")
+    ] = HeatScale.shared,
     threads: ThreadsOption = None,
 ) -> None:
     """Per-word cross-attention heat maps of one image-caption pair (the attention the score pools)."""
@@ -822,7 +830,7 @@ def explain_command(
     )
     with _progress_bar("explaining", "UNet passes") as progress:
         explanation = explain(scorer, image, caption, progress=progress)
-    render_heat_maps(explanation, out, caption=caption)
+    render_heat_maps(explanation, out, caption=caption, scale=scale.value)
     _say(
         f"wrote {out}: {len(explanation.tokens)} panels ({', '.join(explanation.tokens)}), "
         f"{len(explanation.timesteps)} timesteps, {len(scorer.layer_names)} layers, score {explanation.score:.4f}"
