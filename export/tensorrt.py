@@ -38,11 +38,14 @@ def tensorrt_unavailable_reason() -> str | None:
     try:
         import tensorrt  # noqa: F401
     except ImportError:
-        return "TensorRT is not installed (`import tensorrt` failed; install dsdkit[trt] from NVIDIA's index)"
+        return (
+            "TensorRT is not installed (`import tensorrt` failed; install the trt extra, pip install -e '.[trt]', "
+            "with TensorRT from NVIDIA's index)"
+        )
     try:
         import polygraphy  # noqa: F401
     except ImportError:
-        return "Polygraphy is not installed (install dsdkit[trt])"
+        return "Polygraphy is not installed (install the trt extra: pip install -e '.[trt]')"
     try:
         import torch
 
