@@ -47,6 +47,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError, InputError
+from .runtime.decode_warnings import collecting
 from .runtime.images import load_image
 
 __all__ = [
@@ -507,17 +508,36 @@ def load_dataset(
 
 def _drop_unusable_images(dataset: Dataset, images: list[Path]) -> None:
     """Decode every image once, up front; examples that need an unusable one (corrupt, truncated, too large) move to
-    ``dataset.skipped`` with the reason, so a bad file costs one example, not the run."""
+    ``dataset.skipped`` with the reason, so a bad file costs one example, not the run.
 
-    def problem(image: Path) -> str | None:
-        try:
-            load_image(image)  # Pillow decodes outside the GIL: threads overlap the files
-        except InputError as exc:
-            return str(exc)
-        return None
+    The warnings a decoder raises go with the file (``runtime.decode_warnings``; its hook keeps each thread's
+    file apart): into the reason of a skipped example, and one log line for the usable images that raised some."""
+
+    def decode(image: Path) -> tuple[str | None, list[str]]:
+        with collecting() as notes:
+            try:
+                load_image(image)  # Pillow decodes outside the GIL: threads overlap the files
+            except InputError as exc:
+                return str(exc), notes
+        return None, notes
 
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-        bad = {image: why for image, why in zip(images, pool.map(problem, images), strict=True) if why is not None}
+        outcomes = dict(zip(images, pool.map(decode, images), strict=True))
+    bad = {
+        image: why + (f" (decoder warnings: {'; '.join(notes)})" if notes else "")
+        for image, (why, notes) in outcomes.items()
+        if why is not None
+    }
+    warned = {image: notes for image, (why, notes) in outcomes.items() if why is None and notes}
+    if warned:
+        first, notes = next(iter(warned.items()))
+        logger.warning(
+            "%s: %d usable image(s) raised decoder warnings and are kept (e.g. %s: %s)",
+            dataset.source,
+            len(warned),
+            first,
+            "; ".join(notes),
+        )
     if not bad:
         return
     kept = []

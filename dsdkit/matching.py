@@ -22,6 +22,7 @@ import numpy as np
 from . import __version__
 from .config import ScoringConfig
 from .errors import ConfigError, InputError
+from .runtime.decode_warnings import collecting
 from .runtime.engine import Engine, chunk_slices
 from .runtime.files import atomic_write_text
 from .runtime.images import ImageInput, check_image, describe, preprocess_image
@@ -81,30 +82,65 @@ def skipped_report_path(output: str | os.PathLike) -> Path:
     return output.with_name(f"{output.stem}.skipped.json")
 
 
-class _Skips:
-    """Images skipped in a job (index -> reason), shared with the resumable state so a resumed run keeps them.
+#: Skipped images (and, apart, usable images with decoder warnings) logged by name; past that, one line says where
+#: the others are, so a folder of hundreds of bad files prints a dozen lines, not hundreds.
+SHOWN_BY_NAME = 10
 
-    ``strict`` turns the first skip into an :class:`InputError` instead.
+
+class _Skips:
+    """Images skipped in a job (index -> reason) and the decoder warnings of its images (index -> notes), shared with
+    the resumable state so a resumed run keeps them.
+
+    Each skip is logged once, as it happens (the CLI prints no second list): the first :data:`SHOWN_BY_NAME` at
+    WARNING level, then one line saying where all of them are, the rest at INFO (``dsdkit -v``). Likewise the
+    decoder warnings of images that are still scored. ``strict`` turns the first skip into an :class:`InputError`.
     """
 
-    def __init__(self, names: list[str], strict: bool):
-        self.names, self.strict = names, strict
+    def __init__(self, names: list[str], strict: bool, report: Path | None = None):
+        self.names, self.strict, self.report = names, strict, report
         self.images: dict[str, str] = {}  # str(index) -> reason; str keys survive the JSON round trip of state.json
+        self.warnings: dict[str, list[str]] = {}  # str(index) -> decoder warnings (runtime.decode_warnings)
+        self._logged = {"skipped": 0, "warned": 0}
 
-    def skip(self, index: int, error: InputError) -> None:
+    def _log(self, kind: str, message: str, *args) -> None:
+        self._logged[kind] += 1
+        if self._logged[kind] <= SHOWN_BY_NAME:
+            logger.warning(message, *args)
+            return
+        if self._logged[kind] == SHOWN_BY_NAME + 1:
+            where = f"in {self.report}" if self.report is not None else "in result.meta (-o writes them to a report)"
+            what = "skipped images" if kind == "skipped" else "images with decoder warnings"
+            logger.warning("more %s: not named here from now on (-v names them); every one is %s", what, where)
+        logger.info(message, *args)
+
+    def skip(self, index: int, error: InputError, notes: Sequence[str] = ()) -> None:
         if self.strict:
             raise InputError(f"{error} (--strict: fix or remove it, or drop --strict to skip it)") from None
-        logger.warning("skipping %s", error)
         self.images[str(index)] = str(error)
+        self.note(index, notes)
+        self._log("skipped", "skipped %s", error)
+
+    def note(self, index: int, notes: Sequence[str]) -> None:
+        """Keep the decoder warnings of image ``index`` for the report; log those of a usable image once."""
+        kept = self.warnings.get(str(index), [])
+        new = [n for n in notes if n not in kept]
+        if not new:
+            return
+        self.warnings[str(index)] = kept + new
+        if index not in self:
+            self._log("warned", "%s: decoder warning (the image is scored): %s", self.names[index], "; ".join(new))
 
     def screen(self, images: list[ImageInput]) -> _Skips:
         """Header-only check of every image file, so bad files are known (or refused) before any scoring."""
         for index, image in enumerate(images):
             if isinstance(image, (str, os.PathLike)):
-                try:
-                    check_image(image)
-                except InputError as exc:
-                    self.skip(index, exc)
+                with collecting() as notes:
+                    try:
+                        check_image(image)
+                    except InputError as exc:
+                        self.skip(index, exc, notes)
+                        continue
+                self.note(index, notes)
         return self
 
     def raise_if_all_skipped(self, count: int) -> None:
@@ -118,8 +154,16 @@ class _Skips:
 
     def records(self) -> list[dict]:
         return [
-            {"index": int(i), "image": self.names[int(i)], "reason": why}
+            {"index": int(i), "image": self.names[int(i)], "reason": why, "warnings": self.warnings.get(i, [])}
             for i, why in sorted(self.images.items(), key=lambda item: int(item[0]))
+        ]
+
+    def warning_records(self) -> list[dict]:
+        """The images that were scored although their decoder raised warnings."""
+        return [
+            {"index": int(i), "image": self.names[int(i)], "warnings": notes}
+            for i, notes in sorted(self.warnings.items(), key=lambda item: int(item[0]))
+            if i not in self.images
         ]
 
 
@@ -218,7 +262,9 @@ def match(
     Images that cannot be used (unreadable, corrupt, truncated, too large: see :func:`~dsdkit.runtime.images.
     check_image`) are skipped with a one-line reason: they get no row in the result, and the reasons go to
     ``<output stem>.skipped.json`` and ``result.meta["skipped"]``. Blank caption lines are skipped likewise; captions
-    over the text encoder's context are truncated and counted.
+    over the text encoder's context are truncated and counted. Warnings a decoder raised on an image that is still
+    scored go to the report's ``warnings`` (and ``result.meta["image_warnings"]``). The report is written only when
+    it has something in it (``result.meta["skipped_report"]`` names it, or is ``None``).
     """
     if output is not None and Path(output).suffix.lower() not in OUTPUT_FORMATS:
         raise ConfigError(f"--output {output}: unknown format; use a file ending in {', '.join(OUTPUT_FORMATS)}")
@@ -234,7 +280,8 @@ def match(
         raise InputError(f"{where_line}: {why} (--strict: remove it, or drop --strict to skip it)")
     if not job.images or not job.captions:
         raise InputError("nothing to score: give at least one image and one caption")
-    skips = _Skips(job.names, strict).screen(job.images)
+    report = skipped_report_path(output) if output is not None else None
+    skips = _Skips(job.names, strict, report).screen(job.images)
     skips.raise_if_all_skipped(len(job.images))  # before any model is loaded
     started = time.perf_counter()
     engine = open_engine(
@@ -267,13 +314,17 @@ def match(
                 for index in range(rows.start, rows.stop):
                     if index in skips:
                         continue
-                    try:
-                        pixels.append(
-                            preprocess_image(job.images[index], engine.resolution, engine.config.resize, index=index)
-                        )
-                    except InputError as exc:
-                        skips.skip(index, exc)
-                        continue
+                    with collecting() as notes:
+                        try:
+                            pixels.append(
+                                preprocess_image(
+                                    job.images[index], engine.resolution, engine.config.resize, index=index
+                                )
+                            )
+                        except InputError as exc:
+                            skips.skip(index, exc, notes)
+                            continue
+                    skips.note(index, notes)
                     at.append(index)
                 if pixels:
                     out = engine.score_encoded_matrix(engine.encode_pixels(pixels), texts, progress=counter)
@@ -283,7 +334,12 @@ def match(
                 yield rows, block
 
         scores = run_resumable(
-            blocks, (len(job.images), len(job.captions)), output, fingerprint, resume, {"skipped_images": skips.images}
+            blocks,
+            (len(job.images), len(job.captions)),
+            output,
+            fingerprint,
+            resume,
+            {"skipped_images": skips.images, "image_warnings": skips.warnings},
         )
         if strict and skips.images:  # skipped by an earlier run without --strict, merged back by --resume
             raise InputError(
@@ -298,6 +354,16 @@ def match(
         "images": skips.records(),
         "caption_lines": [{"where": w, "reason": why} for w, why in job.skipped_lines],
     }
+    meta["image_warnings"] = skips.warning_records()
+    # A report only when there is something in it: no file says "nothing was skipped".
+    if not (
+        meta["skipped"]["images"]
+        or meta["skipped"]["caption_lines"]
+        or meta.get("truncated_captions")
+        or meta["image_warnings"]
+    ):
+        report = None
+    meta["skipped_report"] = report.name if report is not None else None
     result = MatchResult(
         images=[job.names[i] for i in keep],
         captions=job.captions,
@@ -307,13 +373,24 @@ def match(
     )
     if output is not None:
         write_result(result, output, k=top_k)
-        report = {
-            "format": "dsdkit-skipped/1",
-            "result": Path(output).name,
-            **meta["skipped"],
-            "truncated_captions": meta.get("truncated_captions", {}),
-        }
-        atomic_write_text(skipped_report_path(output), json.dumps(report, indent=1, ensure_ascii=False) + "\n")
+        if report is not None:
+            document = {
+                "format": "dsdkit-skipped/1",
+                "result": Path(output).name,
+                **meta["skipped"],
+                "truncated_captions": meta.get("truncated_captions", {}),
+                "warnings": meta["image_warnings"],
+            }
+            atomic_write_text(report, json.dumps(document, indent=1, ensure_ascii=False) + "\n")
+        else:
+            # An earlier run's report next to this result would describe skips that did not happen.
+            stale = skipped_report_path(output)
+            try:
+                stale.unlink()
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                logger.warning("%s is an earlier run's report and could not be removed (%s)", stale, exc.strerror)
         finish(output)
         logger.info("wrote %s", output)
     return result

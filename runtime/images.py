@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import os
 import struct
 from enum import Enum
@@ -23,6 +24,7 @@ from typing import Union
 
 import numpy as np
 
+from .decode_warnings import decoding, note
 from .errors import InputError
 
 __all__ = [
@@ -68,49 +70,104 @@ def _printable(name: str) -> str:
     return name if name.isprintable() else ascii(name)
 
 
+#: What Pillow's plugins raise on malformed headers, chunks and pixel data (and ``OSError`` from the decoders).
+_CORRUPT = (OSError, SyntaxError, ValueError, EOFError, struct.error, IndexError, KeyError, ZeroDivisionError)
+
+
+def _type_name(exc: BaseException) -> str:
+    """``ValueError``, ``UnidentifiedImageError``, but ``struct.error`` (a bare ``error`` says nothing)."""
+    kind = type(exc)
+    if kind.__module__ == "builtins" or kind.__module__.startswith("PIL"):
+        return kind.__name__
+    return f"{kind.__module__}.{kind.__name__}"
+
+
+def _decode_error(name: str, exc: Exception, opening: bool) -> InputError:
+    """The one-line :class:`InputError` of a file whose Pillow call raised ``exc``.
+
+    ``opening``: raised while opening the file, where an ``OSError`` subclass is about the path (a missing file, a
+    folder, a link loop). Later, a decoder that raises one means something else (EPS raises ``FileNotFoundError``
+    for a missing Ghostscript), so it is reported as what it is.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    detail = _printable(" ".join(str(exc).split())[:200])
+    kind = f"{_type_name(exc)}: {detail}" if detail else _type_name(exc)
+    if opening and isinstance(exc, OSError):
+        if isinstance(exc, FileNotFoundError):
+            return InputError(f"{name}: no such image file (or a broken link)")
+        if isinstance(exc, IsADirectoryError):
+            return InputError(f"{name}: is a folder, not an image")
+        if isinstance(exc, PermissionError):
+            return InputError(f"{name}: permission denied; make the file readable")
+        if isinstance(exc, UnidentifiedImageError):
+            return InputError(f"{name}: not a readable image: unknown or corrupt format (UnidentifiedImageError)")
+        if exc.errno == errno.ELOOP:
+            return InputError(f"{name}: symbolic link loop; fix or remove the link")
+        if exc.errno in (errno.ENAMETOOLONG, errno.ENOTDIR, errno.EACCES, errno.ENXIO, errno.ENODEV):
+            return InputError(f"{name}: cannot be opened ({exc.strerror}); check the path")
+    if isinstance(exc, Image.DecompressionBombError):
+        return InputError(f"{name}: image too large to decode safely ({kind})")
+    if isinstance(exc, MemoryError):
+        return InputError(f"{name}: not enough memory to decode it ({kind}); downscale the image")
+    if type(exc) in _CORRUPT or (isinstance(exc, _CORRUPT) and not isinstance(exc, OSError)):
+        return InputError(f"{name}: image is truncated or corrupt; it cannot be decoded ({kind})")
+    return InputError(f"{name}: cannot be decoded ({kind})")
+
+
+@contextlib.contextmanager
+def _pillow(name: str, opening: bool = False):
+    """Around Pillow calls on one input (and nothing else): whatever Pillow raises is that file's problem.
+
+    Image files come in any format Pillow knows, and its plugins raise far more than ``OSError``
+    (``NotImplementedError`` for an unsupported DDS texture, ``TypeError``, ``RuntimeError``...), so every
+    ``Exception`` becomes the file's one-line :class:`InputError`, naming it and the exception type. That includes
+    ``MemoryError``: Pillow raises it when an allocation sized by the file's header fails, and the memory is
+    released as the exception unwinds; a process that is really out of memory fails next in dsdkit's own code,
+    where nothing turns it into a skip. ``KeyboardInterrupt`` and ``SystemExit`` are not ``Exception`` and pass.
+    dsdkit's own code stays outside these blocks, so an exception raised there remains what it is: a bug. The
+    warnings raised in the block are the file's notes (:mod:`.decode_warnings`).
+    """
+    with decoding(name):
+        try:
+            yield
+        except Exception as exc:  # noqa: BLE001 - see above: anything a decoder raises is the file's problem
+            raise _decode_error(name, exc, opening) from exc
+
+
 @contextlib.contextmanager
 def _opened(path: Path):
-    """Open an image file's header, mapping every way a file can be bad to a one-line :class:`InputError`."""
-    from PIL import Image, UnidentifiedImageError
+    """An image file's header opened by Pillow and checked against :data:`MAX_IMAGE_PIXELS`: ``(name, image)``.
+
+    Only the Pillow calls are guarded (:func:`_pillow`); the body of the ``with`` statement is not.
+    """
+    from PIL import Image
 
     # Messages stay one line whatever the file is called (a newline is legal in a Linux file name).
     name = _printable(str(path))
     if "\x00" in str(path):
         raise InputError(f"{name}: a file name cannot contain a NUL byte; check the image list")
     try:
-        if path.is_file() and path.stat().st_size == 0:
-            raise InputError(f"{name}: empty file (0 bytes); remove it or replace it with the image")
-        with Image.open(path) as opened:
-            width, height = opened.size
-            if width * height > MAX_IMAGE_PIXELS:
-                raise InputError(
-                    f"{name}: {width}x{height} pixels is over the {MAX_IMAGE_PIXELS:,}-pixel limit "
-                    "(decompression-bomb guard); downscale the image"
-                )
-            if width < 1 or height < 1:
-                raise InputError(f"{name}: image has no pixels ({width}x{height})")
-            yield opened
-    except InputError:
-        raise
-    except FileNotFoundError:
-        raise InputError(f"{name}: no such image file (or a broken link)") from None
-    except IsADirectoryError:
-        raise InputError(f"{name}: is a folder, not an image") from None
-    except PermissionError:
-        raise InputError(f"{name}: permission denied; make the file readable") from None
-    except UnidentifiedImageError:
-        raise InputError(f"{name}: not a readable image (unknown or corrupt format)") from None
-    except Image.DecompressionBombError as exc:
-        raise InputError(f"{name}: image too large to decode safely ({exc})") from None
+        empty = path.is_file() and path.stat().st_size == 0
     except OSError as exc:
-        if exc.errno == errno.ELOOP:
-            raise InputError(f"{name}: symbolic link loop; fix or remove the link") from None
-        if exc.errno in (errno.ENAMETOOLONG, errno.ENOTDIR, errno.EACCES, errno.ENXIO, errno.ENODEV):
-            raise InputError(f"{name}: cannot be opened ({exc.strerror}); check the path") from None
-        raise InputError(f"{name}: image is truncated or corrupt ({exc})") from None
-    except (SyntaxError, ValueError, EOFError, struct.error, IndexError, KeyError, ZeroDivisionError) as exc:
-        # Pillow's format plugins raise these on malformed headers and chunks.
-        raise InputError(f"{name}: image is truncated or corrupt ({type(exc).__name__}: {exc})") from None
+        raise _decode_error(name, exc, opening=True) from None
+    if empty:
+        raise InputError(f"{name}: empty file (0 bytes); remove it or replace it with the image")
+    with _pillow(name, opening=True):
+        opened = Image.open(path)
+        width, height = opened.size
+    try:
+        if width * height > MAX_IMAGE_PIXELS:
+            raise InputError(
+                f"{name}: {width}x{height} pixels is over the {MAX_IMAGE_PIXELS:,}-pixel limit "
+                "(decompression-bomb guard); downscale the image"
+            )
+        if width < 1 or height < 1:
+            raise InputError(f"{name}: image has no pixels ({width}x{height})")
+        yield name, opened
+    finally:
+        with _pillow(name):
+            opened.close()
 
 
 def check_image(path: str | os.PathLike) -> None:
@@ -130,37 +187,47 @@ def load_image(path: str | os.PathLike) -> PIL.Image.Image:  # noqa: F821
     Animated GIF/PNG/WebP and multi-page TIFF files are scored by their first frame.
 
     Raises:
-        InputError: one line naming the file and what is wrong (see :func:`check_image`), or a truncated file.
+        InputError: one line naming the file and what is wrong (see :func:`check_image`), or a truncated file, or
+            anything else Pillow raised while reading or converting it (the message names the exception type).
     """
-    path = Path(path)
-    with _opened(path) as opened:
-        opened.load()
-        # Inside the guard: a decoder may only fail while converting (lazy plugins), and that is a bad file too.
-        return to_rgb(_exif_upright(opened))
+    with _opened(Path(path)) as (name, opened):
+        guard = functools.partial(_pillow, name)
+        with guard():
+            opened.load()
+            upright = _exif_upright(opened)
+        return to_rgb(upright, guard)
 
 
 def _exif_upright(image):
-    """A copy of ``image`` turned upright by its EXIF orientation tag (a broken EXIF block is ignored)."""
+    """A copy of ``image`` turned upright by its EXIF orientation tag (a broken EXIF block is ignored and noted)."""
     from PIL import ImageOps
 
     try:
         return ImageOps.exif_transpose(image)
-    except Exception:  # noqa: BLE001 - a damaged EXIF block must not make good pixels unreadable
+    except Exception as exc:  # noqa: BLE001 - a damaged EXIF block must not make good pixels unreadable
+        note(f"EXIF orientation ignored: the EXIF block is damaged ({_type_name(exc)})")
         return image.copy()
 
 
-def to_rgb(image: PIL.Image.Image) -> PIL.Image.Image:  # noqa: F821
-    """Convert any PIL mode to 8-bit RGB; alpha is composited on white."""
+def to_rgb(image: PIL.Image.Image, decoding=contextlib.nullcontext) -> PIL.Image.Image:  # noqa: F821
+    """Convert any PIL mode to 8-bit RGB; alpha is composited on white.
+
+    ``decoding``: a context manager entered around each Pillow call on ``image`` itself (a lazy plugin decodes, or
+    fails, only then); :func:`load_image` passes the guard that makes such a failure the file's
+    :class:`InputError`. Calls on the images made here from ``image``'s pixels are dsdkit's own.
+    """
     from PIL import Image
 
     if image.mode == "RGB":
         return image
     if image.mode in ("I;16", "I;16B", "I;16L", "I"):
-        array = np.asarray(image, dtype=np.float64)
+        with decoding():
+            array = np.asarray(image, dtype=np.float64)
         peak = 65535.0 if array.max(initial=0) > 255 else 255.0
         return Image.fromarray(np.clip(array / peak * 255.0 + 0.5, 0, 255).astype(np.uint8)).convert("RGB")
     if image.mode == "F":
-        array = np.asarray(image, dtype=np.float64)
+        with decoding():
+            array = np.asarray(image, dtype=np.float64)
         finite = np.isfinite(array)
         # The range spans [0, 1] and every finite value; NaN is 0, +-inf the range's ends (never part of it, so
         # one inf pixel cannot flatten the image or overflow the arithmetic).
@@ -169,15 +236,16 @@ def to_rgb(image: PIL.Image.Image) -> PIL.Image.Image:  # noqa: F821
         array = np.clip(np.where(np.isnan(array), 0.0, array), lo, hi)
         scaled = (array - lo) / (hi - lo) * 255.0
         return Image.fromarray(np.clip(scaled + 0.5, 0, 255).astype(np.uint8)).convert("RGB")
-    if image.mode == "P":
-        image = image.convert("RGBA")
-    if image.mode == "La":  # premultiplied; Pillow converts it to LA only
-        image = image.convert("LA")
-    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+    with decoding():
+        if image.mode == "P":
+            image = image.convert("RGBA")
+        if image.mode == "La":  # premultiplied; Pillow converts it to LA only
+            image = image.convert("LA")
+        if image.mode not in ("RGBA", "LA", "PA", "RGBa"):
+            return image.convert("RGB")
         rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
-    return image.convert("RGB")
+    background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+    return Image.alpha_composite(background, rgba).convert("RGB")
 
 
 def _array_to_pil(array: np.ndarray, name: str):
@@ -223,13 +291,10 @@ def as_pil(image: ImageInput, index: int | None = None):
     if isinstance(image, (str, os.PathLike)):
         return load_image(image)
     if isinstance(image, Image.Image):
-        try:  # a lazily opened image decodes here, so a truncated file fails here
+        guard = functools.partial(_pillow, describe(image, index))
+        with guard():  # a lazily opened image decodes here, so a truncated file fails here
             image.load()
-            return to_rgb(image)
-        except (OSError, SyntaxError, ValueError, EOFError, struct.error, IndexError, KeyError) as exc:
-            raise InputError(
-                f"{describe(image, index)}: cannot be decoded ({type(exc).__name__}: {' '.join(str(exc).split())})"
-            ) from None
+        return to_rgb(image, guard)
     if isinstance(image, np.ndarray):
         return to_rgb(_array_to_pil(image, describe(image, index)))
     raise InputError(f"{describe(image, index)}: expected a file path, a PIL image or a numpy array")

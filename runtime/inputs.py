@@ -2,40 +2,73 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import InputError
 
-__all__ = ["IMAGE_SUFFIXES", "list_images", "read_captions", "CaptionList"]
+__all__ = ["IMAGE_SUFFIXES", "image_suffixes", "list_images", "read_captions", "CaptionList"]
 
 logger = logging.getLogger(__name__)
 
+#: The common image suffixes (named in messages); a folder is read by all of :func:`image_suffixes`.
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
+
+#: Formats Pillow can identify but never decode (it says so in the plugin): a video in a folder is not an image.
+_IDENTIFY_ONLY = frozenset({"MPEG"})
+
+
+@functools.cache
+def image_suffixes() -> frozenset[str]:
+    """The suffixes a folder's image files are found by: :data:`IMAGE_SUFFIXES` and every suffix Pillow registers
+    for a format it can decode here (TGA, PPM, DDS, JPEG 2000, EPS...), so a folder holds what an image list can.
+
+    Left out: formats Pillow only identifies, and its stub plugins (HDF5, BUFR, GRIB, WMF off Windows) until an
+    application registers a handler, as a data file next to the images is not one to report as skipped.
+    """
+    from PIL import Image, ImageFile
+
+    Image.init()
+    readable = set()
+    for suffix, fmt in Image.registered_extensions().items():
+        if fmt == "MPO":  # registered for saving only; the JPEG plugin reads it
+            readable.add(suffix)
+        if fmt not in Image.OPEN or fmt in _IDENTIFY_ONLY:
+            continue
+        factory = Image.OPEN[fmt][0]
+        if isinstance(factory, type) and issubclass(factory, ImageFile.StubImageFile):
+            if getattr(sys.modules.get(factory.__module__), "_handler", None) is None:
+                continue
+        readable.add(suffix.lower())
+    return IMAGE_SUFFIXES | readable
 
 
 def list_images(source: str | os.PathLike) -> list[Path]:
     """The images of a job, in a stable order.
 
     Args:
-        source: a folder (its image files, by suffix, sorted by name; subfolders are not entered) or a text file
-            with one image path per line (relative paths are taken from the list file's folder; blank lines and
-            lines starting with ``#`` are ignored).
+        source: a folder (its image files, by suffix: :func:`image_suffixes`; sorted by name; subfolders are not
+            entered) or a text file with one image path per line (relative paths are taken from the list file's
+            folder; blank lines and lines starting with ``#`` are ignored).
     """
     source = Path(source)
     if source.is_dir():
-        images = sorted(p for p in source.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not p.is_dir())
+        suffixes = image_suffixes()
+        images = sorted(p for p in source.iterdir() if p.suffix.lower() in suffixes and not p.is_dir())
         if not images:
             raise InputError(
-                f"{source}: no images found (looked for {', '.join(sorted(IMAGE_SUFFIXES))}); point to a folder of "
-                "images or to a text file listing image paths"
+                f"{source}: no images found (looked for {', '.join(sorted(IMAGE_SUFFIXES))} and "
+                f"{len(suffixes - IMAGE_SUFFIXES)} more suffixes Pillow reads); point to a folder of images or to "
+                "a text file listing image paths"
             )
         return images
     if not source.exists():
         raise InputError(f"{source}: no such folder or image list")
-    if source.suffix.lower() in IMAGE_SUFFIXES:
+    if source.suffix.lower() in image_suffixes():
         return [source]
     lines = _read_lines(source)
     images = []
