@@ -82,6 +82,13 @@ def _show(message: warnings.WarningMessage) -> None:
     _record(f"{message.category.__name__}: {message.message}")
 
 
+def _showwarning(message, category, filename, lineno, file=None, line=None) -> None:
+    """The hook in ``warnings.showwarning``, where a Python has no ``_showwarnmsg`` (all of 3.10-3.13 have it)."""
+    if getattr(_state, "file", None) is None or issubclass(category, (DeprecationWarning, PendingDeprecationWarning)):
+        return _chained(message, category, filename, lineno, file, line)
+    _record(f"{category.__name__}: {message}")
+
+
 def note(text: str) -> None:
     """Record a note of dsdkit's own on the file being decoded (e.g. an EXIF block that had to be ignored)."""
     if getattr(_state, "file", None) is not None:
@@ -92,9 +99,11 @@ def install() -> None:
     """Install the hook (idempotent; :func:`decoding` calls it, so nothing else needs to)."""
     global _chained
     with _lock:
-        if warnings._showwarnmsg is not _show:
-            _chained = warnings._showwarnmsg
-            warnings._showwarnmsg = _show
+        if not hasattr(warnings, "_showwarnmsg"):
+            if warnings.showwarning is not _showwarning:
+                _chained, warnings.showwarning = warnings.showwarning, _showwarning
+        elif warnings._showwarnmsg is not _show:
+            _chained, warnings._showwarnmsg = warnings._showwarnmsg, _show
         # Checked every time: a catch_warnings block restores the filter list it found, which drops a filter added
         # while it was open.
         if not any(f[0] == "always" and f[3] is not None and f[3].pattern == _PIL_MODULES for f in warnings.filters):
