@@ -744,11 +744,12 @@ def eval_command(
         "compile": scorer.acceleration.compile,
     }
     _print_metrics(report.metrics, f"{dataset.format}: {report.source}" + (f", split {split}" if split else ""))
-    for item in report.skipped[:20]:
-        _say(f"skipped: {item['where']}: {item['reason']}")
+    # Skips were logged once as the dataset was read (the first few by name); here only their count.
     if output is not None:
         write_report(report, output)
         _say(f'wrote {output} ({len(report.skipped)} rows or examples skipped, listed under "skipped")')
+    elif report.skipped:
+        _say(f"{len(report.skipped)} rows or examples skipped (the first named above; -o writes every reason)")
 
 
 adapters_app = typer.Typer(help="Inspect and convert adapter files.", no_args_is_help=True)

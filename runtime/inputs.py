@@ -71,15 +71,25 @@ def list_images(source: str | os.PathLike) -> list[Path]:
     if source.suffix.lower() in image_suffixes():
         return [source]
     lines = _read_lines(source)
-    images = []
+    images, relative = [], []
     for _, line in lines:
         line = line.strip()
         if not line or line.startswith("#"):
             continue
         path = Path(line)
+        if not path.is_absolute():
+            relative.append(path)
         images.append(path if path.is_absolute() else source.parent / path)
     if not images:
         raise InputError(f"{source}: the image list is empty; write one image path per line")
+    if relative and not any(os.path.lexists(image) for image in images):
+        # Nothing resolves: most likely the paths were written relative to another folder than the list's.
+        from_here = sum(os.path.lexists(path) for path in relative)
+        hint = f" ({from_here} of them exist relative to the current folder instead)" if from_here else ""
+        raise InputError(
+            f"{source}: none of its {len(images)} image paths exists; relative paths are taken from the list "
+            f"file's folder {source.parent}{hint}, so write them relative to it or as absolute paths"
+        )
     return images
 
 

@@ -308,3 +308,25 @@ def test_quick_start_outputs_are_ignored_by_git():
 def test_readme_states_the_suite_time_on_a_quiet_machine():
     paragraph = README[README.index("## Run the tests") :].split("## ", 2)[1]
     assert "quiet" in paragraph and re.search(r"\d+ (?:to \d+ )?minutes", paragraph)
+
+
+def test_an_image_list_whose_paths_resolve_nowhere_says_they_are_relative_to_the_list(tmp_path, monkeypatch):
+    from dsdkit.runtime.inputs import list_images
+
+    from dsdkit.errors import InputError
+
+    images = tmp_path / "photos"
+    images.mkdir()
+    (images / "a.png").write_bytes((EXAMPLE_IMAGES / "red_circle.png").read_bytes())
+    lists = tmp_path / "lists"
+    lists.mkdir()
+    listed = lists / "images.txt"
+    listed.write_text("photos/a.png\n", encoding="utf-8")  # relative to the current folder, not to the list's
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(InputError) as refused:
+        list_images(listed)
+    message = str(refused.value)
+    assert "relative paths are taken from the list file's folder" in message and str(lists) in message
+    assert "1 of them exist relative to the current folder" in message
+    listed.write_text("../photos/a.png\n", encoding="utf-8")  # relative to the list: found
+    assert list_images(listed) == [lists / "../photos/a.png"]
