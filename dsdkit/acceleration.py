@@ -15,6 +15,11 @@ How the compiled path is built, and why:
   recompile.
 * Shapes are static (``dynamic=False``): the scorer pads a short last batch to the batch size, so a job compiles
   once per batch size, and CUDA graphs (``reduce-overhead``, ``max-autotune``) replay one recorded graph.
+* Threads: compiled CPU forwards run in parallel like eager ones (``torch.compile`` itself compiles one graph at a
+  time, under dynamo's lock). With CUDA graphs a compiled forward runs one batch at a time (:class:`CompiledForward`
+  holds a lock around the replay and the copy of its outputs), and each thread records graphs of its own (CUDA-graph
+  trees are per thread), so a GPU scorer is best called from few threads. The cache of compiled forwards and the
+  channels-last conversion are changed under a lock.
 * Compiling costs time once per process and shape (about 2 min for the tiny test model on a 2-core CPU with a cold
   inductor cache, 20 s warm); ``dsdkit bench`` reports it separately as the warm-up.
 """
@@ -24,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import logging
+import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,6 +49,9 @@ logger = logging.getLogger(__name__)
 # torch.compile's modes; "auto" picks reduce-overhead (CUDA graphs) on a GPU and default on a CPU.
 COMPILE_MODES = ("auto", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 _CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
+# Guards what scorers change on a shared model: its compiled forwards' cache and its UNet's memory format. Both are
+# quick, so one lock serves every model.
+_MODEL_LOCK = threading.RLock()
 
 
 @dataclass(frozen=True)
@@ -77,10 +86,11 @@ def set_channels_last(model, enabled: bool) -> None:
     """Convert ``model``'s UNet weights to channels-last (or back to contiguous), in place; no-op when already so."""
     import torch
 
-    if getattr(model, "_channels_last", False) == enabled:
-        return
-    model.unet.to(memory_format=torch.channels_last if enabled else torch.contiguous_format)
-    model._channels_last = enabled
+    with _MODEL_LOCK:
+        if getattr(model, "_channels_last", False) == enabled:
+            return
+        model.unet.to(memory_format=torch.channels_last if enabled else torch.contiguous_format)
+        model._channels_last = enabled
 
 
 class CompiledForward:
@@ -104,6 +114,9 @@ class CompiledForward:
         except Exception as error:  # e.g. a Python build torch.compile does not support
             raise _compile_error(error) from error
         self._shapes: set[tuple] = set()
+        # CUDA-graph replays write their outputs into the graph's memory pool, to be copied before the next replay;
+        # one replay at a time keeps a thread's outputs from being overwritten by another's.
+        self._replay = threading.Lock() if self.cuda_graphs else contextlib.nullcontext()
 
     def _forward(self, latents, signal, noise_scale, noise, timesteps, states, masks):
         return self.forward(latents, signal, noise_scale, noise, timesteps, states, masks)
@@ -120,23 +133,26 @@ class CompiledForward:
                 self.mode,
                 latents.shape[0],
             )
-        if self.cuda_graphs:
-            # Inference loops must mark each new step, or CUDA-graph trees cannot tell when outputs may be reused.
-            torch.compiler.cudagraph_mark_step_begin()
         # Guards check strides: an expanded (stride-0) caption batch must not compile a second graph.
         states, masks = states.contiguous(), masks.contiguous()
-        try:
-            with _no_silent_fallback():
-                layers, errors = self._compiled(latents, signal, noise_scale, noise, timesteps, states, masks)
-        except Exception as error:
-            # Compiling (and, with CUDA graphs, recording) happens on the first call of a shape; errors there are
-            # the compiler's, whatever their type. Later calls run compiled code: their errors are the run's own.
-            if first or isinstance(error, torch._dynamo.exc.TorchDynamoException):
-                raise _compile_error(error) from error
-            raise
+        with self._replay:
+            if self.cuda_graphs:
+                # Inference loops must mark each new step, or CUDA-graph trees cannot tell when outputs may be reused.
+                torch.compiler.cudagraph_mark_step_begin()
+            try:
+                with _no_silent_fallback():
+                    layers, errors = self._compiled(latents, signal, noise_scale, noise, timesteps, states, masks)
+            except Exception as error:
+                # Compiling (and, with CUDA graphs, recording) happens on the first call of a shape; errors there
+                # are the compiler's, whatever their type. Later calls run compiled code: their errors are the run's.
+                if first or isinstance(error, torch._dynamo.exc.TorchDynamoException):
+                    raise _compile_error(error) from error
+                raise
+            # CUDA-graph outputs live in the graph's memory pool and are overwritten by the next replay.
+            if self.cuda_graphs:
+                layers, errors = layers.clone(), errors.clone()
         self._shapes.add(shape)
-        # CUDA-graph outputs live in the graph's memory pool and are overwritten by the next replay.
-        return (layers.clone(), errors.clone()) if self.cuda_graphs else (layers, errors)
+        return layers, errors
 
 
 def _compile_error(error: BaseException) -> CompileError:
@@ -147,7 +163,10 @@ def _compile_error(error: BaseException) -> CompileError:
 
 @contextlib.contextmanager
 def _no_silent_fallback():
-    """Past its recompile limit dynamo runs a frame eagerly with a one-time warning; make that an error instead."""
+    """Past its recompile limit dynamo runs a frame eagerly with a one-time warning; make that an error instead.
+
+    The patch is the calling thread's own (torch's config overrides are per thread), so overlapping calls of several
+    threads neither see nor undo each other's."""
     import torch._dynamo.config as dynamo_config
 
     if not hasattr(dynamo_config, "fail_on_recompile_limit_hit"):
@@ -164,7 +183,6 @@ MAX_CACHED_FORWARDS = 4
 def compiled_forward(forward, mode: str) -> CompiledForward:
     """The shared :class:`CompiledForward` for this forward's model, mode, adapter and pooling definition (made on
     first use; the least recently used of more than :data:`MAX_CACHED_FORWARDS` is dropped)."""
-    cache: dict = forward.model.__dict__.setdefault("_compiled_forwards", {})
     # What the forward computes depends on these and nothing else of the scoring config (the timesteps, noise bank
     # and token masks are inputs); the adapter is held by the entry, so its id cannot be reused while cached.
     config = forward.config
@@ -176,16 +194,21 @@ def compiled_forward(forward, mode: str) -> CompiledForward:
         float(config.lse_lambda),
         config.heads,
     )
-    entry = cache.pop(key, None) or CompiledForward(forward, mode)
-    cache[key] = entry  # most recently used last
-    while len(cache) > MAX_CACHED_FORWARDS:
-        cache.pop(next(iter(cache)))
+    # Under the lock, scorers built at once by several threads find one entry (one compilation), not one each.
+    # Making an entry is cheap: torch.compile compiles on the first call.
+    with _MODEL_LOCK:
+        cache: dict = forward.model.__dict__.setdefault("_compiled_forwards", {})
+        entry = cache.pop(key, None) or CompiledForward(forward, mode)
+        cache[key] = entry  # most recently used last
+        while len(cache) > MAX_CACHED_FORWARDS:
+            cache.pop(next(iter(cache)))
     return entry
 
 
 def release_compiled(model) -> None:
     """Drop every compiled forward kept on ``model`` (their code, CUDA-graph memory and adapters)."""
-    model.__dict__.pop("_compiled_forwards", None)
+    with _MODEL_LOCK:
+        model.__dict__.pop("_compiled_forwards", None)
     import torch
 
     if torch.cuda.is_available():

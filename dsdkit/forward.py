@@ -10,11 +10,13 @@ Why it is safe to share: the processors (:class:`DSDAttnProcessor`) are installe
 Everything a call needs (which layers it scores, the token mask, the adapter and its image condition) and everything
 it records travels in a :class:`ForwardCall` made for that call and handed to the processors through diffusers'
 ``cross_attention_kwargs``. Two threads (or two scorers with other configs or adapters) can run the same UNet at the
-same time, and a UNet called without a ``ForwardCall`` is diffusers' default SDPA attention.
+same time, and a UNet called without a ``ForwardCall`` is diffusers' default SDPA attention. Installing is the one
+step that changes the UNet; it is done once, under a lock (:func:`install_processors`).
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,6 +34,11 @@ __all__ = ["ScoringForward", "ForwardCall", "DSDAttnProcessor", "install_process
 
 #: The ``cross_attention_kwargs`` key the per-call state travels under.
 CALL_KEYWORD = "dsd_call"
+
+# Installing is check-then-replace: without the lock, threads building scorers on one fresh UNet at once would each
+# see the default processors and each replace them. One lock for every UNet is enough: it is taken once per forward
+# built, for a walk over the attention layers.
+_INSTALL_LOCK = threading.Lock()
 
 
 @dataclass
@@ -167,12 +174,14 @@ class DSDAttnProcessor:
 
 
 def install_processors(unet) -> set[str]:
-    """Put a :class:`DSDAttnProcessor` on every attention layer of ``unet`` (once; a no-op when they are there).
+    """Put a :class:`DSDAttnProcessor` on every attention layer of ``unet`` (once; a no-op when they are there, also
+    when several threads install at the same time).
 
     Returns the attention modules' names."""
-    current = unet.attn_processors
-    if not all(isinstance(p, DSDAttnProcessor) for p in current.values()):
-        unet.set_attn_processor({name: DSDAttnProcessor(name.removesuffix(".processor")) for name in current})
+    with _INSTALL_LOCK:
+        current = unet.attn_processors
+        if not all(isinstance(p, DSDAttnProcessor) for p in current.values()):
+            unet.set_attn_processor({name: DSDAttnProcessor(name.removesuffix(".processor")) for name in current})
     return {name.removesuffix(".processor") for name in current}
 
 

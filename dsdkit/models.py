@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import re
+import threading
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -48,6 +49,9 @@ _HUB_PATTERNS = [
     "vae/diffusion_pytorch_model.safetensors",
     "text_encoder/model.safetensors",
 ]
+# Scorers built from several threads at once all ask for the model's identity: hash the weights once, not once per
+# thread (gigabytes for SD2). One lock for every model; each model hashes once per process.
+_IDENTITY_LOCK = threading.Lock()
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
@@ -201,15 +205,20 @@ class SD2Model:
     def identity(self) -> str:
         """sha256 of the UNet's config and weights: which base model adapters and bundles belong to."""
         if self._identity is None:
-            digest = hashlib.sha256()
-            unet_dir = self.folder / "unet"
-            digest.update((unet_dir / "config.json").read_bytes())
-            for path in sorted(unet_dir.glob("*.safetensors")):
-                with path.open("rb") as handle:
-                    for chunk in iter(lambda: handle.read(1 << 24), b""):
-                        digest.update(chunk)
-            self._identity = digest.hexdigest()
+            with _IDENTITY_LOCK:
+                if self._identity is None:
+                    self._identity = self._hash_unet()
         return self._identity
+
+    def _hash_unet(self) -> str:
+        digest = hashlib.sha256()
+        unet_dir = self.folder / "unet"
+        digest.update((unet_dir / "config.json").read_bytes())
+        for path in sorted(unet_dir.glob("*.safetensors")):
+            with path.open("rb") as handle:
+                for chunk in iter(lambda: handle.read(1 << 24), b""):
+                    digest.update(chunk)
+        return digest.hexdigest()
 
     def describe(self) -> dict[str, Any]:
         return {

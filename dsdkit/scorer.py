@@ -35,9 +35,20 @@ logger = logging.getLogger(__name__)
 class Scorer(Engine):
     """Scores image-caption pairs with DSD on a loaded SD2 model (the PyTorch :class:`~dsdkit.runtime.engine.Engine`).
 
-    Threads: scorers that share one model may score from different threads at the same time (the UNet's processors
-    keep no state; each call records into its own :class:`~dsdkit.forward.ForwardCall`), and get their sequential
-    results. One scorer's caches take no lock, so give each thread its own scorer.
+    Threads: one scorer, or several scorers sharing one model (any configs, adapters, resolutions), may be called
+    from any number of threads at the same time; each call returns what it would return made alone (within the
+    scoring contract's batch-invariance tolerance). What is cached, and what of that is serialised, is the
+    :class:`~dsdkit.runtime.engine.Engine`'s: cache lookups and stores only; a missing encoding or unconditional term
+    is computed by one thread while the others that need it wait. On the model:
+
+    - In parallel: the UNet, VAE and text-encoder passes of different threads (torch releases the GIL in its
+      kernels; the UNet's processors keep no state, each pass records into its own
+      :class:`~dsdkit.forward.ForwardCall`), compiled CPU forwards included.
+    - Serialised, briefly, under a lock: installing the processors on a UNet (once), the channels-last conversion,
+      the cache of compiled forwards. ``torch.compile`` compiles one graph at a time (dynamo's own lock); a compiled
+      forward with CUDA graphs (``reduce-overhead``, ``max-autotune``) runs one batch at a time.
+    - CPU threads: each Python thread's torch ops use intra-op threads of their own; for many concurrent calls,
+      ``torch.set_num_threads(1)`` (or a small number) keeps the cores from being oversubscribed.
 
     Args:
         model: from :func:`dsdkit.load_model`.
@@ -114,7 +125,7 @@ class Scorer(Engine):
     def with_adapter(self, adapter) -> Scorer:
         """A scorer for another adapter (or its new weights) that reuses this one's image and caption encodings."""
         other = Scorer(self.model, self.config, self.batch_size, self.progress, adapter, self.acceleration, None)
-        other._images, other._texts, other._empty = self._images, self._texts, self._empty
+        other._images, other._texts = self._images, self._texts  # shared caches; the unconditional terms are its own
         return other
 
     def metadata(self) -> dict[str, Any]:

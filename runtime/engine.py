@@ -14,12 +14,17 @@ An engine implements the primitives :meth:`Engine._encode_pixel_batch`, :meth:`E
 come back as a :class:`ScoreOutput` holding the **per-timestep** terms, so a caller can combine any subset of
 timesteps (:meth:`ScoreOutput.at`), or ask for a subset only (the ``steps`` argument of the scoring methods).
 A pair's score never depends on what else is scored with it: every work item is evaluated on its own.
+
+Threads: one engine may be called from any number of threads at once (see :class:`Engine`); its caches are
+:class:`SharedCache` objects, locked only to look up and store, so the engines' heavy work runs in parallel.
 """
 
 from __future__ import annotations
 
 import hashlib
+import threading
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -31,7 +36,15 @@ from .images import ImageInput, preprocess_image
 from .scoring import combine_terms
 from .tokenizer import TokenizedText
 
-__all__ = ["Engine", "ScoreOutput", "ImageEncoding", "TextEncoding", "ProgressCallback", "chunk_slices"]
+__all__ = [
+    "Engine",
+    "ScoreOutput",
+    "ImageEncoding",
+    "TextEncoding",
+    "ProgressCallback",
+    "SharedCache",
+    "chunk_slices",
+]
 
 #: ``progress(n)`` is called after each batch with the number of UNet (scorer-graph) evaluations it ran.
 ProgressCallback = Callable[[int], None]
@@ -43,6 +56,90 @@ def chunk_slices(total: int, size: int, start: int = 0) -> Iterator[slice]:
         raise ConfigError(f"chunk size must be >= 1, got {size}")
     for begin in range(start, total, size):
         yield slice(begin, min(begin + size, total))
+
+
+# What a waiter receives when the thread computing its key failed (it then computes the key itself).
+_FAILED = object()
+# The empty caption's key in the caption cache: not a string, so no caption can collide with it.
+_EMPTY = None
+
+
+class SharedCache:
+    """A cache that any number of threads read and fill at once (each engine's images, captions and unconditional
+    terms).
+
+    A missing key is computed by the first thread that asks for it; threads that ask for the same key meanwhile wait
+    for that result instead of computing it again, and keys that no other thread is computing are computed by each
+    thread at the same time. The lock is held only to look up, store and evict, never while computing, so the
+    computing (VAE, text encoder, UNet or graph runs) of different threads runs in parallel. When the computing
+    thread fails, the error is its own call's: nothing is stored, and each waiter computes the key itself.
+    Entries keep their insertion order (oldest first) for :meth:`evict`.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._values: dict[Any, Any] = {}
+        self._flights: dict[Any, Future] = {}  # key -> the result of the thread computing it now
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+    def __contains__(self, key) -> bool:
+        return key in self._values
+
+    def items(self) -> list[tuple[Any, Any]]:
+        with self._lock:
+            return list(self._values.items())
+
+    def fetch(self, keys, compute: Callable[[list], Sequence[Any]]) -> dict[Any, Any]:
+        """The values of ``keys`` (duplicates allowed): cached ones, ones another thread is computing (waited
+        for), and the rest from ``compute(missing keys) -> their values, in order``, run here outside the lock."""
+        found: dict[Any, Any] = {}
+        theirs: dict[Any, Future] = {}
+        mine: list = []
+        with self._lock:
+            for key in dict.fromkeys(keys):
+                if key in self._values:
+                    found[key] = self._values[key]
+                elif key in self._flights:
+                    theirs[key] = self._flights[key]
+                else:
+                    self._flights[key] = Future()
+                    mine.append(key)
+        if mine:
+            computed: dict[Any, Any] = {}
+            try:
+                computed = dict(zip(mine, compute(mine), strict=True))
+            finally:
+                # Always settle this thread's flights, so that an error here never leaves a waiter waiting.
+                with self._lock:
+                    for key in mine:
+                        value = computed.get(key, _FAILED)
+                        if value is not _FAILED:
+                            self._values[key] = value
+                        self._flights.pop(key).set_result(value)
+            found.update(computed)
+        for key, flight in theirs.items():
+            value = flight.result()  # never raises: failures arrive as _FAILED
+            found[key] = self.fetch([key], compute)[key] if value is _FAILED else value
+        return found
+
+    def evict(self, limit: int, keep: set) -> list:
+        """Drop the oldest entries beyond ``max(limit, len(keep))``, never one in ``keep``; returns those dropped."""
+        with self._lock:
+            excess = len(self._values) - max(limit, len(keep))
+            if excess <= 0:
+                return []
+            gone = [key for key in self._values if key not in keep][:excess]
+            for key in gone:
+                del self._values[key]
+            return gone
+
+    def discard_where(self, predicate: Callable[[Any], bool]) -> None:
+        """Drop every entry whose key satisfies ``predicate``."""
+        with self._lock:
+            for key in [key for key in self._values if predicate(key)]:
+                del self._values[key]
 
 
 @dataclass
@@ -127,6 +224,18 @@ class ScoreOutput:
 class Engine:
     """The engine interface (see the module doc). Subclasses set, in ``__init__``:
 
+    Threads: any number of threads may call one engine's encoding and scoring methods at the same time, and each
+    call returns what it would return made alone (within the scoring contract's batch-invariance tolerance: a cached
+    encoding or unconditional term may come from another thread's batch).
+
+    - In parallel: preprocessing and tokenizing; each call's own pair work (its UNet or scorer-graph batches); the
+      encoding and unconditional passes of images and captions that no other thread is computing at that moment.
+    - Serialised: looking up, storing and evicting cache entries (one lock per cache, held for dictionary
+      operations only). An image, caption or (image, timestep) unconditional term that is not cached yet is
+      computed once: by the first thread that needs it, while the others that need it wait for its result.
+    - Each call's ``progress`` callback is called from the thread that made the call.
+    - Not to be done while calls run: changing the attributes below, or :meth:`close`.
+
     Attributes:
         config: the :class:`~dsdkit.runtime.config.ScoringConfig` scores are computed with.
         timesteps: the timestep table ``t_k`` (index k pairs with noise-bank entry k).
@@ -150,12 +259,11 @@ class Engine:
     max_cached_images: int = 4096
 
     def _init_caches(self) -> None:
-        self._images: dict[str, ImageEncoding] = {}
-        self._texts: dict[str, TextEncoding] = {}
-        # Per image key: the empty caption's attention terms [K, L] and ‖ε_k − ε̂(x_t, ∅)‖₂ [K], NaN where not yet
-        # computed (a job that scores a subset of the timesteps computes only those).
-        self._uncond: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-        self._empty: TextEncoding | None = None
+        self._images = SharedCache()  # sha1 of the pixels -> ImageEncoding
+        self._texts = SharedCache()  # caption (and _EMPTY) -> TextEncoding
+        # (image key, timestep index k) -> the empty caption's attention terms float64[L] and ‖ε_k − ε̂(x_t, ∅)‖₂;
+        # per timestep, so a job that scores a subset of the timesteps computes only those.
+        self._uncond = SharedCache()
 
     # -- what an engine implements -------------------------------------------------------------------------------
 
@@ -200,7 +308,7 @@ class Engine:
     def encode_pixels(self, pixels: Sequence[np.ndarray]) -> list[ImageEncoding]:
         """Encode already preprocessed images (``float32[3, R, R]`` from
         :func:`~dsdkit.runtime.images.preprocess_image` at :attr:`resolution`), cached by pixel content."""
-        keys, todo = [], {}
+        keys, arrays = [], {}
         for array in pixels:
             if array.shape[-2:] != (self.resolution, self.resolution):
                 raise InputError(
@@ -209,57 +317,58 @@ class Engine:
                 )
             key = hashlib.sha1(np.ascontiguousarray(array).tobytes()).hexdigest()
             keys.append(key)
-            if key not in self._images:
-                todo[key] = array
-        items = list(todo.items())
-        for chunk in chunk_slices(len(items), self.batch_size):
-            batch = items[chunk]
-            encoded = self._encode_pixel_batch(np.stack([a for _, a in batch]).astype(np.float32, copy=False))
-            for (key, _), (latent, condition) in zip(batch, encoded, strict=True):
-                self._images[key] = ImageEncoding(key, latent, condition)
-        encodings = [self._images[key] for key in keys]
+            arrays.setdefault(key, array)
+
+        def encode(todo: list[str]) -> list[ImageEncoding]:
+            out = []
+            for chunk in chunk_slices(len(todo), self.batch_size):
+                batch = todo[chunk]
+                stacked = np.stack([arrays[key] for key in batch]).astype(np.float32, copy=False)
+                encoded = self._encode_pixel_batch(stacked)
+                out += [ImageEncoding(key, *item) for key, item in zip(batch, encoded, strict=True)]
+            return out
+
+        # The encodings come from the fetch itself, never from a second look into the cache, which another thread
+        # may have evicted them from meanwhile.
+        found = self._images.fetch(keys, encode)
         self._evict(set(keys))
-        return encodings
+        return [found[key] for key in keys]
 
     def _evict(self, keep: set[str]) -> None:
         """Drop the oldest cached images (and their unconditional terms) beyond :attr:`max_cached_images`."""
-        excess = len(self._images) - max(self.max_cached_images, len(keep))
-        if excess > 0:
-            for key in [k for k in self._images if k not in keep][:excess]:
-                del self._images[key]
-                self._uncond.pop(key, None)
+        if self._images.evict(self.max_cached_images, keep):
+            # Also the terms of images evicted earlier that a thread stored after (it was computing them), or that
+            # an engine sharing this image cache (Scorer.with_adapter) evicted.
+            self._uncond.discard_where(lambda key: key[0] not in self._images)
 
     def encode_texts(self, texts: Sequence[str], where: Sequence[str] | None = None) -> list[TextEncoding]:
         """Text states and kept-token masks of ``texts``, cached by caption.
 
         ``where`` names each caption in error messages (e.g. ``"captions.txt line 3"``).
         """
-        keys, todo = [], {}
+        keys, tokens = [], {}
         for index, text in enumerate(texts):
-            tokens = self.tokenizer.encode(text, where=where[index] if where is not None else f"caption #{index}")
+            tokenized = self.tokenizer.encode(text, where=where[index] if where is not None else f"caption #{index}")
             key = text.strip()
             keys.append(key)
-            if key not in self._texts and key not in todo:
-                todo[key] = tokens
-        self._encode_tokens(todo)
-        return [self._texts[key] for key in keys]
+            tokens.setdefault(key, tokenized)
+        found = self._texts.fetch(keys, lambda todo: self._encode_tokens(todo, tokens))
+        return [found[key] for key in keys]
 
-    def _encode_tokens(self, todo: dict[str, TokenizedText]) -> None:
-        items = list(todo.items())
-        for chunk in chunk_slices(len(items), self.batch_size):
-            batch = items[chunk]
-            encoded = self._encode_token_batch([tokens for _, tokens in batch])
-            for (key, tokens), (states, mask) in zip(batch, encoded, strict=True):
-                self._texts[key] = TextEncoding(key, tokens, states, mask)
+    def _encode_tokens(self, keys: list, tokens: dict[Any, TokenizedText]) -> list[TextEncoding]:
+        out = []
+        for chunk in chunk_slices(len(keys), self.batch_size):
+            batch = keys[chunk]
+            encoded = self._encode_token_batch([tokens[key] for key in batch])
+            for key, (states, mask) in zip(batch, encoded, strict=True):
+                out.append(TextEncoding("" if key is _EMPTY else key, tokens[key], states, mask))
+        return out
 
     @property
     def empty_caption(self) -> TextEncoding:
         """The unconditional prompt's encoding (BOS, EOS, padding)."""
-        if self._empty is None:
-            tokens = self.tokenizer.encode_empty()
-            ((states, mask),) = self._encode_token_batch([tokens])
-            self._empty = TextEncoding("", tokens, states, mask)
-        return self._empty
+        tokens = {_EMPTY: self.tokenizer.encode_empty()}
+        return self._texts.fetch([_EMPTY], lambda todo: self._encode_tokens(todo, tokens))[_EMPTY]
 
     # -- scoring -------------------------------------------------------------------------------------------------
 
@@ -295,23 +404,24 @@ class Engine:
                 progress(len(batch))
         return layers, errors
 
-    def _ensure_unconditional(self, images: Sequence[ImageEncoding], steps: list[int], progress) -> int:
-        """Compute the empty caption's terms once per (image, timestep); returns the evaluations run."""
+    def _ensure_unconditional(
+        self, images: Sequence[ImageEncoding], steps: list[int], progress
+    ) -> tuple[dict[tuple[str, int], tuple[np.ndarray, float]], int]:
+        """The empty caption's terms of ``images`` at ``steps``, computed once per (image, timestep): per
+        ``(image key, k)`` the attention terms ``float64[L]`` and the noise error; and the evaluations run here."""
+        # Fetched before this call claims any term, so that computing it never waits for a thread that waits for us.
         empty = self.empty_caption
-        work = []
-        for image in {e.key: e for e in images}.values():
-            if image.key not in self._uncond:
-                shape = (len(self.timesteps), len(self.layer_names))
-                self._uncond[image.key] = (np.full(shape, np.nan), np.full(len(self.timesteps), np.nan))
-            errors = self._uncond[image.key][1]
-            work += [(image, empty, k) for k in steps if np.isnan(errors[k])]
-        if not work:
-            return 0
-        layers, errors = self._run(work, progress)
-        for (image, _, k), layer, error in zip(work, layers, errors, strict=True):
-            self._uncond[image.key][0][k] = layer
-            self._uncond[image.key][1][k] = error
-        return len(work)
+        by_key = {e.key: e for e in images}
+        evaluations = 0
+
+        def compute(todo: list[tuple[str, int]]) -> list[tuple[np.ndarray, float]]:
+            nonlocal evaluations
+            layers, errors = self._run([(by_key[key], empty, k) for key, k in todo], progress)
+            evaluations += len(todo)
+            return [(layer, float(error)) for layer, error in zip(layers, errors, strict=True)]
+
+        terms = self._uncond.fetch([(key, k) for key in by_key for k in steps], compute)
+        return terms, evaluations
 
     def score_encoded_pairs(
         self,
@@ -332,8 +442,11 @@ class Engine:
         pairs = np.asarray(pairs, dtype=np.int64).reshape(-1, 2)
         cfg = self.config
         evaluations = 0
+        uncond = {}
         if cfg.needs_unconditional_pass:
-            evaluations += self._ensure_unconditional([images[i] for i in np.unique(pairs[:, 0])], chosen, progress)
+            uncond, evaluations = self._ensure_unconditional(
+                [images[i] for i in np.unique(pairs[:, 0])], chosen, progress
+            )
         # Work items ordered (pair, timestep) so each pair's terms are contiguous; batches mix timesteps freely.
         work = [(images[i], texts[j], k) for i, j in pairs.tolist() for k in chosen]
         layers, errors = self._run(work, progress)
@@ -343,9 +456,10 @@ class Engine:
         errors = errors.reshape(count, num_steps)
         uncond_layers = uncond_errors = None
         if cfg.needs_unconditional_pass:
-            keys = [images[i].key for i in pairs[:, 0]]
-            uncond_layers = np.stack([self._uncond[key][0][chosen] for key in keys]).reshape(layers.shape)
-            uncond_errors = np.stack([self._uncond[key][1][chosen] for key in keys]).reshape(errors.shape)
+            # This call's own copy of the terms: the cache may have evicted them since.
+            terms = [[uncond[images[i].key, k] for k in chosen] for i in pairs[:, 0].tolist()]
+            uncond_layers = np.array([[layer for layer, _ in row] for row in terms]).reshape(layers.shape)
+            uncond_errors = np.array([[error for _, error in row] for row in terms]).reshape(errors.shape)
         _, attention, denoise = combine_terms(cfg, layers, errors, uncond_layers, uncond_errors)
         return ScoreOutput(
             attention_steps=attention,
