@@ -10,6 +10,7 @@ import ctypes
 import ctypes.util
 import logging
 import os
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -33,17 +34,26 @@ logger = logging.getLogger(__name__)
 
 
 class Runner:
-    """Base class of backends: ``activate`` / ``infer`` / ``close``."""
+    """Base class of backends: ``activate`` / ``infer`` / ``close``.
+
+    Threads: :meth:`infer` may be called from several threads at once; the first calls activate the runner once
+    (the others wait for it), and a backend whose runs are not thread-safe serialises them (see its class).
+    :meth:`close` must not overlap running calls.
+    """
 
     name = "runner"
 
     def __init__(self):
         self.active = False
+        self._activation = threading.Lock()
 
     def activate(self) -> Runner:
         if not self.active:
-            self._activate()
-            self.active = True
+            # Checked again under the lock: racing first calls must not each load a session (or an engine).
+            with self._activation:
+                if not self.active:
+                    self._activate()
+                    self.active = True
         return self
 
     def infer(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -87,7 +97,8 @@ def ort_providers(device: str = "auto") -> list[str]:
 
 
 class OrtRunner(Runner):
-    """An ONNX Runtime session over one graph file.
+    """An ONNX Runtime session over one graph file. Its runs take no lock: ``InferenceSession.run`` is thread-safe,
+    so concurrent calls run in parallel (sharing the session's intra-op threads).
 
     Args:
         path: the ``.onnx`` file (external data beside it is found automatically).
@@ -191,6 +202,8 @@ class TrtRunner(Runner):
     :func:`~dsdkit.runtime.engine_key.engine_key_fields`) and this machine's TensorRT version and compute capability
     before anything is deserialized: a stale engine, or one that this GPU cannot deserialize, is refused with the
     command that rebuilds it.
+
+    Threads: runs are serialised (one execution context); the GPU is kept busy by one run at a time anyway.
     """
 
     name = "tensorrt"
@@ -211,6 +224,7 @@ class TrtRunner(Runner):
         first = next(iter(meta["profile"].values()))
         self.max_batch = int(first["max"][0])
         self._runner = None
+        self._serial = threading.Lock()
 
     def _activate(self) -> None:
         try:
@@ -244,8 +258,12 @@ class TrtRunner(Runner):
         batch = len(next(iter(feed.values())))
         if batch > self.max_batch:
             raise ConfigError(f"{self.path.name}: batch {batch} exceeds the engine's profile maximum {self.max_batch}")
-        outputs = self._runner.infer({k: np.ascontiguousarray(v) for k, v in feed.items()})
-        return {name: np.asarray(value) for name, value in outputs.items()}
+        feed = {k: np.ascontiguousarray(v) for k, v in feed.items()}
+        # Polygraphy's runner has one execution context, stream and set of host output buffers, and returns views of
+        # those buffers that its next run overwrites: one run at a time, its outputs copied out before the next.
+        with self._serial:
+            outputs = self._runner.infer(feed)
+            return {name: np.array(value) for name, value in outputs.items()}
 
     def _close(self) -> None:
         if self._runner is not None:

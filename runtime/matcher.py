@@ -35,6 +35,11 @@ class Matcher(Engine):
     The bundle fixes the knobs that define the score (:data:`~dsdkit.runtime.config.PINNED_KNOBS`); the free ones
     (S, the timestep schedule, the denoising term, normalisation) may be changed with ``overrides``, within the
     noise bank the scorer graph holds.
+
+    Threads: one matcher may be called from any number of threads at once, as every
+    :class:`~dsdkit.runtime.engine.Engine` (only cache lookups and stores are serialised). Graph runs take no lock
+    on ONNX Runtime (``InferenceSession.run`` is thread-safe), so they run in parallel; TensorRT runs one at a time
+    (one execution context per engine). Each graph's session is created once, by the first call that needs it.
     """
 
     def __init__(
