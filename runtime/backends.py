@@ -121,7 +121,8 @@ class OrtRunner(Runner):
             import onnxruntime as ort
         except ImportError:
             raise ConfigError(
-                "onnxruntime is not installed; install dsdkit[ort] (CPU) or dsdkit[ort-gpu] (CUDA)"
+                "onnxruntime is not installed; install the ort extra (CPU: pip install -e '.[ort]' in a checkout, or "
+                "the wheel with [ort]) or ort-gpu (CUDA)"
             ) from None
         options = ort_session_options(self.threads)
         requested = self.providers or ort_providers()
@@ -234,7 +235,8 @@ class TrtRunner(Runner):
             from polygraphy.backend.trt import TrtRunner as PolygraphyTrtRunner
         except ImportError:
             raise ConfigError(
-                "the TensorRT backend needs tensorrt and polygraphy (install dsdkit[trt]); or use "
+                "the TensorRT backend needs tensorrt and polygraphy (the trt extra: pip install -e '.[trt]', with "
+                "TensorRT from NVIDIA's index); or use "
                 "--backend onnxruntime"
             ) from None
         needed = {**self.needs, "tensorrt": trt.__version__}
@@ -282,9 +284,7 @@ class TrtRunner(Runner):
 BACKENDS = ("auto", "onnxruntime", "tensorrt")
 
 
-def make_runners(
-    bundle, backend: str = "auto", device: str = "auto", threads: int | None = None
-) -> dict[str, Runner]:
+def make_runners(bundle, backend: str = "auto", device: str = "auto", threads: int | None = None) -> dict[str, Runner]:
     """One runner per graph of ``bundle``: TensorRT engines or ONNX Runtime sessions (not yet activated; ``threads``:
     their intra-op CPU threads, default :func:`~dsdkit.runtime.threads.current_threads`)."""
     if backend not in BACKENDS:

@@ -16,14 +16,35 @@ import numpy as np
 
 from .backends import Runner, make_runners
 from .bundle import Bundle
-from .config import resolve_scoring
+from .config import TimestepSchedule, knob_option, resolve_scoring
 from .engine import Engine, ScoreOutput
 from .errors import ConfigError
+from .schedule import discffusion_timesteps
 from .tokenizer import token_mask
 
 __all__ = ["Matcher", "ScoreOutput"]
 
 logger = logging.getLogger(__name__)
+
+
+def _check_noise_bank(config, bundle: Bundle) -> None:
+    """The scorer graph holds one noise latent per timestep index, so a bundle serves at most its bank's worth."""
+    bank = int(bundle.manifest["noise"]["bank_size"])
+    steps = len(config.timestep_table)
+    if steps <= bank:
+        return
+    if config.timesteps is TimestepSchedule.noise_levels:
+        raise ConfigError(
+            f"{knob_option('noise_levels')}: {steps} levels asked for, but {bundle.path} holds a noise bank of "
+            f"{bank}; give at most {bank} levels (or re-export with a larger noise bank)"
+        )
+    # The table can hold fewer entries than S (its indices stop at 990), so the largest S is found, not assumed.
+    largest = max(s for s in range(1, 981) if len(discffusion_timesteps(s)) <= bank)
+    raise ConfigError(
+        f"{knob_option('num_timesteps')} {config.num_timesteps}: {bundle.path} holds a noise bank of {bank} "
+        f"timesteps, so S can be at most {largest}; use --timesteps {largest} or fewer (or re-export with a larger "
+        "noise bank)"
+    )
 
 
 class Matcher(Engine):
@@ -57,17 +78,11 @@ class Matcher(Engine):
         self.runners = runners
         overrides = dict(overrides or {})
         if num_timesteps is not None:
-            if bundle.scoring.get("timesteps", "discffusion") != "discffusion":
-                raise ConfigError(
-                    f"--timesteps sets S of the discffusion table; {bundle.path} scores at the noise-levels schedule "
-                    f"{bundle.scoring.get('noise_levels')}"
-                )
             overrides["num_timesteps"] = int(num_timesteps)
+        # The one rule of every engine; it refuses --timesteps on a noise-levels bundle, naming --noise-levels.
         self.config = resolve_scoring(None, bundle.scoring, overrides, source=str(bundle.path))
         self.timesteps = self.config.timestep_table
-        bank = bundle.manifest["noise"]["bank_size"]
-        if len(self.timesteps) > bank:
-            raise ConfigError(f"{len(self.timesteps)} timesteps asked for, the bundle's noise bank has {bank}")
+        _check_noise_bank(self.config, bundle)
         self.tokenizer = bundle.tokenizer()
         model = bundle.manifest["model"]
         self.resolution = int(self.config.resolution or model["resolution"])
