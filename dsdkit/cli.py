@@ -991,15 +991,17 @@ def export_command(
         licence=licence,
         parity=ParitySettings(images=parity_size, captions=parity_size, timesteps=parity_timesteps),
     )
-    manifest = export_bundle(
-        model,
-        out,
-        adapters=adapters,
-        preset=None if preset is None else preset.value,
-        overrides=overrides,
-        config=config,
-        overwrite=overwrite,
-    )
+    with _stage_progress("exporting") as progress:
+        manifest = export_bundle(
+            model,
+            out,
+            adapters=adapters,
+            preset=None if preset is None else preset.value,
+            overrides=overrides,
+            config=config,
+            overwrite=overwrite,
+            progress=progress,
+        )
     _say(_bundle_summary(out, manifest, verified=True))
 
 
@@ -1195,6 +1197,29 @@ class _phase_progress:
                 logger.info("%s step %d/%d: smoothed loss %.5f", phase, step, total, loss)
 
         return on_step
+
+    def __exit__(self, *exc):
+        return self._progress.__exit__(*exc)
+
+
+class _stage_progress:
+    """A bar over a job's steps whose status names the step running now; yields the ``progress(stage, done,
+    total)`` callback of :func:`dsdkit.export.export_bundle`."""
+
+    def __init__(self, label: str):
+        self.label = label
+
+    def __enter__(self):
+        self._progress = _started_progress(self.label, "{task.fields[status]}")
+        self._task = None
+
+        def on_stage(stage: str, done: int, total: int):
+            if self._task is None:
+                self._task = self._progress.add_task(self.label, total=total, completed=done, status=stage)
+            else:
+                self._progress.update(self._task, completed=done, total=total, status=stage)
+
+        return on_stage
 
     def __exit__(self, *exc):
         return self._progress.__exit__(*exc)

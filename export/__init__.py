@@ -5,7 +5,7 @@ Heavy imports (torch, onnx) happen inside the functions, so importing this packa
 
 from __future__ import annotations
 
-from .bundle import ExportConfig, add_engines, export_bundle, parse_batch
+from .bundle import ExportConfig, Progress, add_engines, export_bundle, parse_batch
 from .parity import ParitySettings
 
-__all__ = ["ExportConfig", "ParitySettings", "export_bundle", "add_engines", "parse_batch"]
+__all__ = ["ExportConfig", "ParitySettings", "Progress", "export_bundle", "add_engines", "parse_batch"]

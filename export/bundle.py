@@ -1,10 +1,11 @@
 """``export_bundle``: (SD2 weights, adapter, scoring config) -> a self-contained, verified bundle folder.
 
-Order of work, each step logged: load and fold -> export the three graphs (one spec each) -> copy the tokenizer ->
-parity against PyTorch on generated images and captions (the export fails, writing nothing, when a tolerance is
-exceeded) -> TensorRT engines where TensorRT and a GPU are present -> manifest with every file's sha256. Everything
-is written into a temporary folder beside the target, fsynced and renamed into place at the end, so an interrupted
-export or a full disk (an ``OutputError``) never leaves a folder that looks like a bundle.
+Order of work, each step logged (and reported to the optional ``progress`` callback): load and fold -> export the
+three graphs (one spec each) -> copy the tokenizer -> parity against PyTorch on generated images and captions (the
+export fails, writing nothing, when a tolerance is exceeded) -> TensorRT engines where TensorRT and a GPU are
+present -> manifest with every file's sha256. Everything is written into a temporary folder beside the target,
+fsynced and renamed into place at the end, so an interrupted export or a full disk (an ``OutputError``) never leaves
+a folder that looks like a bundle.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import re
 import resource
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,7 +35,11 @@ from ..runtime.matcher import Matcher
 from ..schedule import noise_bank
 from .parity import ParitySettings, check_report, compare_outputs, parity_inputs, ranking_agreement
 
-__all__ = ["ExportConfig", "export_bundle", "add_engines", "model_licence"]
+__all__ = ["ExportConfig", "export_bundle", "add_engines", "model_licence", "Progress"]
+
+#: ``progress(stage, done, total)``: ``stage`` is what runs now (e.g. ``"exporting scorer"``), ``done`` how many of
+#: the export's ``total`` steps have finished. Called before every step and once more with ``done == total``.
+Progress = Callable[[str, int, int], None]
 
 logger = logging.getLogger(__name__)
 
@@ -132,6 +138,7 @@ def export_bundle(
     overrides: dict[str, Any] | None = None,
     config: ExportConfig | None = None,
     overwrite: bool = False,
+    progress: Progress | None = None,
 ) -> dict[str, Any]:
     """Export a bundle to ``out``; returns its manifest.
 
@@ -142,6 +149,9 @@ def export_bundle(
         preset, overrides: the scoring config (default: the adapter's own, else ``discffusion``).
         config: how to export.
         overwrite: replace an existing bundle at ``out``.
+        progress: called as ``progress(stage, done, total)`` before each step (loading the model, each graph's
+            export, the parity check's PyTorch and ONNX Runtime halves, TensorRT engines when they are built) and
+            once at the end with ``done == total`` (see :data:`Progress`).
 
     Raises:
         ConfigError: bad options, ``out`` exists, or engines were required but cannot be built here.
@@ -157,9 +167,13 @@ def export_bundle(
     out = Path(out)
     if out.exists() and not overwrite:
         raise ConfigError(f"{out} already exists; pass --overwrite to replace it or choose another --out")
-    if config.engines is True and (reason := _trt_reason()) is not None:
-        raise ConfigError(f"--engines: cannot build TensorRT engines here: {reason}; use --no-engines")
+    trt_reason = _trt_reason() if config.engines is not False else None
+    if config.engines is True and trt_reason is not None:
+        raise ConfigError(f"--engines: cannot build TensorRT engines here: {trt_reason}; use --no-engines")
+    engines = config.engines is not False and trt_reason is None
+    steps = _Steps(progress, 1 + len(_GRAPHS) + (2 if config.parity.enabled else 0) + (1 if engines else 0))
     started = time.perf_counter()
+    steps.next("loading the model")
     scorer = build_scorer(model, adapters, preset, overrides, batch_size=config.batch[1], device=config.device)
     sd2 = scorer.model
     try:
@@ -171,26 +185,31 @@ def export_bundle(
     with staged_folder(out) as staging:
         manifest = _base_manifest(scorer, adapters, config, __version__)
         with torch.no_grad():
-            timings = _export_graphs(scorer, staging, manifest, config)
+            timings = _export_graphs(scorer, staging, manifest, config, steps)
         _copy_tokenizer(sd2.folder / "tokenizer", staging / "tokenizer")
         manifest["export"]["seconds"] = timings
         if config.parity.enabled:
+            steps.next("parity: PyTorch")
             references = pytorch_references(scorer, manifest, config.parity)
             # Free the PyTorch model before ONNX Runtime loads the same weights: at full size the two together would
             # need twice the memory (more than a 24 GB machine has).
             del scorer, sd2
             gc.collect()
+            steps.next("parity: ONNX Runtime")
             manifest["parity"] = run_parity(staging, manifest, references, config)
             check_report(manifest["parity"])
         else:
             manifest["parity"] = {"skipped": True}
         manifest["files"] = file_records(staging)
+        if engines:
+            steps.next("building TensorRT engines")
         manifest["engines"] = _maybe_engines(staging, manifest, config, out)
         manifest["files"] = file_records(staging)
         manifest["export"]["total_seconds"] = round(time.perf_counter() - started, 1)
         manifest["export"]["peak_rss_gb"] = round(_peak_rss_gb(), 2)
         atomic_write_text(staging / "manifest.json", json.dumps(manifest, indent=1) + "\n")
         Bundle.open(staging)  # the bundle reads back and every hash matches before it is moved into place
+    steps.finish()
     logger.info(
         "wrote bundle %s in %.0f s (peak RSS %.1f GB)",
         out,
@@ -198,6 +217,22 @@ def export_bundle(
         manifest["export"]["peak_rss_gb"],
     )
     return manifest
+
+
+class _Steps:
+    """Numbers the export's steps for a :data:`Progress` callback (without a callback it only counts)."""
+
+    def __init__(self, progress: Progress | None, total: int):
+        self.progress, self.total, self.done = progress, total, -1
+
+    def next(self, stage: str) -> None:
+        self.done += 1
+        if self.progress is not None:
+            self.progress(stage, self.done, self.total)
+
+    def finish(self) -> None:
+        if self.progress is not None:
+            self.progress("done", self.total, self.total)
 
 
 def _trt_reason() -> str | None:
@@ -256,7 +291,13 @@ def _base_manifest(scorer, adapters, config: ExportConfig, version: str) -> dict
     }
 
 
-def _export_graphs(scorer, staging: Path, manifest: dict[str, Any], config: ExportConfig) -> dict[str, float]:
+#: The graphs of every bundle, in export order.
+_GRAPHS = ("text_encoder", "image_encoder", "scorer")
+
+
+def _export_graphs(
+    scorer, staging: Path, manifest: dict[str, Any], config: ExportConfig, steps: _Steps
+) -> dict[str, float]:
     from ..models import Precision
     from .graphs import ImageEncoderGraph, ScorerGraph, TextEncoderGraph, fold_adapter
     from .specs import graph_specs
@@ -274,8 +315,9 @@ def _export_graphs(scorer, staging: Path, manifest: dict[str, Any], config: Expo
         "scorer": lambda: ScorerGraph(folded_model, scorer.layer_names, scorer.config, bank.to(sd2.device), remainder),
     }
     timings = {}
-    for name, build in modules.items():
-        module = build().eval()
+    for name in _GRAPHS:
+        steps.next(f"exporting {name}")
+        module = modules[name]().eval()
         file = f"onnx/{name}.onnx"
         info = export_graph(module, specs[name], staging / file, config.exporter, config.opset, sd2.device)
         timings[name] = info["seconds"]

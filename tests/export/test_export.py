@@ -248,51 +248,7 @@ def test_not_a_bundle(tmp_path):
 
 
 # -- the command ---------------------------------------------------------------------------------------------------
-
-
-def test_cli_export_dynamo_then_inspect(tiny_model_dir, tiny_model, shape_images, tmp_path, pytorch_scores):
-    """The default exporter (dynamo) through the command line; the bundle scores like PyTorch."""
-    from dsdkit.runtime import Matcher
-
-    from dsdkit.cli import app
-
-    out = tmp_path / "bundle"
-    runner = CliRunner()
-    result = runner.invoke(
-        app,
-        [
-            "export",
-            "--model",
-            str(tiny_model_dir),
-            "--out",
-            str(out),
-            "--parity-size",
-            "2",
-            "--batch",
-            "1:4:8",
-            "--license",
-            "test-licence-1.0",
-        ],
-    )
-    assert result.exit_code == 0, result.output
-    assert "verified (size and sha256)" in result.output and "dynamo exporter" in result.output
-    manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["model"]["licence"] == "test-licence-1.0"
-    assert manifest["export"]["batch"] == [1, 4, 8]
-    assert manifest["graphs"]["scorer"]["profile"]["latents"] == {
-        "min": [1, 4, 16, 16],
-        "opt": [4, 4, 16, 16],
-        "max": [8, 4, 16, 16],
-    }
-    assert (out / "onnx" / "scorer.onnx.data").is_file()  # dynamo writes external data
-    assert manifest["engines"]["built"] is False and "TensorRT" in manifest["engines"]["reason"]
-    with Matcher.from_bundle(out, num_timesteps=2) as matcher:
-        ours = matcher.score(shape_images[:2], CAPTIONS[:3])
-    reference = pytorch_scores(tiny_model, manifest, None, shape_images[:2], CAPTIONS[:3], 2)
-    np.testing.assert_allclose(ours, reference, atol=1e-5, rtol=1e-5)
-
-    again = runner.invoke(app, ["export", "--model", str(tiny_model_dir), "--out", str(out)])
-    assert again.exit_code == 2 and "already exists; pass --overwrite" in again.output
+# `dsdkit export` with its default (dynamo) exporter: test_export_matrix.py::test_cli_export_defaults_to_dynamo.
 
 
 def test_cli_engines_without_tensorrt_is_one_line(tiny_model_dir, tmp_path):
