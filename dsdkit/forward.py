@@ -16,6 +16,7 @@ step that changes the UNet; it is done once, under a lock (:func:`install_proces
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -124,7 +125,14 @@ class DSDAttnProcessor:
         if index is not None:
             if encoder_hidden_states is None:
                 raise ModelError(f"{self.name} is scored but is not a cross-attention (attn2) layer")
-            with torch.autocast(device_type=query.device.type, enabled=False):  # the fp32 island
+            # The fp32 island; with autocast off already there is nothing to switch (entering it would only cost
+            # the exporters a traced context per layer).
+            island = (
+                torch.autocast(device_type=query.device.type, enabled=False)
+                if torch.is_autocast_enabled(query.device.type)
+                else contextlib.nullcontext()
+            )
+            with island:
                 logits = torch.matmul(query.float(), key.float().transpose(-1, -2)) * attn.scale
                 probs = torch.softmax(logits, dim=-1)
                 dsd_call.record(index, logits, probs)
@@ -270,7 +278,12 @@ class ScoringForward:
         # fp16/bf16: weights are stored in that precision and autocast runs the remaining fp32 ops (an adapter's fp32
         # factors, say) in it too; the processors switch autocast off for their fp32 logits and pooling.
         enabled = autocast and dtype != torch.float32
-        with torch.autocast(device_type=model.device.type, dtype=dtype, enabled=enabled):
+        precision = (
+            torch.autocast(device_type=model.device.type, dtype=dtype, enabled=enabled)
+            if enabled or torch.is_autocast_enabled(model.device.type)
+            else contextlib.nullcontext()
+        )
+        with precision:
             output = model.unet(
                 noisy.to(dtype),
                 timesteps,
