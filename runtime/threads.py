@@ -1,11 +1,12 @@
 """How many CPU threads dsdkit computes with, and how its thread pools wait (torch-free).
 
-Thread pools that spin while they wait for work are the fastest choice on an otherwise idle machine and a
-disaster on a shared one: with another process busy on one of two cores, spinning OpenMP threads made
-``dsdkit match`` on the tiny model several times slower (``benchmarks/thread_contention.py`` measures it), because
-a spinning thread holds on to a core that the thread with real work, or the other process, needs. So dsdkit waits
-passively by default and computes with no more threads than it may really use: the smaller of its CPU affinity and
-its cgroup CPU quota.
+Thread pools that spin while they wait for work are a little faster on an otherwise idle machine and much slower
+on a shared one, because a spinning thread holds on to a core that the thread with real work, or the other
+process, needs. On two cores, beside one busy-looping process pinned to one of them, spinning made the scoring of
+``dsdkit match`` on the tiny model 1.5-1.6x slower and passive waiting left it unchanged; beside other jobs' torch
+processes, spinning runs took 3-7x as long (``benchmarks/thread_contention.py``; a quiet machine pays about 10% for
+passive waiting). So dsdkit waits passively by default and computes with no more threads than it may really use:
+the smaller of its CPU affinity and its cgroup CPU quota.
 
 Two runtimes are concerned:
 
