@@ -209,9 +209,7 @@ def tiny_model(
     from .tiny import write_tiny_model
 
     write_tiny_model(folder, size=size.value, seed=seed, overwrite=overwrite)
-    _say(
-        f"wrote {size.value} random-weight SD2-architecture model to {folder} (for testing: scores are meaningless)"
-    )
+    _say(f"wrote {size.value} random-weight SD2-architecture model to {folder} (for testing: scores are meaningless)")
 
 
 @app.command("tiny-data")

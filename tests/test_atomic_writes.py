@@ -253,7 +253,7 @@ def _fake_export(monkeypatch, tmp_path: Path) -> None:
     scorer = types.SimpleNamespace(model=types.SimpleNamespace(folder=model_dir))
     exports = []
 
-    def export_graphs(scorer, staging, manifest, config):
+    def export_graphs(scorer, staging, manifest, config, *steps):
         exports.append(staging)
         (staging / "onnx").mkdir()
         (staging / "onnx" / "scorer.onnx").write_bytes(b"graph %d\n" % len(exports) * 1000)
