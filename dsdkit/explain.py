@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from .runtime.files import atomic_write_bytes
-from .runtime.images import ImageInput, ResizeMode, as_pil, preprocess_image
+from .runtime.images import ImageInput, ResizeMode, as_pil, center_crop_box, preprocess_image
 from .runtime.tokenizer import ROLE_WORD
 
 __all__ = [
@@ -88,12 +88,10 @@ def model_region(
     width: int, height: int, resolution: int, resize: ResizeMode | str
 ) -> tuple[float, float, float, float]:
     """The part of a ``width`` x ``height`` image that :func:`~dsdkit.runtime.images.preprocess_image` keeps, as
-    fractions ``(left, top, right, bottom)`` (the same rounding as its center crop)."""
+    fractions ``(left, top, right, bottom)`` (its own crop box)."""
     if ResizeMode(resize) is ResizeMode.squash:
         return (0.0, 0.0, 1.0, 1.0)
-    scale = resolution / min(width, height)
-    new_w, new_h = max(resolution, round(width * scale)), max(resolution, round(height * scale))
-    left, top = (new_w - resolution) // 2, (new_h - resolution) // 2
+    new_w, new_h, left, top = center_crop_box(width, height, resolution)
     return (left / new_w, top / new_h, (left + resolution) / new_w, (top + resolution) / new_h)
 
 

@@ -35,6 +35,7 @@ __all__ = [
     "load_image",
     "to_rgb",
     "preprocess_image",
+    "center_crop_box",
     "describe",
 ]
 
@@ -300,6 +301,14 @@ def as_pil(image: ImageInput, index: int | None = None):
     raise InputError(f"{describe(image, index)}: expected a file path, a PIL image or a numpy array")
 
 
+def center_crop_box(width: int, height: int, resolution: int) -> tuple[int, int, int, int]:
+    """``center-crop`` geometry: the size ``(new_w, new_h)`` the image is resized to (short side ``resolution``) and
+    the ``(left, top)`` corner of the ``resolution``-square kept; one definition for the pixels and the heat maps."""
+    scale = resolution / min(width, height)
+    new_w, new_h = max(resolution, round(width * scale)), max(resolution, round(height * scale))
+    return new_w, new_h, (new_w - resolution) // 2, (new_h - resolution) // 2
+
+
 def preprocess_image(
     image: ImageInput, resolution: int, resize: ResizeMode | str = ResizeMode.squash, index: int | None = None
 ) -> np.ndarray:
@@ -314,10 +323,8 @@ def preprocess_image(
     if resize is ResizeMode.squash:
         pil = pil.resize((resolution, resolution), Image.Resampling.BICUBIC)
     else:
-        scale = resolution / min(width, height)
-        new_w, new_h = max(resolution, round(width * scale)), max(resolution, round(height * scale))
+        new_w, new_h, left, top = center_crop_box(width, height, resolution)
         pil = pil.resize((new_w, new_h), Image.Resampling.BICUBIC)
-        left, top = (new_w - resolution) // 2, (new_h - resolution) // 2
         pil = pil.crop((left, top, left + resolution, top + resolution))
     pixels = np.asarray(pil, dtype=np.float32)
     pixels = pixels / 127.5 - 1.0
