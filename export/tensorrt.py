@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..errors import ConfigError
+from ..errors import ConfigError, install_hint
 from ..runtime.engine_key import engine_cache_key, engine_key_fields
 from ..runtime.files import atomic_write_text, disk_full, output_error
 
@@ -39,13 +39,13 @@ def tensorrt_unavailable_reason() -> str | None:
         import tensorrt  # noqa: F401
     except ImportError:
         return (
-            "TensorRT is not installed (`import tensorrt` failed; install the trt extra, pip install -e '.[trt]', "
+            f"TensorRT is not installed (`import tensorrt` failed; install the trt extra, {install_hint('trt')}, "
             "with TensorRT from NVIDIA's index)"
         )
     try:
         import polygraphy  # noqa: F401
     except ImportError:
-        return "Polygraphy is not installed (install the trt extra: pip install -e '.[trt]')"
+        return f"Polygraphy is not installed (install the trt extra: {install_hint('trt')})"
     try:
         import torch
 

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from .engine_key import check_engine_key, engine_key_fields
-from .errors import BundleError, ConfigError
+from .errors import BundleError, ConfigError, install_hint
 from .threads import ort_session_options
 
 __all__ = [
@@ -121,8 +121,8 @@ class OrtRunner(Runner):
             import onnxruntime as ort
         except ImportError:
             raise ConfigError(
-                "onnxruntime is not installed; install the ort extra (CPU: pip install -e '.[ort]' in a checkout, or "
-                "the wheel with [ort]) or ort-gpu (CUDA)"
+                f"onnxruntime is not installed; install the ort extra on a CPU ({install_hint('ort')}) or ort-gpu on "
+                "CUDA"
             ) from None
         options = ort_session_options(self.threads)
         requested = self.providers or ort_providers()
@@ -235,9 +235,8 @@ class TrtRunner(Runner):
             from polygraphy.backend.trt import TrtRunner as PolygraphyTrtRunner
         except ImportError:
             raise ConfigError(
-                "the TensorRT backend needs tensorrt and polygraphy (the trt extra: pip install -e '.[trt]', with "
-                "TensorRT from NVIDIA's index); or use "
-                "--backend onnxruntime"
+                f"the TensorRT backend needs tensorrt and polygraphy (the trt extra: {install_hint('trt')}, with "
+                "TensorRT from NVIDIA's index); or use --backend onnxruntime"
             ) from None
         needed = {**self.needs, "tensorrt": trt.__version__}
         capability = gpu_compute_capability()

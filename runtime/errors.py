@@ -25,6 +25,7 @@ __all__ = [
     "Interrupted",
     "EXTRA_OF_MODULE",
     "missing_dependency",
+    "install_hint",
     "EXIT_CODES",
 ]
 
@@ -121,6 +122,12 @@ EXTRA_OF_MODULE = {
 }
 
 
+def install_hint(extra: str) -> str:
+    """How to install one of ``pyproject.toml``'s extras (dsdkit is installed from a checkout or a built wheel, not
+    from a package index), for every message that names one."""
+    return f'pip install -e ".[{extra}]" in a checkout, or the wheel with [{extra}]'
+
+
 def missing_dependency(exc: BaseException) -> MissingDependencyError | None:
     """The one-line error for an ``import`` of an optional dependency that failed, or ``None`` when ``exc`` is not
     one (a missing module of dsdkit itself, or of a required dependency, stays a bug)."""
@@ -132,7 +139,7 @@ def missing_dependency(exc: BaseException) -> MissingDependencyError | None:
     extra = EXTRA_OF_MODULE.get(top)
     if extra is None:
         return None
-    install = f'pip install -e ".[{extra}]" in a checkout, or the wheel with [{extra}]'
+    install = install_hint(extra)
     try:
         present = importlib.util.find_spec(top) is not None
     except (ImportError, ValueError):  # a module blocked in sys.modules (None) has no spec to find
