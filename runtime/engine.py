@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from .adaptive import Ranked, Ranking, rank_matrix
 from .config import ScoringConfig
 from .errors import ConfigError, InputError
 from .images import ImageInput, preprocess_image
@@ -538,15 +539,48 @@ class Engine:
             out[rows] = block
         return out
 
-    def rank_texts(self, image: ImageInput, texts: Sequence[str]) -> list[tuple[str, float]]:
-        """``texts`` sorted best first for ``image``, as ``(caption, score)``."""
-        scores = self.score([image], texts)[0]
-        return [(texts[j], float(scores[j])) for j in np.argsort(-scores, kind="stable")]
+    def rank_texts(self, image: ImageInput, texts: Sequence[str], top_k: int | None = None, schedule=None) -> Ranking:
+        """``texts`` best first for ``image``, as :class:`~dsdkit.runtime.adaptive.Ranked` ``(caption, score)``
+        entries (the first ``top_k`` only, when given).
 
-    def rank_images(self, text: str, images: Sequence[ImageInput]) -> list[tuple[int, float]]:
-        """Images sorted best first for ``text``, as ``(index into images, score)``.
+        ``schedule`` (a :class:`~dsdkit.runtime.adaptive.Schedule`, its text form, or ``"default"``) ranks by
+        successive elimination: the ``top_k`` best (default 1) get their exhaustive scores, the others keep partial
+        means (``entry.exact`` is False) for a fraction of the evaluations. ``None`` scores every caption exhaustively.
+        """
+        ranking = self._rank(image, texts, top_k, schedule, per="image")
+        entries = [Ranked(texts[e.candidate], e.score, e.exact, e.held, e.left_after) for e in ranking]
+        return Ranking(entries, ranking.evaluations, ranking.schedule)
+
+    def rank_images(self, text: str, images: Sequence[ImageInput], top_k: int | None = None, schedule=None) -> Ranking:
+        """Images best first for ``text``, as :class:`~dsdkit.runtime.adaptive.Ranked` ``(index into images, score)``
+        entries; ``top_k`` and ``schedule`` as in :meth:`rank_texts`.
 
         Comparing images under one caption is where ``normalize=uncond`` helps: raw scores depend on the image.
         """
-        scores = self.score(images, [text])[:, 0]
-        return [(int(i), float(scores[i])) for i in np.argsort(-scores, kind="stable")]
+        return self._rank(text, images, top_k, schedule, per="caption")
+
+    def _rank(self, query, pool, top_k, schedule, per: str) -> Ranking:
+        images, texts = ([query], list(pool)) if per == "image" else (list(pool), [query])
+        if schedule is None:
+            out = self.score_matrix(images, texts)
+            scores = out.scores[0] if per == "image" else out.scores[:, 0]
+            order = np.argsort(-scores, kind="stable")[:top_k]
+            held = len(out.steps)
+            entries = [Ranked(int(j), float(scores[j]), True, held, None) for j in order]
+            conditional = len(pool) * held
+            spent = {"conditional": conditional, "unconditional": out.unet_evaluations - conditional}
+            return Ranking(entries, spent, None)
+        result = rank_matrix(self, images, texts, top_k=top_k or 1, schedule=schedule, per=per)
+        held = result.held[0] if per == "image" else result.held[:, 0]
+        scores = result.scores[0] if per == "image" else result.scores[:, 0]
+        left = result.left_after[0] if per == "image" else result.left_after[:, 0]
+        order = result.order(0)[:top_k]
+        entries = [
+            Ranked(int(j), float(scores[j]), bool(held[j] == result.num_timesteps), int(held[j]), int(left[j]) or None)
+            for j in order
+        ]
+        return Ranking(entries, result.evaluations, result.schedule)
+
+    def rank_matrix(self, images, texts, top_k: int = 1, schedule=None, per: str = "image", candidates=None):
+        """Adaptive ranking of many queries at once: :func:`dsdkit.runtime.adaptive.rank_matrix` on this engine."""
+        return rank_matrix(self, images, texts, top_k, schedule, per, candidates)

@@ -59,6 +59,20 @@ def test_rank_texts_and_images(bundle, shape_images):
         assert matcher.planned_evaluations(4, 16) == 4 * 1 * (4 + 1)
 
 
+def test_adaptive_ranking_on_a_bundle_keeps_survivors_exhaustive(bundle, shape_images):
+    """The bundle path runs the same elimination (runtime.adaptive) as the PyTorch scorer."""
+    from dsdkit.runtime import Matcher
+
+    with Matcher.from_bundle(bundle, num_timesteps=4) as matcher:
+        exhaustive = matcher.score_matrix(shape_images, CAPTIONS[:4])
+        result = matcher.rank_matrix(shape_images, CAPTIONS[:4], top_k=1, schedule="keep=2,1:steps=1,all")
+        assert (result.exact.sum(1) == 2).all() and (result.held[~result.exact] == 1).all()
+        np.testing.assert_allclose(result.scores[result.exact], exhaustive.scores[result.exact], rtol=1e-6)
+        assert result.evaluations["conditional"] == len(shape_images) * (4 * 1 + 2 * 3)
+        ranked = matcher.rank_texts(shape_images[0], CAPTIONS[:4], top_k=1, schedule="keep=2,1:steps=1,all")
+        assert ranked[0].exact and ranked[0].candidate in CAPTIONS[:4]
+
+
 def test_runtime_never_imports_torch(bundle, tmp_path):
     """A fresh interpreter: import the runtime, open the bundle, score; torch, diffusers, transformers stay
     unloaded."""
