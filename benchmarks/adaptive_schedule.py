@@ -23,6 +23,8 @@ and command.
 from __future__ import annotations
 
 import argparse
+import io
+import json
 import logging
 import os
 import sys
@@ -33,6 +35,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads: no sp
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import numpy as np  # noqa: E402
+from machine import machine  # noqa: E402  benchmarks/machine.py (scripts run from their folder)
 
 logger = logging.getLogger("adaptive_schedule")
 
@@ -83,7 +86,7 @@ def collect(args) -> None:
             evaluations += out.unet_evaluations
             per_step[done : done + len(chunk)] = out.per_step.reshape(len(chunk), k, steps)
             done += len(chunk)
-            buffer = __import__("io").BytesIO()
+            buffer = io.BytesIO()
             np.savez(
                 buffer,
                 per_step=per_step,
@@ -96,8 +99,205 @@ def collect(args) -> None:
             logger.info("%s: %d/%d queries, %.0f UNet evaluations/s", subset, done, len(items), rate)
 
 
+def wilson(successes: float, n: int, z: float = 1.96) -> tuple[float, float]:
+    """Wilson score interval of a binomial proportion."""
+    if n == 0:
+        return (float("nan"), float("nan"))
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * (p * (1 - p) / n + z * z / (4 * n * n)) ** 0.5 / (1 + z * z / n)
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def candidate_schedules(num_timesteps: int):
+    """The family searched: two and three stages, keep as fractions of K (one rule for every K), first stages on
+    a few of the S timesteps."""
+    from dsdkit.runtime.adaptive import Schedule
+
+    fractions = (0.5, 0.375, 0.25, 0.1875, 0.125, 0.0625, 0.03125)
+    firsts = [s for s in (1, 2, 3, 4, 5, 6, 8) if s < num_timesteps]
+    for first in firsts:
+        for keep in fractions:
+            yield Schedule((keep, 0), (first, None))
+            for second in (3, 4, 6, 8, 10, 15):
+                if first < second < num_timesteps:
+                    for keep2 in fractions:
+                        if keep2 < keep:
+                            yield Schedule((keep, keep2, 0), (first, second, None))
+
+
+def evaluate_schedule(schedule, per_step: np.ndarray, positives: np.ndarray) -> dict:
+    """Simulated outcome of ``schedule`` over queries ``per_step[Q, K, S]``: agreement with exhaustive top-1,
+    accuracy of both against the truth, and UNet evaluations (the unconditional pass: S per query either way,
+    since survivors reach every timestep)."""
+    from dsdkit.runtime.adaptive import simulate
+
+    queries, k, steps = per_step.shape
+    outcomes, spent, plan = simulate(per_step, schedule, top_k=1)
+    exhaustive_top = np.argmax(per_step.mean(-1), axis=1)  # argmax: ties to the lower index, as the ranking's order
+    adaptive_top = np.array([o.order[0] for o in outcomes])
+    agree = int((adaptive_top == exhaustive_top).sum())
+    low, high = wilson(agree, queries)
+    exhaustive_conditional = queries * k * steps
+    unconditional = queries * steps
+    total = spent["conditional"] + unconditional
+    return {
+        "schedule": str(schedule),
+        "keep": list(plan.keep),
+        "steps": [len(s) for s in plan.steps],
+        "queries": queries,
+        "top1_agreement": agree / queries,
+        "top1_agreement_wilson95": [low, high],
+        "top1_accuracy_exhaustive": float((exhaustive_top == positives).mean()),
+        "top1_accuracy_adaptive": float((adaptive_top == positives).mean()),
+        "conditional": spent["conditional"],
+        "unconditional": unconditional,
+        "exhaustive_conditional": exhaustive_conditional,
+        "exhaustive_unconditional": unconditional,
+        "evaluation_ratio": (exhaustive_conditional + unconditional) / total,
+        "conditional_ratio": exhaustive_conditional / spent["conditional"],
+    }
+
+
 def choose(args) -> None:
-    print("choose: not written yet", file=sys.stderr)
+    import torch
+
+    import dsdkit
+
+    data = {}
+    for subset in SUBSETS:
+        path = _cache_file(args.cache, subset, args.queries, args.timesteps)
+        saved = np.load(path, allow_pickle=False)
+        if int(saved["done"]) < args.queries:
+            raise SystemExit(f"{path}: only {int(saved['done'])} of {args.queries} queries collected; run collect")
+        data[subset] = (saved["per_step"], saved["positives"])
+    # Two halves by a seeded shuffle of each subset's queries: choose on one, report on the other.
+    halves = {}
+    for subset, (per_step, _) in data.items():
+        order = np.random.default_rng(args.split_seed).permutation(len(per_step))
+        middle = len(order) // 2
+        halves[subset] = {"choose": np.sort(order[:middle]), "report": np.sort(order[middle:])}
+
+    def on(subset, half, schedule):
+        per_step, positives = data[subset]
+        index = halves[subset][half]
+        return evaluate_schedule(schedule, per_step[index], positives[index])
+
+    searched = []
+    for schedule in candidate_schedules(args.timesteps):
+        rows = {subset: on(subset, "choose", schedule) for subset in SUBSETS}
+        cost = sum(1 / rows[s]["evaluation_ratio"] for s in SUBSETS)  # the fractions of exhaustive cost, summed
+        worst = min(rows[s]["top1_agreement"] for s in SUBSETS)
+        searched.append((schedule, cost, worst, rows))
+    logger.info("searched %d schedules on the choose half", len(searched))
+
+    def cheapest(threshold):
+        passing = [entry for entry in searched if entry[2] >= threshold]
+        return min(passing, key=lambda entry: (entry[1], str(entry[0]))) if passing else None
+
+    chosen = cheapest(args.agreement)
+    if chosen is None:
+        raise SystemExit(f"no schedule reaches {args.agreement:.1%} top-1 agreement on the choose half")
+    trade_off = []
+    for threshold in (0.90, 0.95, 0.98, 0.99, 0.995, 1.0):
+        entry = cheapest(threshold)
+        if entry is not None:
+            trade_off.append(
+                {
+                    "choose_half_threshold": threshold,
+                    "schedule": str(entry[0]),
+                    "report": {subset: on(subset, "report", entry[0]) for subset in SUBSETS},
+                }
+            )
+    record = {
+        "benchmark": "adaptive_schedule",
+        "date": time.strftime("%Y-%m-%d"),
+        "command": " ".join(["python", "benchmarks/adaptive_schedule.py", *sys.argv[1:]]),
+        "machine": machine(threads=torch.get_num_threads()),
+        "versions": {"dsdkit": dsdkit.__version__, "torch": torch.__version__, "numpy": np.__version__},
+        "model": "demo (shipped weights, no adapter)",
+        "scoring": f"discffusion preset, S = {args.timesteps}, denoising term on",
+        "queries_per_subset": args.queries,
+        "split_seed": args.split_seed,
+        "rule": (
+            f"the cheapest schedule (sum over K of adaptive/exhaustive evaluations) whose top-1 agreement with "
+            f"exhaustive scoring is >= {args.agreement:.1%} on the choose half of both K = 8 and K = 32"
+        ),
+        "searched": len(searched),
+        "chosen": {
+            "schedule": str(chosen[0]),
+            "choose_half": chosen[3],
+            "report_half": {subset: on(subset, "report", chosen[0]) for subset in SUBSETS},
+        },
+        "trade_off": trade_off,
+    }
+    if args.verify:
+        record["real_run"] = verify(args, chosen[0], data, halves)
+    text = json.dumps(record, indent=1) + "\n"
+    if args.output:
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        args.output.write_text(text)
+        logger.info("wrote %s", args.output)
+    for subset, row in record["chosen"]["report_half"].items():
+        print(
+            f"{subset}: {row['schedule']} keep {row['keep']} steps {row['steps']}: agreement "
+            f"{row['top1_agreement']:.2%} (Wilson95 low {row['top1_agreement_wilson95'][0]:.2%}), "
+            f"{row['evaluation_ratio']:.2f}x fewer evaluations ({row['conditional_ratio']:.2f}x conditional), "
+            f"top-1 vs truth {row['top1_accuracy_exhaustive']:.2%} exhaustive, {row['top1_accuracy_adaptive']:.2%} "
+            f"adaptive, n={row['queries']}"
+        )
+
+
+def verify(args, schedule, data, halves) -> dict:
+    """A real adaptive run on the first ``--verify`` queries of each report half, timed against exhaustive scoring of
+    the same queries in the same process: its ranking must equal the simulation's, and its speed ratio is measured."""
+    import torch
+    from dsdkit.runtime.adaptive import simulate
+
+    from dsdkit import world
+    from dsdkit.scorer import build_scorer
+
+    torch.set_num_threads(args.threads)
+    out = {}
+    for subset in SUBSETS:
+        items = world.benchmark_items(seed=QUERY_SEED, per_subset=args.queries, subsets=[subset])
+        index = halves[subset]["report"][: args.verify]
+        chosen = [items[i] for i in index]
+        images = [world.render(item.scenes[0]) for item in chosen]
+        texts = sorted({c for item in chosen for c in item.captions})
+        column = {t: j for j, t in enumerate(texts)}
+        candidates = [[column[c] for c in item.captions] for item in chosen]
+        pairs = [(i, j) for i, listed in enumerate(candidates) for j in listed]
+        timings = {}
+        for mode in ("exhaustive", "adaptive", "exhaustive-again"):
+            # A fresh scorer per mode: nothing cached between them (encodings and unconditional passes included).
+            engine = build_scorer("demo", overrides={"num_timesteps": args.timesteps}, batch_size=args.batch_size)
+            started = time.perf_counter()
+            if mode.startswith("exhaustive"):
+                stored = engine.score_pairs(images, texts, pairs).per_step
+            else:
+                real = engine.rank_matrix(images, texts, schedule=schedule, candidates=candidates)
+            timings[mode] = time.perf_counter() - started
+        k = len(chosen[0].captions)
+        outcomes, spent, _ = simulate(stored.reshape(len(chosen), k, -1), schedule)
+        simulated_from_cache, _, _ = simulate(data[subset][0][index], schedule)
+        same = all(real.order(q).tolist() == [candidates[q][c] for c in o.order] for q, o in enumerate(outcomes))
+        same_as_cache = all(
+            a.order.tolist() == b.order.tolist() for a, b in zip(outcomes, simulated_from_cache, strict=True)
+        )
+        exhaustive_s = min(timings["exhaustive"], timings["exhaustive-again"])
+        out[subset] = {
+            "queries": len(chosen),
+            "real_equals_simulation": bool(same),
+            "this_run_equals_collected_run": bool(same_as_cache),
+            "conditional_real": real.evaluations["conditional"],
+            "conditional_simulated": spent["conditional"],
+            "exhaustive_s": exhaustive_s,
+            "adaptive_s": timings["adaptive"],
+            "speed_ratio": exhaustive_s / timings["adaptive"],
+        }
+        logger.info("%s real run: %s", subset, out[subset])
+    return out
 
 
 def main(argv=None) -> None:
@@ -115,6 +315,11 @@ def main(argv=None) -> None:
     h.add_argument("--queries", type=int, default=2000)
     h.add_argument("--timesteps", type=int, default=30)
     h.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
+    h.add_argument("--split-seed", type=int, default=0)
+    h.add_argument("--agreement", type=float, default=0.99, help="top-1 agreement the choice needs on its half")
+    h.add_argument("--verify", type=int, default=0, help="queries per subset of a real, timed adaptive run")
+    h.add_argument("--batch-size", type=int, default=256)
+    h.add_argument("--threads", type=int, default=2)
     h.add_argument("-o", "--output", type=Path)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")

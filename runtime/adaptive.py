@@ -58,69 +58,96 @@ __all__ = [
 class Schedule:
     """Successive-elimination stages: after stage i, candidates hold ``steps[i]`` timesteps and ``keep[i]`` stay.
 
-    ``steps[-1]`` is ``None`` for "all S timesteps" (the only allowed last value besides S itself). ``keep`` entries
-    are candidate counts, or, where ``fractions`` is set, fractions of the number of candidates (rounded up); the
-    default schedule is of that kind, so one rule serves K = 8 and K = 300.
+    ``keep`` entries are a candidate count (``int``), a fraction of the query's candidates rounded up (``float`` in
+    (0, 1), written ``25%``), or ``0`` for "the requested top-k" (written ``k``). ``steps`` are counts of the
+    engine's timestep grid; the last is ``None`` for "all S timesteps" (written ``all``; S itself also works).
+    Fractions let one rule serve K = 8 and K = 300: the default schedule is of that kind.
     """
 
-    keep: tuple[float, ...]
+    keep: tuple[int | float, ...]
     steps: tuple[int | None, ...]
-    fractions: bool = False
     name: str | None = None
 
     def __post_init__(self):
+        example = "e.g. keep=8,3,1:steps=2,6,all or keep=50%,25%,k:steps=1,4,all"
         if not self.keep or len(self.keep) != len(self.steps):
             raise ConfigError(
                 f"adaptive schedule {self}: keep and steps need one entry per stage (got {len(self.keep)} and "
-                f"{len(self.steps)}), e.g. keep=8,3,1:steps=2,6,all"
+                f"{len(self.steps)}), {example}"
             )
-        if any(k <= 0 for k in self.keep) or any(a < b for a, b in zip(self.keep, self.keep[1:], strict=False)):
-            raise ConfigError(f"adaptive schedule {self}: keep must be positive and never increase")
-        if not self.fractions and any(int(k) != k for k in self.keep):
-            raise ConfigError(f"adaptive schedule {self}: keep counts must be whole numbers")
-        fixed = [s for s in self.steps[:-1]]
-        if any(s is None or s < 1 for s in fixed) or any(a >= b for a, b in zip(fixed, fixed[1:], strict=False)):
-            raise ConfigError(
-                f"adaptive schedule {self}: steps must be whole numbers >= 1 that increase strictly, the last "
-                "one all (or S)"
-            )
+        for k in self.keep:
+            bad_fraction = isinstance(k, float) and not 0.0 < k < 1.0
+            if bad_fraction or (isinstance(k, int) and k < 0):
+                raise ConfigError(f"adaptive schedule {self}: keep entries are counts >= 1, percentages or k")
+        counts = [k for k in self.keep if isinstance(k, int) and k > 0]
+        fractions = [k for k in self.keep if isinstance(k, float)]
+        for same_kind in (counts, fractions):
+            if any(a < b for a, b in zip(same_kind, same_kind[1:], strict=False)):
+                raise ConfigError(f"adaptive schedule {self}: keep must never increase from stage to stage")
+        fixed = list(self.steps[:-1])
         last = self.steps[-1]
-        if last is not None and (last < 1 or (fixed and last <= fixed[-1])):
-            raise ConfigError(f"adaptive schedule {self}: steps must increase strictly")
+        numbers = fixed + ([] if last is None else [last])
+        if any(s is None or s < 1 for s in fixed) or any(a >= b for a, b in zip(numbers, numbers[1:], strict=False)):
+            raise ConfigError(
+                f"adaptive schedule {self}: steps must be whole numbers >= 1 that increase strictly, the last one all "
+                f"(or S); {example}"
+            )
 
     def __str__(self) -> str:
         if self.name:
             return self.name
-        keep = ",".join(f"{k:g}" for k in self.keep)
-        steps = ",".join("all" if s is None else str(s) for s in self.steps)
-        return f"keep={keep}:steps={steps}"
+        return f"keep={','.join(_keep_text(k) for k in self.keep)}:steps=" + ",".join(
+            "all" if s is None else str(s) for s in self.steps
+        )
+
+    def describe(self) -> str:
+        """The text form, also for a named schedule (``default (keep=...:steps=...)``)."""
+        plain = Schedule(self.keep, self.steps)
+        return f"{self.name} ({plain})" if self.name else str(plain)
 
     @classmethod
     def parse(cls, text: str) -> Schedule:
-        """``keep=8,3,1:steps=2,6,all`` (``default`` is :data:`DEFAULT_SCHEDULE`)."""
+        """``keep=8,3,1:steps=2,6,all``, ``keep=50%,25%,k:steps=1,4,all`` or ``default`` (:data:`DEFAULT_SCHEDULE`)."""
         text = text.strip()
         if text == "default":
             return DEFAULT_SCHEDULE
         parts = dict(part.split("=", 1) for part in text.split(":") if "=" in part)
         if set(parts) != {"keep", "steps"} or text.count(":") != 1:
             raise ConfigError(
-                f"--adaptive-schedule {text!r}: write keep=K1,K2,...:steps=S1,S2,...,all (e.g. "
-                "keep=8,3,1:steps=2,6,all), or default"
+                f"--adaptive-schedule {text!r}: write keep=K1,K2,...:steps=S1,S2,...,all (keep entries: counts, "
+                "percentages of the candidates or k; e.g. keep=8,3,1:steps=2,6,all), or default"
             )
         try:
-            keep = tuple(int(v) for v in parts["keep"].split(","))
+            keep = tuple(_parse_keep(v.strip()) for v in parts["keep"].split(","))
             steps = tuple(None if v.strip() == "all" else int(v) for v in parts["steps"].split(","))
         except ValueError:
             raise ConfigError(
-                f"--adaptive-schedule {text!r}: keep and steps are comma-separated whole numbers (the last step may "
-                "be all)"
+                f"--adaptive-schedule {text!r}: keep entries are whole numbers, percentages (25%) or k; steps are "
+                "whole numbers, the last one may be all"
             ) from None
         return cls(keep, steps)
 
 
+def _parse_keep(value: str) -> int | float:
+    if value == "k":
+        return 0
+    if value.endswith("%"):
+        return float(value[:-1]) / 100.0
+    number = int(value)
+    if number < 1:
+        raise ValueError(value)
+    return number
+
+
+def _keep_text(keep: int | float) -> str:
+    if isinstance(keep, float):
+        return f"{keep * 100:g}%"
+    return "k" if keep == 0 else str(keep)
+
+
 #: The default schedule, chosen by measurement on the demo world (``benchmarks/adaptive_schedule.py``; the README's
-#: trade-off table): fractions of K candidates kept, timesteps as counts of the S grid (the last: all).
-DEFAULT_SCHEDULE = Schedule(keep=(0.25, 0.0625), steps=(2, None), fractions=True, name="default")
+#: trade-off table): fractions of the K candidates kept, timesteps as counts of the S grid (the last: all).
+DEFAULT_SCHEDULE = Schedule(keep=(0.5, 0.25, 0), steps=(1, 4, None), name="default")
 
 
 @dataclass(frozen=True)
@@ -199,11 +226,12 @@ def resolve_schedule(schedule: Schedule, num_candidates: int, num_timesteps: int
         )
     if counts[0] > num_timesteps or len(set(counts)) != len(counts):
         raise ConfigError(f"adaptive schedule {schedule}: steps exceed the engine's {num_timesteps} timesteps")
-    if schedule.fractions:
-        keep = [math.ceil(k * num_candidates - 1e-9) for k in schedule.keep]
-    else:
-        keep = [int(k) for k in schedule.keep]
-    keep = [min(num_candidates, max(k, top_k, 1)) for k in keep]
+    keep, alive = [], num_candidates
+    for k in schedule.keep:
+        count = math.ceil(k * num_candidates - 1e-9) if isinstance(k, float) else (top_k if k == 0 else k)
+        # Never fewer than the top k (they end exact), never more than are still in the race.
+        alive = min(alive, max(count, top_k))
+        keep.append(alive)
     return Stages(tuple(keep), tuple(nested_steps(num_timesteps, counts)))
 
 

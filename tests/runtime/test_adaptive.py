@@ -83,9 +83,11 @@ def test_resolution_rules_top_k_fractions_and_the_last_stage():
     assert resolve_schedule(Schedule.parse("keep=8,3,1:steps=2,6,all"), 32, 30, top_k=5).keep == (8, 5, 5)
     # More keep than candidates keeps them all.
     assert resolve_schedule(Schedule.parse("keep=8,3,1:steps=2,6,all"), 4, 30).keep == (4, 3, 1)
-    fractions = Schedule(keep=(0.25, 0.0625), steps=(2, None), fractions=True)
-    assert resolve_schedule(fractions, 32, 30).keep == (8, 2)
-    assert resolve_schedule(fractions, 8, 30).keep == (2, 1)
+    fractions = Schedule.parse("keep=25%,6.25%,k:steps=2,5,all")
+    assert fractions.keep == (0.25, 0.0625, 0) and str(fractions) == "keep=25%,6.25%,k:steps=2,5,all"
+    assert resolve_schedule(fractions, 32, 30).keep == (8, 2, 1)
+    assert resolve_schedule(fractions, 8, 30, top_k=3).keep == (3, 3, 3)
+    assert resolve_schedule(fractions, 7, 30).keep == (2, 1, 1)
     with pytest.raises(ConfigError, match="all 10 timesteps"):
         resolve_schedule(Schedule.parse("keep=3,1:steps=2,6"), 8, 10)
     with pytest.raises(ConfigError, match="exceed"):
