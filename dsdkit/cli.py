@@ -40,7 +40,6 @@ from .models import Precision
 from .runtime.bundle import Bundle
 from .runtime.errors import EXIT_CODES, DsdkitError, Interrupted, missing_dependency
 from .runtime.files import atomic_write_text
-from .runtime.results import top_k
 from .runtime.threads import configure_threads, use_passive_waiting
 
 app = typer.Typer(
@@ -325,11 +324,41 @@ def match_command(
     timesteps: Annotated[int | None, typer.Option(help="S for the discffusion timestep table (default 30).")] = None,
     batch_size: Annotated[int, typer.Option(min=1, help="UNet batch size (scores do not depend on it).")] = 8,
     top_k: Annotated[
-        int, typer.Option(min=1, help="Best captions per image / images per caption in JSON outputs.")
+        int,
+        typer.Option(
+            min=1, help="Best captions per image / images per caption in JSON outputs; with --adaptive, kept exact."
+        ),
     ] = 5,
     per_layer: Annotated[
         bool, typer.Option(help="Also write each scored layer's attention term (JSON outputs).")
     ] = False,
+    adaptive: Annotated[
+        bool,
+        typer.Option(
+            help="Rank by successive elimination: the --top-k best get exact scores for a fraction of the "
+            "evaluations (README: Adaptive ranking)."
+        ),
+    ] = False,
+    adaptive_schedule: Annotated[
+        str | None,
+        typer.Option(
+            help="Elimination stages, e.g. keep=8,3,1:steps=2,6,all or keep=50%,25%,k:steps=1,4,all "
+            "(implies --adaptive; default: the measured default)."
+        ),
+    ] = None,
+    adaptive_per: Annotated[
+        str,
+        typer.Option(
+            help="What ranks with --adaptive: image (its captions) or caption (its images; use --normalize uncond)."
+        ),
+    ] = "image",
+    pairs: Annotated[
+        Path | None,
+        typer.Option(
+            help="Score only the pairs listed in this .csv / .jsonl / .json (image and caption by index, name or "
+            "text); with --adaptive each image ranks its listed captions."
+        ),
+    ] = None,
     adapters: Annotated[
         Path | None, typer.Option(help="Adapter file from `dsdkit train` (default: zero-shot).")
     ] = None,
@@ -486,6 +515,9 @@ def match_command(
             resume=resume,
             strict=strict,
             compile=_value(compile),
+            adaptive=adaptive_schedule or ("default" if adaptive else None),
+            per=adaptive_per,
+            pairs=pairs,
         )
     _print_summary(result)
     if output is not None:
@@ -1266,15 +1298,19 @@ def _print_summary(result, max_rows: int = 20) -> None:
     from rich.table import Table
 
     scores = result.scores
-    best_two = top_k(scores, 2, axis=1)
-    with_margin = best_two.shape[1] > 1  # one caption has no runner-up to compare with
+    best_two = result.top(2, axis=1)
+    exact = result.exact
+    with_margin = len(result.captions) > 1  # one caption has no runner-up to compare with
     console = Console(width=max(100, Console().width))
     # The two text columns share what the number columns and the borders leave (each at most 60 wide).
     text_width = min(60, (console.width - 28) // 2)
+    legend = _SCORE_LEGEND if with_margin else _SCORE_LEGEND.partition("; margin")[0]
+    if result.held is not None and result.partial.any():
+        legend += "; margin -: the runner-up left the adaptive race early (its score is partial)"
     table = Table(
         title=f"{_count(len(result.images), 'image')} x {_count(len(result.captions), 'caption')}: "
         "best caption per image",
-        caption=_SCORE_LEGEND if with_margin else _SCORE_LEGEND.partition("; margin")[0],
+        caption=legend,
         caption_justify="left",
     )
     # One row per image stays about one line: long names and captions are shortened (the result file has them
@@ -1285,10 +1321,19 @@ def _print_summary(result, max_rows: int = 20) -> None:
     if with_margin:
         table.add_column("margin", justify="right", no_wrap=True, min_width=7)
     for i, name in enumerate(result.images[:max_rows]):
-        best = best_two[i, 0]
+        ranked = best_two[i]
+        if not len(ranked):
+            table.add_row(_tail(name, text_width), "(no pair listed)", "", *([""] if with_margin else []))
+            continue
+        best = ranked[0]
         row = [_tail(name, text_width), result.captions[best], f"{scores[i, best]:.4f}"]
         if with_margin:
-            row.append(f"{scores[i, best] - scores[i, best_two[i, 1]]:.4f}")
+            if len(ranked) < 2:
+                row.append("")
+            elif exact[i, ranked[1]]:
+                row.append(f"{scores[i, best] - scores[i, ranked[1]]:.4f}")
+            else:
+                row.append("-")
         table.add_row(*row)
     console.print(table, markup=False, highlight=False)
     if len(result.images) > max_rows:
@@ -1296,6 +1341,17 @@ def _print_summary(result, max_rows: int = 20) -> None:
         console.print(f"... {_count(more, 'more image')} in the result file", markup=False, highlight=False)
     for warning in result.meta.get("warnings", []):
         console.print(f"note: {warning}")
+    spent = result.meta.get("evaluations")
+    if spent and "adaptive" in result.meta:
+        ran = spent["conditional"] + spent["unconditional"]
+        exhaustive = spent["exhaustive_conditional"] + spent["exhaustive_unconditional"]
+        console.print(
+            f"adaptive ({result.meta['adaptive']['schedule']}): {ran:,} UNet evaluations instead of {exhaustive:,} "
+            f"({exhaustive / max(ran, 1):.1f}x fewer; the top {result.meta['adaptive']['top_k']} per "
+            f"{result.meta['adaptive']['per']} are exact)",
+            markup=False,
+            highlight=False,
+        )
     # Each skip was logged once as it happened (the first few by name), so no second list here: only the count,
     # when no report holds them all (with one, the final "wrote" line counts them and names the report).
     skipped = result.meta.get("skipped", {})

@@ -22,12 +22,14 @@ import numpy as np
 from . import __version__
 from .config import ScoringConfig
 from .errors import ConfigError, InputError
+from .runtime.adaptive import Schedule, rank_matrix
 from .runtime.decode_warnings import collecting
 from .runtime.engine import Engine, chunk_slices
 from .runtime.files import atomic_write_text
 from .runtime.images import ImageInput, check_image, describe, preprocess_image
 from .runtime.inputs import list_images, read_captions
 from .runtime.jobs import finish, job_fingerprint, run_resumable
+from .runtime.pairs import PairList, read_pairs
 from .runtime.results import OUTPUT_FORMATS, MatchResult, write_result
 
 __all__ = ["match", "plan_match", "open_engine", "gather_inputs", "JobInputs", "skipped_report_path"]
@@ -81,6 +83,11 @@ def skipped_report_path(output: str | os.PathLike) -> Path:
     output = Path(output)
     return output.with_name(f"{output.stem}.skipped.json")
 
+
+#: What ``meta["evaluations"]`` counts: the UNet evaluations a job ran, conditional (a pair at a timestep) and
+#: unconditional (the empty caption, once per image and timestep) apart, and what exhaustive scoring of the same
+#: pairs would have run.
+EVALUATION_KEYS = ("conditional", "unconditional", "exhaustive_conditional", "exhaustive_unconditional")
 
 #: Skipped images (and, apart, usable images with decoder warnings) logged by name; past that, one line says where
 #: the others are, so a folder of hundreds of bad files prints a dozen lines, not hundreds.
@@ -226,6 +233,9 @@ def match(
     resume: bool = False,
     strict: bool = False,
     compile: str | None = None,
+    adaptive: Schedule | str | None = None,
+    per: str = "image",
+    pairs: str | os.PathLike | PairList | None = None,
 ) -> MatchResult:
     """Score every image against every caption and optionally write a result file.
 
@@ -258,6 +268,16 @@ def match(
         compile: PyTorch path: a ``torch.compile`` mode (:data:`~dsdkit.acceleration.COMPILE_MODES`; ``auto`` is
             CUDA graphs on a GPU) with channels-last weights; scores agree with eager ones within the export's parity
             tolerances. The first batch compiles (minutes); worth it for large jobs.
+        adaptive: rank by successive elimination (:mod:`dsdkit.runtime.adaptive`) with this schedule (``"default"``
+            or e.g. ``"keep=8,3,1:steps=2,6,all"``) instead of scoring every pair at every timestep: the ``top_k``
+            best candidates of each query get their exhaustive scores, the others partial means (``result.held``,
+            ``result.left_after``). ``None``: exhaustive.
+        per: with ``adaptive``, what a query is: ``"image"`` (each image ranks the captions) or ``"caption"``
+            (each caption ranks the images of each chunk of ``chunk_size`` images; use ``normalize=uncond``). The
+            per-caption top-k of the whole job are then the best exact scores over the chunks.
+        pairs: a pair list (:func:`dsdkit.runtime.pairs.read_pairs`: ``.csv``, ``.jsonl``, ``.json``) or a
+            :class:`~dsdkit.runtime.pairs.PairList`: only those pairs are scored (with ``adaptive``: each query ranks
+            its listed candidates only); the other cells stay empty.
 
     Images that cannot be used (unreadable, corrupt, truncated, too large: see :func:`~dsdkit.runtime.images.
     check_image`) are skipped with a one-line reason: they get no row in the result, and the reasons go to
@@ -274,12 +294,23 @@ def match(
         raise ConfigError(f"--chunk-size must be >= 1, got {chunk_size}")
     if per_layer and resume:
         raise ConfigError("--per-layer cannot be combined with --resume (per-layer terms are not kept between runs)")
+    if per not in ("image", "caption"):
+        raise ConfigError(f"--adaptive-per must be image or caption, got {per!r}")
+    if isinstance(adaptive, str):
+        adaptive = Schedule.parse(adaptive)
+    if per_layer and (adaptive is not None or pairs is not None):
+        raise ConfigError("--per-layer needs every pair at every timestep; drop --adaptive / --pairs to use it")
+    if per == "caption" and adaptive is None:
+        raise ConfigError("--adaptive-per caption ranks images by successive elimination: add --adaptive")
     job = gather_inputs(images, captions)
     if strict and job.skipped_lines:
         where_line, why = job.skipped_lines[0]
         raise InputError(f"{where_line}: {why} (--strict: remove it, or drop --strict to skip it)")
     if not job.images or not job.captions:
         raise InputError("nothing to score: give at least one image and one caption")
+    pair_list = None
+    if pairs is not None:
+        pair_list = pairs if isinstance(pairs, PairList) else read_pairs(pairs, job.names, job.captions)
     report = skipped_report_path(output) if output is not None else None
     skips = _Skips(job.names, strict, report).screen(job.images)
     skips.raise_if_all_skipped(len(job.images))  # before any model is loaded
@@ -294,14 +325,26 @@ def match(
                 "images": [_identify(i, name) for i, name in zip(job.images, job.names, strict=True)],
                 "captions": job.captions,
                 **_identity(engine),
+                # Only jobs that rank adaptively or score given pairs say so: plain jobs keep the fingerprint that
+                # partial results of earlier versions were saved under.
+                **({"adaptive": str(adaptive.describe()), "per": per, "top_k": top_k} if adaptive else {}),
+                **({"pairs": pair_list.pairs} if pair_list is not None else {}),
             }
         )
         unique_texts = len({e.text for e in texts})
-        total = engine.planned_evaluations(
-            len(job.images) - len(skips.images), (len(job.images) - len(skips.images)) * unique_texts
-        )
+        usable = len(job.images) - len(skips.images)
+        if pair_list is not None:
+            listed = sum(1 for i, _ in pair_list.pairs if i not in skips)
+            total = engine.planned_evaluations(len({i for i, _ in pair_list.pairs if i not in skips}), listed)
+        else:
+            total = engine.planned_evaluations(usable, usable * unique_texts)
+        # With --adaptive the total is exhaustive scoring's: the bar finishes early by what elimination saved.
         counter = _Counter(progress(total, 0) if progress is not None else None)
         layers = np.full((len(job.images), len(texts), len(engine.layer_names)), np.nan) if per_layer else None
+        detailed = adaptive is not None or pair_list is not None
+        per_image = pair_list.candidates_per_image(len(job.images)) if pair_list is not None else None
+        per_caption = pair_list.candidates_per_caption(len(job.captions)) if pair_list is not None else None
+        spent = {key: 0 for key in EVALUATION_KEYS}
 
         def blocks(start: int):
             """Rows of the score matrix from ``start``, a chunk of images at a time; unusable images stay NaN.
@@ -326,27 +369,83 @@ def match(
                             continue
                     skips.note(index, notes)
                     at.append(index)
+                if detailed:
+                    yield rows, _detailed_block(rows, pixels, at)
+                    continue
                 if pixels:
                     out = engine.score_encoded_matrix(engine.encode_pixels(pixels), texts, progress=counter)
                     block[np.asarray(at) - rows.start] = out.scores
                     if layers is not None:
                         layers[at] = out.layer_scores
+                    _count(out, len(at) * unique_texts * len(out.steps))
                 yield rows, block
 
-        scores = run_resumable(
+        def _count(out, exhaustive_conditional: int) -> None:
+            unconditional = out.unconditional_evaluations
+            spent["conditional"] += out.unet_evaluations - unconditional
+            spent["unconditional"] += unconditional
+            spent["exhaustive_conditional"] += exhaustive_conditional
+            spent["exhaustive_unconditional"] += unconditional
+
+        def _detailed_block(rows: slice, pixels: list, at: list[int]) -> np.ndarray:
+            """``float64[rows, M, 3]``: score, timesteps held, stage left after, for adaptive ranking or given
+            pairs (cells that are no candidate: NaN, 0, 0)."""
+            block = np.zeros((rows.stop - rows.start, len(texts), 3))
+            block[..., 0] = np.nan
+            if not pixels:
+                return block
+            encoded = engine.encode_pixels(pixels)
+            local = {index: position for position, index in enumerate(at)}
+            if per == "image":
+                lists = [per_image[index] if per_image is not None else list(range(len(texts))) for index in at]
+            else:
+                everyone = list(local.values())
+                lists = [
+                    [local[i] for i in per_caption[j] if i in local] if per_caption is not None else everyone
+                    for j in range(len(texts))
+                ]
+            rows_at = np.asarray(at) - rows.start
+            if adaptive is None:  # given pairs, every one at every timestep
+                pairs_here = [(q, j) for q, listed in enumerate(lists) for j in listed]
+                if pairs_here:
+                    out = engine.score_encoded_pairs(encoded, texts, pairs_here, progress=counter)
+                    _count(out, len(pairs_here) * len(out.steps))
+                    for (q, j), score in zip(pairs_here, out.scores, strict=True):
+                        block[rows_at[q], j] = (score, len(out.steps), 0)
+                return block
+            ranked = rank_matrix(engine, encoded, texts, top_k, adaptive, per, lists, progress=counter)
+            for key in EVALUATION_KEYS:
+                spent[key] += ranked.evaluations[key]
+            block[rows_at, :, 0] = ranked.scores
+            block[rows_at, :, 1] = ranked.held
+            block[rows_at, :, 2] = ranked.left_after
+            return block
+
+        saved = run_resumable(
             blocks,
-            (len(job.images), len(job.captions)),
+            (len(job.images), len(job.captions), 3) if detailed else (len(job.images), len(job.captions)),
             output,
             fingerprint,
             resume,
-            {"skipped_images": skips.images, "image_warnings": skips.warnings},
+            {"skipped_images": skips.images, "image_warnings": skips.warnings, "evaluations": spent},
         )
+        scores = saved[..., 0] if detailed else saved
         if strict and skips.images:  # skipped by an earlier run without --strict, merged back by --resume
             raise InputError(
                 f"{skips.records()[0]['reason']} (--strict: an earlier run skipped it; fix or remove it, "
                 "or resume without --strict)"
             )
         meta = _meta(engine, texts, job.where, counter.evaluations)
+        meta["evaluations"] = dict(spent)  # this run's and, after --resume, the earlier runs' too
+        if adaptive is not None:
+            meta["adaptive"] = {"schedule": adaptive.describe(), "per": per, "top_k": top_k}
+        if pair_list is not None:
+            meta["pairs"] = {
+                "source": pair_list.source,
+                "pairs": len(pair_list.pairs),
+                "duplicates": pair_list.duplicates,
+            }
+        num_steps = len(engine.timesteps)
     skips.raise_if_all_skipped(len(job.images))
     keep = [i for i in range(len(job.images)) if i not in skips]
     meta["seconds"] = round(time.perf_counter() - started, 3)
@@ -370,6 +469,9 @@ def match(
         scores=scores[keep],
         meta=meta,
         layer_scores=None if layers is None else layers[keep],
+        held=saved[keep][..., 1].astype(np.int64) if detailed else None,
+        left_after=saved[keep][..., 2].astype(np.int64) if detailed else None,
+        num_timesteps=num_steps if detailed else None,
     )
     if output is not None:
         write_result(result, output, k=top_k)

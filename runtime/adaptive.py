@@ -430,8 +430,8 @@ def rank_matrix(
         else:
             matrix_pairs = [(lists[q][c], q) for q, c in pairs]
         out = engine.score_encoded_pairs(image_codes, text_codes, matrix_pairs, steps=list(new), progress=progress)
-        conditional = len(pairs) * len(new)
-        return out.per_step, conditional, out.unet_evaluations - conditional
+        unconditional = out.unconditional_evaluations
+        return out.per_step, out.unet_evaluations - unconditional, unconditional
 
     needs_uncond = engine.config.needs_unconditional_pass
     cached_before = _uncond_cached(engine, image_codes) if needs_uncond else 0

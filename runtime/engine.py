@@ -175,6 +175,7 @@ class ScoreOutput:
         layer_names: the scored cross-attention layers.
         truncated: per caption, word tokens dropped beyond the text encoder's context.
         unet_evaluations: UNet (scorer-graph) sample-evaluations this call ran; cached work is not counted.
+        unconditional_evaluations: those of them that were the empty caption's (the unconditional pass).
     """
 
     attention_steps: np.ndarray
@@ -184,6 +185,7 @@ class ScoreOutput:
     layer_names: list[str]
     truncated: list[int] = field(default_factory=list)
     unet_evaluations: int = 0
+    unconditional_evaluations: int = 0
 
     @property
     def per_step(self) -> np.ndarray:
@@ -449,6 +451,7 @@ class Engine:
                 [images[i] for i in np.unique(pairs[:, 0])], chosen, progress
             )
         # Work items ordered (pair, timestep) so each pair's terms are contiguous; batches mix timesteps freely.
+        unconditional = evaluations
         work = [(images[i], texts[j], k) for i, j in pairs.tolist() for k in chosen]
         layers, errors = self._run(work, progress)
         evaluations += len(work)
@@ -470,6 +473,7 @@ class Engine:
             layer_names=list(self.layer_names),
             truncated=[e.tokens.truncated for e in texts],
             unet_evaluations=evaluations,
+            unconditional_evaluations=unconditional,
         )
 
     def score_encoded_matrix(
@@ -567,8 +571,8 @@ class Engine:
             order = np.argsort(-scores, kind="stable")[:top_k]
             held = len(out.steps)
             entries = [Ranked(int(j), float(scores[j]), True, held, None) for j in order]
-            conditional = len(pool) * held
-            spent = {"conditional": conditional, "unconditional": out.unet_evaluations - conditional}
+            unconditional = out.unconditional_evaluations
+            spent = {"conditional": out.unet_evaluations - unconditional, "unconditional": unconditional}
             return Ranking(entries, spent, None)
         result = rank_matrix(self, images, texts, top_k=top_k or 1, schedule=schedule, per=per)
         held = result.held[0] if per == "image" else result.held[:, 0]
