@@ -740,6 +740,12 @@ def eval_command(
     output: Annotated[
         Path | None, typer.Option("--output", "-o", help="Write metrics and per-example scores (JSON).")
     ] = None,
+    adaptive: Annotated[
+        bool, typer.Option(help="Rank candidate sets by successive elimination (top-1 exact; README: Adaptive).")
+    ] = False,
+    adaptive_schedule: Annotated[
+        str | None, typer.Option(help="Elimination stages, e.g. keep=50%,25%,k:steps=1,4,all (implies --adaptive).")
+    ] = None,
     compile: CompileOption = None,
     threads: ThreadsOption = None,
 ) -> None:
@@ -765,7 +771,13 @@ def eval_command(
     )
     with _progress_bar("evaluating", "UNet evals") as progress:
         report = evaluate(
-            scorer, dataset, split=split, max_examples=max_examples, progress=progress, subsets=subset or None
+            scorer,
+            dataset,
+            split=split,
+            max_examples=max_examples,
+            progress=progress,
+            subsets=subset or None,
+            adaptive=adaptive_schedule or ("default" if adaptive else None),
         )
     report.meta = {
         "model": scorer.model.describe(),
@@ -774,6 +786,10 @@ def eval_command(
         "compile": scorer.acceleration.compile,
     }
     _print_metrics(report.metrics, f"{dataset.format}: {report.source}" + (f", split {split}" if split else ""))
+    if report.evaluations:
+        ran = report.evaluations["conditional"] + report.evaluations["unconditional"]
+        exhaustive = report.evaluations["exhaustive_conditional"] + report.evaluations["exhaustive_unconditional"]
+        _say(f"adaptive: {ran:,} UNet evaluations instead of {exhaustive:,} ({exhaustive / max(ran, 1):.1f}x fewer)")
     # Skips were logged once as the dataset was read (the first few by name); here only their count.
     if output is not None:
         write_report(report, output)

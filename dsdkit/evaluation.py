@@ -11,6 +11,12 @@
 A candidate counts as chosen only if it scores strictly higher than every other candidate: ties count as wrong
 (the authors' argmax counted ties in favour of the positive, which sits at index 0: their bug B7).
 
+With ``adaptive`` (``dsdkit eval --adaptive``), candidate-set examples (image -> captions, caption -> images) are
+ranked by successive elimination (:mod:`dsdkit.runtime.adaptive`): a candidate's rank is its place in the
+elimination order (exact survivors by score first, then the eliminated by stage and partial mean), so top-1 is the
+exact winner and top-5 beyond ``top_k`` comes from partial means. Groups and labelled pairs are scored exhaustively.
+The report's ``meta["evaluations"]`` counts what ran against what exhaustive scoring would have run.
+
 Pairs are scored in chunks across examples, so images and captions shared by several examples are encoded once
 and unconditional passes are shared.
 """
@@ -45,6 +51,7 @@ class EvalReport:
     examples: list[dict[str, Any]] = field(default_factory=list)
     meta: dict[str, Any] = field(default_factory=dict)
     skipped: list[dict[str, str]] = field(default_factory=list)  # rows and examples left out, with the reason
+    evaluations: dict[str, int] = field(default_factory=dict)  # with adaptive: ran vs exhaustive (rank_examples)
 
 
 def _chunks(examples: list[Example], chunk_pairs: int):
@@ -128,6 +135,79 @@ def score_examples(
     return mats if terms else mats["score"]
 
 
+def rank_examples(
+    scorer,
+    examples: list[Example],
+    schedule,
+    top_k: int = 1,
+    chunk_pairs: int = 4096,
+    progress: Callable[[int], None] | None = None,
+) -> tuple[list[np.ndarray], list[int | None], dict[str, int]]:
+    """Adaptive ranking of candidate-set examples (the others scored exhaustively, as :func:`score_examples`).
+
+    Returns each example's matrix (partial means for eliminated candidates), each candidate-set example's rank of
+    its positive in the elimination order (``None`` for the others), and the evaluations spent (the keys of
+    :data:`dsdkit.matching.EVALUATION_KEYS`).
+    """
+    from .runtime.adaptive import rank_matrix
+
+    spent = {"conditional": 0, "unconditional": 0, "exhaustive_conditional": 0, "exhaustive_unconditional": 0}
+    matrices = [np.full((len(e.images), len(e.texts)), np.nan) for e in examples]
+    ranks: list[int | None] = [None] * len(examples)
+    ranked_kinds = (TaskKind.image_to_text, TaskKind.text_to_image)
+    others = [i for i, e in enumerate(examples) if e.kind not in ranked_kinds]
+    if others:
+        scored = score_examples(scorer, [examples[i] for i in others], progress=progress)
+        for index, matrix in zip(others, scored, strict=True):
+            matrices[index] = matrix
+    for kind, per in ((TaskKind.image_to_text, "image"), (TaskKind.text_to_image, "caption")):
+        members = [i for i, e in enumerate(examples) if e.kind is kind]
+        start = 0
+        while start < len(members):
+            chunk, count = [], 0
+            while start < len(members):
+                size = examples[members[start]].num_candidates
+                if chunk and count + size > chunk_pairs:
+                    break
+                chunk.append(members[start])
+                count += size
+                start += 1
+            # One query slot per example (the engine's caches share equal images and captions anyway).
+            if per == "image":
+                queries = [examples[i].images[0] for i in chunk]
+                pool, slot = _pool([t for i in chunk for t in examples[i].texts], key=lambda t: t)
+                candidates = [[slot[t] for t in examples[i].texts] for i in chunk]
+                result = rank_matrix(scorer, queries, pool, top_k, schedule, "image", candidates, progress)
+            else:
+                queries = [examples[i].texts[0] for i in chunk]
+                pool, slot = _pool([im for i in chunk for im in examples[i].images], key=_image_key)
+                candidates = [[slot[_image_key(im)] for im in examples[i].images] for i in chunk]
+                result = rank_matrix(scorer, pool, queries, top_k, schedule, "caption", candidates, progress)
+            for key in spent:
+                spent[key] += result.evaluations[key]
+            for q, index in enumerate(chunk):
+                listed = candidates[q]
+                row = result.scores[q, listed] if per == "image" else result.scores[listed, q]
+                matrices[index] = row[None, :] if per == "image" else row[:, None]
+                # The positive's place in the elimination order (pool slots, best first).
+                ranks[index] = result.order(q).tolist().index(listed[examples[index].positive])
+    return matrices, ranks, spent
+
+
+def _image_key(image):
+    return image if isinstance(image, str | os.PathLike) else id(image)
+
+
+def _pool(items: list, key) -> tuple[list, dict]:
+    """Distinct items in first-seen order, and each key's slot."""
+    pool, slot = [], {}
+    for item in items:
+        if key(item) not in slot:
+            slot[key(item)] = len(pool)
+            pool.append(item)
+    return pool, slot
+
+
 def _rank(scores: np.ndarray, positive: int) -> int:
     """How many other candidates score at least as high as the positive (0 = strictly best)."""
     others = np.delete(scores, positive)
@@ -146,9 +226,15 @@ def _auc(scores: np.ndarray, labels: np.ndarray) -> float:
     return float(greater / (len(positives) * len(negatives)))
 
 
-def compute_metrics(fmt: str, examples: list[Example], matrices: list[np.ndarray]) -> dict[str, float]:
-    """The benchmark's own metrics (see the module docstring), as a flat ``{name: value}`` dict."""
+def compute_metrics(
+    fmt: str, examples: list[Example], matrices: list[np.ndarray], given_ranks: list[int | None] | None = None
+) -> dict[str, float]:
+    """The benchmark's own metrics (see the module docstring), as a flat ``{name: value}`` dict.
+
+    ``given_ranks`` (adaptive ranking) replaces the rank read from a candidate-set example's scores where not
+    ``None``: its positive's place in the elimination order."""
     metrics: dict[str, float] = {}
+    given = {id(e): r for e, r in zip(examples, given_ranks or [], strict=False) if r is not None}
     groups = [(e, m) for e, m in zip(examples, matrices, strict=True) if e.kind is TaskKind.group]
     candidates = [
         (e, m)
@@ -161,7 +247,9 @@ def compute_metrics(fmt: str, examples: list[Example], matrices: list[np.ndarray
         per_split: dict[str, list[int]] = defaultdict(list)
         ranks = []
         for example, matrix in candidates:
-            rank = _rank(_candidate_scores(example, matrix), example.positive)
+            rank = given.get(id(example))
+            if rank is None:
+                rank = _rank(_candidate_scores(example, matrix), example.positive)
             ranks.append(rank)
             per_split[example.split or "all"].append(rank)
         ranks_array = np.array(ranks)
@@ -233,6 +321,8 @@ def evaluate(
     max_examples: int | None = None,
     progress: Callable[[int, int], Callable[[int], None]] | None = None,
     subsets: list[str] | None = None,
+    adaptive=None,
+    top_k: int = 1,
 ) -> EvalReport:
     """Score ``dataset`` (one split of it, only ``subsets`` if given, optionally the first ``max_examples``) and
     compute its metrics.
@@ -253,10 +343,14 @@ def evaluate(
         examples = examples[:max_examples]
     # The progress unit is a UNet evaluation, reported per batch (examples differ in cost by their pair count).
     advance = progress(planned_evaluations(scorer, examples), 0) if progress is not None else None
-    matrices = score_examples(scorer, examples, progress=advance)
-    metrics = compute_metrics(dataset.format, examples, matrices)
+    given_ranks, spent = None, {}
+    if adaptive is not None:
+        matrices, given_ranks, spent = rank_examples(scorer, examples, adaptive, top_k, progress=advance)
+    else:
+        matrices = score_examples(scorer, examples, progress=advance)
+    metrics = compute_metrics(dataset.format, examples, matrices, given_ranks)
     records = []
-    for example, matrix in zip(examples, matrices, strict=True):
+    for number, (example, matrix) in enumerate(zip(examples, matrices, strict=True)):
         record = {
             "id": example.id,
             "split": example.split,
@@ -266,12 +360,16 @@ def evaluate(
         }
         if example.positive is not None:
             record["positive"] = example.positive
-            record["rank"] = _rank(_candidate_scores(example, matrix), example.positive)
+            record["rank"] = (
+                given_ranks[number]
+                if given_ranks is not None and given_ranks[number] is not None
+                else _rank(_candidate_scores(example, matrix), example.positive)
+            )
         if example.label is not None:
             record["label"] = example.label
         records.append(record)
     skipped = [{"where": where, "reason": why} for where, why in dataset.skipped]
-    return EvalReport(dataset.format, str(dataset.source), split, metrics, records, skipped=skipped)
+    return EvalReport(dataset.format, str(dataset.source), split, metrics, records, skipped=skipped, evaluations=spent)
 
 
 def write_report(report: EvalReport, path: str | os.PathLike) -> None:
@@ -284,6 +382,7 @@ def write_report(report: EvalReport, path: str | os.PathLike) -> None:
         "metrics": report.metrics,
         "meta": report.meta,
         "skipped": report.skipped,
+        **({"evaluations": report.evaluations} if report.evaluations else {}),
         "examples": report.examples,
     }
     atomic_write_text(path, json.dumps(document, indent=1, ensure_ascii=False) + "\n")
