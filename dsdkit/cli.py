@@ -491,6 +491,8 @@ def match_command(
             backend=backend,
             num_timesteps=timesteps if bundle is not None else None,
             compile=_value(compile),
+            adaptive=(adaptive_schedule or ("default" if adaptive else None)) if adaptive_per == "image" else None,
+            top_k=top_k,
         )
         typer.echo(_format_plan(plan))
         return
@@ -547,7 +549,12 @@ def _format_plan(plan: dict) -> str:
             f"job        {plan['images']} images x {plan['captions']} captions = {plan['pairs']:,} pairs, "
             f"S = {plan['timesteps']} timesteps"
             + (f" ({plan['skipped_images']} unusable images skipped)" if plan.get("skipped_images") else ""),
-            f"work       {plan['unet_evaluations']:,} UNet evaluations in batches of {plan['batch_size']}",
+            f"work       {plan['unet_evaluations']:,} UNet evaluations in batches of {plan['batch_size']}"
+            + (
+                f" (adaptive {plan['adaptive']}; exhaustive: {plan['exhaustive_unet_evaluations']:,})"
+                if "adaptive" in plan
+                else ""
+            ),
             f"calibrated {plan['engine']}: {t['batch_s']:.3g} s per batch, {t['image_s']:.3g} s per image encoding, "
             f"{t['caption_s']:.3g} s per caption encoding",
             f"estimate   {clock(plan['estimated_seconds'])} (h:mm:ss) for the whole job",

@@ -22,7 +22,7 @@ import numpy as np
 from . import __version__
 from .config import ScoringConfig
 from .errors import ConfigError, InputError
-from .runtime.adaptive import Schedule, rank_matrix
+from .runtime.adaptive import Schedule, rank_matrix, resolve_schedule
 from .runtime.decode_warnings import collecting
 from .runtime.engine import Engine, chunk_slices
 from .runtime.files import atomic_write_text
@@ -569,13 +569,18 @@ def plan_match(
     backend: str = "auto",
     num_timesteps: int | None = None,
     compile: str | None = None,
+    adaptive: Schedule | str | None = None,
+    top_k: int = 5,
 ) -> dict[str, Any]:
     """What a match job will cost, from a short calibration of the engine that will run it (``--dry-run``; with
     ``compile``, the compiled scorer, so the first timed batch follows a compiling warm-up).
 
     Returns pairs, UNet evaluations (``N·S`` unconditional when needed + ``N·M·S``), measured seconds per image
-    encoding, caption encoding and UNet batch, and the estimated total seconds.
+    encoding, caption encoding and UNet batch, and the estimated total seconds. With ``adaptive`` (per image), the
+    evaluations are the schedule's exactly: Σ survivors × new timesteps per image, plus the unconditional pass.
     """
+    if isinstance(adaptive, str):
+        adaptive = Schedule.parse(adaptive)
     job = gather_inputs(images, captions)
     skips = _Skips(job.names, strict=False).screen(job.images)
     image_list = [image for i, image in enumerate(job.images) if i not in skips]
@@ -589,7 +594,10 @@ def plan_match(
     with engine:
         timing = _calibrate(engine, image_list[0], caption_list[0], where[0])
         steps, batch = len(engine.timesteps), engine.batch_size
-        evaluations = engine.planned_evaluations(n, n * m)
+        evaluations = exhaustive = engine.planned_evaluations(n, n * m)
+        if adaptive is not None:
+            plan = resolve_schedule(adaptive, m, steps, top_k)
+            evaluations = exhaustive - n * m * steps + n * plan.evaluations(m)
         meta = engine.metadata()
         if meta["backend"] == "pytorch":
             label = f"pytorch ({engine.model.device}, {engine.model.precision.value})"
@@ -606,6 +614,7 @@ def plan_match(
         "pairs": n * m,
         "timesteps": steps,
         "unet_evaluations": evaluations,
+        **({"exhaustive_unet_evaluations": exhaustive, "adaptive": adaptive.describe()} if adaptive else {}),
         "batch_size": batch,
         "calibration": timing,
         "estimated_seconds": estimate,

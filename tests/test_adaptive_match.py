@@ -193,3 +193,12 @@ def test_eval_adaptive_keeping_every_candidate_reproduces_exhaustive_eval(engine
     assert [e["rank"] for e in kept.examples if "rank" in e] == [e["rank"] for e in plain.examples if "rank" in e]
     eliminating = evaluate(engine, dataset, subsets=["rank-8"], adaptive="keep=2,k:steps=1,all")
     assert eliminating.evaluations["conditional"] < eliminating.evaluations["exhaustive_conditional"]
+
+
+def test_dry_run_plans_the_adaptive_evaluations_the_job_runs(engine):
+    from dsdkit.matching import plan_match
+
+    planned = plan_match(DEMO, CAPTIONS, model=engine.model, config=engine.config, adaptive=SCHEDULE, top_k=1)
+    engine_fresh = run(engine, adaptive=SCHEDULE, top_k=1)
+    assert planned["unet_evaluations"] == engine_fresh.meta["unet_evaluations"]
+    assert planned["exhaustive_unet_evaluations"] == 8 * S + 8 * 8 * S

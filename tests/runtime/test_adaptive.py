@@ -233,3 +233,23 @@ def test_simulation_on_stored_scores_equals_a_real_run_on_the_demo_world():
         assert real.left_after[query, listed].tolist() == outcome.left_after.tolist()
         np.testing.assert_allclose(real.scores[query, listed], outcome.scores, rtol=1e-6, atol=1e-6)
         assert [listed[c] for c in outcome.order] == real.order(query).tolist()
+
+
+def test_noise_level_schedules_draw_their_stages_from_the_levels(tiny_model, shape_images):
+    """The paper preset's timesteps are four noise levels: stages take nested subsets of them the same way."""
+    from dsdkit.config import ScoringConfig
+    from dsdkit.scorer import Scorer
+
+    config = ScoringConfig.from_preset("paper")
+    engine = Scorer(tiny_model, config, batch_size=8)
+    assert len(engine.timesteps) == 4
+    exhaustive = engine.score_matrix(shape_images[:2], CAPTIONS)
+    result = engine.rank_matrix(shape_images[:2], CAPTIONS, schedule="keep=3,k:steps=1,all")
+    first = nested_steps(4, [1])[0]
+    np.testing.assert_allclose(result.scores[result.exact], exhaustive.scores[result.exact], rtol=1e-6, atol=1e-7)
+    partial = ~result.exact
+    np.testing.assert_allclose(
+        result.scores[partial], exhaustive.at(list(first)).scores[partial], rtol=1e-6, atol=1e-7
+    )
+    assert result.evaluations["unconditional"] == 0  # the paper preset needs no unconditional pass
+    assert result.evaluations["conditional"] == 2 * (len(CAPTIONS) * 1 + 3 * 3)
