@@ -3,7 +3,8 @@
 Two steps:
 
     python benchmarks/adaptive_schedule.py collect            # exhaustive per-timestep scores (long; resumable)
-    python benchmarks/adaptive_schedule.py choose -o benchmarks/results/adaptive-schedule-DATE.json
+    python benchmarks/adaptive_schedule.py choose --verify 64 -o benchmarks/results/adaptive-schedule-DATE.json
+    python benchmarks/adaptive_schedule.py table benchmarks/results/adaptive-schedule-DATE.json   # README table
 
 ``collect`` scores the demo benchmark's K-way ranking sets (``rank-8`` and ``rank-32``: the true caption among K,
 up to half of the distractors one edit away) **exhaustively** with the default ``discffusion`` score at S = 30 on
@@ -300,6 +301,30 @@ def verify(args, schedule, data, halves) -> dict:
     return out
 
 
+def table(args) -> None:
+    """The README's trade-off table from a ``choose`` record (report half only)."""
+    record = json.loads(args.record.read_text())
+    lines = [
+        "| schedule (chosen at ≥ X% agreement on the choose half) | K | keep | steps | top-1 agreement (Wilson 95%) "
+        "| top-1 vs truth: exhaustive / adaptive | UNet evaluations: adaptive / exhaustive | fewer |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    chosen = record["chosen"]["schedule"]
+    for entry in record["trade_off"]:
+        for subset, row in entry["report"].items():
+            mark = " **(default)**" if entry["schedule"] == chosen else ""
+            low, high = row["top1_agreement_wilson95"]
+            lines.append(
+                f"| `{entry['schedule']}`{mark} (≥ {entry['choose_half_threshold']:.1%}) | {subset.split('-')[1]} "
+                f"| {row['keep']} | {row['steps']} | {row['top1_agreement']:.1%} ({low:.1%}–{high:.1%}) "
+                f"| {row['top1_accuracy_exhaustive']:.1%} / {row['top1_accuracy_adaptive']:.1%} "
+                f"| {row['conditional'] + row['unconditional']:,} / "
+                f"{row['exhaustive_conditional'] + row['exhaustive_unconditional']:,} "
+                f"| {row['evaluation_ratio']:.2f}× |"
+            )
+    print("\n".join(lines))
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -321,9 +346,11 @@ def main(argv=None) -> None:
     h.add_argument("--batch-size", type=int, default=256)
     h.add_argument("--threads", type=int, default=2)
     h.add_argument("-o", "--output", type=Path)
+    t = sub.add_parser("table", help="the README's trade-off table from a choose record")
+    t.add_argument("record", type=Path)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    {"collect": collect, "choose": choose}[args.command](args)
+    {"collect": collect, "choose": choose, "table": table}[args.command](args)
 
 
 if __name__ == "__main__":
