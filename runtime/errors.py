@@ -119,6 +119,7 @@ EXTRA_OF_MODULE = {
     "onnxruntime": "ort",
     "tensorrt": "trt",
     "polygraphy": "trt",
+    "pyarrow": "parquet",
 }
 
 

@@ -1,4 +1,5 @@
-"""Score matrices and how they are written: CSV (the full matrix), JSON and JSONL (matrix plus top-k lists).
+"""Score matrices and how they are written: CSV (the full matrix), JSON and JSONL (matrix plus top-k lists), and
+Parquet (one row per scored pair; :func:`read_result` reads it back).
 
 Adaptive ranking (:mod:`~dsdkit.runtime.adaptive`) and given-pair scoring leave some cells without an exact score:
 an eliminated candidate holds a *partial* mean over the timesteps it was scored at, and a pair that was not listed
@@ -6,6 +7,17 @@ holds nothing. Every format keeps the two apart: the CSV matrix holds exact scor
 JSON and JSONL matrices (``scores``) hold exact scores only (``null`` elsewhere), and beside them ``partial`` holds
 the eliminated candidates' partial means with the timesteps they held and the stage after which they left; each
 top-k entry says ``"exact": true`` or gives its ``stage`` and ``timesteps``.
+
+Parquet (``.parquet``, needs the ``parquet`` extra: pyarrow) is for results too large to read as one JSON document
+and for tools that query them (pandas, polars, DuckDB): one row per scored pair, ordered by image then caption, with
+the columns ``image_id`` (int32, the row index), ``image`` (string), ``caption_id`` (int32), ``caption`` (string),
+``score`` (float64: the exact score, or the partial mean), ``exact`` (bool), ``stage`` (int16, the adaptive stage
+after which a partial candidate left; null for the others) and ``timesteps`` (int16, the timesteps the pair held).
+Pairs that were not scored have no row. The file's key-value metadata holds the job's ``meta`` as JSON under
+``dsdkit``, the format name (``dsdkit-scores/1``) under ``dsdkit.format`` and, under ``dsdkit.layout``, what the
+rows cannot say on their own (every image and caption, also those without a row; S; whether ``held`` was recorded),
+so that :func:`read_result` rebuilds the :class:`MatchResult`. Per-layer terms (``layer_scores``) and top-k lists are
+not written: the lists follow from the scores (:meth:`MatchResult.top`).
 """
 
 from __future__ import annotations
@@ -21,12 +33,15 @@ from typing import Any
 
 import numpy as np
 
-from .errors import OutputError
-from .files import atomic_writer
+from .errors import InputError, MissingDependencyError, OutputError, missing_dependency
+from .files import atomic_write_bytes, atomic_writer
 
-__all__ = ["MatchResult", "top_k", "write_result", "OUTPUT_FORMATS"]
+__all__ = ["MatchResult", "top_k", "write_result", "read_result", "OUTPUT_FORMATS", "PARQUET_FORMAT"]
 
-OUTPUT_FORMATS = (".csv", ".json", ".jsonl")
+OUTPUT_FORMATS = (".csv", ".json", ".jsonl", ".parquet")
+
+#: The format name in a Parquet result's key-value metadata (``dsdkit.format``); bumped when the columns change.
+PARQUET_FORMAT = "dsdkit-scores/1"
 
 
 @dataclass
@@ -156,13 +171,17 @@ def _partial_rows(result: MatchResult) -> dict[str, list] | None:
 
 
 def write_result(result: MatchResult, path: str | os.PathLike, k: int = 5) -> Path:
-    """Write ``result`` atomically in the format given by the file suffix (``.csv``, ``.json`` or ``.jsonl``)."""
+    """Write ``result`` atomically in the format given by the file suffix (``.csv``, ``.json``, ``.jsonl`` or
+    ``.parquet``; ``k``: the length of the JSON/JSONL top-k lists)."""
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix not in OUTPUT_FORMATS:
         raise OutputError(
             f"{path}: unknown output format {suffix or '(none)'}; use one of {', '.join(OUTPUT_FORMATS)}"
         )
+    if suffix == ".parquet":
+        atomic_write_bytes(path, _parquet_bytes(result, path))
+        return path
     if suffix == ".csv":
         buffer = io.StringIO()
         writer = csv.writer(buffer, lineterminator="\n")
@@ -232,3 +251,146 @@ def write_result(result: MatchResult, path: str | os.PathLike, k: int = 5) -> Pa
     with atomic_writer(path, "w") as handle:
         handle.write(text)
     return path
+
+
+# -- Parquet -------------------------------------------------------------------------------------------------------
+
+
+def _pyarrow(path: Path):
+    """``(pyarrow, pyarrow.parquet)``, imported only when a Parquet file is read or written (an optional extra)."""
+    try:
+        import pyarrow
+        import pyarrow.parquet
+    except ImportError as exc:
+        missing = missing_dependency(exc)
+        if missing is None:
+            raise
+        raise MissingDependencyError(f"{path}: {missing}") from None
+    return pyarrow, pyarrow.parquet
+
+
+def _timesteps_of(result: MatchResult) -> int | None:
+    """S: ``num_timesteps``, else (an exhaustive result) the length of ``meta["timesteps"]``; ``None`` if unknown."""
+    if result.num_timesteps is not None:
+        return int(result.num_timesteps)
+    steps = result.meta.get("timesteps")
+    return len(steps) if isinstance(steps, list) else None
+
+
+def _parquet_bytes(result: MatchResult, path: Path) -> bytes:
+    """The Parquet file of ``result`` (built in memory, so that the caller writes it atomically)."""
+    pa, pq = _pyarrow(path)
+    if result.held is None:
+        scored = np.ones(result.scores.shape, dtype=bool)
+    else:
+        scored = result.held > 0
+    rows, cols = np.nonzero(scored)  # row-major: ordered by image, then caption
+    exact = result.exact[rows, cols]
+    partial = result.partial[rows, cols]
+    if result.held is None:
+        steps = _timesteps_of(result)
+        timesteps = pa.array(
+            np.full(len(rows), 0 if steps is None else steps), pa.int16(), mask=np.full(len(rows), steps is None)
+        )
+        stage = pa.nulls(len(rows), pa.int16())
+    else:
+        timesteps = pa.array(result.held[rows, cols], pa.int16())
+        stage = pa.array(result.left_after[rows, cols], pa.int16(), mask=~partial)
+    images = np.asarray(result.images, dtype=object)
+    captions = np.asarray(result.captions, dtype=object)
+    table = pa.table(
+        {
+            "image_id": pa.array(rows, pa.int32()),
+            "image": pa.array(images[rows], pa.string()),
+            "caption_id": pa.array(cols, pa.int32()),
+            "caption": pa.array(captions[cols], pa.string()),
+            "score": pa.array(result.scores[rows, cols], pa.float64()),
+            "exact": pa.array(exact, pa.bool_()),
+            "stage": stage,
+            "timesteps": timesteps,
+        }
+    )
+    layout = {
+        "images": list(result.images),
+        "captions": list(result.captions),
+        "num_timesteps": result.num_timesteps,
+        "held": result.held is not None,
+    }
+    table = table.replace_schema_metadata(
+        {
+            "dsdkit": json.dumps(result.meta, ensure_ascii=False),
+            "dsdkit.format": PARQUET_FORMAT,
+            "dsdkit.layout": json.dumps(layout, ensure_ascii=False),
+        }
+    )
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink)
+    return sink.getvalue().to_pybytes()
+
+
+_COLUMNS = ("image_id", "image", "caption_id", "caption", "score", "exact", "stage", "timesteps")
+
+
+def read_result(path: str | os.PathLike) -> MatchResult:
+    """Read a ``.parquet`` result written by :func:`write_result` back into a :class:`MatchResult` (for merging
+    results and for tests; the text formats are for people and other tools).
+
+    The matrix, ``held``, ``left_after``, ``num_timesteps`` and ``meta`` are rebuilt; cells without a row get a NaN
+    score, ``held`` 0 and ``left_after`` 0, and ``left_after`` is kept for partial candidates only (the file's
+    ``stage`` is null for the others). Parquet is data only: reading it runs nothing from the file.
+    """
+    path = Path(path)
+    if path.suffix.lower() != ".parquet":
+        raise InputError(f"{path}: only .parquet results can be read back; write the result with -o NAME.parquet")
+    if not path.is_file():
+        raise InputError(f"{path}: no such file")
+    pa, pq = _pyarrow(path)
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowException, OSError) as exc:
+        reason = " ".join(str(exc).split()) or type(exc).__name__
+        raise InputError(f"{path}: not a readable Parquet file ({reason}); write it again with dsdkit") from None
+    kv = {key.decode("utf-8", "replace"): value for key, value in (table.schema.metadata or {}).items()}
+    found = kv.get("dsdkit.format", b"").decode("utf-8", "replace")
+    if found != PARQUET_FORMAT:
+        raise InputError(
+            f"{path}: not a dsdkit result (format {found or 'missing'}, expected {PARQUET_FORMAT}); "
+            "write it with dsdkit match -o NAME.parquet"
+        )
+    missing = [name for name in _COLUMNS if name not in table.column_names]
+    if missing:
+        raise InputError(f"{path}: a {PARQUET_FORMAT} file without column(s) {', '.join(missing)}; write it again")
+    try:
+        meta = json.loads(kv.get("dsdkit", b"{}"))
+        layout = json.loads(kv["dsdkit.layout"])
+        images, captions = [str(x) for x in layout["images"]], [str(x) for x in layout["captions"]]
+        num_timesteps, with_held = layout["num_timesteps"], bool(layout["held"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise InputError(f"{path}: damaged dsdkit metadata ({type(exc).__name__}: {exc}); write it again") from None
+    rows = table.column("image_id").to_numpy().astype(np.int64)
+    cols = table.column("caption_id").to_numpy().astype(np.int64)
+    shape = (len(images), len(captions))
+    if len(rows) and (rows.min() < 0 or rows.max() >= shape[0] or cols.min() < 0 or cols.max() >= shape[1]):
+        raise InputError(f"{path}: image_id or caption_id outside the {shape[0]} x {shape[1]} result; write it again")
+    if len(np.unique(rows * shape[1] + cols)) != len(rows):
+        raise InputError(f"{path}: the same (image_id, caption_id) pair in two rows; write it again")
+    scores = np.full(shape, np.nan)
+    scores[rows, cols] = table.column("score").to_numpy()
+    held = left_after = None
+    if with_held:
+        if table.column("timesteps").null_count:
+            raise InputError(f"{path}: rows without timesteps in a result with held timesteps; write it again")
+        held = np.zeros(shape, dtype=np.int64)
+        left_after = np.zeros(shape, dtype=np.int64)
+        held[rows, cols] = table.column("timesteps").to_numpy()
+        stage = table.column("stage").fill_null(0).to_numpy()
+        left_after[rows, cols] = stage
+    return MatchResult(
+        images=images,
+        captions=captions,
+        scores=scores,
+        meta=meta,
+        held=held,
+        left_after=left_after,
+        num_timesteps=num_timesteps,
+    )
