@@ -107,6 +107,43 @@ def test_bench_reference_agrees_and_reports(tiny_model_dir):
     assert record["machine"]["cpus"] >= 1 and record["versions"]["torch"]
 
 
+def test_bench_record_has_the_measured_matmul_peak_and_the_fraction_of_it(micro_model_dir):
+    """Each row's UNet FLOP rate is reported against a GEMM peak measured in the same run (fp32 4096² on the CPU),
+    and a model loaded once can be passed in (the GPU kit measures many jobs on one model)."""
+    from dsdkit.bench import BenchConfig, format_record, measure_matmul_peak, run_bench
+    from dsdkit.models import load_model
+
+    model = load_model(micro_model_dir, device="cpu")
+    config = BenchConfig(model=str(micro_model_dir), timesteps=1, images=1, captions=2, engines=["pytorch"])
+    record = run_bench(config, model=model)
+    peak = record["matmul_peak"]
+    assert peak["shape"] == [4096, 4096, 4096] and peak["dtype"] == "fp32" and peak["device"] == "cpu"
+    assert peak["repeats"] >= 3 and peak["threads"] >= 1 and peak["median_s"] > 0
+    assert peak["gflop_per_s"] == pytest.approx(2 * 4096**3 / peak["median_s"] / 1e9, rel=1e-3)
+    assert peak["tflop_per_s"] == pytest.approx(peak["gflop_per_s"] / 1000, rel=1e-3)
+    assert record["model"]["load_s"] is None  # loaded by the caller, not timed here
+    (row,) = record["rows"]
+    fraction = row["achieved_gflop_per_s"] / peak["gflop_per_s"]
+    assert 0 < row["matmul_peak_fraction"] == pytest.approx(fraction, rel=2e-2)
+    assert row["mfu"] is None  # no datasheet peak on a CPU
+    assert "of GEMM" in format_record(record) and f"{peak['gflop_per_s']:.4g} GFLOP/s" in format_record(record)
+    # One measurement per process and setting: the next job reuses it, as a copy its caller may change.
+    again = measure_matmul_peak("cpu", "fp32")
+    assert again == peak and again is not record["matmul_peak"]
+    small = measure_matmul_peak("cpu", "fp32", size=256, repeats=2)
+    assert small["shape"] == [256, 256, 256] and small["repeats"] == 2
+
+
+def test_bench_refuses_a_model_of_another_precision(micro_model_dir):
+    from dsdkit.bench import BenchConfig, run_bench
+    from dsdkit.errors import ConfigError
+    from dsdkit.models import load_model
+
+    model = load_model(micro_model_dir, device="cpu")
+    with pytest.raises(ConfigError, match="runs in fp32, the config asks for bf16"):
+        run_bench(BenchConfig(dtype="bf16", engines=["pytorch"]), model=model)
+
+
 # Configs the bench sends through the reference, each with a neighbouring config (one knob changed) whose scores
 # must be far from the reference's: agreement then shows the reference implements that knob, not that both ignore it.
 REFERENCE_CASES = {
@@ -329,6 +366,31 @@ def test_bench_compiled_parity_gate():
     with pytest.raises(ParityError, match="torch.compile changed the computation"):
         bench._compiled_parity(outside, config)
     assert bench._compiled_parity({("pytorch", 4): eager}, config) is None
+    # Not strict (the GPU kit): the failed gate is recorded with its message, and nothing is raised.
+    kept = bench._compiled_parity(outside, config, strict=False)
+    assert kept["ok"] is False and "torch.compile changed the computation" in kept["error"]
+
+
+def test_bench_agreement_failure_is_kept_when_not_strict():
+    """At half precision the fp32 agreement tolerance may fail on rounding: a kit keeps the ratios beside it."""
+    import numpy as np
+
+    from dsdkit import bench
+    from dsdkit.errors import ParityError
+
+    config = bench.BenchConfig(dtype="bf16", engines=["pytorch", "reference"])
+    rows = [
+        {"engine": "pytorch", "batch": 8, "pairs_per_s": 6.0},
+        {"engine": "pytorch (B3 on)", "batch": 8, "pairs_per_s": 4.0},
+        {"engine": "reference", "batch": 2, "pairs_per_s": 2.0},
+    ]
+    scores = np.array([[1.0, 2.0]])
+    results = {("pytorch", 8): scores, ("pytorch (B3 on)", 8): scores, ("reference", 2): scores + 3e-3}
+    with pytest.raises(ParityError, match="no speed ratios are reported"):
+        bench._ratios(rows, results, config)
+    kept = bench._ratios(rows, results, config, strict=False)
+    assert kept["agreement"]["ok"] is False and "at bf16 this may be rounding" in kept["agreement"]["error"]
+    assert kept["ratios_vs_reference"] == {"pytorch batch 8": 3.0, "pytorch (B3 on) batch 8": 2.0}
 
 
 def test_bench_refuses_bundle_engines_without_a_bundle_and_unknown_modes():
