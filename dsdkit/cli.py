@@ -315,7 +315,11 @@ def match_command(
     ] = None,
     output: Annotated[
         Path | None,
-        typer.Option("--output", "-o", help="Result file: .csv (matrix), .json or .jsonl (matrix + top-k)."),
+        typer.Option(
+            "--output",
+            "-o",
+            help="Result file: .csv (matrix), .json or .jsonl (matrix + top-k), .parquet (a row per pair).",
+        ),
     ] = None,
     preset: Annotated[
         PresetName | None,

@@ -288,6 +288,10 @@ def match(
     """
     if output is not None and Path(output).suffix.lower() not in OUTPUT_FORMATS:
         raise ConfigError(f"--output {output}: unknown format; use a file ending in {', '.join(OUTPUT_FORMATS)}")
+    if output is not None and Path(output).suffix.lower() == ".parquet":
+        from .runtime.results import _pyarrow
+
+        _pyarrow(Path(output))  # a missing pyarrow is refused before any scoring, not after it
     if top_k < 1:
         raise ConfigError(f"--top-k must be >= 1, got {top_k}")
     if chunk_size < 1:
