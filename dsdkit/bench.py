@@ -6,6 +6,9 @@ Every job is scored from scratch (nothing cached between engines) on generated c
   timestep, pairs x timesteps packed into batches, SDPA outside the scored layers);
 * ``reference``: :func:`dsdkit.reference.reference_scores`, the authors' cost structure (VAE per timestep, an
   unconditional and a conditional UNet half per pair and timestep, eager attention everywhere);
+* ``pytorch-adaptive``: the same scorer ranking each image's captions by successive elimination
+  (:mod:`dsdkit.runtime.adaptive`, ``adaptive_schedule``, the ``top_k`` best exact): its evaluations, speed and top-1
+  agreement against ``pytorch`` (exhaustive) are reported beside the reference's;
 * ``pytorch-compiled``: the same scorer with ``torch.compile`` (``--compile-mode``; ``auto`` = CUDA graphs on a GPU)
   and channels-last weights (:mod:`dsdkit.acceleration`); its scores must agree with ``pytorch``'s within the
   export's parity tolerances, checked in the run. Compilation happens in the untimed warm-up and is reported as
@@ -58,7 +61,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-ENGINES = ("pytorch", "pytorch-compiled", "reference", "onnxruntime", "tensorrt")
+ENGINES = ("pytorch", "pytorch-adaptive", "pytorch-compiled", "reference", "onnxruntime", "tensorrt")
 BUNDLE_ENGINES = ("onnxruntime", "tensorrt")
 # Dense (no sparsity) tensor-core peaks in TFLOP/s for fp16/bf16, from NVIDIA's datasheets.
 DENSE_PEAK_TFLOPS = {
@@ -98,6 +101,8 @@ class BenchConfig:
     dtype: str = "fp32"
     compile_mode: str = "auto"  # torch.compile mode of the pytorch-compiled engine
     check: bool = True  # compare reference and pytorch (B3 on) before reporting ratios
+    adaptive_schedule: str = "default"  # the pytorch-adaptive engine's schedule (runtime.adaptive.Schedule.parse)
+    top_k: int = 1  # candidates per image the pytorch-adaptive engine keeps exact
 
     def validate(self) -> None:
         from .acceleration import COMPILE_MODES
@@ -110,7 +115,11 @@ class BenchConfig:
                 raise ConfigError(f"--engine {engine} needs --bundle (export one with `dsdkit export`)")
         if self.compile_mode not in COMPILE_MODES:
             raise ConfigError(f"--compile-mode {self.compile_mode!r} is not one of {', '.join(COMPILE_MODES)}")
-        if min(self.images, self.captions, self.timesteps, *self.batch_sizes) < 1:
+        if "pytorch-adaptive" in self.engines:
+            from .runtime.adaptive import Schedule
+
+            Schedule.parse(self.adaptive_schedule)  # a bad schedule is refused before any model loads
+        if min(self.images, self.captions, self.timesteps, self.top_k, *self.batch_sizes) < 1:
             raise ConfigError("images, captions, timesteps and batch sizes must be >= 1")
 
 
@@ -127,6 +136,8 @@ def planned_rows(config: BenchConfig) -> list[tuple[str, int]]:
             rows.append(("pytorch", batch))
             if config.check and "reference" in config.engines and not scoring.uncond_in_attention:
                 rows.append(("pytorch (B3 on)", batch))
+        if "pytorch-adaptive" in config.engines:
+            rows.append(("pytorch-adaptive", batch))
         if "pytorch-compiled" in config.engines:
             rows.append(("pytorch-compiled", batch))
         rows += [(backend, batch) for backend in BUNDLE_ENGINES if backend in config.engines]
@@ -344,6 +355,7 @@ def run_bench(
             matmul_peak = measure_matmul_peak(str(model.device), config.dtype)
         matmul_rate = matmul_peak["gflop_per_s"] * 1e9
         rows, results = [], {}
+        rankings = {}  # batch -> the pytorch-adaptive engine's AdaptiveMatrix
 
         # Each engine first scores one pair at S=1, untimed: first-call costs (allocator, thread pools, kernel
         # selection, cuDNN autotuning on a GPU) must not land on whichever engine happens to run first.
@@ -420,6 +432,21 @@ def run_bench(
 
                     planned = Scorer(model, b3, batch_size=1).planned_evaluations(config.images, pairs)
                     measure("pytorch (B3 on)", batch, ours_b3, planned=planned)
+            if "pytorch-adaptive" in config.engines:
+
+                def adaptive(clock, batch=batch):
+                    engine = Scorer(model, scoring, batch_size=batch, progress=clock)
+                    schedule = config.adaptive_schedule
+                    ranked = engine.rank_matrix(images, captions, top_k=config.top_k, schedule=schedule)
+                    rankings[batch] = ranked
+                    return ranked.scores
+
+                measure(
+                    "pytorch-adaptive",
+                    batch,
+                    adaptive,
+                    lambda batch=batch: Scorer(model, warm_scoring, batch_size=batch).score(images[:1], captions[:1]),
+                )
             if "pytorch-compiled" in config.engines:
                 acceleration = Acceleration(compile=config.compile_mode)
 
@@ -511,6 +538,8 @@ def run_bench(
         "rows": rows,
     }
     record.update(_ratios(rows, results, config, strict))
+    if rankings:
+        record["adaptive"] = _adaptive_summary(rankings, results, rows, config)
     best: dict[str, dict] = {}
     for row in rows:
         if row["engine"] not in best or row["pairs_per_s"] > best[row["engine"]]["pairs_per_s"]:
@@ -604,6 +633,28 @@ def _ratios(rows, results, config: BenchConfig, strict: bool = True) -> dict[str
     return out
 
 
+def _adaptive_summary(rankings, results, rows, config: BenchConfig) -> dict[str, Any]:
+    """The pytorch-adaptive engine against exhaustive scoring (the pytorch engine at the same batch, when measured):
+    evaluations spent, top-1 agreement, the survivors' largest difference from their exhaustive scores, speed."""
+    out: dict[str, Any] = {"schedule": config.adaptive_schedule, "top_k": config.top_k, "batches": {}}
+    seconds = {(r["engine"], r["batch"]): r["seconds"] for r in rows}
+    for batch, ranked in rankings.items():
+        entry: dict[str, Any] = {"evaluations": ranked.evaluations, "exact_pairs": int(ranked.exact.sum())}
+        spent = ranked.evaluations["conditional"] + ranked.evaluations["unconditional"]
+        exhaustive = ranked.evaluations["exhaustive_conditional"] + ranked.evaluations["exhaustive_unconditional"]
+        entry["evaluation_ratio"] = round(exhaustive / max(spent, 1), 3)
+        full = results.get(("pytorch", batch))
+        if full is not None:
+            top = np.array([order[0] for order in ranked.top(1)])
+            entry["top1_agreement_with_exhaustive"] = float((top == np.argmax(full, axis=1)).mean())
+            entry["exact_max_abs_diff"] = float(np.abs(ranked.scores - full)[ranked.exact].max())
+            entry["speed_ratio_vs_exhaustive"] = round(
+                seconds[("pytorch", batch)] / seconds[("pytorch-adaptive", batch)], 3
+            )
+        out["batches"][str(batch)] = entry
+    return out
+
+
 def format_record(record: dict[str, Any]) -> str:
     """A readable table of one record."""
     lines = [
@@ -654,4 +705,15 @@ def format_record(record: dict[str, Any]) -> str:
             f"reference vs pytorch (B3 on): max abs diff {record['agreement']['max_abs_diff']:.2g} "
             f"(tolerance {record['agreement']['tolerance']:g})"
         )
+    for batch, entry in record.get("adaptive", {}).get("batches", {}).items():
+        line = (
+            f"pytorch-adaptive ({record['adaptive']['schedule']}, top {record['adaptive']['top_k']} exact) batch "
+            f"{batch}: {entry['evaluation_ratio']:.2f}x fewer UNet evaluations"
+        )
+        if "top1_agreement_with_exhaustive" in entry:
+            line += (
+                f", {entry['speed_ratio_vs_exhaustive']:.2f}x faster than pytorch, top-1 agreement "
+                f"{entry['top1_agreement_with_exhaustive']:.0%}, exact scores within {entry['exact_max_abs_diff']:.2g}"
+            )
+        lines.append(line)
     return "\n".join(lines)

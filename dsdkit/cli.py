@@ -909,8 +909,8 @@ def bench_command(
     engine: Annotated[
         list[str] | None,
         typer.Option(
-            help="pytorch, pytorch-compiled, reference, onnxruntime, tensorrt (repeatable; default pytorch + "
-            "reference)."
+            help="pytorch, pytorch-adaptive, pytorch-compiled, reference, onnxruntime, tensorrt (repeatable; "
+            "default pytorch + reference)."
         ),
     ] = None,
     bundle: Annotated[Path | None, typer.Option(help="Bundle for the onnxruntime and tensorrt engines.")] = None,
@@ -920,6 +920,10 @@ def bench_command(
     device: Annotated[str, typer.Option(help="cpu, cuda or cuda:N.")] = "cpu",
     dtype: Annotated[Precision, typer.Option(help="UNet precision.")] = Precision.fp32,
     table: Annotated[bool, typer.Option(help="Run the README's scaling table instead of one job.")] = False,
+    adaptive_schedule: Annotated[
+        str, typer.Option(help="The pytorch-adaptive engine's schedule (e.g. keep=8,3,k:steps=2,6,all).")
+    ] = "default",
+    top_k: Annotated[int, typer.Option(min=1, help="Captions per image pytorch-adaptive keeps exact.")] = 1,
     output: Annotated[Path | None, typer.Option("--output", "-o", help="Write the JSON record(s) here.")] = None,
     threads: ThreadsOption = None,
 ) -> None:
@@ -937,6 +941,8 @@ def bench_command(
         device=device,
         dtype=dtype.value,
         compile_mode=compile_mode.value,
+        adaptive_schedule=adaptive_schedule,
+        top_k=top_k,
     )
     if not table:
         jobs = [BenchConfig(model=model, size=size.value, images=images, captions=captions, **base)]

@@ -442,3 +442,36 @@ def test_progress_display_labels_its_times():
         assert words[TimeRemainingColumn] == "left" and words[TimeElapsedColumn] == "elapsed,"
     finally:
         progress.stop()
+
+
+def test_bench_reports_adaptive_beside_exhaustive_and_the_reference(micro_model_dir):
+    """One run measures exhaustive scoring, successive elimination and the reference side by side; the adaptive
+    engine's evaluations are the schedule's, its exact scores are the exhaustive ones."""
+    from dsdkit.runtime.adaptive import Schedule, resolve_schedule
+
+    from dsdkit.bench import BenchConfig, format_record, run_bench
+
+    schedule = "keep=3,k:steps=1,all"
+    config = BenchConfig(
+        model=str(micro_model_dir),
+        timesteps=4,
+        denoise=True,
+        images=2,
+        captions=6,
+        engines=["pytorch", "pytorch-adaptive", "reference"],
+        adaptive_schedule=schedule,
+    )
+    record = run_bench(config)
+    assert [row["engine"] for row in record["rows"]] == ["pytorch", "pytorch (B3 on)", "pytorch-adaptive", "reference"]
+    entry = record["adaptive"]["batches"]["8"]
+    plan = resolve_schedule(Schedule.parse(schedule), 6, 4)
+    assert entry["evaluations"]["conditional"] == 2 * plan.evaluations(6) == 2 * (6 * 1 + 3 * 3)
+    assert entry["evaluations"]["exhaustive_conditional"] == 2 * 6 * 4
+    assert entry["exact_pairs"] == 2 * 3 and entry["exact_max_abs_diff"] < 1e-5
+    assert 0.0 <= entry["top1_agreement_with_exhaustive"] <= 1.0
+    adaptive_row = next(r for r in record["rows"] if r["engine"] == "pytorch-adaptive")
+    assert (
+        adaptive_row["unet_evaluations"] == entry["evaluations"]["conditional"] + entry["evaluations"]["unconditional"]
+    )
+    assert "pytorch-adaptive batch 8" in record["ratios_vs_reference"]
+    assert "fewer UNet evaluations" in format_record(record)
