@@ -8,10 +8,10 @@ import shlex
 import subprocess
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from dsdkit.runtime.results import MatchResult
 from dsdkit.runtime.schedule import discffusion_timesteps
 from typer.testing import CliRunner
 
@@ -230,7 +230,7 @@ def _summary(capsys, scores, captions, images=None) -> str:
     scores = np.asarray(scores, dtype=float)
     images = images or [f"image-{i}.png" for i in range(scores.shape[0])]
     cli._State.quiet = False
-    cli._print_summary(SimpleNamespace(scores=scores, images=images, captions=captions, meta={}))
+    cli._print_summary(MatchResult(images=images, captions=captions, scores=scores, meta={}))
     return capsys.readouterr().out
 
 
