@@ -304,15 +304,186 @@ def world_train(
     _say(f"wrote the world model to {folder} (load it with --model {folder})")
 
 
+# -- the options of match and plan (one declaration each, so the two commands cannot drift apart) ---------------
+
+ModelOption = Annotated[
+    str | None,
+    typer.Option(help="Diffusers SD2 folder or hub id. Default: stabilityai/stable-diffusion-2-1-base."),
+]
+PresetOption = Annotated[
+    PresetName | None,
+    typer.Option(help="Scoring preset (discffusion or paper). Default: the adapter's, else discffusion."),
+]
+TimestepsOption = Annotated[int | None, typer.Option(help="S for the discffusion timestep table (default 30).")]
+BatchSizeOption = Annotated[int, typer.Option(min=1, help="UNet batch size (scores do not depend on it).")]
+TopKOption = Annotated[
+    int,
+    typer.Option(
+        min=1, help="Best captions per image / images per caption in JSON outputs; with --adaptive, kept exact."
+    ),
+]
+AdaptiveOption = Annotated[
+    bool,
+    typer.Option(
+        help="Rank by successive elimination: the --top-k best get exact scores for a fraction of the "
+        "evaluations (README: Adaptive ranking)."
+    ),
+]
+AdaptiveScheduleOption = Annotated[
+    str | None,
+    typer.Option(
+        help="Elimination stages, e.g. keep=8,3,1:steps=2,6,all or keep=50%,25%,k:steps=1,4,all "
+        "(implies --adaptive; default: the measured default)."
+    ),
+]
+AdaptivePerOption = Annotated[
+    str,
+    typer.Option(
+        help="What ranks with --adaptive: image (its captions) or caption (its images; use --normalize uncond)."
+    ),
+]
+PairsOption = Annotated[
+    Path | None,
+    typer.Option(
+        help="Score only the pairs listed in this .csv / .jsonl / .json (image and caption by index, name or "
+        "text); with --adaptive each image ranks its listed captions."
+    ),
+]
+AdaptersOption = Annotated[Path | None, typer.Option(help="Adapter file from `dsdkit train` (default: zero-shot).")]
+DeviceOption = Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")]
+DtypeOption = Annotated[Precision, typer.Option(help="UNet precision; scores are pooled in fp32.")]
+PoolingOption = Annotated[Pooling | None, typer.Option(help="Override the preset's pooling.")]
+LambdaOption = Annotated[float | None, typer.Option("--lambda", help="LogSumExp temperature λ.")]
+TokensOption = Annotated[TokenSet | None, typer.Option(help="Which text positions are pooled.")]
+LayersOption = Annotated[LayerSet | None, typer.Option(help="Which cross-attention layers are scored.")]
+HeadsOption = Annotated[HeadWeighting | None, typer.Option(help="Head weighting.")]
+ScheduleOption = Annotated[TimestepSchedule | None, typer.Option(help="Timestep schedule.")]
+NoiseLevelsOption = Annotated[
+    str | None, typer.Option(help="Comma-separated noise levels for --schedule noise-levels, e.g. 0.2,0.4.")
+]
+DenoiseOption = Annotated[
+    bool | None, typer.Option("--denoise/--no-denoise", help="Add the denoising term (discffusion default: on).")
+]
+UncondInAttentionOption = Annotated[
+    bool | None,
+    typer.Option("--uncond-in-attention/--no-uncond-in-attention", help="Mix empty-caption rows in (authors' B3)."),
+]
+NormalizeOption = Annotated[
+    Normalization | None, typer.Option(help="uncond: subtract the empty caption's score (for ranking images).")
+]
+ResizeOption = Annotated[ResizeMode | None, typer.Option(help="squash (default) or center-crop.")]
+ResolutionOption = Annotated[int | None, typer.Option(help="Image size fed to the VAE; default: the model's.")]
+SeedOption = Annotated[int | None, typer.Option(help="Seed of the fixed noise bank.")]
+BundleOption = Annotated[
+    Path | None, typer.Option(help="Score with an exported bundle (torch-free runtime) instead of --model.")
+]
+BackendOption = Annotated[str, typer.Option(help="Bundle backend: auto, onnxruntime or tensorrt.")]
+ChunkSizeOption = Annotated[
+    int, typer.Option(min=1, help="Images per chunk (memory stays flat; the unit of --resume and of shards).")
+]
+StrictOption = Annotated[
+    bool, typer.Option(help="Fail on the first unusable image or blank caption line instead of skipping it.")
+]
+
+
+def _scoring_config(
+    bundle: Path | None,
+    model: str | None,
+    adapters: Path | None,
+    dtype: Precision,
+    preset: PresetName | None,
+    timesteps: int | None,
+    knobs: dict[str, tuple[str, object]],
+) -> ScoringConfig | None:
+    """The job's scoring config from match / plan options (``None`` for a bundle, whose config is fixed), refusing
+    knobs that a bundle cannot take. ``knobs``: option name -> (scoring field, value) of the knob options."""
+    given = ["--preset"] if preset is not None else []
+    given += [name for name, (_, value) in knobs.items() if value is not None]
+    given += [
+        name
+        for name, value in {
+            "--adapters": adapters,
+            "--model": model,
+            "--dtype": None if dtype is Precision.fp32 else dtype,
+        }.items()
+        if value is not None
+    ]
+    if bundle is not None and given:
+        raise ConfigError(
+            f"{', '.join(given)}: a bundle fixes the model, adapter and scoring config at export "
+            "(only --timesteps can change); re-export with `dsdkit export` to change them"
+        )
+    if bundle is not None:
+        return None
+    overrides = {field: _value(value) for field, value in knobs.values()}
+    raw_levels = overrides.get("noise_levels")
+    if raw_levels is not None:
+        try:
+            overrides["noise_levels"] = tuple(float(v) for v in raw_levels.split(",") if v.strip())
+        except ValueError:
+            raise ConfigError(
+                f"--noise-levels {raw_levels!r}: expected comma-separated numbers like 0.2,0.4"
+            ) from None
+    from .adapters import read_adapter_header
+
+    # Explicit knobs over the adapter's header over the preset (the one rule every command uses).
+    return resolve_scoring(
+        _value(preset),
+        read_adapter_header(adapters)["scoring"] if adapters is not None else None,
+        dict(num_timesteps=timesteps, **overrides),
+        source=str(adapters),
+    )
+
+
+def _knobs(
+    pooling: Pooling | None,
+    lse_lambda: float | None,
+    tokens: TokenSet | None,
+    layers: LayerSet | None,
+    heads: HeadWeighting | None,
+    schedule: TimestepSchedule | None,
+    noise_levels: str | None,
+    denoise: bool | None,
+    uncond_in_attention: bool | None,
+    normalize: Normalization | None,
+    resize: ResizeMode | None,
+    resolution: int | None,
+    seed: int | None,
+) -> dict[str, tuple[str, object]]:
+    """The knob options of match and plan: option name -> (scoring-config field, value given or ``None``)."""
+    return {
+        "--pooling": ("pooling", pooling),
+        "--lambda": ("lse_lambda", lse_lambda),
+        "--tokens": ("tokens", tokens),
+        "--layers": ("layers", layers),
+        "--heads": ("heads", heads),
+        "--schedule": ("timesteps", schedule),
+        "--noise-levels": ("noise_levels", noise_levels),
+        "--denoise/--no-denoise": ("denoise_term", denoise),
+        "--uncond-in-attention": ("uncond_in_attention", uncond_in_attention),
+        "--normalize": ("normalize", normalize),
+        "--resize": ("resize", resize),
+        "--resolution": ("resolution", resolution),
+        "--seed": ("noise_seed", seed),
+    }
+
+
+#: What `match --job` takes from the command line: where it runs. Everything else is the job's (its manifest).
+_WORKER_OPTIONS = frozenset({"job", "shard", "device", "threads"})
+
+
 @app.command("match")
 @cli_errors
 def match_command(
-    images: Annotated[Path, typer.Argument(help="A folder of images, or a text file with one image path per line.")],
-    captions: Annotated[Path, typer.Argument(help="A text file with one caption per line (UTF-8).")],
-    model: Annotated[
-        str | None,
-        typer.Option(help="Diffusers SD2 folder or hub id. Default: stabilityai/stable-diffusion-2-1-base."),
+    ctx: typer.Context,
+    images: Annotated[
+        Path | None,
+        typer.Argument(help="A folder of images, or a text file with one image path per line (not with --job)."),
     ] = None,
+    captions: Annotated[
+        Path | None, typer.Argument(help="A text file with one caption per line (UTF-8; not with --job).")
+    ] = None,
+    model: ModelOption = None,
     output: Annotated[
         Path | None,
         typer.Option(
@@ -321,93 +492,56 @@ def match_command(
             help="Result file: .csv (matrix), .json or .jsonl (matrix + top-k), .parquet (a row per pair).",
         ),
     ] = None,
-    preset: Annotated[
-        PresetName | None,
-        typer.Option(help="Scoring preset (discffusion or paper). Default: the adapter's, else discffusion."),
-    ] = None,
-    timesteps: Annotated[int | None, typer.Option(help="S for the discffusion timestep table (default 30).")] = None,
-    batch_size: Annotated[int, typer.Option(min=1, help="UNet batch size (scores do not depend on it).")] = 8,
-    top_k: Annotated[
-        int,
-        typer.Option(
-            min=1, help="Best captions per image / images per caption in JSON outputs; with --adaptive, kept exact."
-        ),
-    ] = 5,
+    preset: PresetOption = None,
+    timesteps: TimestepsOption = None,
+    batch_size: BatchSizeOption = 8,
+    top_k: TopKOption = 5,
     per_layer: Annotated[
         bool, typer.Option(help="Also write each scored layer's attention term (JSON outputs).")
     ] = False,
-    adaptive: Annotated[
-        bool,
-        typer.Option(
-            help="Rank by successive elimination: the --top-k best get exact scores for a fraction of the "
-            "evaluations (README: Adaptive ranking)."
-        ),
-    ] = False,
-    adaptive_schedule: Annotated[
-        str | None,
-        typer.Option(
-            help="Elimination stages, e.g. keep=8,3,1:steps=2,6,all or keep=50%,25%,k:steps=1,4,all "
-            "(implies --adaptive; default: the measured default)."
-        ),
-    ] = None,
-    adaptive_per: Annotated[
-        str,
-        typer.Option(
-            help="What ranks with --adaptive: image (its captions) or caption (its images; use --normalize uncond)."
-        ),
-    ] = "image",
-    pairs: Annotated[
-        Path | None,
-        typer.Option(
-            help="Score only the pairs listed in this .csv / .jsonl / .json (image and caption by index, name or "
-            "text); with --adaptive each image ranks its listed captions."
-        ),
-    ] = None,
-    adapters: Annotated[
-        Path | None, typer.Option(help="Adapter file from `dsdkit train` (default: zero-shot).")
-    ] = None,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
-    dtype: Annotated[Precision, typer.Option(help="UNet precision; scores are pooled in fp32.")] = Precision.fp32,
-    pooling: Annotated[Pooling | None, typer.Option(help="Override the preset's pooling.")] = None,
-    lse_lambda: Annotated[float | None, typer.Option("--lambda", help="LogSumExp temperature λ.")] = None,
-    tokens: Annotated[TokenSet | None, typer.Option(help="Which text positions are pooled.")] = None,
-    layers: Annotated[LayerSet | None, typer.Option(help="Which cross-attention layers are scored.")] = None,
-    heads: Annotated[HeadWeighting | None, typer.Option(help="Head weighting.")] = None,
-    schedule: Annotated[TimestepSchedule | None, typer.Option(help="Timestep schedule.")] = None,
-    noise_levels: Annotated[
-        str | None, typer.Option(help="Comma-separated noise levels for --schedule noise-levels, e.g. 0.2,0.4.")
-    ] = None,
-    denoise: Annotated[
-        bool | None, typer.Option("--denoise/--no-denoise", help="Add the denoising term (discffusion default: on).")
-    ] = None,
-    uncond_in_attention: Annotated[
-        bool | None,
-        typer.Option(
-            "--uncond-in-attention/--no-uncond-in-attention", help="Mix empty-caption rows in (authors' B3)."
-        ),
-    ] = None,
-    normalize: Annotated[
-        Normalization | None, typer.Option(help="uncond: subtract the empty caption's score (for ranking images).")
-    ] = None,
-    resize: Annotated[ResizeMode | None, typer.Option(help="squash (default) or center-crop.")] = None,
-    resolution: Annotated[int | None, typer.Option(help="Image size fed to the VAE; default: the model's.")] = None,
-    seed: Annotated[int | None, typer.Option(help="Seed of the fixed noise bank.")] = None,
-    bundle: Annotated[
-        Path | None, typer.Option(help="Score with an exported bundle (torch-free runtime) instead of --model.")
-    ] = None,
-    backend: Annotated[str, typer.Option(help="Bundle backend: auto, onnxruntime or tensorrt.")] = "auto",
-    chunk_size: Annotated[
-        int, typer.Option(min=1, help="Images per chunk (memory stays flat; the unit of --resume).")
-    ] = 64,
+    adaptive: AdaptiveOption = False,
+    adaptive_schedule: AdaptiveScheduleOption = None,
+    adaptive_per: AdaptivePerOption = "image",
+    pairs: PairsOption = None,
+    adapters: AdaptersOption = None,
+    device: DeviceOption = "auto",
+    dtype: DtypeOption = Precision.fp32,
+    pooling: PoolingOption = None,
+    lse_lambda: LambdaOption = None,
+    tokens: TokensOption = None,
+    layers: LayersOption = None,
+    heads: HeadsOption = None,
+    schedule: ScheduleOption = None,
+    noise_levels: NoiseLevelsOption = None,
+    denoise: DenoiseOption = None,
+    uncond_in_attention: UncondInAttentionOption = None,
+    normalize: NormalizeOption = None,
+    resize: ResizeOption = None,
+    resolution: ResolutionOption = None,
+    seed: SeedOption = None,
+    bundle: BundleOption = None,
+    backend: BackendOption = "auto",
+    chunk_size: ChunkSizeOption = 64,
     resume: Annotated[bool, typer.Option(help="Continue an interrupted run from <output>.partial/.")] = False,
     dry_run: Annotated[
         bool, typer.Option(help="Print pairs, UNet evaluations and an estimated time; score nothing.")
     ] = False,
-    strict: Annotated[
-        bool, typer.Option(help="Fail on the first unusable image or blank caption line instead of skipping it.")
-    ] = False,
+    strict: StrictOption = False,
     compile: CompileOption = None,
     threads: ThreadsOption = None,
+    job: Annotated[
+        Path | None,
+        typer.Option(
+            help="Score one shard of a job made by `dsdkit plan` (with --shard; every other option is the job's)."
+        ),
+    ] = None,
+    shard: Annotated[
+        str | None,
+        typer.Option(
+            help="With --job: i/N (0-based), or auto (Slurm array task, else RANK of WORLD_SIZE). A finished shard "
+            "is skipped."
+        ),
+    ] = None,
 ) -> None:
     """Score every image against every caption and show the best caption per image.
 
@@ -415,70 +549,36 @@ def match_command(
     a one-line reason and listed in <output stem>.skipped.json; --strict makes them an error instead.
     """
     _use_threads(threads)
+    if job is not None or shard is not None:
+        _match_shard(ctx, job, shard, device)
+        return
+    if images is None or captions is None:
+        raise ConfigError("match needs IMAGES and CAPTIONS (or --job JOB --shard i/N for a shard of a planned job)")
     from .matching import match
 
-    knobs_given = [
-        name
-        for name, value in {
-            "--preset": preset,
-            "--pooling": pooling,
-            "--lambda": lse_lambda,
-            "--tokens": tokens,
-            "--layers": layers,
-            "--heads": heads,
-            "--schedule": schedule,
-            "--noise-levels": noise_levels,
-            "--denoise/--no-denoise": denoise,
-            "--uncond-in-attention": uncond_in_attention,
-            "--normalize": normalize,
-            "--resize": resize,
-            "--resolution": resolution,
-            "--seed": seed,
-            "--adapters": adapters,
-            "--model": model,
-            "--dtype": None if dtype is Precision.fp32 else dtype,
-        }.items()
-        if value is not None
-    ]
-    if bundle is not None and knobs_given:
-        raise ConfigError(
-            f"{', '.join(knobs_given)}: a bundle fixes the model, adapter and scoring config at export "
-            "(only --timesteps can change); re-export with `dsdkit export` to change them"
-        )
-    levels = None
-    if noise_levels is not None:
-        try:
-            levels = tuple(float(v) for v in noise_levels.split(",") if v.strip())
-        except ValueError:
-            raise ConfigError(
-                f"--noise-levels {noise_levels!r}: expected comma-separated numbers like 0.2,0.4"
-            ) from None
-    config = None
-    if bundle is None:
-        from .adapters import read_adapter_header
-
-        # Explicit knobs over the adapter's header over the preset (the one rule every command uses).
-        config = resolve_scoring(
-            _value(preset),
-            read_adapter_header(adapters)["scoring"] if adapters is not None else None,
-            dict(
-                num_timesteps=timesteps,
-                pooling=_value(pooling),
-                lse_lambda=lse_lambda,
-                tokens=_value(tokens),
-                layers=_value(layers),
-                heads=_value(heads),
-                timesteps=_value(schedule),
-                noise_levels=levels,
-                denoise_term=denoise,
-                uncond_in_attention=uncond_in_attention,
-                normalize=_value(normalize),
-                resize=_value(resize),
-                resolution=resolution,
-                noise_seed=seed,
-            ),
-            source=str(adapters),
-        )
+    config = _scoring_config(
+        bundle,
+        model,
+        adapters,
+        dtype,
+        preset,
+        timesteps,
+        _knobs(
+            pooling,
+            lse_lambda,
+            tokens,
+            layers,
+            heads,
+            schedule,
+            noise_levels,
+            denoise,
+            uncond_in_attention,
+            normalize,
+            resize,
+            resolution,
+            seed,
+        ),
+    )
     if dry_run:
         from .matching import plan_match
 
@@ -540,6 +640,175 @@ def match_command(
                 + f": {skipped_report_path(output)})"
             )
         _say(line)
+
+
+def _match_shard(ctx: typer.Context, job: Path | None, shard: str | None, device: str) -> None:
+    """`match --job JOB --shard i/N|auto`: refuse every option the job fixes, then score the shard."""
+    if job is None or shard is None:
+        raise ConfigError("--job and --shard go together: dsdkit match --job JOB --shard i/N (or --shard auto)")
+    given = [
+        param
+        for param in ctx.command.params
+        if param.name not in _WORKER_OPTIONS
+        # By name: typer may bring its own copy of click, whose ParameterSource is not click's.
+        and getattr(ctx.get_parameter_source(param.name), "name", None) == "COMMANDLINE"
+    ]
+    if given:
+        names = ", ".join(param.opts[0] if param.opts[0].startswith("-") else param.name.upper() for param in given)
+        raise ConfigError(
+            f"{names}: match --job takes its inputs and options from {job / 'job.json'} (only --shard, --device and "
+            "--threads are the worker's); plan a new job with dsdkit plan to change them"
+        )
+    from .shards import run_shard
+
+    with _progress_bar() as progress:
+        report = run_shard(job, shard, device=device, progress=progress)
+    marker = report.marker
+    label = f"shard {report.index}/{report.num_shards} of {job}"
+    if report.already_done:
+        _say(f"{label} was already done ({marker['rows']} rows in {report.part}); nothing to do")
+        return
+    skipped = len(marker["skipped"])
+    _say(
+        f"{label}: wrote {marker['rows']} rows to {report.part} ({marker['unet_evaluations']:,} UNet evaluations"
+        + (f", {skipped} images skipped" if skipped else "")
+        + ")"
+    )
+
+
+@app.command("plan")
+@cli_errors
+def plan_command(
+    images: Annotated[Path, typer.Argument(help="A folder of images, or a text file with one image path per line.")],
+    captions: Annotated[Path, typer.Argument(help="A text file with one caption per line (UTF-8).")],
+    shards: Annotated[int, typer.Option(min=1, help="How many shards (each whole chunks of --chunk-size images).")],
+    out: Annotated[Path, typer.Option("--out", help="The job folder to write (job.json; scores/ as shards finish).")],
+    content_hash: Annotated[
+        bool,
+        typer.Option(help="Fingerprint the inputs by their bytes (sha256) instead of sizes and modification times."),
+    ] = False,
+    model: ModelOption = None,
+    bundle: BundleOption = None,
+    preset: PresetOption = None,
+    timesteps: TimestepsOption = None,
+    batch_size: BatchSizeOption = 8,
+    top_k: TopKOption = 5,
+    adaptive: AdaptiveOption = False,
+    adaptive_schedule: AdaptiveScheduleOption = None,
+    adaptive_per: AdaptivePerOption = "image",
+    pairs: PairsOption = None,
+    adapters: AdaptersOption = None,
+    device: Annotated[str, typer.Option(help="Where the model is opened to record its identity: auto, cpu, ...")] = (
+        "auto"
+    ),
+    dtype: DtypeOption = Precision.fp32,
+    pooling: PoolingOption = None,
+    lse_lambda: LambdaOption = None,
+    tokens: TokensOption = None,
+    layers: LayersOption = None,
+    heads: HeadsOption = None,
+    schedule: ScheduleOption = None,
+    noise_levels: NoiseLevelsOption = None,
+    denoise: DenoiseOption = None,
+    uncond_in_attention: UncondInAttentionOption = None,
+    normalize: NormalizeOption = None,
+    resize: ResizeOption = None,
+    resolution: ResolutionOption = None,
+    seed: SeedOption = None,
+    backend: BackendOption = "auto",
+    chunk_size: ChunkSizeOption = 64,
+    strict: StrictOption = False,
+    compile: CompileOption = None,
+    threads: ThreadsOption = None,
+) -> None:
+    """Plan a sharded match job: write JOB/job.json (inputs, their fingerprint, the model or bundle, the scoring
+    options, shard ranges). Then run `dsdkit match --job JOB --shard i/N` per shard, anywhere, and `dsdkit merge`."""
+    _use_threads(threads)
+    from .shards import plan_job
+
+    config = _scoring_config(
+        bundle,
+        model,
+        adapters,
+        dtype,
+        preset,
+        timesteps,
+        _knobs(
+            pooling,
+            lse_lambda,
+            tokens,
+            layers,
+            heads,
+            schedule,
+            noise_levels,
+            denoise,
+            uncond_in_attention,
+            normalize,
+            resize,
+            resolution,
+            seed,
+        ),
+    )
+    manifest = plan_job(
+        images,
+        captions,
+        out,
+        shards,
+        model=model,
+        config=config,
+        adapters=adapters,
+        bundle=bundle,
+        backend=backend,
+        batch_size=batch_size,
+        device=device,
+        dtype=dtype.value if bundle is None else None,
+        num_timesteps=timesteps if bundle is not None else None,
+        chunk_size=chunk_size,
+        compile=_value(compile),
+        top_k=top_k,
+        adaptive=adaptive_schedule or ("default" if adaptive else None),
+        per=adaptive_per,
+        pairs=pairs,
+        strict=strict,
+        content_hash=content_hash,
+    )
+    sizes = sorted({stop - start for start, stop in manifest.shards})
+    _say(
+        f"planned {out}: {len(manifest.images)} images x {len(manifest.captions)} captions in {manifest.num_shards} "
+        f"shard(s) of {'-'.join(str(s) for s in (sizes[0], sizes[-1]) if s) if len(sizes) > 1 else sizes[0]} images; "
+        f"run dsdkit match --job {out} --shard i/{manifest.num_shards} (i = 0..{manifest.num_shards - 1}, or "
+        f"--shard auto in a Slurm array), then dsdkit merge {out} -o RESULT"
+    )
+
+
+@app.command("merge")
+@cli_errors
+def merge_command(
+    job: Annotated[Path, typer.Argument(help="A job folder from `dsdkit plan` whose shards are all done.")],
+    output: Annotated[
+        Path,
+        typer.Option(
+            "--output",
+            "-o",
+            help="Result file: .parquet (a row per pair), .csv (matrix), .json or .jsonl (matrix + top-k).",
+        ),
+    ],
+    top_k: Annotated[
+        int | None, typer.Option(min=1, help="Length of the JSON top-k lists (default: the job's --top-k).")
+    ] = None,
+) -> None:
+    """Merge a job's shards into one result (refused while shards are missing; top-k per caption is across
+    shards)."""
+    from .shards import merge_job
+
+    result = merge_job(job, output, top_k=top_k)
+    line = f"merged {result.meta['job']['shards']} shard(s) of {job}: {len(result.images)} x {len(result.captions)} "
+    line += f"scores to {output}"
+    if result.meta.get("skipped_report"):
+        from .matching import skipped_report_path
+
+        line += f" (skipped and truncated inputs: {skipped_report_path(output)})"
+    _say(line)
 
 
 def _format_plan(plan: dict) -> str:

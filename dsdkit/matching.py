@@ -236,6 +236,8 @@ def match(
     adaptive: Schedule | str | None = None,
     per: str = "image",
     pairs: str | os.PathLike | PairList | None = None,
+    engine: Engine | None = None,
+    empty_ok: bool = False,
 ) -> MatchResult:
     """Score every image against every caption and optionally write a result file.
 
@@ -278,6 +280,12 @@ def match(
         pairs: a pair list (:func:`dsdkit.runtime.pairs.read_pairs`: ``.csv``, ``.jsonl``, ``.json``) or a
             :class:`~dsdkit.runtime.pairs.PairList`: only those pairs are scored (with ``adaptive``: each query ranks
             its listed candidates only); the other cells stay empty.
+        engine: an engine the caller opened with :func:`open_engine` (``model``, ``config``, ``adapters``,
+            ``bundle``, ``backend``, ``batch_size``, ``device``, ``dtype``, ``num_timesteps`` and ``compile`` are
+            then not used); the job closes it. :func:`dsdkit.shards.run_shard` opens it first to compare its
+            identity with the job's before anything is scored.
+        empty_ok: return a result without rows when every image is skipped, instead of refusing the job: a shard
+            of a larger job (:mod:`dsdkit.shards`) may hold only unusable images, and the job goes on.
 
     Images that cannot be used (unreadable, corrupt, truncated, too large: see :func:`~dsdkit.runtime.images.
     check_image`) are skipped with a one-line reason: they get no row in the result, and the reasons go to
@@ -317,11 +325,13 @@ def match(
         pair_list = pairs if isinstance(pairs, PairList) else read_pairs(pairs, job.names, job.captions)
     report = skipped_report_path(output) if output is not None else None
     skips = _Skips(job.names, strict, report).screen(job.images)
-    skips.raise_if_all_skipped(len(job.images))  # before any model is loaded
+    if not empty_ok:
+        skips.raise_if_all_skipped(len(job.images))  # before any model is loaded
     started = time.perf_counter()
-    engine = open_engine(
-        model, config, adapters, bundle, backend, batch_size, device, dtype, num_timesteps, chunk_size, compile
-    )
+    if engine is None:
+        engine = open_engine(
+            model, config, adapters, bundle, backend, batch_size, device, dtype, num_timesteps, chunk_size, compile
+        )
     with engine:
         texts = engine.encode_texts(job.captions, job.where)
         fingerprint = job_fingerprint(
@@ -450,7 +460,8 @@ def match(
                 "duplicates": pair_list.duplicates,
             }
         num_steps = len(engine.timesteps)
-    skips.raise_if_all_skipped(len(job.images))
+    if not empty_ok:
+        skips.raise_if_all_skipped(len(job.images))
     keep = [i for i in range(len(job.images)) if i not in skips]
     meta["seconds"] = round(time.perf_counter() - started, 3)
     meta["skipped"] = {

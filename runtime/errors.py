@@ -22,6 +22,7 @@ __all__ = [
     "ParityError",
     "CompileError",
     "MissingDependencyError",
+    "JobError",
     "Interrupted",
     "EXTRA_OF_MODULE",
     "missing_dependency",
@@ -93,6 +94,15 @@ class MissingDependencyError(DsdkitError):
     """An optional dependency that this command needs is not installed; the message names the extra to install."""
 
     exit_code = 10
+
+
+class JobError(DsdkitError):
+    """A sharded job (``dsdkit plan``) that cannot go on as asked: its inputs, model or scoring changed since it was
+    planned, a shard is being scored by another live worker, a job folder holds another job, or ``merge`` found
+    shards that are not done. Its own class (and exit code) so that a scheduler can tell "not now" and "plan again"
+    from a bad option."""
+
+    exit_code = 11
 
 
 class Interrupted(KeyboardInterrupt):
@@ -168,5 +178,7 @@ EXIT_CODES = {
     "written; bench: reference or compiled vs eager scores)",
     CompileError.exit_code: "torch.compile failed; run without --compile",
     MissingDependencyError.exit_code: "an optional dependency is not installed (the message names the extra)",
+    JobError.exit_code: "a sharded job cannot go on as asked (inputs or scoring changed since it was planned, a shard "
+    "is being scored by another worker, shards not done at merge); nothing was written",
     130: "interrupted (Ctrl-C)",
 }
