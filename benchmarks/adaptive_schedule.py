@@ -111,20 +111,38 @@ def wilson(successes: float, n: int, z: float = 1.96) -> tuple[float, float]:
 
 
 def candidate_schedules(num_timesteps: int):
-    """The family searched: two and three stages, keep as fractions of K (one rule for every K), first stages on
-    a few of the S timesteps."""
+    """The family searched: two and three stages; the first keeps a fraction of K (one rule for every K) or a count,
+    the second a fraction or a small count (the last stage's entrants, whose cost is S each, need not grow with K);
+    the first stages on a few of the S timesteps."""
     from dsdkit.runtime.adaptive import Schedule
 
     fractions = (0.5, 0.375, 0.25, 0.1875, 0.125, 0.0625, 0.03125)
+    counts = (2, 3, 4, 6, 8)
     firsts = [s for s in (1, 2, 3, 4, 5, 6, 8) if s < num_timesteps]
+    seen = set()
+
+    def once(schedule):
+        if str(schedule) not in seen:
+            seen.add(str(schedule))
+            yield schedule
+
     for first in firsts:
-        for keep in fractions:
-            yield Schedule((keep, 0), (first, None))
+        for keep in fractions + counts:
+            yield from once(Schedule((keep, 0), (first, None)))
             for second in (3, 4, 6, 8, 10, 15):
-                if first < second < num_timesteps:
-                    for keep2 in fractions:
-                        if keep2 < keep:
-                            yield Schedule((keep, keep2, 0), (first, second, None))
+                if not first < second < num_timesteps:
+                    continue
+                for keep2 in fractions + counts[:3]:
+                    same_kind = isinstance(keep, float) == isinstance(keep2, float)
+                    if same_kind and keep2 >= keep:
+                        continue
+                    if isinstance(keep, int) and isinstance(keep2, float):
+                        continue  # a fraction after a count would grow with K past the count
+                    yield from once(Schedule((keep, keep2, 0), (first, second, None)))
+
+
+#: What the issue asks of the default schedule: at least these times fewer UNet evaluations, per candidate count.
+TARGETS = {"rank-8": 2.0, "rank-32": 4.0}
 
 
 def evaluate_schedule(schedule, per_step: np.ndarray, positives: np.ndarray) -> dict:
@@ -187,9 +205,12 @@ def choose(args) -> None:
     searched = []
     for schedule in candidate_schedules(args.timesteps):
         rows = {subset: on(subset, "choose", schedule) for subset in SUBSETS}
-        cost = sum(1 / rows[s]["evaluation_ratio"] for s in SUBSETS)  # the fractions of exhaustive cost, summed
+        # The saving against each candidate count's target, at the worse of the two (higher is better), and the
+        # fractions of exhaustive cost summed (lower is better) to break ties.
+        margin = min(rows[s]["evaluation_ratio"] / TARGETS[s] for s in SUBSETS)
+        cost = sum(1 / rows[s]["evaluation_ratio"] for s in SUBSETS)
         worst = min(rows[s]["top1_agreement"] for s in SUBSETS)
-        searched.append((schedule, cost, worst, rows))
+        searched.append((schedule, (-margin, cost), worst, rows))
     logger.info("searched %d schedules on the choose half", len(searched))
 
     def cheapest(threshold):
@@ -221,9 +242,11 @@ def choose(args) -> None:
         "queries_per_subset": args.queries,
         "split_seed": args.split_seed,
         "rule": (
-            f"the cheapest schedule (sum over K of adaptive/exhaustive evaluations) whose top-1 agreement with "
-            f"exhaustive scoring is >= {args.agreement:.1%} on the choose half of both K = 8 and K = 32"
+            f"among schedules whose top-1 agreement with exhaustive scoring is >= {args.agreement:.1%} on the choose "
+            "half of both K = 8 and K = 32, the one whose evaluation saving is largest against the targets (2x at "
+            "K = 8, 4x at K = 32) at the worse of the two; ties to the smaller summed cost fraction"
         ),
+        "targets": TARGETS,
         "searched": len(searched),
         "chosen": {
             "schedule": str(chosen[0]),

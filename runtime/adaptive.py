@@ -146,8 +146,9 @@ def _keep_text(keep: int | float) -> str:
 
 
 #: The default schedule, chosen by measurement on the demo world (``benchmarks/adaptive_schedule.py``; the README's
-#: trade-off table): fractions of the K candidates kept, timesteps as counts of the S grid (the last: all).
-DEFAULT_SCHEDULE = Schedule(keep=(0.5, 0.25, 0), steps=(1, 4, None), name="default")
+#: trade-off table): ``keep=18.75%,2,k:steps=3,8,all``. Stage 1 scores every candidate at 3 of the S timesteps and
+#: keeps 18.75% of them (at least k); stage 2 takes those to 8 timesteps and keeps 2 (at least k): they get all S.
+DEFAULT_SCHEDULE = Schedule(keep=(0.1875, 2, 0), steps=(3, 8, None), name="default")
 
 
 @dataclass(frozen=True)
