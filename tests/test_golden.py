@@ -2,10 +2,12 @@
 
 ``tests/data/golden-*.npz`` hold the score matrices of one fixed job, recorded by ``tests/data/make_golden.py``
 (which also wrote ``tests/data/formats/``) before the scoring core was reshaped. The same job must give the same
-matrices: ``|Δ| <= 1e-6 + 1e-6·|x|`` on PyTorch, the bundle's own parity tolerance on ONNX Runtime.
+matrices: ``|Δ| <= 1e-5 + 1e-5·|x|`` on PyTorch, the bundle's own parity tolerance on ONNX Runtime.
 
-fp32 convolutions sum in an order that depends on the thread count (~1e-6 on these scores, more than the
-tolerance), so the tests run with the recorded number of torch threads. These tests never skip. The tiny model's
+fp32 convolutions sum in an order that depends on the thread count (~1e-6 on these scores), so the tests run with
+the recorded number of torch threads; and on the CPU's vector width: the same job on an AVX-512 machine differs from
+the recording (made where CI then passed at 1e-6) by up to 2.9e-6 (measured 2026-12-02), hence the 1e-5 gate, far
+below what a change of the computation moves. These tests never skip. The tiny model's
 weights are a function of the installed torch (and diffusers); when the matrices differ while those versions differ
 from the recorded ones, the failure says so and gives the command that re-records them. A difference at the
 recorded versions is a regression.
@@ -81,7 +83,7 @@ def test_pytorch_scores_are_unchanged(tiny_model):
             config = trained.replace(**job["overrides"])
         assert config.to_dict() == ScoringConfig.from_dict(json.loads(str(golden[f"{name}.config"]))).to_dict()
         scores = Scorer(tiny_model, config, batch_size=5, adapter=adapter).score(IMAGES, CAPTIONS)
-        assert_matches(name, scores, golden[name], atol=1e-6, rtol=1e-6)
+        assert_matches(name, scores, golden[name], atol=1e-5, rtol=1e-5)
 
 
 @pytest.fixture(scope="module")
@@ -149,5 +151,5 @@ def test_a_recorded_partial_state_resumes(tiny_model, tmp_path):
         pytest.fail(f"the recorded partial state was not resumed: {error}; {_version_note()}")
     np.testing.assert_array_equal(result.scores[:done], saved[:done])  # the kept rows were not recomputed
     golden = np.load(DATA / "golden-pytorch.npz")["discffusion"]
-    assert_matches("resumed", result.scores, golden, atol=1e-6, rtol=1e-6)
+    assert_matches("resumed", result.scores, golden, atol=1e-5, rtol=1e-5)
     assert not (tmp_path / "scores.csv.partial").exists()

@@ -103,7 +103,8 @@ def test_per_timestep_terms_equal_the_naive_reference(engines, tiny_model_dir, s
     images = shape_images[1:3]
     out = engine.score_matrix(images, CAPTIONS[:2], steps=STEPS)
     assert out.steps == STEPS and out.timesteps == [engine.timesteps[k] for k in STEPS]
-    atol = 1e-5 if kind == "scorer" else 2e-5
+    # ONNX Runtime's fp32 kernels sum in their own order (2.3e-5 measured on an AVX-512 CPU).
+    atol = 1e-5 if kind == "scorer" else 5e-5
     for position, k in enumerate(STEPS):
         expected = reference_scores(
             tiny_model_dir,
