@@ -9,13 +9,13 @@ something; it says nothing about accuracy on real images.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Iterable
 from importlib import resources
 from pathlib import Path
 
 from .errors import ModelError
+from .runtime.bundle import sha256_file
 from .runtime.files import atomic_write_text
 
 __all__ = [
@@ -43,14 +43,6 @@ def demo_model_folder() -> Path:
     return folder
 
 
-def _digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _model_files(folder: Path) -> list[Path]:
     return sorted(
         p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST_FILE and "__pycache__" not in p.parts
@@ -62,7 +54,7 @@ def write_manifest(folder: str | Path) -> dict:
 
     folder = Path(folder)
     files = {
-        p.relative_to(folder).as_posix(): {"bytes": p.stat().st_size, "sha256": _digest(p)}
+        p.relative_to(folder).as_posix(): {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
         for p in _model_files(folder)
     }
     manifest = {"format": "dsdkit-demo-model/1", "files": files}
@@ -87,7 +79,7 @@ def verify_demo_model(folder: str | Path | None = None) -> dict:
         path = folder / name
         if not path.is_file():
             raise ModelError(f"{path} is missing from the demo model; reinstall dsdkit")
-        if path.stat().st_size != entry["bytes"] or _digest(path) != entry["sha256"]:
+        if path.stat().st_size != entry["bytes"] or sha256_file(path) != entry["sha256"]:
             raise ModelError(
                 f"{path} does not match the demo model's manifest (modified or truncated); reinstall dsdkit"
             )

@@ -23,7 +23,6 @@ parts in image order and writes any result format; top-k per caption across shar
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import os
@@ -42,6 +41,7 @@ from . import __version__
 from .config import ScoringConfig
 from .errors import ConfigError, InputError, JobError
 from .runtime.adaptive import Schedule
+from .runtime.bundle import sha256_file
 from .runtime.files import atomic_write_text, output_error
 from .runtime.jobs import job_fingerprint
 from .runtime.results import OUTPUT_FORMATS, MatchResult
@@ -77,11 +77,7 @@ def _file_record(path: str | os.PathLike, content_hash: bool) -> dict[str, Any]:
     read now (the worker skips it as a single run would) is recorded as such, so that a later change is seen too."""
     try:
         if content_hash:
-            digest = hashlib.sha256()
-            with open(path, "rb") as handle:
-                for block in iter(lambda: handle.read(1 << 20), b""):
-                    digest.update(block)
-            return {"sha256": digest.hexdigest()}
+            return {"sha256": sha256_file(path)}
         stat = os.stat(path)
         return {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
     except OSError as exc:
@@ -652,14 +648,6 @@ class ShardReport:
     already_done: bool = False
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _read_marker(manifest: JobManifest, index: int, verify: bool = False) -> dict[str, Any] | None:
     """The shard's done marker if the shard is done (marker and part present; with ``verify``, the part's sha256
     checked), else ``None``; a marker of another job is refused."""
@@ -682,7 +670,7 @@ def _read_marker(manifest: JobManifest, index: int, verify: bool = False) -> dic
         size = part.stat().st_size
     except FileNotFoundError:
         return None  # the marker without its part: score the shard again
-    if size != marker.get("part_bytes") or (verify and _sha256(part) != marker.get("part_sha256")):
+    if size != marker.get("part_bytes") or (verify and sha256_file(part) != marker.get("part_sha256")):
         raise JobError(f"{part} is not the part its done marker {path.name} records; delete both and rerun the shard")
     return marker
 
@@ -802,7 +790,7 @@ def _marker(manifest: JobManifest, index: int, result: MatchResult, part: Path) 
         "seconds": meta.get("seconds"),
         "part": part.name,
         "part_bytes": part.stat().st_size,
-        "part_sha256": _sha256(part),
+        "part_sha256": sha256_file(part),
         "host": socket.gethostname(),
         "pid": os.getpid(),
         "dsdkit_version": __version__,
