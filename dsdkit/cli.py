@@ -595,7 +595,7 @@ def match_command(
             backend=backend,
             num_timesteps=timesteps if bundle is not None else None,
             compile=_value(compile),
-            adaptive=(adaptive_schedule or ("default" if adaptive else None)) if adaptive_per == "image" else None,
+            adaptive=_adaptive_schedule(adaptive, adaptive_schedule) if adaptive_per == "image" else None,
             top_k=top_k,
         )
         typer.echo(_format_plan(plan))
@@ -621,7 +621,7 @@ def match_command(
             resume=resume,
             strict=strict,
             compile=_value(compile),
-            adaptive=adaptive_schedule or ("default" if adaptive else None),
+            adaptive=_adaptive_schedule(adaptive, adaptive_schedule),
             per=adaptive_per,
             pairs=pairs,
         )
@@ -766,7 +766,7 @@ def plan_command(
         chunk_size=chunk_size,
         compile=_value(compile),
         top_k=top_k,
-        adaptive=adaptive_schedule or ("default" if adaptive else None),
+        adaptive=_adaptive_schedule(adaptive, adaptive_schedule),
         per=adaptive_per,
         pairs=pairs,
         strict=strict,
@@ -809,6 +809,12 @@ def merge_command(
 
         line += f" (skipped and truncated inputs: {skipped_report_path(output)})"
     _say(line)
+
+
+def _adaptive_schedule(adaptive: bool, schedule: str | None) -> str | None:
+    """The schedule ``--adaptive`` / ``--adaptive-schedule`` ask for: a schedule given implies ``--adaptive``;
+    ``--adaptive`` alone is the default one; neither is exhaustive scoring (``None``)."""
+    return schedule or ("default" if adaptive else None)
 
 
 def _format_plan(plan: dict) -> str:
@@ -1057,7 +1063,7 @@ def eval_command(
             max_examples=max_examples,
             progress=progress,
             subsets=subset or None,
-            adaptive=adaptive_schedule or ("default" if adaptive else None),
+            adaptive=_adaptive_schedule(adaptive, adaptive_schedule),
         )
     report.meta = {
         "model": scorer.model.describe(),

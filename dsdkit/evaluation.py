@@ -147,11 +147,11 @@ def rank_examples(
 
     Returns each example's matrix (partial means for eliminated candidates), each candidate-set example's rank of
     its positive in the elimination order (``None`` for the others), and the evaluations spent (the keys of
-    :data:`dsdkit.matching.EVALUATION_KEYS`).
+    :data:`dsdkit.runtime.adaptive.EVALUATION_KEYS`).
     """
-    from .runtime.adaptive import rank_matrix
+    from .runtime.adaptive import EVALUATION_KEYS, rank_matrix
 
-    spent = {"conditional": 0, "unconditional": 0, "exhaustive_conditional": 0, "exhaustive_unconditional": 0}
+    spent = dict.fromkeys(EVALUATION_KEYS, 0)
     matrices = [np.full((len(e.images), len(e.texts)), np.nan) for e in examples]
     ranks: list[int | None] = [None] * len(examples)
     ranked_kinds = (TaskKind.image_to_text, TaskKind.text_to_image)

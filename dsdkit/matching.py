@@ -22,7 +22,7 @@ import numpy as np
 from . import __version__
 from .config import ScoringConfig
 from .errors import ConfigError, InputError
-from .runtime.adaptive import Schedule, rank_matrix, resolve_schedule
+from .runtime.adaptive import EVALUATION_KEYS, Schedule, rank_matrix, resolve_schedule
 from .runtime.decode_warnings import collecting
 from .runtime.engine import Engine, chunk_slices
 from .runtime.files import atomic_write_text
@@ -83,11 +83,6 @@ def skipped_report_path(output: str | os.PathLike) -> Path:
     output = Path(output)
     return output.with_name(f"{output.stem}.skipped.json")
 
-
-#: What ``meta["evaluations"]`` counts: the UNet evaluations a job ran, conditional (a pair at a timestep) and
-#: unconditional (the empty caption, once per image and timestep) apart, and what exhaustive scoring of the same
-#: pairs would have run.
-EVALUATION_KEYS = ("conditional", "unconditional", "exhaustive_conditional", "exhaustive_unconditional")
 
 #: Skipped images (and, apart, usable images with decoder warnings) logged by name; past that, one line says where
 #: the others are, so a folder of hundreds of bad files prints a dozen lines, not hundreds.

@@ -39,6 +39,7 @@ import numpy as np
 from .errors import ConfigError
 
 __all__ = [
+    "EVALUATION_KEYS",
     "Schedule",
     "Stages",
     "DEFAULT_SCHEDULE",
@@ -52,6 +53,12 @@ __all__ = [
     "Ranked",
     "Ranking",
 ]
+
+
+#: What rankings and jobs count (``AdaptiveMatrix.evaluations``, ``meta["evaluations"]``): the UNet evaluations run,
+#: conditional (a pair at a timestep) and unconditional (the empty caption, once per image and timestep) apart, and
+#: what exhaustive scoring of the same candidates would have run.
+EVALUATION_KEYS = ("conditional", "unconditional", "exhaustive_conditional", "exhaustive_unconditional")
 
 
 @dataclass(frozen=True)

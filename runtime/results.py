@@ -103,17 +103,14 @@ class MatchResult:
     def top(self, k: int, axis: int) -> list[np.ndarray]:
         """Per image (``axis=1``: its captions) or per caption (``axis=0``: its images), the best ``k`` scored
         candidates: exact ones by score, then partial ones by timesteps held and their partial mean (ties to the
-        lower index). Unscored cells are never listed."""
-        scores = self.scores if axis == 1 else self.scores.T
-        held = None if self.held is None else (self.held if axis == 1 else self.held.T)
+        lower index); unscored cells are never listed. Without ``held`` (every pair exact) it is :func:`top_k`."""
+        if self.held is None:
+            return list(top_k(self.scores, k, axis))
+        scores, held = (self.scores, self.held) if axis == 1 else (self.scores.T, self.held.T)
         out = []
         for row in range(scores.shape[0]):
-            if held is None:
-                listed = np.flatnonzero(~np.isnan(scores[row]))
-                order = listed[np.lexsort((listed, -scores[row, listed]))]
-            else:
-                listed = np.flatnonzero(held[row] > 0)
-                order = listed[np.lexsort((listed, -scores[row, listed], -held[row, listed]))]
+            listed = np.flatnonzero(held[row] > 0)
+            order = listed[np.lexsort((listed, -scores[row, listed], -held[row, listed]))]
             out.append(order[: max(0, k)])
         return out
 
