@@ -542,6 +542,26 @@ def match_command(
             "is skipped."
         ),
     ] = None,
+    ray: Annotated[
+        str | None,
+        typer.Option(
+            "--ray",
+            help="Run on Ray Data: local (a cluster on this machine) or a cluster address (auto, HOST:PORT, "
+            "ray://HOST:10001). Plans a sharded job in --job (default: OUTPUT.job/), scores the shards not done on "
+            "--workers actors and merges them into -o; rerun the same command to continue after a failure.",
+        ),
+    ] = None,
+    workers: Annotated[int, typer.Option(min=1, help="With --ray: actors in the pool.")] = 1,
+    gpus_per_worker: Annotated[
+        float, typer.Option(min=0, help="With --ray: GPUs each worker reserves (0: CPU workers).")
+    ] = 0.0,
+    cpus_per_worker: Annotated[
+        float, typer.Option(help="With --ray: CPUs each worker reserves; also its threads unless --threads.")
+    ] = 1.0,
+    shards: Annotated[
+        int | None,
+        typer.Option(min=1, help="With --ray: shards to plan (default: 4 per worker, at most one per chunk)."),
+    ] = None,
 ) -> None:
     """Score every image against every caption and show the best caption per image.
 
@@ -549,8 +569,19 @@ def match_command(
     a one-line reason and listed in <output stem>.skipped.json; --strict makes them an error instead.
     """
     _use_threads(threads)
-    if job is not None or shard is not None:
+    if ray is None:
+        ray_only = [name for name, value in (("--workers", workers != 1), ("--shards", shards is not None)) if value]
+        ray_only += ["--gpus-per-worker"] if gpus_per_worker else []
+        ray_only += ["--cpus-per-worker"] if cpus_per_worker != 1.0 else []
+        if ray_only:
+            raise ConfigError(f"{', '.join(ray_only)} go with --ray (dsdkit match ... --ray local --workers N)")
+    if ray is None and (job is not None or shard is not None):
         _match_shard(ctx, job, shard, device)
+        return
+    if ray is not None and shard is not None:
+        raise ConfigError("--shard is for one worker of a planned job; --ray schedules every shard itself: drop it")
+    if ray is not None and images is None and captions is None and job is not None:
+        _run_job_on_ray(ctx, job, output, ray, workers, gpus_per_worker, cpus_per_worker, threads, device)
         return
     if images is None or captions is None:
         raise ConfigError("match needs IMAGES and CAPTIONS (or --job JOB --shard i/N for a shard of a planned job)")
@@ -600,6 +631,50 @@ def match_command(
         )
         typer.echo(_format_plan(plan))
         return
+    if ray is not None:
+        refused = [name for name, value in (("--resume", resume), ("--per-layer", per_layer)) if value]
+        if refused:
+            raise ConfigError(
+                f"{', '.join(refused)}: not with --ray (its shards resume by themselves; rerun the same command)"
+            )
+        from .ray_runner import RayOptions, match_on_ray
+
+        options = RayOptions(
+            address=ray,
+            workers=workers,
+            gpus_per_worker=gpus_per_worker,
+            cpus_per_worker=cpus_per_worker,
+            threads=threads,
+            device=None if device == "auto" else device,
+        )
+        result, report = match_on_ray(
+            images,
+            captions,
+            output,
+            job=job,
+            shards=shards,
+            options=options,
+            model=model,
+            config=config,
+            adapters=adapters,
+            bundle=bundle,
+            backend=backend,
+            batch_size=batch_size,
+            device=device,
+            dtype=dtype.value if bundle is None else None,
+            num_timesteps=timesteps if bundle is not None else None,
+            chunk_size=chunk_size,
+            compile=_value(compile),
+            top_k=top_k,
+            adaptive=_adaptive_schedule(adaptive, adaptive_schedule),
+            per=adaptive_per,
+            pairs=pairs,
+            strict=strict,
+        )
+        if result is not None:
+            _print_summary(result)
+        _say_ray_report(report, output)
+        return
     with _progress_bar() as progress:
         result = match(
             images,
@@ -642,23 +717,75 @@ def match_command(
         _say(line)
 
 
-def _match_shard(ctx: typer.Context, job: Path | None, shard: str | None, device: str) -> None:
-    """`match --job JOB --shard i/N|auto`: refuse every option the job fixes, then score the shard."""
-    if job is None or shard is None:
-        raise ConfigError("--job and --shard go together: dsdkit match --job JOB --shard i/N (or --shard auto)")
+def _run_job_on_ray(
+    ctx: typer.Context,
+    job: Path,
+    output: Path | None,
+    address: str,
+    workers: int,
+    gpus_per_worker: float,
+    cpus_per_worker: float,
+    threads: int | None,
+    device: str,
+) -> None:
+    """`match --job JOB --ray ADDRESS`: score a planned job's shards on Ray, then merge them into -o (if given)."""
+    allowed = _WORKER_OPTIONS | {"output", "ray", "workers", "gpus_per_worker", "cpus_per_worker"}
+    _refuse_job_options(ctx, job, allowed, "--ray, --workers, --gpus-per-worker, --cpus-per-worker, -o")
+    from .ray_runner import RayOptions, run_job_on_ray
+    from .shards import merge_job
+
+    options = RayOptions(
+        address=address,
+        workers=workers,
+        gpus_per_worker=gpus_per_worker,
+        cpus_per_worker=cpus_per_worker,
+        threads=threads,
+        device=None if device == "auto" else device,
+    )
+    report = run_job_on_ray(job, options)
+    if output is not None:
+        result = merge_job(job, output)
+        _print_summary(result)
+    _say_ray_report(report, output)
+
+
+def _say_ray_report(report, output: Path | None) -> None:
+    ran = [s for s in report.shards if not s["already_done"]]
+    rows = sum(s["rows"] for s in ran)
+    evaluations = sum(s["unet_evaluations"] for s in ran)
+    restarted = sum(1 for w in report.workers if w["restarted"])
+    line = (
+        f"Ray: {len(ran)} shard(s) of {report.job} scored on {report.used_workers} worker(s) in "
+        f"{report.seconds:.1f} s ({rows} rows, {evaluations:,} UNet evaluations"
+        + (f", {restarted} worker(s) restarted" if restarted else "")
+        + f"); {len(report.already_done)} were done before"
+    )
+    after = f"merged into {output}" if output is not None else f"merge with dsdkit merge {report.job} -o RESULT"
+    _say(f"{line}; {after}")
+
+
+def _refuse_job_options(ctx: typer.Context, job: Path, allowed: frozenset[str], worker_options: str) -> None:
+    """Refuse every option given on the command line that a planned job fixes (its manifest holds them)."""
     given = [
         param
         for param in ctx.command.params
-        if param.name not in _WORKER_OPTIONS
+        if param.name not in allowed
         # By name: typer may bring its own copy of click, whose ParameterSource is not click's.
         and getattr(ctx.get_parameter_source(param.name), "name", None) == "COMMANDLINE"
     ]
     if given:
         names = ", ".join(param.opts[0] if param.opts[0].startswith("-") else param.name.upper() for param in given)
         raise ConfigError(
-            f"{names}: match --job takes its inputs and options from {job / 'job.json'} (only --shard, --device and "
-            "--threads are the worker's); plan a new job with dsdkit plan to change them"
+            f"{names}: match --job takes its inputs and options from {job / 'job.json'} (only {worker_options}, "
+            "--device and --threads are the worker's); plan a new job with dsdkit plan to change them"
         )
+
+
+def _match_shard(ctx: typer.Context, job: Path | None, shard: str | None, device: str) -> None:
+    """`match --job JOB --shard i/N|auto`: refuse every option the job fixes, then score the shard."""
+    if job is None or shard is None:
+        raise ConfigError("--job and --shard go together: dsdkit match --job JOB --shard i/N (or --shard auto)")
+    _refuse_job_options(ctx, job, _WORKER_OPTIONS, "--shard")
     from .shards import run_shard
 
     with _progress_bar() as progress:

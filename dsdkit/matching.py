@@ -8,6 +8,7 @@ calibration) is the same code for both. Nothing here imports torch unless the Py
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -232,6 +233,7 @@ def match(
     per: str = "image",
     pairs: str | os.PathLike | PairList | None = None,
     engine: Engine | None = None,
+    close_engine: bool = True,
     empty_ok: bool = False,
 ) -> MatchResult:
     """Score every image against every caption and optionally write a result file.
@@ -277,8 +279,9 @@ def match(
             its listed candidates only); the other cells stay empty.
         engine: an engine the caller opened with :func:`open_engine` (``model``, ``config``, ``adapters``,
             ``bundle``, ``backend``, ``batch_size``, ``device``, ``dtype``, ``num_timesteps`` and ``compile`` are
-            then not used); the job closes it. :func:`dsdkit.shards.run_shard` opens it first to compare its
-            identity with the job's before anything is scored.
+            then not used); the job closes it unless ``close_engine`` is False (a worker that scores several shards
+            with one engine). :func:`dsdkit.shards.run_shard` opens it first to compare its identity with the
+            job's before anything is scored.
         empty_ok: return a result without rows when every image is skipped, instead of refusing the job: a shard
             of a larger job (:mod:`dsdkit.shards`) may hold only unusable images, and the job goes on.
 
@@ -327,7 +330,7 @@ def match(
         engine = open_engine(
             model, config, adapters, bundle, backend, batch_size, device, dtype, num_timesteps, chunk_size, compile
         )
-    with engine:
+    with engine if close_engine else contextlib.nullcontext(engine):
         texts = engine.encode_texts(job.captions, job.where)
         fingerprint = job_fingerprint(
             {

@@ -42,6 +42,7 @@ from .config import ScoringConfig
 from .errors import ConfigError, InputError, JobError
 from .runtime.adaptive import Schedule
 from .runtime.bundle import sha256_file
+from .runtime.engine import Engine
 from .runtime.files import atomic_write_text, output_error
 from .runtime.jobs import job_fingerprint
 from .runtime.results import OUTPUT_FORMATS, MatchResult
@@ -53,6 +54,7 @@ __all__ = [
     "ShardReport",
     "plan_job",
     "run_shard",
+    "open_job_engine",
     "merge_job",
     "shard_ranges",
     "parse_shard",
@@ -386,12 +388,15 @@ def _slurm_task() -> str | None:
     return f"{job}_{task}" if job and task else None
 
 
-def _stale(path: Path, holder: dict[str, Any] | None) -> bool:
+def _stale(path: Path, holder: dict[str, Any] | None, run: str | None = None) -> bool:
     """Whether the lock's worker is gone: its pid is dead on this host (another host's pid cannot be checked), it
-    was this very Slurm array task before a requeue (Slurm runs one instance of a task at a time), or the lock has
-    stayed empty past :data:`EMPTY_LOCK_GRACE_S`."""
+    was this very Slurm array task before a requeue (Slurm runs one instance of a task at a time), it was an
+    earlier attempt in this scheduler ``run`` (a Ray job retries a shard only after its worker died), or the lock
+    has stayed empty past :data:`EMPTY_LOCK_GRACE_S`."""
     if holder is None:
         return time.time() - path.stat().st_mtime > EMPTY_LOCK_GRACE_S
+    if run is not None and holder.get("run") == run:
+        return True
     task = _slurm_task()
     if task is not None and holder.get("slurm_task") == task and holder.get("pid") != os.getpid():
         return True
@@ -414,7 +419,7 @@ def _busy(path: Path, label: str, holder: dict[str, Any] | None) -> JobError:
     return JobError(f"{label} is being scored by {where} ({path}); {advice}")
 
 
-def _claim(path: Path, label: str) -> _Lock:
+def _claim(path: Path, label: str, run: str | None = None) -> _Lock:
     """Create the shard's lock file exclusively, taking over one whose worker is gone (:func:`_stale`).
 
     A takeover renames the stale lock to a name of its own first (one rename succeeds), then checks that what it
@@ -427,6 +432,7 @@ def _claim(path: Path, label: str) -> _Lock:
         "host": socket.gethostname(),
         "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "slurm_task": _slurm_task(),
+        "run": run,
         "token": token,
     }
     for _ in range(5):
@@ -435,7 +441,7 @@ def _claim(path: Path, label: str) -> _Lock:
         except FileExistsError:
             try:
                 holder = _read_lock(path)
-                stale = _stale(path, holder)
+                stale = _stale(path, holder, run)
             except FileNotFoundError:
                 continue  # released or taken over meanwhile: try again
             if not stale:
@@ -675,20 +681,63 @@ def _read_marker(manifest: JobManifest, index: int, verify: bool = False) -> dic
     return marker
 
 
+def open_job_engine(job: str | os.PathLike | JobManifest, device: str | None = None) -> Engine:
+    """The engine a job's manifest names, opened on ``device`` (default: auto) and checked against the identity
+    recorded at planning. A worker that scores several shards (a Ray actor) opens it once and passes it to
+    :func:`run_shard`.
+
+    Raises:
+        JobError: the model, bundle or scoring changed since planning.
+    """
+    from .matching import _identity, open_engine
+
+    manifest = load_job(job)
+    spec, scoring = manifest.engine, manifest.scoring
+    config = ScoringConfig.from_dict(spec["config"]) if spec["config"] is not None else None
+    engine = open_engine(
+        spec["model"],
+        config,
+        spec["adapters"],
+        spec["bundle"],
+        spec["backend"],
+        spec["batch_size"],
+        device,
+        spec["dtype"],
+        spec["num_timesteps"],
+        scoring["chunk_size"],
+        spec["compile"],
+    )
+    try:
+        manifest.check_identity(_identity(engine))
+    except BaseException:
+        engine.close()
+        raise
+    return engine
+
+
 def run_shard(
     job: str | os.PathLike | JobManifest,
     shard: str | int,
     device: str | None = None,
     progress: Callable[[int, int], Callable[[int], None]] | None = None,
+    engine: Engine | None = None,
+    run: str | None = None,
 ) -> ShardReport:
     """Score shard ``shard`` (``i/N``, ``auto`` or an index: :func:`parse_shard`) of a planned job, unless it is
     done; every other option comes from the manifest. ``device`` is the worker's own (default: auto).
+
+    Args:
+        engine: an engine from :func:`open_job_engine` of this job, kept open by the caller (default: open one for
+            this shard and close it after).
+        run: the id of a scheduler's run that gives each shard to one worker at a time and retries it only after
+            that worker died (a Ray job): a lock left by the same run on another host is then taken over, which a
+            plain worker cannot judge (another host's pid cannot be checked).
 
     Raises:
         JobError: the shard's inputs, the model or the scoring changed since planning, or another live worker holds
             the shard; ConfigError: a bad shard spec.
     """
-    from .matching import _identity, match, open_engine
+    from .matching import _identity, match
     from .runtime.pairs import PairList
 
     manifest = load_job(job)
@@ -705,32 +754,18 @@ def run_shard(
         (manifest.folder / "scores").mkdir(exist_ok=True)
     except OSError as exc:
         raise output_error(manifest.folder / "scores", exc) from None
-    lock = _claim(manifest.lock(index), label)
+    lock = _claim(manifest.lock(index), label, run)
+    own_engine = engine is None
     try:
         marker = _read_marker(manifest, index)  # finished by another worker between the first look and the claim
         if marker is not None:
             logger.info("%s is already done (%s); nothing to do", label, manifest.done_marker(index).name)
             return ShardReport(index, manifest.num_shards, part, marker, already_done=True)
-        spec, scoring = manifest.engine, manifest.scoring
-        config = ScoringConfig.from_dict(spec["config"]) if spec["config"] is not None else None
-        engine = open_engine(
-            spec["model"],
-            config,
-            spec["adapters"],
-            spec["bundle"],
-            spec["backend"],
-            spec["batch_size"],
-            device,
-            spec["dtype"],
-            spec["num_timesteps"],
-            scoring["chunk_size"],
-            spec["compile"],
-        )
-        try:
+        scoring = manifest.scoring
+        if own_engine:
+            engine = open_job_engine(manifest, device)
+        else:
             manifest.check_identity(_identity(engine))
-        except BaseException:
-            engine.close()
-            raise
         pairs = None
         if scoring["pairs"] is not None:
             pairs = PairList(
@@ -750,6 +785,7 @@ def run_shard(
             per=scoring["per"],
             pairs=pairs,
             engine=engine,
+            close_engine=own_engine,
             empty_ok=True,  # a shard of unusable images is done, with no rows; merge refuses an empty job
         )
         marker = _marker(manifest, index, result, part)

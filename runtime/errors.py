@@ -130,6 +130,7 @@ EXTRA_OF_MODULE = {
     "tensorrt": "trt",
     "polygraphy": "trt",
     "pyarrow": "parquet",
+    "ray": "ray",
 }
 
 

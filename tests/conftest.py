@@ -13,7 +13,7 @@ import pytest
 
 
 def pytest_collection_modifyitems(config, items):
-    """`gpu` and `trt` tests skip with a reason where the hardware or library is absent."""
+    """`gpu`, `trt` and `ray` tests skip with a reason where the hardware or library is absent."""
     try:
         import torch
 
@@ -26,11 +26,21 @@ def pytest_collection_modifyitems(config, items):
         has_trt = True
     except ImportError:
         has_trt = False
+    try:
+        import ray  # noqa: F401
+        import ray.data  # noqa: F401
+        import ray.serve  # noqa: F401
+
+        has_ray = True
+    except ImportError:
+        has_ray = False
     for item in items:
         if "gpu" in item.keywords and not has_gpu:
             item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU; none is visible to torch on this machine"))
         if "trt" in item.keywords and not has_trt:
             item.add_marker(pytest.mark.skip(reason="needs TensorRT (`import tensorrt` fails on this machine)"))
+        if "ray" in item.keywords and not has_ray:
+            item.add_marker(pytest.mark.skip(reason='needs Ray Data and Serve: pip install -e ".[ray]"'))
 
 
 @pytest.fixture(scope="session")
