@@ -908,6 +908,64 @@ def plan_command(
     )
 
 
+@app.command("serve")
+@cli_errors
+def serve_command(
+    bundle: Annotated[Path, typer.Argument(help="The bundle to serve (from dsdkit export).")],
+    replicas: Annotated[int, typer.Option(min=1, help="Replicas, each with its own engine.")] = 1,
+    gpus_per_replica: Annotated[
+        float, typer.Option(min=0, help="GPUs per replica (0: CPU replicas; above 0 the engine runs on cuda).")
+    ] = 0.0,
+    cpus_per_replica: Annotated[
+        float, typer.Option(help="CPUs per replica; also its threads unless --threads.")
+    ] = 1.0,
+    port: Annotated[int, typer.Option(min=1, max=65535, help="The HTTP port.")] = 8000,
+    host: Annotated[
+        str, typer.Option(help="The interface to listen on (0.0.0.0 for other machines; there is no authentication).")
+    ] = "127.0.0.1",
+    ray: Annotated[
+        str | None,
+        typer.Option(
+            "--ray", help="The Ray cluster: local (a new one on this machine), auto, HOST:PORT (default: Ray's own)."
+        ),
+    ] = None,
+    image_root: Annotated[
+        Path | None, typer.Option(help='Folder that {"path": ...} images are read from (default: uploads only).')
+    ] = None,
+    timesteps: Annotated[int | None, typer.Option(min=1, help="S of the bundle's timestep table.")] = None,
+    max_batch_items: Annotated[
+        int, typer.Option(min=1, help="A scorer batch's size in pairs x timesteps (requests are split to fit).")
+    ] = 256,
+    batch_wait: Annotated[
+        float, typer.Option(min=0, help="Seconds a scorer batch waits for more requests' pairs after its first.")
+    ] = 0.01,
+    max_ongoing_requests: Annotated[int, typer.Option(min=1, help="Requests one replica holds at once.")] = 32,
+    threads: ThreadsOption = None,
+) -> None:
+    """Serve a bundle over HTTP with Ray Serve until Ctrl-C: POST /rank-captions, /rank-images, /score-pairs (JSON;
+    images as base64 or paths under --image-root), GET /health. A client: examples/serve_client.py."""
+    from .serving import ServeConfig, serve
+
+    config = ServeConfig(
+        image_root=None if image_root is None else str(image_root),
+        num_timesteps=timesteps,
+        max_batch_items=max_batch_items,
+        batch_wait_timeout_s=batch_wait,
+    )
+    serve(
+        bundle,
+        replicas=replicas,
+        gpus_per_replica=gpus_per_replica,
+        cpus_per_replica=cpus_per_replica,
+        port=port,
+        host=host,
+        config=config,
+        address=ray,
+        threads=threads,
+        max_ongoing_requests=max_ongoing_requests,
+    )
+
+
 @app.command("merge")
 @cli_errors
 def merge_command(

@@ -213,3 +213,10 @@ def test_a_changed_input_is_refused_by_the_workers_in_one_line(cluster, tmp_path
         run_job_on_ray(manifest, RayOptions(address=None, workers=1))
     message = str(refused.value)
     assert changed.name in message and "\n" not in message
+
+
+def test_serve_command_refuses_a_missing_bundle_in_one_line(tmp_path):
+    """`dsdkit serve` checks its bundle before Ray or any replica starts (the app itself: tests/test_serve.py)."""
+    done = CliRunner().invoke(app, ["serve", str(tmp_path / "nothing.bundle"), "--port", "8123"])
+    assert done.exit_code != 0 and "nothing.bundle" in done.output, done.output
+    assert "Traceback" not in done.output and len(done.output.strip().splitlines()) == 1, done.output
