@@ -85,7 +85,8 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as scratch:
         scratch = Path(scratch)
         bundle = scratch / "demo.bundle"
-        export_bundle("demo", bundle, config=ExportConfig(exporter="torchscript", parity=ParitySettings(images=2, captions=2, timesteps=2)))
+        parity = ParitySettings(images=2, captions=2, timesteps=2)
+        export_bundle("demo", bundle, config=ExportConfig(exporter="torchscript", parity=parity))
         images, captions = write_job_inputs(scratch / "images", args.images, args.captions)
 
         configure_threads(cores)
