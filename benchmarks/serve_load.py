@@ -34,6 +34,7 @@ import json
 import logging
 import os
 import platform
+import shlex
 import socket
 import sys
 import threading
@@ -273,7 +274,7 @@ def run(args) -> dict:
     return {
         "benchmark": "serve_load",
         "date": datetime.date.today().isoformat(),
-        "command": " ".join(["python", "benchmarks/serve_load.py", *sys.argv[1:]]),
+        "command": shlex.join(["python", "benchmarks/serve_load.py", *sys.argv[1:]]),
         "machine": machine(
             affinity=len(os.sched_getaffinity(0)),
             ray_cpus=args.ray_cpus,

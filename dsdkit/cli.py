@@ -942,8 +942,9 @@ def serve_command(
     max_ongoing_requests: Annotated[int, typer.Option(min=1, help="Requests one replica holds at once.")] = 32,
     threads: ThreadsOption = None,
 ) -> None:
-    """Serve a bundle over HTTP with Ray Serve until Ctrl-C: POST /rank-captions, /rank-images, /score-pairs (JSON;
-    images as base64 or paths under --image-root), GET /health. A client: examples/serve_client.py."""
+    """Serve a bundle over HTTP with Ray Serve until Ctrl-C or SIGTERM (both delete the app and leave Ray):
+    POST /rank-captions, /rank-images, /score-pairs (JSON; images as base64 or paths under --image-root),
+    GET /health. A client: examples/serve_client.py."""
     from .serving import ServeConfig, serve
 
     config = ServeConfig(

@@ -30,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextlib
 import dataclasses
 import functools
 import io
@@ -37,6 +38,7 @@ import json
 import logging
 import math
 import os
+import signal
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -956,6 +958,24 @@ def build_app(
     )
 
 
+@contextlib.contextmanager
+def _terminate_as_interrupt():
+    """SIGTERM (``kill``, a service manager, a container stop) stops the server as Ctrl-C does, cleanly."""
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    try:
+        previous = signal.signal(signal.SIGTERM, interrupt)
+    except ValueError:  # not the main thread: signals are not ours to handle
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def serve(
     bundle: str | os.PathLike,
     *,
@@ -971,8 +991,9 @@ def serve(
     app_name: str = "dsdkit",
     route_prefix: str = "/",
 ) -> None:
-    """Serve ``bundle`` over HTTP until Ctrl-C (``dsdkit serve``): start or join Ray, run :func:`build_app`'s
-    application at ``http://host:port/``, log its URL, block; on Ctrl-C delete the application and leave Ray.
+    """Serve ``bundle`` over HTTP until Ctrl-C or SIGTERM (``dsdkit serve``): start or join Ray, run
+    :func:`build_app`'s application at ``http://host:port/``, log its URL, block; then delete the application and
+    leave Ray (a local cluster started here ends with it).
 
     Args:
         address: the Ray cluster to join (``auto``, ``HOST:6379``, ``ray://HOST:10001``); ``None``: Ray's own rule
@@ -997,20 +1018,24 @@ def serve(
     ray_serve = _ray_serve()
     ray.init(address=address, ignore_reinit_error=True)
     try:
-        ray_serve.start(http_options={"host": host, "port": int(port)})
-        try:
-            ray_serve.run(app, name=app_name, route_prefix=route_prefix, blocking=False)
-        except RuntimeError as exc:  # a replica that failed to start: Ray's message holds the replica's traceback
-            first = next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
-            raise ConfigError(f"the application did not start: {_one_line(first)} (see the Ray logs)") from None
-        shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
-        url = f"http://{shown}:{port}{route_prefix.rstrip('/')}"
-        logger.info("dsdkit serve: %s at %s (%s/health); Ctrl-C stops", Path(bundle), url, url)
-        try:
-            while True:
-                time.sleep(3600)
-        except KeyboardInterrupt:
-            logger.info("dsdkit serve: stopping")
+        # From here on, Ctrl-C or SIGTERM (also while the replicas start) removes the application and leaves Ray.
+        with _terminate_as_interrupt():
+            try:
+                ray_serve.start(http_options={"host": host, "port": int(port)})
+                try:
+                    ray_serve.run(app, name=app_name, route_prefix=route_prefix, blocking=False)
+                except RuntimeError as exc:  # a replica that failed to start: Ray's message holds its traceback
+                    first = next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+                    raise ConfigError(
+                        f"the application did not start: {_one_line(first)} (see the Ray logs)"
+                    ) from None
+                shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+                url = f"http://{shown}:{port}{route_prefix.rstrip('/')}"
+                logger.info("dsdkit serve: %s at %s (%s/health); Ctrl-C or SIGTERM stops", Path(bundle), url, url)
+                while True:
+                    time.sleep(3600)
+            except KeyboardInterrupt:
+                logger.info("dsdkit serve: stopping")
         ray_serve.delete(app_name)
     finally:
         ray.shutdown()

@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -168,6 +169,65 @@ def test_missing_ray_is_a_one_line_error_naming_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` raises ImportError
     with pytest.raises(MissingDependencyError, match=r"'ray' extra .*\.\[ray\]"):
         serving.build_app("bundle")
+
+
+def test_sigterm_stops_serve_as_ctrl_c_does(monkeypatch, caplog):
+    """A SIGTERM while serve() blocks takes the Ctrl-C path: the application is deleted, Ray is left, serve()
+    returns, and the previous SIGTERM handler is back (Ray and the app are fakes: this is serve()'s own logic)."""
+    import signal
+    import types
+
+    from dsdkit import serving
+
+    calls = []
+    fake_ray = types.SimpleNamespace(init=lambda **kw: calls.append("init"), shutdown=lambda: calls.append("shutdown"))
+    fake_serve = types.SimpleNamespace(
+        start=lambda **kw: calls.append("start"),
+        run=lambda app, **kw: calls.append(("run", app)),
+        delete=lambda name: calls.append(("delete", name)),
+    )
+    monkeypatch.setitem(sys.modules, "ray", fake_ray)
+    monkeypatch.setattr(serving, "_ray_serve", lambda: fake_serve)
+    monkeypatch.setattr(serving, "build_app", lambda *a, **kw: "app")
+
+    class PreviousHandlerRan(Exception):
+        pass
+
+    def previous_handler(signum, frame):  # raises, so a serve() that kept it fails here instead of blocking
+        raise PreviousHandlerRan
+
+    previous = signal.signal(signal.SIGTERM, previous_handler)
+    try:
+        timer = threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGTERM))
+        timer.start()
+        with caplog.at_level("INFO", logger="dsdkit.serving"):
+            serving.serve("some.bundle", port=8123)
+        timer.join()
+        assert calls == ["init", "start", ("run", "app"), ("delete", "dsdkit"), "shutdown"]
+        assert "dsdkit serve: stopping" in caplog.text
+        with pytest.raises(PreviousHandlerRan):  # the handler in place before serve() is back
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(1)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def test_sigterm_handler_is_left_alone_off_the_main_thread():
+    import signal
+
+    from dsdkit.serving import _terminate_as_interrupt
+
+    seen = []
+
+    def inside():
+        with _terminate_as_interrupt():
+            seen.append(signal.getsignal(signal.SIGTERM))
+
+    before = signal.getsignal(signal.SIGTERM)
+    worker = threading.Thread(target=inside)
+    worker.start()
+    worker.join()
+    assert seen == [before]
 
 
 def test_config_round_trip_and_refusals(tmp_path):
