@@ -272,7 +272,8 @@ def world_train(
         int, typer.Option(help="Benchmark items per subset for the accuracy written beside the model (0: skip).")
     ] = 100,
 ) -> None:
-    """Train the demo world model (VAE, then UNet + text encoder) into a plain SD2 diffusers folder."""
+    """Train the demo world model (VAE; optionally a contrastive text tower; then UNet + text encoder, or the UNet
+    alone with the text encoder frozen) into a plain SD2 diffusers folder."""
     threads = _use_threads(threads)  # before torch loads; the count is recorded with the checkpoints
     from .train.world import WorldRecipe, measure_world_model, train_world_model
 

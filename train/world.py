@@ -5,10 +5,15 @@ The recipe (:class:`WorldRecipe`, plain data written beside every checkpoint and
 1. **VAE** (AutoencoderKL, SD2's block types, 8x down): L1 + MSE reconstruction of random crops plus a tiny KL
    term; then the scaling factor is set to 1 / std of the posterior means, so latents have unit variance as SD's
    0.18215 gives for real photographs.
-2. **UNet and text encoder** together, from scratch: ε-prediction MSE on SD2's scaled-linear 1000-step schedule,
-   t uniform, a fraction of captions replaced by the empty caption (so the unconditional pass means something),
-   AdamW with linear warm-up and cosine decay, gradient clipping. Latents are the VAE's posterior means, encoded
-   once, exactly as the scorer encodes images.
+2. Optionally (``text_pretrain_steps > 0``) **a contrastive text tower**, SD2's recipe in miniature: the text
+   encoder (SD2's architecture) and a small convolutional image tower trained CLIP-style on the world's
+   (image, caption) pairs (symmetric InfoNCE; captions that describe the same scene, paraphrases included, are
+   all positives), so the text encoder is contrastively pretrained before the UNet ever sees it, as SD2's frozen
+   OpenCLIP encoder is. With ``freeze_text_encoder`` it stays frozen for phase 3.
+3. **UNet** (and the text encoder, unless frozen) from scratch: ε-prediction MSE on SD2's scaled-linear 1000-step
+   schedule, t uniform, a fraction of captions replaced by the empty caption (so the unconditional pass means
+   something), AdamW with linear warm-up and cosine decay, gradient clipping. Latents are the VAE's posterior
+   means, encoded once, exactly as the scorer encodes images.
 
 Every step's randomness (its batch, timesteps, noise and caption dropout) is a pure function of (seed, phase, step),
 so a run killed at any point and resumed from its latest checkpoint (weights and optimizer moments, atomically
@@ -41,7 +46,7 @@ from .. import world
 from ..config import ScoringConfig
 from ..demo import items_to_examples
 from ..errors import ConfigError, ModelError, TrainingError
-from ..runtime.files import atomic_write_text, output_error, staged_folder
+from ..runtime.files import atomic_write_bytes, atomic_write_text, output_error, staged_folder
 from ..runtime.threads import configure_threads
 from ..runtime.tokenizer import ClipTokenizer
 from ..schedule import NoiseSchedule
@@ -52,7 +57,12 @@ logger = logging.getLogger(__name__)
 
 #: Written into the model folder: the recipe, the training log and the measured metrics.
 RECIPE_FILE = "world_model.json"
-_PHASES = ("vae", "diffusion")
+#: Written into the run folder at the end of the contrastive phase: both towers (the checkpoints that hold them are
+#: dropped once the diffusion phase checkpoints).
+CONTRASTIVE_FILE = "contrastive.safetensors"
+# A phase's index seeds its steps' randomness (so it never changes); checkpoints sort in the order phases run.
+_PHASES = ("vae", "diffusion", "text")
+_PHASE_ORDER = ("vae", "text", "diffusion")
 
 
 @dataclass
@@ -84,12 +94,20 @@ class WorldRecipe:
     text_layers: int = 2
     text_heads: int = 2
     norm_groups: int = 8
+    # Contrastive text-tower phase (between the two; 0 steps: none, the shipped recipe)
+    text_pretrain_steps: int = 0
+    text_pretrain_batch_size: int = 256
+    text_pretrain_lr: float = 1e-3
+    text_pretrain_warmup_steps: int = 100
+    image_tower_channels: tuple[int, ...] = (32, 64, 96, 128)
+    contrastive_dim: int = 64
+    freeze_text_encoder: bool = False  # in the diffusion phase
     # bookkeeping
     checkpoint_every: int = 500
     weights_dtype: str = "fp16"  # of the final folder; checkpoints are always fp32
 
     def __post_init__(self):
-        for name in ("vae_channels", "unet_channels", "unet_heads"):
+        for name in ("vae_channels", "unet_channels", "unet_heads", "image_tower_channels"):
             setattr(self, name, tuple(int(v) for v in getattr(self, name)))
         if self.steps < 1 or self.vae_steps < 1 or self.batch_size < 1 or self.vae_batch_size < 1:
             raise ConfigError("world recipe: steps and batch sizes must be >= 1")
@@ -101,6 +119,10 @@ class WorldRecipe:
             raise ConfigError(f"world recipe: weights_dtype must be fp16 or fp32, got {self.weights_dtype!r}")
         if self.resolution % 2 ** (len(self.vae_channels) - 1) or self.vae_crop > self.resolution:
             raise ConfigError("world recipe: resolution must be a multiple of the VAE's downsampling, crop <= it")
+        if self.text_pretrain_steps < 0 or self.text_pretrain_batch_size < 2:
+            raise ConfigError("world recipe: text_pretrain_steps must be >= 0 and text_pretrain_batch_size >= 2")
+        if self.text_pretrain_steps and self.resolution % 2 ** len(self.image_tower_channels):
+            raise ConfigError("world recipe: resolution must be a multiple of the image tower's downsampling")
 
     def to_dict(self) -> dict[str, Any]:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
@@ -177,6 +199,38 @@ def build_modules(recipe: WorldRecipe):
     return vae, unet, text_encoder
 
 
+def build_contrastive_towers(recipe: WorldRecipe):
+    """The contrastive phase's other parts (seeded): a convolutional image tower (stride-2 convolutions down to a
+    small grid, flattened, so that where things are survives into the embedding: a global pool would erase left
+    and right), a projection of the text encoder's pooled output, and CLIP's learnable temperature."""
+    import torch
+    from torch import nn
+
+    torch.manual_seed(recipe.seed + 3)
+    layers: list[nn.Module] = []
+    width = 3
+    for channels in recipe.image_tower_channels:
+        layers += [nn.Conv2d(width, channels, 3, stride=2, padding=1), nn.GroupNorm(8, channels), nn.SiLU()]
+        width = channels
+    grid = recipe.resolution // 2 ** len(recipe.image_tower_channels)
+    layers += [nn.Flatten(), nn.Linear(width * grid * grid, recipe.contrastive_dim)]
+    towers = nn.Module()
+    towers.image = nn.Sequential(*layers)
+    towers.text_projection = nn.Linear(recipe.text_hidden, recipe.contrastive_dim, bias=False)
+    towers.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+    return towers
+
+
+def contrastive_logits(towers, text_encoder, images, ids):
+    """``[B_images, B_texts]`` temperature-scaled cosine similarities of the two towers' embeddings."""
+    import torch
+
+    image = torch.nn.functional.normalize(towers.image(images), dim=-1)
+    pooled = text_encoder(input_ids=ids).pooler_output  # the EOS token's state, as CLIP pools
+    text = torch.nn.functional.normalize(towers.text_projection(pooled), dim=-1)
+    return towers.logit_scale.clamp(max=math.log(100)).exp() * image @ text.T
+
+
 def _step_generator(seed: int, phase: str, step: int):
     """The torch generator and numpy rng of one step: a pure function of (seed, phase, step)."""
     import torch
@@ -187,14 +241,18 @@ def _step_generator(seed: int, phase: str, step: int):
     return rng, generator
 
 
-def _lr_at(recipe: WorldRecipe, step: int) -> float:
-    """Linear warm-up, then cosine decay to ``final_lr_fraction`` of the peak at the last step."""
-    if step < recipe.warmup_steps:
-        return recipe.lr * (step + 1) / recipe.warmup_steps
-    span = max(1, recipe.steps - recipe.warmup_steps)
-    progress = min(1.0, (step - recipe.warmup_steps) / span)
+def _lr_at(recipe: WorldRecipe, step: int, phase: str = "diffusion") -> float:
+    """Linear warm-up, then cosine decay to ``final_lr_fraction`` of the peak at the phase's last step."""
+    if phase == "text":
+        peak, total, warmup = recipe.text_pretrain_lr, recipe.text_pretrain_steps, recipe.text_pretrain_warmup_steps
+    else:
+        peak, total, warmup = recipe.lr, recipe.steps, recipe.warmup_steps
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    span = max(1, total - warmup)
+    progress = min(1.0, (step - warmup) / span)
     floor = recipe.final_lr_fraction
-    return recipe.lr * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
+    return peak * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
 class _Run:
@@ -285,7 +343,7 @@ class _Run:
 
 def _order(name: str) -> tuple[int, int]:
     phase, _, step = name.rpartition("-")
-    return (_PHASES.index(phase), int(step)) if phase in _PHASES and step.isdigit() else (-1, -1)
+    return (_PHASE_ORDER.index(phase), int(step)) if phase in _PHASE_ORDER and step.isdigit() else (-1, -1)
 
 
 def _remove_tree(path: Path) -> None:
@@ -293,19 +351,30 @@ def _remove_tree(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
 
 
-def _render_data(recipe: WorldRecipe, tokenizer) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """Pixels ``uint8[N, H, W, 3]``, token ids ``int64[N, 77]`` and captions of the training scenes."""
+@dataclass
+class _Data:
+    pixels: np.ndarray  # uint8[N, H, W, 3]
+    ids: np.ndarray  # int64[N, 77], each scene's training caption
+    meanings: np.ndarray  # int64[N]: equal for scenes that every true caption of either describes
+    captions: list[str]
+
+
+def _render_data(recipe: WorldRecipe, tokenizer) -> _Data:
+    """The training scenes rendered, their captions tokenized, and which scenes mean the same."""
     pixels = np.empty((recipe.scenes, recipe.resolution, recipe.resolution, 3), dtype=np.uint8)
     ids = np.empty((recipe.scenes, 77), dtype=np.int64)
+    meanings = np.empty(recipe.scenes, dtype=np.int64)
     captions = []
     cache: dict[str, np.ndarray] = {}
+    meaning_ids: dict[frozenset, int] = {}
     for index, (scene, caption) in enumerate(world.training_scenes(recipe.seed, recipe.scenes, recipe.resolution)):
         pixels[index] = np.asarray(world.render(scene, recipe.resolution))
         if caption not in cache:
             cache[caption] = tokenizer.encode(caption).ids
         ids[index] = cache[caption]
+        meanings[index] = meaning_ids.setdefault(scene.true_captions(), len(meaning_ids))
         captions.append(caption)
-    return pixels, ids, captions
+    return _Data(pixels, ids, meanings, captions)
 
 
 def _to_model_range(pixels) -> Any:
@@ -380,6 +449,70 @@ def _train_vae(recipe, vae, pixels, run: _Run, start: int, on_step) -> list[dict
     return log
 
 
+def _train_text_tower(recipe, vae, text_encoder, towers, data: _Data, run: _Run, start: int, on_step) -> list[dict]:
+    """The contrastive phase: symmetric InfoNCE over a batch of scenes and their captions, every caption of the
+    same meaning a positive (a one-object world has 15 captions, so a batch holds many duplicates: counting them
+    as negatives would teach the towers to tell identical captions apart)."""
+    import torch
+
+    parameters = list(text_encoder.parameters()) + list(towers.parameters())
+    optimizer = torch.optim.AdamW(parameters, lr=recipe.text_pretrain_lr, weight_decay=0.01, foreach=True)
+    modules = {"vae": vae, "text_encoder": text_encoder, "contrastive": towers}
+    latest = run.latest()
+    if start > 0:
+        _, log = run.load(latest[2], modules, optimizer)
+    else:
+        _, log = run.load(latest[2], {"vae": vae}, None)  # the log so far (and the final VAE, as the next phase)
+    text_encoder.train()
+    towers.train()
+    smoothed = _resumed_ema(log, "text", start)
+    meanings = torch.from_numpy(data.meanings)
+    ids_all = torch.from_numpy(data.ids)
+    for step in range(start, recipe.text_pretrain_steps):
+        rng, _ = _step_generator(recipe.seed, "text", step)
+        index = torch.from_numpy(rng.integers(0, len(data.ids), recipe.text_pretrain_batch_size))
+        images = _to_model_range(data.pixels[index.numpy()])
+        logits = contrastive_logits(towers, text_encoder, images, ids_all[index])
+        same = (meanings[index][:, None] == meanings[index][None, :]).float()
+        targets = same / same.sum(dim=1, keepdim=True)  # symmetric: the same soft targets serve both directions
+        loss = 0.5 * (
+            torch.nn.functional.cross_entropy(logits, targets) + torch.nn.functional.cross_entropy(logits.T, targets)
+        )
+        for group in optimizer.param_groups:
+            group["lr"] = _lr_at(recipe, step, "text")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(parameters, recipe.grad_clip)
+        optimizer.step()
+        with torch.no_grad():  # in-batch retrieval: is the image's best caption one of its own meaning?
+            hit = float(same[torch.arange(len(index)), logits.argmax(dim=1)].mean())
+        smoothed = _end_step(
+            recipe,
+            "text",
+            step,
+            recipe.text_pretrain_steps,
+            loss,
+            smoothed,
+            0.98,
+            on_step,
+            log,
+            {"lr": _lr_at(recipe, step, "text"), "batch_retrieval_top1": round(hit, 4)},
+            lambda done: run.save("text", done, modules, optimizer, log),
+        )
+    text_encoder.eval()
+    towers.eval()
+    return log
+
+
+def _save_contrastive(run: _Run, text_encoder, towers, recipe: WorldRecipe) -> None:
+    """Both towers of the finished contrastive phase, for studying them apart from the diffusion model."""
+    from safetensors.torch import save
+
+    tensors = {f"text_encoder.{k}": v.contiguous() for k, v in text_encoder.state_dict().items()}
+    tensors |= {f"contrastive.{k}": v.contiguous() for k, v in towers.state_dict().items()}
+    atomic_write_bytes(run.folder / CONTRASTIVE_FILE, save(tensors, metadata={"recipe": json.dumps(recipe.to_dict())}))
+
+
 @dataclass
 class _Encoded:
     latents: Any  # float32[N, 4, h, w], scaled
@@ -412,22 +545,29 @@ def _train_diffusion(
 ) -> list[dict]:
     import torch
 
-    parameters = list(unet.parameters()) + list(text_encoder.parameters())
+    frozen = recipe.freeze_text_encoder
+    parameters = list(unet.parameters()) + ([] if frozen else list(text_encoder.parameters()))
     optimizer = torch.optim.AdamW(parameters, lr=recipe.lr, weight_decay=recipe.weight_decay, foreach=True)
     modules = {"vae": vae, "unet": unet, "text_encoder": text_encoder}
     if start > 0:
         _, log = run.load(run.latest()[2], modules, optimizer)
     unet.train()
-    text_encoder.train()
+    text_encoder.train(not frozen)
     smoothed = _resumed_ema(log, "diffusion", start)
     abar = torch.tensor(schedule.alphas_cumprod, dtype=torch.float32)
     ids_all = torch.from_numpy(ids)
     empty = torch.from_numpy(empty_ids)
+    if frozen:
+        # A frozen encoder maps each distinct caption to fixed states: encode the few hundred captions once.
+        text_encoder.requires_grad_(False)
+        distinct, caption_of = torch.unique(torch.cat([ids_all, empty[None, :]]), dim=0, return_inverse=True)
+        with torch.no_grad():
+            table = text_encoder(input_ids=distinct).last_hidden_state
+        scene_states, empty_states = caption_of[:-1], caption_of[-1]
     for step in range(start, recipe.steps):
         rng, generator = _step_generator(recipe.seed, "diffusion", step)
         index = torch.from_numpy(rng.integers(0, len(ids), recipe.batch_size))
         drop = torch.from_numpy(rng.random(recipe.batch_size) < recipe.caption_dropout)
-        batch_ids = torch.where(drop[:, None], empty[None, :], ids_all[index])
         latents = encoded.latents[index]
         timesteps = torch.randint(0, len(abar), (recipe.batch_size,), generator=generator)
         noise = torch.randn(latents.shape, generator=generator)
@@ -435,7 +575,11 @@ def _train_diffusion(
         noisy = a.sqrt() * latents + (1 - a).sqrt() * noise
         for group in optimizer.param_groups:
             group["lr"] = _lr_at(recipe, step)
-        states = text_encoder(input_ids=batch_ids).last_hidden_state
+        if frozen:
+            states = table[torch.where(drop, empty_states, scene_states[index])]
+        else:
+            batch_ids = torch.where(drop[:, None], empty[None, :], ids_all[index])
+            states = text_encoder(input_ids=batch_ids).last_hidden_state
         prediction = unet(noisy, timesteps, encoder_hidden_states=states).sample
         loss = torch.nn.functional.mse_loss(prediction, noise)
         optimizer.zero_grad(set_to_none=True)
@@ -553,24 +697,34 @@ def train_world_model(
     if not (tokenizer_dir / "vocab.json").is_file():
         write_clip_tokenizer(tokenizer_dir)
     tokenizer = ClipTokenizer.from_folder(tokenizer_dir)
-    pixels, ids, _ = _render_data(recipe, tokenizer)
+    data = _render_data(recipe, tokenizer)
     empty_ids = tokenizer.encode_empty().ids.astype(np.int64)
     vae, unet, text_encoder = build_modules(recipe)
 
-    # Phase 1, the VAE (skipped when the run already reached the diffusion phase).
+    # Phase 1, the VAE (skipped when the run already reached a later phase).
     vae_start = 0 if latest is None else (latest[1] if latest[0] == "vae" else recipe.vae_steps)
     if vae_start < recipe.vae_steps:
-        _train_vae(recipe, vae, pixels, run, vae_start, on_step)
-    # Phase 2. The VAE is final from here on; fresh and resumed runs both take its weights from the latest
-    # checkpoint, so they encode bit-identical latents.
+        _train_vae(recipe, vae, data.pixels, run, vae_start, on_step)
+    # Phase 2 (optional), the contrastive text tower.
+    if recipe.text_pretrain_steps:
+        now = run.latest()
+        text_start = {"vae": 0, "text": now[1]}.get(now[0], recipe.text_pretrain_steps)
+        # Also when a run was killed between the phase's last checkpoint and writing the towers' file.
+        unwritten = now[0] == "text" and not (folder / CONTRASTIVE_FILE).is_file()
+        if text_start < recipe.text_pretrain_steps or unwritten:
+            towers = build_contrastive_towers(recipe)
+            _train_text_tower(recipe, vae, text_encoder, towers, data, run, text_start, on_step)
+            _save_contrastive(run, text_encoder, towers, recipe)
+    # Phase 3. The VAE (and a pretrained text encoder) are final from here on; fresh and resumed runs both take
+    # their weights from the latest checkpoint, so they encode bit-identical latents and captions.
     now = run.latest()
     diffusion_start = now[1] if now[0] == "diffusion" else 0
-    _, log = run.load(now[2], {"vae": vae}, None)
+    _, log = run.load(now[2], {"vae": vae, "text_encoder": text_encoder} if now[0] == "text" else {"vae": vae}, None)
     vae.eval()
-    encoded = _encode_latents(vae, pixels)
+    encoded = _encode_latents(vae, data.pixels)
     schedule = NoiseSchedule.from_scheduler_config(SCHEDULER_CONFIG)
     log = _train_diffusion(
-        recipe, unet, text_encoder, encoded, ids, empty_ids, schedule, run, diffusion_start, log, on_step, vae
+        recipe, unet, text_encoder, encoded, data.ids, empty_ids, schedule, run, diffusion_start, log, on_step, vae
     )
 
     model_folder = folder / "model"

@@ -100,3 +100,61 @@ def test_an_existing_run_needs_resume_and_the_same_recipe(uninterrupted, recipe)
     assert again.returncode == 2 and "--resume" in again.stderr and "Traceback" not in again.stderr
     other = _cli("world", "train", str(uninterrupted), "--resume", "--steps", "17")
     assert other.returncode == 2 and "different recipe (steps)" in other.stderr, other.stderr
+
+
+# The same short run with the contrastive text-tower phase first and the text encoder frozen after it.
+PRETRAINED_RECIPE = dict(
+    SHORT_RECIPE, text_pretrain_steps=8, text_pretrain_batch_size=16, text_pretrain_warmup_steps=2
+) | {"freeze_text_encoder": True}
+
+
+@pytest.fixture(scope="module")
+def pretrained_recipe(tmp_path_factory):
+    path = tmp_path_factory.mktemp("recipe") / "pretrained.json"
+    path.write_text(json.dumps(PRETRAINED_RECIPE))
+    return path
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory, pretrained_recipe):
+    run = tmp_path_factory.mktemp("world") / "run"
+    done = _cli("world", "train", str(run), "--recipe", str(pretrained_recipe), "--threads", "1", "--eval-items", "0")
+    assert done.returncode == 0, done.stderr
+    return run
+
+
+def test_contrastive_phase_trains_the_text_encoder_which_then_stays_frozen(pretrained):
+    import torch
+    from dsdkit.train.world import CONTRASTIVE_FILE, RECIPE_FILE, WorldRecipe, build_modules
+    from safetensors.torch import load_file
+
+    info = json.loads((pretrained / "model" / RECIPE_FILE).read_text())
+    text_log = [entry for entry in info["training"]["log"] if entry["phase"] == "text"]
+    assert [entry["step"] for entry in text_log] == [4, 8]
+    assert all(0 <= entry["batch_retrieval_top1"] <= 1 for entry in text_log)
+    towers = load_file(str(pretrained / CONTRASTIVE_FILE))
+    final = load_file(str(pretrained / "model" / "text_encoder" / "model.safetensors"))
+    fresh = build_modules(WorldRecipe(**PRETRAINED_RECIPE))[2].state_dict()
+    key = next(name for name in fresh if name.endswith("layers.0.self_attn.q_proj.weight"))
+    pretrained_weight = towers[f"text_encoder.{key}"]
+    # The contrastive phase moved the encoder; the diffusion phase did not (the folder holds it in fp16).
+    assert not torch.equal(pretrained_weight, fresh[key])
+    for name, value in final.items():
+        assert torch.equal(value, towers[f"text_encoder.{name}"].to(value.dtype)), name
+    assert any(name.startswith("contrastive.image.") for name in towers) and "contrastive.logit_scale" in towers
+
+
+def test_resume_in_the_contrastive_phase_is_bit_identical(pretrained, pretrained_recipe, tmp_path):
+    """Killed after the contrastive phase's first checkpoint, resumed to the end: the towers' optimizer state comes
+    back from the checkpoint, and the weights equal the uninterrupted run's byte for byte."""
+    run = tmp_path / "run"
+    killed = subprocess.run(
+        [sys.executable, "-c", KILLED_RUN, str(run), str(pretrained_recipe), "text:6"],
+        capture_output=True,
+        timeout=600,
+    )
+    assert killed.returncode == -9, killed.stderr
+    assert json.loads((run / "latest.json").read_text())["phase"] == "text"
+    resumed = _cli("world", "train", str(run), "--resume", "--threads", "1", "--eval-items", "0")
+    assert resumed.returncode == 0, resumed.stderr
+    assert _weights(run) == _weights(pretrained)
