@@ -37,6 +37,7 @@ folder or ``demo``; ``RUN`` the run folder (its ``recipe.json``, training log an
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import logging
 import math
@@ -297,9 +298,7 @@ def relation_generation(model_folder, captions: int = 96, steps: int = 50, guida
         "one_object_captions": len(one_captions),
         "one_object_colour_correct": colour_right / len(one_captions),
         "wall_s": round(time.perf_counter() - started, 1),
-        "examples_png": None,
-        "_images": (drawn[:8], [c for c, _, _ in relation_captions[:8]]),
-    }
+    }, (drawn[:8], [c for c, _, _ in relation_captions[:8]])
 
 
 def contrastive_accuracy(run: Path, per_subset: int) -> dict | None:
@@ -387,8 +386,7 @@ def evaluate(args) -> dict:
     logger.info("criterion: %s", {k: v for k, v in verdict.items()})
     placement = attention_placement(model, args.placement_items)
     logger.info("attention placement: %s", placement)
-    generation = relation_generation(model.folder, captions=args.generate)
-    images, captions = generation.pop("_images")
+    generation, (images, captions) = relation_generation(model.folder, captions=args.generate)
     if args.output is not None:
         png = args.output.with_suffix(".samples.png")
         _write_samples(images, captions, png)
@@ -428,7 +426,7 @@ def _write_samples(images: np.ndarray, captions: list[str], path: Path) -> None:
         words = caption.split()
         draw.text((x, 2), " ".join(words[:4]), fill=(0, 0, 0))
         draw.text((x, 14), " ".join(words[4:]), fill=(0, 0, 0))
-    buffer = __import__("io").BytesIO()
+    buffer = io.BytesIO()
     sheet.save(buffer, format="PNG", optimize=True)
     atomic_write_bytes(path, buffer.getvalue())
 
@@ -442,7 +440,6 @@ SHEET_ITEMS = (("colour", 0), ("shape", 1), ("binding", 0), ("relation", 0))
 def sheet(models: list[tuple[str, str]], output: Path) -> None:
     """For each model, the heat maps (``dsdkit explain``, default config, shared scale) of the true caption of a few
     benchmark items, one row per model and item, labelled; one PNG."""
-    import io
     import tempfile
 
     from dsdkit.runtime.files import atomic_write_bytes

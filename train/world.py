@@ -356,7 +356,6 @@ class _Data:
     pixels: np.ndarray  # uint8[N, H, W, 3]
     ids: np.ndarray  # int64[N, 77], each scene's training caption
     meanings: np.ndarray  # int64[N]: equal for scenes that every true caption of either describes
-    captions: list[str]
 
 
 def _render_data(recipe: WorldRecipe, tokenizer) -> _Data:
@@ -364,7 +363,6 @@ def _render_data(recipe: WorldRecipe, tokenizer) -> _Data:
     pixels = np.empty((recipe.scenes, recipe.resolution, recipe.resolution, 3), dtype=np.uint8)
     ids = np.empty((recipe.scenes, 77), dtype=np.int64)
     meanings = np.empty(recipe.scenes, dtype=np.int64)
-    captions = []
     cache: dict[str, np.ndarray] = {}
     meaning_ids: dict[frozenset, int] = {}
     for index, (scene, caption) in enumerate(world.training_scenes(recipe.seed, recipe.scenes, recipe.resolution)):
@@ -373,8 +371,7 @@ def _render_data(recipe: WorldRecipe, tokenizer) -> _Data:
             cache[caption] = tokenizer.encode(caption).ids
         ids[index] = cache[caption]
         meanings[index] = meaning_ids.setdefault(scene.true_captions(), len(meaning_ids))
-        captions.append(caption)
-    return _Data(pixels, ids, meanings, captions)
+    return _Data(pixels, ids, meanings)
 
 
 def _to_model_range(pixels) -> Any:

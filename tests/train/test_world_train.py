@@ -49,19 +49,27 @@ def _weights(run):
     return final
 
 
-@pytest.fixture(scope="module")
-def recipe(tmp_path_factory):
-    path = tmp_path_factory.mktemp("recipe") / "short.json"
-    path.write_text(json.dumps(SHORT_RECIPE))
+def _recipe_file(tmp_path_factory, fields: dict):
+    path = tmp_path_factory.mktemp("recipe") / "recipe.json"
+    path.write_text(json.dumps(fields))
     return path
 
 
-@pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory, recipe):
+def _trained(tmp_path_factory, recipe):
     run = tmp_path_factory.mktemp("world") / "run"
     done = _cli("world", "train", str(run), "--recipe", str(recipe), "--threads", "1", "--eval-items", "0")
     assert done.returncode == 0, done.stderr
     return run
+
+
+@pytest.fixture(scope="module")
+def recipe(tmp_path_factory):
+    return _recipe_file(tmp_path_factory, SHORT_RECIPE)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, recipe):
+    return _trained(tmp_path_factory, recipe)
 
 
 def test_short_run_writes_a_loadable_model_and_its_loss_falls(uninterrupted):
@@ -110,17 +118,12 @@ PRETRAINED_RECIPE = dict(
 
 @pytest.fixture(scope="module")
 def pretrained_recipe(tmp_path_factory):
-    path = tmp_path_factory.mktemp("recipe") / "pretrained.json"
-    path.write_text(json.dumps(PRETRAINED_RECIPE))
-    return path
+    return _recipe_file(tmp_path_factory, PRETRAINED_RECIPE)
 
 
 @pytest.fixture(scope="module")
 def pretrained(tmp_path_factory, pretrained_recipe):
-    run = tmp_path_factory.mktemp("world") / "run"
-    done = _cli("world", "train", str(run), "--recipe", str(pretrained_recipe), "--threads", "1", "--eval-items", "0")
-    assert done.returncode == 0, done.stderr
-    return run
+    return _trained(tmp_path_factory, pretrained_recipe)
 
 
 def test_contrastive_phase_trains_the_text_encoder_which_then_stays_frozen(pretrained):
