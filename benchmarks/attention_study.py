@@ -236,7 +236,9 @@ def relation_generation(model_folder, captions: int = 96, steps: int = 50, guida
     pipe = StableDiffusionPipeline.from_pretrained(
         str(model_folder), safety_checker=None, feature_extractor=None, requires_safety_checker=False
     ).to(torch.float32)
-    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    # DDIM clips x0 to [-1, 1] unless told not to (its default); SD latents are not bounded so, and clipping them
+    # draws saturated blobs. SD2's own scheduler config sets clip_sample false too.
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, clip_sample=False)
     pipe.set_progress_bar_config(disable=True)
     resolution = pipe.unet.config.sample_size * pipe.vae_scale_factor
     rng = np.random.default_rng([seed, 18])
