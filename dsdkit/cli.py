@@ -271,9 +271,16 @@ def world_train(
     eval_items: Annotated[
         int, typer.Option(help="Benchmark items per subset for the accuracy written beside the model (0: skip).")
     ] = 100,
+    init_from: Annotated[
+        str | None,
+        typer.Option(
+            help="Continue a trained world model (a folder or `demo`): its weights are the start, the VAE phase "
+            "is skipped, and --steps are further diffusion steps. The recipe must be its architecture."
+        ),
+    ] = None,
 ) -> None:
     """Train the demo world model (VAE; optionally a contrastive text tower; then UNet + text encoder, or the UNet
-    alone with the text encoder frozen) into a plain SD2 diffusers folder."""
+    alone with the text encoder frozen) into a plain SD2 diffusers folder, or continue one (--init-from)."""
     threads = _use_threads(threads)  # before torch loads; the count is recorded with the checkpoints
     from .train.world import WorldRecipe, measure_world_model, train_world_model
 
@@ -301,6 +308,7 @@ def world_train(
             threads=threads,
             evaluate=evaluate if eval_items > 0 else None,
             on_step=on_step,
+            init_from=init_from,
         )
     _say(f"wrote the world model to {folder} (load it with --model {folder})")
 

@@ -517,8 +517,9 @@ class _Encoded:
     reconstruction_l1: float
 
 
-def _encode_latents(vae, pixels, batch: int = 256) -> _Encoded:
-    """Posterior means of every training image; sets the VAE's scaling factor to 1 / their std."""
+def _encode_latents(vae, pixels, batch: int = 256, scale: float | None = None) -> _Encoded:
+    """Posterior means of every training image; sets the VAE's scaling factor to 1 / their std (or keeps ``scale``:
+    a model continued from its weights keeps the factor its UNet was trained with)."""
     import torch
 
     means = []
@@ -532,7 +533,7 @@ def _encode_latents(vae, pixels, batch: int = 256) -> _Encoded:
                 l1_sum += float((vae.decode(mean).sample - images).abs().mean()) * len(images)
                 l1_count += len(images)
     latents = torch.cat(means)
-    scale = round(1.0 / float(latents.std()), 6)
+    scale = round(1.0 / float(latents.std()), 6) if scale is None else scale
     vae.register_to_config(scaling_factor=scale)
     return _Encoded(latents * scale, scale, l1_sum / max(1, l1_count))
 
@@ -638,6 +639,52 @@ def _write_model(folder: Path, recipe: WorldRecipe, vae, unet, text_encoder, inf
         (staging / "README.md").write_text(MODEL_CARD, encoding="utf-8")
 
 
+#: Beside a run continued from a trained model: which model, so a resumed run and the final model say so.
+INIT_FILE = "init.json"
+
+
+def _initialise_from(source, run: _Run, recipe: WorldRecipe, vae, unet, text_encoder) -> dict:
+    """Load a trained world model's VAE, UNet and text encoder into this run's modules (the recipe must describe
+    the same architecture) and write them as the run's VAE checkpoint, so the diffusion phase starts from them and a
+    killed run resumes as any other."""
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    from ..models import resolve_model_folder
+
+    if recipe.text_pretrain_steps:
+        raise ConfigError("--init-from continues the diffusion phase of a trained model: set text_pretrain_steps 0")
+    folder = resolve_model_folder(source)
+    try:
+        loaded = {
+            "vae": AutoencoderKL.from_pretrained(folder / "vae", torch_dtype=torch.float32),
+            "unet": UNet2DConditionModel.from_pretrained(folder / "unet", torch_dtype=torch.float32),
+            "text_encoder": CLIPTextModel.from_pretrained(folder / "text_encoder", torch_dtype=torch.float32),
+        }
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"--init-from {source}: not a world-model folder ({str(exc).splitlines()[0]})") from None
+    modules = {"vae": vae, "unet": unet, "text_encoder": text_encoder}
+    for name, module in modules.items():
+        try:
+            module.load_state_dict(loaded[name].state_dict())
+        except RuntimeError:
+            raise ConfigError(
+                f"--init-from {source}: its {name} is not the architecture this recipe builds; pass the recipe it "
+                "was trained with (its world_model.json) and change only the training fields"
+            ) from None
+    scale = float(loaded["vae"].config.scaling_factor)
+    vae.register_to_config(scaling_factor=scale)
+    record = {"model": str(source), "folder_name": folder.name, "scaling_factor": scale}
+    info_file = folder / RECIPE_FILE
+    if info_file.is_file():
+        record["its_recipe"] = json.loads(info_file.read_text(encoding="utf-8")).get("recipe")
+    atomic_write_text(run.folder / INIT_FILE, json.dumps(record, indent=1) + "\n")
+    # No optimizer state to keep: the diffusion phase starts its own, as a fresh run's does.
+    run.save("vae", recipe.vae_steps, modules, torch.optim.AdamW(vae.parameters()), [])
+    return record
+
+
 def train_world_model(
     output: str | os.PathLike,
     recipe: WorldRecipe | None = None,
@@ -645,6 +692,7 @@ def train_world_model(
     threads: int | None = None,
     evaluate: Callable[[Path], dict] | None = None,
     on_step: Callable[[str, int, int, float], None] | None = None,
+    init_from: str | os.PathLike | None = None,
 ) -> Path:
     """Train the demo world model into ``output/`` (the run folder); returns the model folder ``output/model``.
 
@@ -655,6 +703,10 @@ def train_world_model(
         threads: torch threads (default: the CPUs this process may use).
         evaluate: called with the written model folder; its metrics go into ``world_model.json``.
         on_step: progress callback ``(phase, step, total, smoothed_loss)``.
+        init_from: continue a trained world model (a folder or ``"demo"``): its VAE (and its scaling factor), UNet
+            and text encoder are the start, the VAE phase is skipped, and the recipe's ``steps`` are further
+            diffusion steps with a fresh optimizer and the recipe's schedule. Recorded in ``init.json`` and the
+            model's ``world_model.json``; a resumed run takes it from there.
     """
     import torch
 
@@ -697,9 +749,15 @@ def train_world_model(
     data = _render_data(recipe, tokenizer)
     empty_ids = tokenizer.encode_empty().ids.astype(np.int64)
     vae, unet, text_encoder = build_modules(recipe)
+    initialised = None
+    if init_from is not None and latest is None:
+        initialised = _initialise_from(init_from, run, recipe, vae, unet, text_encoder)
+    elif (folder / INIT_FILE).is_file():
+        initialised = json.loads((folder / INIT_FILE).read_text(encoding="utf-8"))
+    progress = run.latest()
 
     # Phase 1, the VAE (skipped when the run already reached a later phase).
-    vae_start = 0 if latest is None else (latest[1] if latest[0] == "vae" else recipe.vae_steps)
+    vae_start = 0 if progress is None else (progress[1] if progress[0] == "vae" else recipe.vae_steps)
     if vae_start < recipe.vae_steps:
         _train_vae(recipe, vae, data.pixels, run, vae_start, on_step)
     # Phase 2 (optional), the contrastive text tower.
@@ -716,9 +774,13 @@ def train_world_model(
     # their weights from the latest checkpoint, so they encode bit-identical latents and captions.
     now = run.latest()
     diffusion_start = now[1] if now[0] == "diffusion" else 0
-    _, log = run.load(now[2], {"vae": vae, "text_encoder": text_encoder} if now[0] == "text" else {"vae": vae}, None)
+    if initialised is not None and diffusion_start == 0:
+        start_modules = {"vae": vae, "unet": unet, "text_encoder": text_encoder}  # the continued model's
+    else:
+        start_modules = {"vae": vae, "text_encoder": text_encoder} if now[0] == "text" else {"vae": vae}
+    _, log = run.load(now[2], start_modules, None)
     vae.eval()
-    encoded = _encode_latents(vae, data.pixels)
+    encoded = _encode_latents(vae, data.pixels, scale=None if initialised is None else initialised["scaling_factor"])
     schedule = NoiseSchedule.from_scheduler_config(SCHEDULER_CONFIG)
     log = _train_diffusion(
         recipe, unet, text_encoder, encoded, data.ids, empty_ids, schedule, run, diffusion_start, log, on_step, vae
@@ -735,6 +797,7 @@ def train_world_model(
             "torch": torch.__version__,
             "wall_s_this_session": round(time.perf_counter() - started, 1),
             "resumed_from": None if latest is None else f"{latest[0]}-{latest[1]}",
+            "initialised_from": initialised,
             "vae_reconstruction_l1": round(encoded.reconstruction_l1, 5),
             "scaling_factor": encoded.scaling_factor,
             "log": log,

@@ -50,7 +50,10 @@ def _weights(run):
 
 
 def _recipe_file(tmp_path_factory, fields: dict):
-    path = tmp_path_factory.mktemp("recipe") / "recipe.json"
+    return _recipe_file_at(tmp_path_factory.mktemp("recipe") / "recipe.json", fields)
+
+
+def _recipe_file_at(path, fields: dict):
     path.write_text(json.dumps(fields))
     return path
 
@@ -161,3 +164,61 @@ def test_resume_in_the_contrastive_phase_is_bit_identical(pretrained, pretrained
     resumed = _cli("world", "train", str(run), "--resume", "--threads", "1", "--eval-items", "0")
     assert resumed.returncode == 0, resumed.stderr
     assert _weights(run) == _weights(pretrained)
+
+
+def test_init_from_continues_a_trained_model_and_refuses_another_architecture(uninterrupted, tmp_path):
+    """--init-from with a zero learning rate: the continued model is the source model itself (all three modules,
+    byte for byte, and its latent scaling factor), and the run records where it started; a recipe of another
+    architecture is refused in one line before any step."""
+    import torch
+    from dsdkit.train.world import RECIPE_FILE
+    from safetensors.torch import load_file
+
+    source = uninterrupted / "model"
+    zero_lr = _recipe_file_at(tmp_path / "zero.json", {**SHORT_RECIPE, "steps": 2, "lr": 0.0})
+    run = tmp_path / "continued"
+    done = _cli(
+        "world",
+        "train",
+        str(run),
+        "--recipe",
+        str(zero_lr),
+        "--init-from",
+        str(source),
+        "--threads",
+        "1",
+        "--eval-items",
+        "0",
+    )
+    assert done.returncode == 0, done.stderr
+    names = [
+        "unet/diffusion_pytorch_model.safetensors",
+        "vae/diffusion_pytorch_model.safetensors",
+        "text_encoder/model.safetensors",
+    ]
+    for name in names:
+        continued, original = load_file(str(run / "model" / name)), load_file(str(source / name))
+        assert continued.keys() == original.keys(), name
+        assert all(torch.equal(continued[k], original[k]) for k in original), name
+    info = json.loads((run / "model" / RECIPE_FILE).read_text())
+    source_info = json.loads((source / RECIPE_FILE).read_text())
+    assert info["training"]["initialised_from"]["model"] == str(source)
+    assert info["training"]["scaling_factor"] == source_info["training"]["scaling_factor"]
+    assert [e["phase"] for e in info["training"]["log"]] == ["diffusion"]  # no VAE phase was run
+
+    narrower = _recipe_file_at(tmp_path / "narrower.json", {**SHORT_RECIPE, "unet_channels": [32, 32, 64, 64]})
+    refused = _cli(
+        "world",
+        "train",
+        str(tmp_path / "refused"),
+        "--recipe",
+        str(narrower),
+        "--init-from",
+        str(source),
+        "--threads",
+        "1",
+        "--eval-items",
+        "0",
+    )
+    assert refused.returncode != 0
+    assert "not the architecture this recipe builds" in refused.stderr and "Traceback" not in refused.stderr
