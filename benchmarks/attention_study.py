@@ -391,6 +391,7 @@ def _run_summary(run: Path | None, model) -> dict:
             (e.get("batch_retrieval_top1") for e in reversed(training.get("log", [])) if e["phase"] == "text"), None
         ),
         "parameters": training.get("parameters"),
+        "initialised_from": training.get("initialised_from"),
     }
     if run is not None and (run / "recipe.json").is_file():
         summary["run_recipe"] = json.loads((run / "recipe.json").read_text(encoding="utf-8"))
@@ -466,7 +467,9 @@ def _write_samples(images: np.ndarray, captions: list[str], path: Path) -> None:
 # -- the heat-map sheet and the report -------------------------------------------------------------------------------
 
 #: The items of the maps sheet: (subset, index among that subset's benchmark items).
-SHEET_ITEMS = (("colour", 0), ("shape", 1), ("binding", 0), ("relation", 0))
+SHEET_ITEMS = (("colour", 0), ("binding", 0), ("relation", 0))
+#: The sheet's panels are shrunk by this (one full-size figure per row makes a many-megabyte PNG).
+SHEET_SCALE = 0.6
 
 
 def sheet(models: list[tuple[str, str]], output: Path) -> None:
@@ -495,7 +498,9 @@ def sheet(models: list[tuple[str, str]], output: Path) -> None:
                 caption = item.captions[item.positive]
                 explanation = explain(scorer, world.render(item.scenes[0], model.resolution), caption)
                 path = render_heat_maps(explanation, Path(scratch) / f"{len(rows)}.png")
-                rows.append((f"{name}: {subset} item {index}", Image.open(path).convert("RGB")))
+                figure = Image.open(path).convert("RGB")
+                size = (round(figure.width * SHEET_SCALE), round(figure.height * SHEET_SCALE))
+                rows.append((f"{name}: {subset} item {index}", figure.resize(size, Image.Resampling.LANCZOS)))
     label = 22
     width = max(image.width for _, image in rows)
     height = sum(image.height + label for _, image in rows)

@@ -424,6 +424,9 @@ def main() -> None:
     parser.add_argument("--shots", type=int, default=64, help="few-shot items per few-shot subset (adapters)")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--work", type=Path, default=Path("world-table-work"))
+    parser.add_argument(
+        "--model", default="demo", help="zero-shot and steps only: another world-model folder (a candidate's)"
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     from dsdkit.train.world import pin_threads
@@ -431,7 +434,9 @@ def main() -> None:
     from dsdkit.models import load_model
 
     pin_threads(args.threads)
-    model = load_model("demo", device="cpu", dtype="fp32")
+    if args.model != "demo" and args.what in ("adapters", "fidelity"):
+        raise SystemExit(f"{args.what} runs on the shipped demo model only (it trains and exports `demo`)")
+    model = load_model(args.model, device="cpu", dtype="fp32")
     args.work.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     if args.what == "zero-shot":
@@ -444,7 +449,7 @@ def main() -> None:
         rows = fidelity(model, args.items, args.work)
     record = {
         "benchmark": f"world-{args.what}",
-        "model": "demo",
+        "model": args.model if args.model == "demo" else Path(args.model).name,
         "model_identity": model.identity(),
         "items_per_subset": args.items,
         "machine": machine(),
