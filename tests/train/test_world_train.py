@@ -169,7 +169,7 @@ def test_resume_in_the_contrastive_phase_is_bit_identical(pretrained, pretrained
 def test_init_from_continues_a_trained_model_and_refuses_another_architecture(uninterrupted, tmp_path):
     """--init-from with a zero learning rate: the continued model is the source model itself (all three modules,
     byte for byte, and its latent scaling factor), and the run records where it started; a recipe of another
-    architecture is refused in one line before any step."""
+    architecture is refused, naming the module, before any step."""
     import torch
     from dsdkit.train.world import RECIPE_FILE
     from safetensors.torch import load_file
@@ -206,19 +206,13 @@ def test_init_from_continues_a_trained_model_and_refuses_another_architecture(un
     assert info["training"]["scaling_factor"] == source_info["training"]["scaling_factor"]
     assert [e["phase"] for e in info["training"]["log"]] == ["diffusion"]  # no VAE phase was run
 
-    narrower = _recipe_file_at(tmp_path / "narrower.json", {**SHORT_RECIPE, "unet_channels": [32, 32, 64, 64]})
-    refused = _cli(
-        "world",
-        "train",
-        str(tmp_path / "refused"),
-        "--recipe",
-        str(narrower),
-        "--init-from",
-        str(source),
-        "--threads",
-        "1",
-        "--eval-items",
-        "0",
-    )
-    assert refused.returncode != 0
-    assert "not the architecture this recipe builds" in refused.stderr and "Traceback" not in refused.stderr
+    # The refusal happens before any step: called directly (no second process, no torch import to pay again).
+    from dsdkit.train.world import WorldRecipe, _initialise_from, _Run, build_modules
+
+    from dsdkit.errors import ConfigError
+
+    narrower = WorldRecipe(**{**SHORT_RECIPE, "unet_channels": [32, 32, 64, 64]})
+    (tmp_path / "refused").mkdir()
+    with pytest.raises(ConfigError, match="its unet is not the architecture this recipe builds"):
+        _initialise_from(source, _Run(tmp_path / "refused"), narrower, *build_modules(narrower))
+    assert not (tmp_path / "refused" / "latest.json").exists()
