@@ -4,7 +4,7 @@ Two steps:
 
     python benchmarks/adaptive_schedule.py collect            # exhaustive per-timestep scores (long; resumable)
     python benchmarks/adaptive_schedule.py choose --verify 64 -o benchmarks/results/adaptive-schedule-DATE.json
-    python benchmarks/adaptive_schedule.py table benchmarks/results/adaptive-schedule-DATE.json   # README table
+    python benchmarks/adaptive_schedule.py table benchmarks/results/adaptive-schedule-DATE.json  # docs/match.md
 
 ``collect`` scores the demo benchmark's K-way ranking sets (``rank-8`` and ``rank-32``: the true caption among K,
 up to half of the distractors one edit away) **exhaustively** with the default ``discffusion`` score at S = 30 on
@@ -57,7 +57,7 @@ def collect(args) -> None:
     from dsdkit.runtime.files import atomic_write_bytes
 
     from dsdkit import world
-    from dsdkit.scorer import build_scorer
+    from dsdkit.pytorch.scorer import build_scorer
 
     torch.set_num_threads(args.threads)
     scorer = build_scorer("demo", overrides={"num_timesteps": args.timesteps}, batch_size=args.batch_size)
@@ -279,7 +279,7 @@ def verify(args, schedule, data, halves) -> dict:
     from dsdkit.runtime.adaptive import simulate
 
     from dsdkit import world
-    from dsdkit.scorer import build_scorer
+    from dsdkit.pytorch.scorer import build_scorer
 
     torch.set_num_threads(args.threads)
     out = {}
@@ -325,7 +325,7 @@ def verify(args, schedule, data, halves) -> dict:
 
 
 def table(args) -> None:
-    """The README's trade-off table from a ``choose`` record (report half only)."""
+    """The trade-off table of docs/match.md from a ``choose`` record (report half only)."""
     record = json.loads(args.record.read_text())
     lines = [
         "| schedule (chosen at ≥ X% agreement on the choose half) | K | keep | steps | top-1 agreement (Wilson 95%) "
@@ -369,7 +369,7 @@ def main(argv=None) -> None:
     h.add_argument("--batch-size", type=int, default=256)
     h.add_argument("--threads", type=int, default=2)
     h.add_argument("-o", "--output", type=Path)
-    t = sub.add_parser("table", help="the README's trade-off table from a choose record")
+    t = sub.add_parser("table", help="the trade-off table of docs/match.md from a choose record")
     t.add_argument("record", type=Path)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")

@@ -189,14 +189,15 @@ def attention_placement(model, items_per_kind: int = 40) -> dict:
     - two objects (``binding`` items, true caption): of the first-named object's colour word, the share of its
       attention on the two objects that falls on its own object (0.5: no preference).
     """
+    from dsdkit.runtime.config import ScoringConfig
+
     from dsdkit import world
-    from dsdkit.config import ScoringConfig
-    from dsdkit.explain import explain
-    from dsdkit.scorer import Scorer
+    from dsdkit.pytorch.explain import explain
+    from dsdkit.pytorch.scorer import Scorer
 
     scorer = Scorer(model, ScoringConfig.from_preset("discffusion", num_timesteps=NUM_TIMESTEPS), batch_size=64)
-    one = world.benchmark_items(per_subset=items_per_kind, subsets=["colour"])
-    two = world.benchmark_items(per_subset=items_per_kind, subsets=["binding"])
+    one = world.benchmark_items(seed=world_table.ITEMS_SEED, per_subset=items_per_kind, subsets=["colour"])
+    two = world.benchmark_items(seed=world_table.ITEMS_SEED, per_subset=items_per_kind, subsets=["binding"])
     ratios: dict[str, list[float]] = {"colour word": [], "shape word": [], "a (first token)": []}
     own_share = []
     for item in one:
@@ -402,7 +403,7 @@ def evaluate(args) -> dict:
     from dsdkit.train.world import pin_threads
 
     from dsdkit import world
-    from dsdkit.models import load_model
+    from dsdkit.pytorch.models import load_model
 
     pin_threads(args.threads)
     model = load_model(args.model, device="cpu", dtype="fp32")
@@ -477,14 +478,14 @@ def sheet(models: list[tuple[str, str]], output: Path) -> None:
     benchmark items, one row per model and item, labelled; one PNG."""
     import tempfile
 
+    from dsdkit.runtime.config import ScoringConfig
     from dsdkit.runtime.files import atomic_write_bytes
     from PIL import Image, ImageDraw
 
     from dsdkit import world
-    from dsdkit.config import ScoringConfig
-    from dsdkit.explain import explain, render_heat_maps
-    from dsdkit.models import load_model
-    from dsdkit.scorer import Scorer
+    from dsdkit.pytorch.explain import explain, render_heat_maps
+    from dsdkit.pytorch.models import load_model
+    from dsdkit.pytorch.scorer import Scorer
 
     subsets = sorted({s for s, _ in SHEET_ITEMS})
     items = {s: world.benchmark_items(per_subset=4, subsets=[s]) for s in subsets}

@@ -39,7 +39,7 @@ def main(argv=None) -> int:
     import torch
 
     from dsdkit import Scorer, ScoringConfig, load_model
-    from dsdkit.tiny import write_tiny_model
+    from dsdkit.pytorch.tiny import write_tiny_model
 
     with tempfile.TemporaryDirectory() as scratch:
         folder = args.model or write_tiny_model(Path(scratch) / "model", size=args.size)

@@ -76,9 +76,9 @@ def main(argv=None) -> int:
     from dsdkit.runtime.threads import configure_threads
 
     from dsdkit import __version__
-    from dsdkit.matching import match
-    from dsdkit.ray_runner import RayOptions, run_job_on_ray
-    from dsdkit.shards import merge_job, plan_job
+    from dsdkit.jobs.match import match
+    from dsdkit.jobs.ray_runner import RayOptions, run_job_on_ray
+    from dsdkit.jobs.shards import merge_job, plan_job
 
     cores = os.cpu_count() or 1
     records = []

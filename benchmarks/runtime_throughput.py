@@ -39,12 +39,12 @@ def main(argv=None) -> int:
     from dsdkit.export import ExportConfig, ParitySettings, export_bundle
     from dsdkit.export.parity import parity_inputs
     from dsdkit.runtime import Matcher
+    from dsdkit.runtime.config import ScoringConfig
 
     from dsdkit import __version__
-    from dsdkit.config import ScoringConfig
-    from dsdkit.models import load_model
-    from dsdkit.scorer import Scorer
-    from dsdkit.tiny import write_tiny_model
+    from dsdkit.pytorch.models import load_model
+    from dsdkit.pytorch.scorer import Scorer
+    from dsdkit.pytorch.tiny import write_tiny_model
 
     with tempfile.TemporaryDirectory() as scratch:
         folder = args.model or write_tiny_model(Path(scratch) / "model", size=args.size)

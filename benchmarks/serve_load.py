@@ -1,26 +1,28 @@
-"""Serve latency under load: `dsdkit serve`'s application on loopback, 1 to 16 concurrent clients, bounded.
+"""`dsdkit serve` start-up and latency under a bounded load on loopback: both runners in one run.
 
-    taskset -c 0,1 python benchmarks/serve_load.py                 # the demo bundle, exported once to benchmarks/cache
-    python benchmarks/serve_load.py --bundle BUNDLE --requests 200 --clients 1 2 4 8 16 --timesteps 4
+    taskset -c 0,1 python benchmarks/serve_load.py      # the demo bundle, exported once to benchmarks/cache
+    python benchmarks/serve_load.py --bundle BUNDLE --requests 200 --clients 1 2 4 8 --timesteps 4
+    python benchmarks/serve_load.py --runners in-process --requests 8 --clients 1 2 -o /tmp/smoke.json   # a smoke run
     python benchmarks/serve_load.py --table benchmarks/results/serve-load-DATE.json      # the markdown table only
 
-Starts a local Ray cluster (``--ray-cpus``), runs :func:`dsdkit.serving.build_app` on ``127.0.0.1`` (nothing listens
-beyond loopback) with the default :class:`~dsdkit.serving.ServeConfig` but ``--timesteps``, and sends
-``/rank-captions`` requests: one demo-world image and its 8 captions (the benchmark's ``rank-8`` items, seed 17:
-the true caption among 8, half the distractors one edit away), every request a new image, so each one pays its
-image encoding, its unconditional pass (S evaluations) and 8 x S conditional ones; captions repeat across items and
-are cached, as a label set would be.
+For each runner, one after the other (never side by side): the in-process runner (``dsdkit serve BUNDLE``, uvicorn
+in one process) and Ray Serve with one replica (``dsdkit serve BUNDLE --ray local``, a new loopback-only cluster).
+Each is the real command, started as a subprocess with the same engine threads (``--threads``, also Ray's CPUs per
+replica) and the default :class:`~dsdkit.serving.config.ServeConfig` but ``--timesteps``; the record holds:
 
-For each concurrency level, ``c`` client threads (one keep-alive HTTP connection each) share ``--requests``
-requests, each client sending its next request when the last one is answered (a closed loop). Per level: latency
-p50 / p95 / max over the requests (p99 only with >= 200 of them), throughput, and scorer batches per request (the
-replica's ``scorer_batches`` counter, read from ``GET /health`` before and after the level, over the requests). A
-level stops taking new requests after ``--level-timeout`` seconds (the record says so), which bounds the run.
+- start-up: seconds from starting the command to its ready line, and to its first ``GET /health`` answer;
+- per concurrency level, ``c`` closed-loop client threads (one keep-alive HTTP connection each) sharing
+  ``--requests`` ``/rank-captions`` requests (one demo-world image and its 8 captions, the benchmark's ``rank-8``
+  items, seed 17, a new image each, so each pays its image encoding and 8 x S scorer evaluations; captions repeat
+  across items and are cached, as a label set would be): latency p50 / p95 / max (p99 with >= 200 requests),
+  throughput, scorer batches per request (the server's ``scorer_batches`` counter from ``GET /health``);
+- stopping: seconds from SIGTERM to exit, and the exit code.
 
-Load conditions: the record holds the machine's CPU use during each level from ``/proc/stat`` and the part of it
-used by this benchmark's own processes (the driver, Ray and the replica, its descendants), so CPU used by anything
-else on the machine at the same time is visible (``other_cpus``). Writes
-``benchmarks/results/serve-load-<date>.json`` (``-o`` to change) and prints the table.
+A level stops taking new requests after ``--level-timeout`` seconds (the record says so), which bounds the run.
+Load conditions: the whole machine's CPU use during each level (``/proc/stat``) and the part of it used by this
+benchmark's own processes (the driver and the server with its children), so CPU used by anything else at the same
+time is visible (``other_cpus``). Writes ``benchmarks/results/serve-load-<date>.json`` (``-o`` to change) and prints
+the table.
 """
 
 from __future__ import annotations
@@ -34,9 +36,13 @@ import json
 import logging
 import os
 import platform
+import re
 import shlex
+import signal
 import socket
+import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -48,6 +54,7 @@ logger = logging.getLogger("serve_load")
 
 HERE = Path(__file__).resolve().parent
 ITEM_SEED = 17  # fresh items: not the demo benchmark's seed 0 (none of them is in the demo model's training data)
+RUNNERS = ("in-process", "ray")
 
 
 # -- CPU accounting (Linux /proc) ----------------------------------------------------------------------------------
@@ -232,114 +239,158 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run(args) -> dict:
-    import onnxruntime
-    import ray
-    from ray import serve
+def start_server(command: list[str], timeout: float) -> tuple[subprocess.Popen, int, float, float]:
+    """Start `dsdkit serve`; (process, port, seconds to its ready line, seconds to its first /health answer)."""
+    started = time.perf_counter()
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lines: list[str] = []
+    threading.Thread(target=lambda: lines.extend(iter(process.stdout.readline, "")), daemon=True).start()
+    errors: list[str] = []
+    threading.Thread(target=lambda: errors.extend(iter(process.stderr.readline, "")), daemon=True).start()
+    while not any("ready at" in line for line in lines):
+        if process.poll() is not None or time.perf_counter() - started > timeout:
+            process.kill()
+            raise SystemExit(f"{shlex.join(command)}: no ready line; stderr: {''.join(errors)[-2000:]}")
+        time.sleep(0.01)
+    ready_s = time.perf_counter() - started
+    url = re.search(r"ready at http://([^/]+)/", next(line for line in lines if "ready at" in line)).group(1)
+    port = int(url.rsplit(":", 1)[1])
+    while True:
+        try:
+            Client(port).counters()
+            break
+        except OSError:
+            time.sleep(0.01)
+    return process, port, ready_s, time.perf_counter() - started
 
-    import dsdkit
-    from dsdkit.serving import ServeConfig, build_app
 
-    bundle = Path(args.bundle) if args.bundle else demo_bundle(args.cache)
-    total = args.requests * len(args.clients) + args.warmup
-    bodies = request_bodies(total)
-    sizes = {"max_batch_items": args.max_batch_items} if args.max_batch_items else {}
-    config = ServeConfig(num_timesteps=args.timesteps, **sizes)
-    quiet_before = CpuWindow()
-    quiet_before.start()
-    time.sleep(2.0)
-    idle = quiet_before.stop()
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    ray.init(num_cpus=args.ray_cpus, include_dashboard=False, log_to_driver=False)
+def run_runner(runner: str, args, bundle: Path, bodies: list[bytes], offset: int) -> dict:
+    """One runner: start it, warm it up, run every level, stop it."""
+    dsdkit = str(Path(sys.executable).parent / "dsdkit")
+    command = [dsdkit, "serve", str(bundle), "--timesteps", str(args.timesteps), "--threads", str(args.threads)]
+    if args.max_batch_items:
+        command += ["--max-batch-items", str(args.max_batch_items)]
+    if runner == "ray":
+        log = Path(tempfile.gettempdir()) / f"serve-load-ray-{os.getpid()}.log"
+        command += ["--ray", "local", "--cpus-per-replica", str(args.threads), "--ray-log", str(log)]
+        command += ["--port", str(free_port())]
+    else:
+        command += ["--port", "0"]
+    logger.info("%s: %s", runner, shlex.join(command))
+    process, port, ready_s, answered_s = start_server(command, args.start_timeout)
     try:
-        port = free_port()
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        app = build_app(bundle, config, replicas=args.replicas, cpus_per_replica=args.cpus_per_replica)
-        serve.run(app, name="serve-load", route_prefix="/")
         warm = Client(port)
-        for body in bodies[: args.warmup]:
+        for body in bodies[:offset]:
             warm.call("POST", "/rank-captions", body)
-        engine = json.loads(warm.call("GET", "/health")[1])["engine"]
+        health = json.loads(warm.call("GET", "/health")[1])
         levels = []
-        offset = args.warmup
         for clients in args.clients:
             chunk = bodies[offset : offset + args.requests]
             offset += args.requests
             row = run_level(port, clients, chunk, args.level_timeout)
-            logger.info("%d clients: %s", clients, json.dumps(row))
+            logger.info("%s, %d clients: %s", runner, clients, json.dumps(row))
             levels.append(row)
     finally:
-        serve.shutdown()
-        ray.shutdown()
+        stopping = time.perf_counter()
+        process.send_signal(signal.SIGTERM)
+        try:
+            code = process.wait(120)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            code = None
+        stop_s = time.perf_counter() - stopping
+    return {
+        "runner": runner,
+        "command": shlex.join(["dsdkit", *command[1:]]),
+        "startup": {"ready_line_s": round(ready_s, 3), "first_health_answer_s": round(answered_s, 3)},
+        "engine": health["engine"],
+        "config": health["config"],
+        "levels": levels,
+        "stop": {"sigterm_to_exit_s": round(stop_s, 3), "exit_code": code},
+    }
+
+
+def run(args) -> dict:
+    import onnxruntime
+
+    import dsdkit
+
+    bundle = Path(args.bundle) if args.bundle else demo_bundle(args.cache)
+    per_runner = args.requests * len(args.clients) + args.warmup
+    bodies = request_bodies(per_runner)
+    quiet_before = CpuWindow()
+    quiet_before.start()
+    time.sleep(2.0)
+    idle = quiet_before.stop()
+    runners = [run_runner(runner, args, bundle, bodies, args.warmup) for runner in args.runners]
+    versions = {"dsdkit": dsdkit.__version__, "onnxruntime": onnxruntime.__version__, "numpy": np.__version__}
+    for name in ("ray", "uvicorn"):
+        try:
+            versions[name] = __import__(name).__version__
+        except ImportError:
+            versions[name] = None
+    engine = runners[0]["engine"]
     return {
         "benchmark": "serve_load",
         "date": datetime.date.today().isoformat(),
         "command": shlex.join(["python", "benchmarks/serve_load.py", *sys.argv[1:]]),
-        "machine": machine(
-            affinity=len(os.sched_getaffinity(0)),
-            ray_cpus=args.ray_cpus,
-            python=platform.python_version(),
-        ),
-        "versions": {
-            "dsdkit": dsdkit.__version__,
-            "ray": ray.__version__,
-            "onnxruntime": onnxruntime.__version__,
-            "numpy": np.__version__,
-        },
+        "machine": machine(affinity=len(os.sched_getaffinity(0)), python=platform.python_version()),
+        "versions": versions,
         "bundle": {
             "model": engine["model"],
-            "identity": engine["identity"][:12],
+            "identity": (engine["identity"] or "")[:12],
             "timesteps": engine["timesteps"],
             "engine_batch_size": engine["batch_size"],
-            "backend": "onnxruntime, CPU, fp32",
+            "backend": engine["device"],
         },
         "deployment": {
-            "replicas": args.replicas,
-            "cpus_per_replica": args.cpus_per_replica,
-            "onnxruntime_threads_per_replica": max(1, int(args.cpus_per_replica)),
-            "config": config.to_dict(),
+            "threads": args.threads,
+            "ray": "one replica with --cpus-per-replica = --threads, a new local cluster (--ray local)",
         },
         "workload": {
             "endpoint": "POST /rank-captions",
             "request": (
                 f"one new {engine['model']}-world image (64 px PNG, base64) and its 8 captions (rank-8 items, seed "
-                f"{ITEM_SEED}); per request 8 x S conditional + S unconditional scorer evaluations"
+                f"{ITEM_SEED}); per request 8 x S scorer evaluations (+ S unconditional where the config needs them)"
             ),
             "requests_per_level": args.requests,
             "warmup_requests": args.warmup,
             "clients": "closed loop: each client thread sends its next request when the last is answered; one "
-            "keep-alive HTTP/1.1 connection per client; loopback only",
+            "keep-alive HTTP/1.1 connection per client; loopback only; the same requests for every runner",
             "level_timeout_s": args.level_timeout,
+            "startup": "ready_line_s: from starting the dsdkit serve process to its ready line on stdout; "
+            "first_health_answer_s: to its first GET /health answer",
         },
         "load_conditions": {
             "stated": args.conditions,
             "measured": (
                 "per level: machine_cpus_busy is the whole machine's CPU use (cores busy, /proc/stat), "
-                "benchmark_cpus this benchmark's process tree (driver, Ray, replica), other_cpus the rest; "
-                "before_start_2s the same over 2 s before Ray started"
+                "benchmark_cpus this benchmark's process tree (driver, server and its children), other_cpus the "
+                "rest; before_start_2s the same over 2 s before any server started"
             ),
             "pinning": args.pinning,
             "before_start_2s": idle,
         },
-        "levels": levels,
+        "runners": runners,
     }
 
 
 def table(record: dict) -> str:
     lines = [
-        "| clients | requests | p50 ms | p95 ms | p99 ms | max ms | req/s | scorer batches / request "
-        "| work items / batch | other CPUs busy |",
+        "| runner | start-up s | clients | requests | p50 ms | p95 ms | max ms | req/s | scorer batches / request "
+        "| other CPUs busy |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for row in record["levels"]:
-        lat = row["latency_ms"]
-        p99 = f"{lat['p99']:.1f}" if "p99" in lat else "–"
-        lines.append(
-            f"| {row['clients']} | {row['requests']}{' (timed out)' if row['stopped_by_timeout'] else ''} "
-            f"| {lat['p50']:.1f} | {lat['p95']:.1f} | {p99} | {lat['max']:.1f} | {row['throughput_rps']:.2f} "
-            f"| {row['scorer_batches_per_request']:.3f} | {row['work_items_per_batch']:.1f} "
-            f"| {row['load']['other_cpus']:.2f} |"
-        )
+    for runner in record["runners"]:
+        for n, row in enumerate(runner["levels"]):
+            lat = row["latency_ms"]
+            startup = f"{runner['startup']['ready_line_s']:.1f}" if n == 0 else ""
+            lines.append(
+                f"| {runner['runner'] if n == 0 else ''} | {startup} | {row['clients']} "
+                f"| {row['requests']}{' (timed out)' if row['stopped_by_timeout'] else ''} "
+                f"| {lat['p50']:.1f} | {lat['p95']:.1f} | {lat['max']:.1f} | {row['throughput_rps']:.2f} "
+                f"| {row['scorer_batches_per_request']:.3f} | {row['load']['other_cpus']:.2f} |"
+            )
     return "\n".join(lines)
 
 
@@ -347,15 +398,15 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--bundle", help="a bundle to serve (default: the demo model's, exported to --cache)")
     parser.add_argument("--cache", type=Path, default=HERE / "cache")
-    parser.add_argument("--clients", type=int, nargs="+", default=[1, 2, 4, 8, 16])
+    parser.add_argument("--runners", nargs="+", choices=RUNNERS, default=list(RUNNERS))
+    parser.add_argument("--clients", type=int, nargs="+", default=[1, 2, 4, 8])
     parser.add_argument("--requests", type=int, default=200, help="requests per level (p99 needs >= 200)")
     parser.add_argument("--warmup", type=int, default=8, help="requests before the first level, not measured")
     parser.add_argument("--timesteps", type=int, default=4, help="S")
+    parser.add_argument("--threads", type=int, default=2, help="the engine's threads (Ray: CPUs per replica too)")
     parser.add_argument("--max-batch-items", type=int, default=None, help="default: ServeConfig's")
-    parser.add_argument("--replicas", type=int, default=1)
-    parser.add_argument("--cpus-per-replica", type=float, default=2, help="also ONNX Runtime's threads")
-    parser.add_argument("--ray-cpus", type=int, default=2, help="CPUs of the local Ray cluster")
     parser.add_argument("--level-timeout", type=float, default=60.0, help="seconds a level may take new requests")
+    parser.add_argument("--start-timeout", type=float, default=300.0, help="seconds a server may take to start")
     parser.add_argument("--pinning", default="none stated", help="how the run was pinned, recorded as given")
     parser.add_argument("--conditions", default="none stated", help="what else ran on the machine, as given")
     parser.add_argument("-o", "--output", type=Path)

@@ -13,7 +13,7 @@ pinned to one core (the last one this process may use). Configurations:
   (milliseconds) before it sleeps, all cores; the CLI's passive default is switched off inside the child;
 - ``passive`` (after, the new defaults): nothing set; the CLI sets ``OMP_WAIT_POLICY=PASSIVE`` and its default
   thread count;
-- ``passive-1`` (after, ``--threads 1``): what the README's advice to lower ``--threads`` buys.
+- ``passive-1`` (after, ``--threads 1``): what the docs' advice to lower ``--threads`` buys.
 
 Repeats are interleaved (quiet and loaded, every configuration, then again), so drifting load from elsewhere
 spreads over all of them. Each run records its wall time, the time of its ``match()`` call alone (the scoring,
@@ -58,7 +58,7 @@ import dsdkit.runtime.threads as threads
 if os.environ.pop("TC_NO_PASSIVE_DEFAULT", None):
     threads.use_passive_waiting = lambda: False
 import dsdkit.cli as cli
-import dsdkit.matching as matching
+import dsdkit.jobs.match as matching
 cli.use_passive_waiting = threads.use_passive_waiting
 timed = {}
 untimed_match = matching.match

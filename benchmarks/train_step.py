@@ -36,7 +36,7 @@ def main(argv=None) -> int:
     import torch
     from dsdkit.train import TrainConfig, Trainer
 
-    from dsdkit.tiny import write_tiny_model
+    from dsdkit.pytorch.tiny import write_tiny_model
     from dsdkit.world import write_colour_shapes
 
     with tempfile.TemporaryDirectory() as scratch:

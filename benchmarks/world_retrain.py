@@ -32,7 +32,7 @@ def main() -> None:
     from dsdkit.runtime.files import atomic_write_text
     from dsdkit.train.world import WorldRecipe, measure_world_model, train_world_model
 
-    from dsdkit.demo import demo_model_folder
+    from dsdkit.world.demo import demo_model_folder
 
     started = time.perf_counter()
     folder = train_world_model(

@@ -7,7 +7,7 @@ writes (the benchmark file's items are regenerated in memory from the same seed;
     python benchmarks/world_table.py steps -o benchmarks/results/world-steps-DATE.json
     python benchmarks/world_table.py adapters -o benchmarks/results/world-adapters-DATE.json
     python benchmarks/world_table.py fidelity -o benchmarks/results/world-fidelity-DATE.json
-    python benchmarks/world_table.py report benchmarks/results/world-*-DATE.json    # the README's tables
+    python benchmarks/world_table.py report benchmarks/results/world-*-DATE.json    # the tables of docs/demo-world.md
 
 ``zero-shot`` scores the whole benchmark once with the default ``discffusion`` score at S = 10 and reads the
 attention term and the denoising term apart from the same passes; then the ``paper`` preset, dynamic vs uniform
@@ -51,6 +51,9 @@ PAIR_SUBSETS = (
     "heldout-order",
 )
 GROUP_SUBSETS = ("group-binding", "group-relation")
+#: The benchmark items' seed (``--items-seed``): candidates are chosen on seed 0's items and the chosen model's
+#: figures are reported on another seed's, generated the same way (none occurs in training either).
+ITEMS_SEED = 0
 RANK_SUBSETS = ("rank-8", "rank-32")
 
 
@@ -90,17 +93,18 @@ def _command() -> str:
     return " ".join(["python", *args])
 
 
-def examples_of(subsets, per_subset: int, seed: int = 0):
+def examples_of(subsets, per_subset: int, seed: int | None = None):
     from dsdkit import world
-    from dsdkit.demo import items_to_examples
+    from dsdkit.jobs.datasets import items_to_examples
 
+    seed = ITEMS_SEED if seed is None else seed
     return items_to_examples(world.benchmark_items(seed=seed, per_subset=per_subset, subsets=subsets))
 
 
 def score_terms(scorer, examples):
     """Per example: the final score, attention-term and denoising-term matrices (``score_examples`` with its
     terms), and the UNet evaluations they took."""
-    from dsdkit.evaluation import score_examples
+    from dsdkit.jobs.evaluation import score_examples
 
     seen = []
     default, scorer.progress = scorer.progress, seen.append  # the engine's default progress callback counts them
@@ -113,7 +117,7 @@ def score_terms(scorer, examples):
 
 def metrics_by_subset(examples, matrices) -> dict:
     """{subset: {metric: value, "n": items}} with the Wilson 95% interval of accuracy-like metrics."""
-    from dsdkit.evaluation import compute_metrics
+    from dsdkit.jobs.evaluation import compute_metrics
 
     out = {}
     for subset in sorted({e.subset for e in examples}):
@@ -132,8 +136,9 @@ def metrics_by_subset(examples, matrices) -> dict:
 
 
 def make_scorer(model, batch_size=128, **knobs):
-    from dsdkit.config import ScoringConfig
-    from dsdkit.scorer import Scorer
+    from dsdkit.runtime.config import ScoringConfig
+
+    from dsdkit.pytorch.scorer import Scorer
 
     preset = knobs.pop("preset", "discffusion")
     return Scorer(model, ScoringConfig.from_preset(preset, **knobs), batch_size=batch_size)
@@ -208,12 +213,12 @@ def steps(model, per_subset):
 
 def adapters(model, per_subset, shots, work: Path):
     """Train each adapter kind on the few-shot split (files as ``dsdkit demo-data`` writes them), evaluate."""
+    from dsdkit.runtime.config import ScoringConfig
     from dsdkit.train import TrainConfig, train
 
     from dsdkit import world
-    from dsdkit.adapters import load_adapter
-    from dsdkit.config import ScoringConfig
-    from dsdkit.scorer import Scorer
+    from dsdkit.pytorch.adapters import load_adapter
+    from dsdkit.pytorch.scorer import Scorer
 
     # The files `dsdkit demo-data` writes by default: the few-shot split avoids every benchmark item's layout.
     paths = world.write_demo_data(work / "demo-data", per_subset=per_subset, shots=shots)
@@ -292,10 +297,10 @@ def fidelity(model, per_subset, work: Path):
     """fp16 bundle / fp32 bundle on ONNX Runtime and the compiled scorer against fp32 eager PyTorch."""
     from dsdkit.export import ExportConfig, export_bundle
     from dsdkit.runtime import Matcher
+    from dsdkit.runtime.config import ScoringConfig
 
-    from dsdkit.acceleration import Acceleration
-    from dsdkit.config import ScoringConfig
-    from dsdkit.scorer import Scorer
+    from dsdkit.pytorch.acceleration import Acceleration
+    from dsdkit.pytorch.scorer import Scorer
 
     subsets = PAIR_SUBSETS[:5] + ("rank-8",)
     examples = examples_of(subsets, per_subset)
@@ -359,7 +364,7 @@ def _subset_cell(subsets: dict, subset: str) -> str:
 
 
 def report(paths: list[Path]) -> str:
-    """Markdown tables (the README's) from the JSON records."""
+    """Markdown tables (those of docs/demo-world.md) from the JSON records."""
     lines = []
     loaded = [json.loads(p.read_text()) for p in paths]
     records = {record["benchmark"]: record for record in loaded}
@@ -423,6 +428,7 @@ def main() -> None:
     parser.add_argument("--items", type=int, default=200, help="benchmark items per subset")
     parser.add_argument("--shots", type=int, default=64, help="few-shot items per few-shot subset (adapters)")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--items-seed", type=int, default=0, help="benchmark items of this seed (report on 1)")
     parser.add_argument("--work", type=Path, default=Path("world-table-work"))
     parser.add_argument(
         "--model", default="demo", help="zero-shot and steps only: another world-model folder (a candidate's)"
@@ -431,9 +437,11 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     from dsdkit.train.world import pin_threads
 
-    from dsdkit.models import load_model
+    from dsdkit.pytorch.models import load_model
 
     pin_threads(args.threads)
+    global ITEMS_SEED
+    ITEMS_SEED = args.items_seed
     if args.model != "demo" and args.what in ("adapters", "fidelity"):
         raise SystemExit(f"{args.what} runs on the shipped demo model only (it trains and exports `demo`)")
     model = load_model(args.model, device="cpu", dtype="fp32")
@@ -452,6 +460,7 @@ def main() -> None:
         "model": args.model if args.model == "demo" else Path(args.model).name,
         "model_identity": model.identity(),
         "items_per_subset": args.items,
+        "items_seed": args.items_seed,
         "machine": machine(),
         "wall_s": round(time.perf_counter() - started, 1),
         "rows": rows,

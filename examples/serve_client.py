@@ -1,15 +1,22 @@
 """A thin client of `dsdkit serve`: the Python standard library only (urllib, json, base64), nothing to install.
 
-    dsdkit serve BUNDLE --port 8000                        # in another shell (needs the ray extra)
+    dsdkit serve BUNDLE --port 8000                        # in another shell (or: dsdkit serve --model demo)
     python examples/serve_client.py health
     python examples/serve_client.py rank-captions examples/demo/00-a-red-circle.png --captions examples/captions.txt
     python examples/serve_client.py rank-images "a red circle" examples/demo/*.png --top-k 3
     python examples/serve_client.py score-pairs examples/demo/00-a-red-circle.png --caption "a red circle" --pair 0,0
+    python examples/serve_client.py explain examples/demo/00-a-red-circle.png "a red circle"   # --model servers only
 
 Images are uploaded as base64 unless ``--server-paths`` is given: then they are sent as paths relative to the
 server's image root (``--image-root`` of the server), for images that already sit beside it. Use the functions
 from your own code: ``rank_captions(url, image, captions)`` and the others return the server's JSON as a dict and
 raise :class:`ServeError` (the HTTP status and the server's one-line message) for a refused request.
+
+What to retry: a 503 (the server is busy or starting: wait its ``Retry-After`` seconds), a 500 whose message says
+it "can be retried" (a Ray Serve replica died under the request; a new one is starting), and a connection that
+failed; every request is read-only, so retrying never does anything twice. Do not retry a 4xx: the request itself
+is refused, and its message says why. A 504 means the request did not finish within the server's deadline (or
+your ``timeout_s``): send less per request.
 """
 
 from __future__ import annotations
@@ -64,16 +71,28 @@ def health(url: str = DEFAULT_URL, timeout: float = 30.0) -> dict:
     return request(url, "/health", timeout=timeout)
 
 
-def rank_captions(url, image, captions, top_k=None, server_path=False, timeout=120.0) -> dict:
-    """The captions best first for one image: ``{"ranking": [{"index", "caption", "score"}], "scores": [...]}``."""
+def rank_captions(url, image, captions, top_k=None, server_path=False, timeout=120.0, adaptive=False) -> dict:
+    """The captions best first for one image: ``{"ranking": [{"index", "caption", "score", "margin"}], "scores":
+    [...]}``; ``adaptive`` (``True`` or a schedule) ranks by successive elimination."""
     payload = {"image": image_field(image, server_path), "captions": list(captions), "top_k": top_k}
+    if adaptive:
+        payload["adaptive"] = adaptive
     return request(url, "/rank-captions", payload, timeout)
 
 
-def rank_images(url, caption, images, top_k=None, server_path=False, timeout=120.0) -> dict:
-    """The images best first for one caption: ``{"ranking": [{"index", "score"}], "scores": [...]}``."""
+def rank_images(url, caption, images, top_k=None, server_path=False, timeout=120.0, adaptive=False) -> dict:
+    """The images best first for one caption: ``{"ranking": [{"index", "score", "margin"}], "scores": [...]}``."""
     payload = {"caption": caption, "images": [image_field(i, server_path) for i in images], "top_k": top_k}
+    if adaptive:
+        payload["adaptive"] = adaptive
     return request(url, "/rank-images", payload, timeout)
+
+
+def explain(url, image, caption, server_path=False, timeout=300.0) -> dict:
+    """Per-word heat maps of one pair (a server running ``--model``): ``{"tokens", "maps", "grid", "region",
+    "score"}``, each map a ``grid`` x ``grid`` list of attention probabilities."""
+    payload = {"image": image_field(image, server_path), "caption": caption}
+    return request(url, "/explain", payload, timeout)
 
 
 def score_pairs(url, images, captions, pairs, server_path=False, timeout=120.0) -> dict:
@@ -117,19 +136,27 @@ def main(argv=None) -> int:
     sp = sub.add_parser("score-pairs", help="score given (image, caption) pairs")
     sp.add_argument("images", nargs="+")
     sp.add_argument("--pair", type=_pair, action="append", required=True, help="IMAGE,CAPTION indices (repeatable)")
+    ex = sub.add_parser("explain", help="per-word heat maps of one image and caption (a --model server)")
+    ex.add_argument("image")
+    ex.add_argument("query", metavar="CAPTION")
     for command in (rc, sp):
         command.add_argument("--caption", action="append", help="a caption (repeatable)")
         command.add_argument("--captions", help="a file of captions, one per line")
     for command in (rc, ri):
         command.add_argument("--top-k", type=int, default=None)
+        command.add_argument("--adaptive", action="store_true", help="rank by successive elimination")
     args = parser.parse_args(argv)
     try:
         if args.command == "health":
             out = health(args.url)
         elif args.command == "rank-captions":
-            out = rank_captions(args.url, args.image, _captions(args), args.top_k, args.server_paths)
+            out = rank_captions(
+                args.url, args.image, _captions(args), args.top_k, args.server_paths, adaptive=args.adaptive
+            )
         elif args.command == "rank-images":
-            out = rank_images(args.url, args.query, args.images, args.top_k, args.server_paths)
+            out = rank_images(args.url, args.query, args.images, args.top_k, args.server_paths, adaptive=args.adaptive)
+        elif args.command == "explain":
+            out = explain(args.url, args.image, args.query, args.server_paths)
         else:
             out = score_pairs(args.url, args.images, _captions(args), args.pair, args.server_paths)
     except ServeError as exc:

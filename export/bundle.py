@@ -26,13 +26,14 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import ConfigError
+from ..pytorch.noise import noise_bank
 from ..runtime.backends import OrtRunner, ort_providers
-from ..runtime.bundle import BUNDLE_FORMAT, Bundle, file_records, sha256_file
+from ..runtime.bundle import BAKED_KEY, BUNDLE_FORMAT, Bundle, baked_fields, file_records, sha256_file
+from ..runtime.errors import ConfigError
 from ..runtime.files import atomic_write_text, output_error, staged_folder
 from ..runtime.images import preprocess_image
 from ..runtime.matcher import Matcher
-from ..schedule import noise_bank
+from ..runtime.onnxfile import metadata_entry
 from .parity import ParitySettings, check_report, compare_outputs, parity_inputs, ranking_agreement
 
 __all__ = ["ExportConfig", "export_bundle", "add_engines", "model_licence", "Progress"]
@@ -80,15 +81,17 @@ class ExportConfig:
     parity: ParitySettings = field(default_factory=ParitySettings)
     licence: str | None = None
     device: str = "cpu"
+    #: A CLIP model (folder, hub id or ``demo``) whose towers the bundle carries for gallery search (torch-free).
+    shortlist: str | None = None
 
     def validate(self) -> None:
         if self.precision not in PRECISIONS:
             raise ConfigError(f"export precision {self.precision!r}: use fp32 or fp16")
         low, opt, high = self.batch
         if not 1 <= low <= opt <= high <= 63:
-            raise ConfigError(f"--batch {low}:{opt}:{high}: need 1 <= min <= opt <= max <= 63")
+            raise ConfigError(f"`batch` {low}:{opt}:{high}: need 1 <= min <= opt <= max <= 63", field="batch")
         if self.opset < 18:
-            raise ConfigError(f"--opset {self.opset}: the exporter produces opset 18 at the lowest; use 18 or higher")
+            raise ConfigError(f"`opset` {self.opset}: the exporter produces opset 18 at the lowest; use 18 or higher")
         if not 1 <= self.noise_bank_size <= 1000:
             raise ConfigError(f"noise bank size {self.noise_bank_size}: use 1..1000")
 
@@ -102,7 +105,7 @@ def parse_batch(text: str) -> tuple[int, int, int]:
     if len(values) == 1:
         values = values * 3
     if len(values) != 3:
-        raise ConfigError(f"--batch {text!r}: expected MIN:OPT:MAX, e.g. 1:8:32")
+        raise ConfigError(f"`batch` {text!r}: expected MIN:OPT:MAX, e.g. 1:8:32", field="batch")
     return values[0], values[1], values[2]
 
 
@@ -159,19 +162,22 @@ def export_bundle(
     """
     import torch
 
-    from .. import __version__
-    from ..scorer import build_scorer
+    from ..pytorch.scorer import build_scorer
+    from ..runtime.version import __version__
 
     config = config or ExportConfig()
     config.validate()
     out = Path(out)
     if out.exists() and not overwrite:
-        raise ConfigError(f"{out} already exists; pass --overwrite to replace it or choose another --out")
+        raise ConfigError(f"{out} already exists; pass `overwrite` to replace it or choose another `out`", field="out")
     trt_reason = _trt_reason() if config.engines is not False else None
     if config.engines is True and trt_reason is not None:
-        raise ConfigError(f"--engines: cannot build TensorRT engines here: {trt_reason}; use --no-engines")
+        raise ConfigError(
+            f"`engines`: cannot build TensorRT engines here: {trt_reason}; leave `engines` off", field="engines"
+        )
     engines = config.engines is not False and trt_reason is None
-    steps = _Steps(progress, 1 + len(_GRAPHS) + (2 if config.parity.enabled else 0) + (1 if engines else 0))
+    stages = 1 + len(_GRAPHS) + (2 if config.parity.enabled else 0) + (1 if engines else 0)
+    steps = _Steps(progress, stages + (1 if config.shortlist is not None else 0))
     started = time.perf_counter()
     steps.next("loading the model")
     scorer = build_scorer(model, adapters, preset, overrides, batch_size=config.batch[1], device=config.device)
@@ -187,10 +193,17 @@ def export_bundle(
         with torch.no_grad():
             timings = _export_graphs(scorer, staging, manifest, config, steps)
         _copy_tokenizer(sd2.folder / "tokenizer", staging / "tokenizer")
+        clip = None
+        if config.shortlist is not None:
+            steps.next("exporting the shortlist's CLIP towers")
+            clip = _export_shortlist(config, staging, manifest, timings, sd2.device)
         manifest["export"]["seconds"] = timings
         if config.parity.enabled:
             steps.next("parity: PyTorch")
             references = pytorch_references(scorer, manifest, config.parity)
+            if clip is not None:
+                references["graphs"].update(_clip_references(clip, references["images"], references["captions"]))
+            clip = None
             # Free the PyTorch model before ONNX Runtime loads the same weights: at full size the two together would
             # need twice the memory (more than a 24 GB machine has).
             del scorer, sd2
@@ -251,7 +264,7 @@ def _base_manifest(scorer, adapters, config: ExportConfig, version: str) -> dict
     latent = scorer.resolution // sd2.vae_scale_factor
     adapter = None
     if adapters is not None:
-        from ..adapters import read_adapter_header
+        from ..pytorch.adapters import read_adapter_header
 
         adapter = {
             "file": Path(adapters).name,
@@ -271,6 +284,9 @@ def _base_manifest(scorer, adapters, config: ExportConfig, version: str) -> dict
             "hidden_size": int(sd2.text_encoder.config.hidden_size),
             "prediction_type": sd2.prediction_type,
             "test_model_random_weights": sd2.is_test_model,
+            # A model-declared masked context: the scorer graph attends as the model does (the forward computes it
+            # from the token_mask input); the runtime builds that input with runtime.tokenizer.context_pool_mask.
+            "context_tokens": sd2.context_tokens,
             **model_licence(sd2.folder, sd2.is_test_model, config.licence),
         },
         "adapter": adapter,
@@ -298,7 +314,7 @@ _GRAPHS = ("text_encoder", "image_encoder", "scorer")
 def _export_graphs(
     scorer, staging: Path, manifest: dict[str, Any], config: ExportConfig, steps: _Steps
 ) -> dict[str, float]:
-    from ..models import Precision
+    from ..pytorch.models import Precision
     from .graphs import ImageEncoderGraph, ScorerGraph, TextEncoderGraph, fold_adapter
     from .specs import graph_specs
     from .to_onnx import export_graph
@@ -323,7 +339,87 @@ def _export_graphs(
         timings[name] = info["seconds"]
         precision = config.precision if name == "scorer" else "fp32"
         manifest["graphs"][name] = {**specs[name].to_dict(file, config.batch), "precision": precision}
+        if name == "scorer":
+            record_baked_fields(staging / file, manifest)
     return timings
+
+
+#: Where a bundle keeps the shortlist CLIP's tokenizer and image-processor files.
+SHORTLIST_FOLDER = "clip"
+_CLIP_FILES = (
+    "vocab.json",
+    "merges.txt",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "preprocessor_config.json",
+)
+
+
+def _export_shortlist(config: ExportConfig, staging: Path, manifest: dict[str, Any], timings: dict, device):
+    """Export the CLIP model's two towers as graphs of the bundle (fp32: they embed once per image and caption),
+    copy its tokenizer and processor config, and record it in the manifest. Returns the loaded model (parity)."""
+    from ..pytorch.clip import TorchClip
+    from .graphs import ClipImageGraph, ClipTextGraph
+    from .specs import clip_specs
+    from .to_onnx import export_graph
+
+    clip = TorchClip(config.shortlist, device=str(device))
+    described = clip.describe()
+    specs = clip_specs(described["image_size"], clip.tokenizer.max_length, described["embedding_dim"])
+    for name, graph in (("clip_image_encoder", ClipImageGraph), ("clip_text_encoder", ClipTextGraph)):
+        file = f"onnx/{name}.onnx"
+        info = export_graph(
+            graph(clip.model).eval(), specs[name], staging / file, config.exporter, config.opset, device
+        )
+        timings[name] = info["seconds"]
+        manifest["graphs"][name] = {**specs[name].to_dict(file, config.batch), "precision": "fp32"}
+    (staging / SHORTLIST_FOLDER).mkdir()
+    for name in _CLIP_FILES:
+        if (clip.folder / name).is_file():
+            shutil.copy2(clip.folder / name, staging / SHORTLIST_FOLDER / name)
+    source = config.shortlist if not Path(config.shortlist).exists() else Path(config.shortlist).name
+    manifest["shortlist"] = {
+        "model": source,
+        "identity": clip.identity(),
+        "folder": SHORTLIST_FOLDER,
+        "graphs": {"image": "clip_image_encoder", "text": "clip_text_encoder"},
+        "embedding_dim": described["embedding_dim"],
+        "preprocess": described["preprocess"],
+    }
+    return clip
+
+
+def _clip_references(clip, images, captions) -> dict[str, tuple[dict, dict]]:
+    """Parity feeds and PyTorch outputs of the shortlist's graphs."""
+    import torch
+
+    from ..runtime.images import as_pil
+
+    pixels = np.stack([clip.preprocess(as_pil(image)) for image in images]).astype(np.float32)
+    ids = np.stack([clip.tokenizer.encode(c).ids for c in captions]).astype(np.int64)
+    with torch.no_grad():
+        image_vectors = clip.embed_images(list(images))
+        text_vectors = clip.embed_texts(list(captions))
+    return {
+        "clip_image_encoder": ({"pixels": pixels}, {"embeddings": image_vectors}),
+        "clip_text_encoder": ({"input_ids": ids}, {"embeddings": text_vectors}),
+    }
+
+
+def record_baked_fields(graph: Path, manifest: dict[str, Any]) -> None:
+    """Record :func:`~dsdkit.runtime.bundle.baked_fields` of ``manifest`` in the scorer graph's ``metadata_props``.
+
+    The graph's sha256 (in the manifest's file list) then protects them: a manifest whose scoring section, layers,
+    noise bank or model shapes are edited after export no longer matches the graph, and the runtime refuses it
+    instead of reporting (or scoring with) values the graph does not compute. Appended to the file, not rewritten
+    through ``onnx``: see :func:`~dsdkit.runtime.onnxfile.metadata_entry`.
+    """
+    text = json.dumps(baked_fields(manifest), sort_keys=True, separators=(",", ":"))
+    try:
+        with open(graph, "ab") as handle:
+            handle.write(metadata_entry(BAKED_KEY, text))
+    except OSError as exc:
+        raise output_error(graph, exc) from None
 
 
 def _copy_tokenizer(source: Path, target: Path) -> None:
@@ -346,7 +442,7 @@ def _tolerance(graph: dict[str, Any], output: str, precision: str) -> tuple[floa
 def pytorch_references(scorer, manifest: dict[str, Any], settings: ParitySettings) -> dict[str, Any]:
     """Everything parity compares against, computed with the (unfolded, fp32) PyTorch scorer: per-graph feeds and
     outputs, and the end-to-end score matrix at the parity's number of timesteps."""
-    from ..scorer import Scorer
+    from ..pytorch.scorer import Scorer
 
     images, captions = parity_inputs(settings)
     started = time.perf_counter()
@@ -426,6 +522,8 @@ def _reference_outputs(scorer, images, captions, manifest, preprocess_image) -> 
     """Feeds for each graph built from the parity inputs, and PyTorch's outputs for them (unfolded, fp32)."""
     import torch
 
+    from ..pytorch.forward import Noising
+
     sd2 = scorer.model
     device = sd2.device
     pixels = np.stack([preprocess_image(im, scorer.resolution, scorer.config.resize) for im in images]).astype(
@@ -467,16 +565,13 @@ def _reference_outputs(scorer, images, captions, manifest, preprocess_image) -> 
     signal, noise_scale = sd2.schedule.coefficients(timesteps.tolist())
     bank = noise_bank(scorer.config.noise_seed, int(noise_index.max()) + 1, tuple(manifest["model"]["latent_shape"]))
     with torch.no_grad():
-        layers, error = scorer.forward(
-            latents,
+        noising = Noising(
             torch.tensor(signal, dtype=torch.float32, device=device),
             torch.tensor(noise_scale, dtype=torch.float32, device=device),
             bank[noise_index].to(device),
             torch.from_numpy(timesteps).to(device),
-            states[pick],
-            masks.to(device),
-            condition=condition,
         )
+        layers, error = scorer.forward(latents, noising, states[pick], masks.to(device), condition=condition)
     out["scorer"] = (
         feed,
         {

@@ -6,7 +6,7 @@ scorer, fed by ``condition = m_θ(x)``, which the image encoder computes.
 
 ``precision="fp16"`` exports the scorer with fp16 weights and activations and fp32 islands where scores are made:
 the scoring processors compute ``QKᵀ/√d``, the softmax and the LogSumExp pooling in fp32, and the layer means, the
-noise error and the outputs are fp32 (see :mod:`dsdkit.forward`).
+noise error and the outputs are fp32 (see :mod:`dsdkit.pytorch.forward`).
 """
 
 from __future__ import annotations
@@ -17,11 +17,37 @@ import dataclasses
 import torch
 from torch import nn
 
-from ..adapters import Adapter, AdapterConfig, FoldedConditionedAdapter, image_feature
-from ..forward import ScoringForward
-from ..models import Precision, SD2Model
+from ..pytorch.adapters import Adapter, AdapterConfig, FoldedConditionedAdapter, image_feature
+from ..pytorch.forward import Noising, ScoringForward
+from ..pytorch.models import Precision, SD2Model
 
-__all__ = ["TextEncoderGraph", "ImageEncoderGraph", "ScorerGraph", "fold_adapter"]
+__all__ = ["TextEncoderGraph", "ImageEncoderGraph", "ScorerGraph", "ClipImageGraph", "ClipTextGraph", "fold_adapter"]
+
+
+class ClipImageGraph(nn.Module):
+    """A CLIP model's image tower: processed pixels -> L2-normalised embeddings (the shortlist's)."""
+
+    def __init__(self, clip):
+        super().__init__()
+        self.clip = clip
+
+    def forward(self, pixels):
+        from ..pytorch.clip import projected
+
+        return torch.nn.functional.normalize(projected(self.clip.get_image_features(pixel_values=pixels)), dim=-1)
+
+
+class ClipTextGraph(nn.Module):
+    """A CLIP model's text tower: token ids -> L2-normalised embeddings."""
+
+    def __init__(self, clip):
+        super().__init__()
+        self.clip = clip
+
+    def forward(self, input_ids):
+        from ..pytorch.clip import projected
+
+        return torch.nn.functional.normalize(projected(self.clip.get_text_features(input_ids=input_ids)), dim=-1)
 
 
 class TextEncoderGraph(nn.Module):
@@ -51,8 +77,8 @@ class ImageEncoderGraph(nn.Module):
 
 
 def _exportable_feature(latents, grid: int):
-    """:func:`dsdkit.adapters.image_feature` as a fixed-window average pool when the latent side divides evenly (the
-    same averages; the TorchScript exporter cannot export adaptive pooling over a dynamic batch)."""
+    """:func:`dsdkit.pytorch.adapters.image_feature` as a fixed-window average pool when the latent side divides
+    evenly (the same averages; the TorchScript exporter cannot export adaptive pooling over a dynamic batch)."""
     side = latents.shape[-1]
     if latents.shape[-2] == side and side % grid == 0:
         return torch.nn.functional.avg_pool2d(latents.float(), side // grid).flatten(1)
@@ -98,15 +124,6 @@ class ScorerGraph(nn.Module):
         self.register_buffer("noise_bank", noise_bank.float())
 
     def forward(self, latents, states, token_mask, timestep, noise_index, condition=None):
-        layers, error = self.scoring_forward(
-            latents,
-            self.signal[timestep],
-            self.noise_scale[timestep],
-            self.noise_bank[noise_index],
-            timestep,
-            states,
-            token_mask,
-            condition=condition,
-            autocast=False,
-        )
+        noising = Noising(self.signal[timestep], self.noise_scale[timestep], self.noise_bank[noise_index], timestep)
+        layers, error = self.scoring_forward(latents, noising, states, token_mask, condition=condition, autocast=False)
         return layers.mean(dim=-1), layers, error

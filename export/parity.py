@@ -6,7 +6,8 @@ Two levels, both on real inputs (generated colour-shape images and captions, see
   diff, max rel diff, and whether every element lies within the spec's ``atol + rtol·|reference|``. The scorer's
   reference is the *unfolded* PyTorch path (the adapter as trained, weights untouched, fp32), so a folding mistake
   or an fp16 rounding problem shows up here.
-* **end to end**: the runtime :class:`~dsdkit.runtime.Matcher` on the bundle against :class:`~dsdkit.scorer.Scorer`
+* **end to end**: the runtime :class:`~dsdkit.runtime.Matcher` on the bundle against
+:class:`~dsdkit.pytorch.scorer.Scorer`
   over an N x M score matrix (few timesteps, to keep it affordable): max abs/rel diff, top-1 agreement per image
   (which caption wins) and per caption (which image wins), and Spearman's rank correlation of every row and column.
 
@@ -21,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import ParityError
+from ..runtime.errors import ParityError
 
 __all__ = ["ParitySettings", "compare_outputs", "ranking_agreement", "parity_inputs", "check_report"]
 
@@ -126,7 +127,7 @@ def parity_inputs(settings: ParitySettings) -> tuple[list, list[str]]:
 
     Up to 90 captions are distinct (so benchmarks measure real work, not the cache); images are all distinct.
     """
-    from ..world import COLOURS, SHAPES, colour_shape_image
+    from ..world.scenes import COLOURS, SHAPES, colour_shape_image
 
     rng = np.random.default_rng(settings.seed)
     combos = [(c, s) for s in SHAPES for c in COLOURS]

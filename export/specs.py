@@ -19,7 +19,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["TensorSpec", "ExportSpec", "graph_specs", "BATCH"]
+__all__ = ["TensorSpec", "ExportSpec", "graph_specs", "clip_specs", "BATCH", "CLIP_GRAPHS"]
+
+#: The shortlist's graphs (``dsdkit export --shortlist``): a CLIP model's image and text towers.
+CLIP_GRAPHS = ("clip_image_encoder", "clip_text_encoder")
 
 BATCH = "batch"
 
@@ -75,8 +78,27 @@ class ExportSpec:
         }
 
 
+def clip_specs(image_size: int, text_length: int, dimension: int) -> dict[str, ExportSpec]:
+    """The shortlist's two graphs: L2-normalised embeddings of images (the CLIP processor's pixels) and captions."""
+    embeddings = TensorSpec("embeddings", "float32", (BATCH, dimension))
+    return {
+        "clip_image_encoder": ExportSpec(
+            "clip_image_encoder",
+            [TensorSpec("pixels", "float32", (BATCH, 3, image_size, image_size))],
+            [embeddings],
+            tolerance={"embeddings": (1e-4, 1e-4)},
+        ),
+        "clip_text_encoder": ExportSpec(
+            "clip_text_encoder",
+            [TensorSpec("input_ids", "int64", (BATCH, text_length))],
+            [embeddings],
+            tolerance={"embeddings": (1e-4, 1e-4)},
+        ),
+    }
+
+
 def graph_specs(model, resolution: int, num_layers: int, condition_size: int | None) -> dict[str, ExportSpec]:
-    """The three graphs' specs for ``model`` (an :class:`~dsdkit.models.SD2Model`)."""
+    """The three graphs' specs for ``model`` (an :class:`~dsdkit.pytorch.models.SD2Model`)."""
     hidden = int(model.text_encoder.config.hidden_size)
     length = model.tokenizer.max_length
     latent_size = resolution // model.vae_scale_factor

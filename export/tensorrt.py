@@ -24,8 +24,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..errors import ConfigError, install_hint
 from ..runtime.engine_key import engine_cache_key, engine_key_fields
+from ..runtime.errors import ConfigError, install_hint
 from ..runtime.files import atomic_write_text, disk_full, output_error
 
 __all__ = ["tensorrt_unavailable_reason", "engine_cache_key", "build_engine", "build_engines"]

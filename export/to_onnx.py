@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import ConfigError
+from ..runtime.errors import ConfigError
 from .specs import BATCH, ExportSpec
 
 __all__ = ["export_graph", "EXPORTERS"]

@@ -36,6 +36,7 @@ from typing import Any
 
 import numpy as np
 
+from .encodings import ImageEncoding, TextEncoding
 from .errors import ConfigError
 
 __all__ = [
@@ -66,13 +67,15 @@ class Schedule:
     """Successive-elimination stages: after stage i, candidates hold ``steps[i]`` timesteps and ``keep[i]`` stay.
 
     ``keep`` entries are a candidate count (``int``), a fraction of the query's candidates rounded up (``float`` in
-    (0, 1), written ``25%``), or ``0`` for "the requested top-k" (written ``k``). ``steps`` are counts of the
-    engine's timestep grid; the last is ``None`` for "all S timesteps" (written ``all``; S itself also works).
-    Fractions let one rule serve K = 8 and K = 300: the default schedule is of that kind.
+    (0, 1), written ``25%``), or ``0`` for "the requested top-k" (written ``k``). ``steps`` entries are counts of
+    the engine's timestep grid (``int``) or fractions of it rounded up (``float`` in (0, 1), written ``30%``); the
+    last is ``None`` for "all S timesteps" (written ``all``; S itself also works). Fractions let one rule serve
+    K = 8 and K = 300, and S = 4 and S = 50: the default schedule is of that kind. On a grid too small for every
+    stage, a fractional stage that would hold no more timesteps than the stage before it is left out.
     """
 
     keep: tuple[int | float, ...]
-    steps: tuple[int | None, ...]
+    steps: tuple[int | float | None, ...]
     name: str | None = None
 
     def __post_init__(self):
@@ -93,18 +96,27 @@ class Schedule:
                 raise ConfigError(f"adaptive schedule {self}: keep must never increase from stage to stage")
         fixed = list(self.steps[:-1])
         last = self.steps[-1]
-        numbers = fixed + ([] if last is None else [last])
-        if any(s is None or s < 1 for s in fixed) or any(a >= b for a, b in zip(numbers, numbers[1:], strict=False)):
+        if any(isinstance(s, float) and not 0.0 < s < 1.0 for s in self.steps):
+            raise ConfigError(f"adaptive schedule {self}: step fractions lie between 0% and 100%; {example}")
+        if isinstance(last, float):
+            raise ConfigError(f"adaptive schedule {self}: the last stage holds all timesteps (all); {example}")
+        for same_kind in ([s for s in fixed if isinstance(s, int)], [s for s in fixed if isinstance(s, float)]):
+            if any(a >= b for a, b in zip(same_kind, same_kind[1:], strict=False)):
+                raise ConfigError(f"adaptive schedule {self}: steps must increase strictly from stage to stage")
+        counts = [s for s in fixed if isinstance(s, int)] + ([] if last is None else [last])
+        if any(s is None or (isinstance(s, int) and s < 1) for s in fixed) or any(
+            a >= b for a, b in zip(counts, counts[1:], strict=False)
+        ):
             raise ConfigError(
-                f"adaptive schedule {self}: steps must be whole numbers >= 1 that increase strictly, the last one all "
-                f"(or S); {example}"
+                f"adaptive schedule {self}: steps must be whole numbers >= 1 or percentages that increase strictly, "
+                f"the last one all (or S); {example}"
             )
 
     def __str__(self) -> str:
         if self.name:
             return self.name
         return f"keep={','.join(_keep_text(k) for k in self.keep)}:steps=" + ",".join(
-            "all" if s is None else str(s) for s in self.steps
+            "all" if s is None else (f"{s * 100:g}%" if isinstance(s, float) else str(s)) for s in self.steps
         )
 
     def describe(self) -> str:
@@ -121,18 +133,26 @@ class Schedule:
         parts = dict(part.split("=", 1) for part in text.split(":") if "=" in part)
         if set(parts) != {"keep", "steps"} or text.count(":") != 1:
             raise ConfigError(
-                f"--adaptive-schedule {text!r}: write keep=K1,K2,...:steps=S1,S2,...,all (keep entries: counts, "
+                f"adaptive schedule {text!r}: write keep=K1,K2,...:steps=S1,S2,...,all (keep entries: counts, "
                 "percentages of the candidates or k; e.g. keep=8,3,1:steps=2,6,all), or default"
             )
         try:
             keep = tuple(_parse_keep(v.strip()) for v in parts["keep"].split(","))
-            steps = tuple(None if v.strip() == "all" else int(v) for v in parts["steps"].split(","))
+            steps = tuple(_parse_step(v.strip()) for v in parts["steps"].split(","))
         except ValueError:
             raise ConfigError(
-                f"--adaptive-schedule {text!r}: keep entries are whole numbers, percentages (25%) or k; steps are "
+                f"adaptive schedule {text!r}: keep entries are whole numbers, percentages (25%) or k; steps are "
                 "whole numbers, the last one may be all"
             ) from None
         return cls(keep, steps)
+
+
+def _parse_step(value: str) -> int | float | None:
+    if value == "all":
+        return None
+    if value.endswith("%"):
+        return float(value[:-1]) / 100.0
+    return int(value)
 
 
 def _parse_keep(value: str) -> int | float:
@@ -152,9 +172,10 @@ def _keep_text(keep: int | float) -> str:
     return "k" if keep == 0 else str(keep)
 
 
-#: The default schedule, chosen by measurement on the demo world (``benchmarks/adaptive_schedule.py``; the README's
+#: The default schedule, chosen by measurement on the demo world (``benchmarks/adaptive_schedule.py``; docs/match.md's
 #: trade-off table): ``keep=18.75%,2,k:steps=3,8,all``. Stage 1 scores every candidate at 3 of the S timesteps and
 #: keeps 18.75% of them (at least k); stage 2 takes those to 8 timesteps and keeps 2 (at least k): they get all S.
+#: On a grid of S <= 8 timesteps a stage that would hold S or more is left out (S = 4: 3 timesteps, then all 4).
 DEFAULT_SCHEDULE = Schedule(keep=(0.1875, 2, 0), steps=(3, 8, None), name="default")
 
 
@@ -225,8 +246,21 @@ def resolve_schedule(schedule: Schedule, num_candidates: int, num_timesteps: int
     if num_candidates < 1:
         raise ConfigError("adaptive ranking needs at least one candidate")
     if top_k < 1:
-        raise ConfigError(f"--top-k must be >= 1, got {top_k}")
-    counts = [num_timesteps if s is None else int(s) for s in schedule.steps]
+        raise ConfigError(f"`top_k` must be >= 1, got {top_k}", field="top_k")
+    counts, kept = [], []
+    for k, s in zip(schedule.keep, schedule.steps, strict=True):
+        count = num_timesteps if s is None else (math.ceil(s * num_timesteps - 1e-9) if isinstance(s, float) else s)
+        if isinstance(s, float):
+            count = max(1, min(count, num_timesteps))
+            if (counts and count <= counts[-1]) or count >= num_timesteps:
+                continue  # a fractional stage the grid is too small for: left out
+        elif s is not None and count >= num_timesteps and schedule.name == DEFAULT_SCHEDULE.name:
+            # The default's fixed stages (3 and 8 timesteps) on a grid of S <= 8: left out like a fractional stage,
+            # so `--adaptive --timesteps 4` runs (3, then all 4) instead of refusing; a schedule given explicitly
+            # is still refused, since the user asked for those counts.
+            continue
+        counts.append(int(count))
+        kept.append(k)
     if counts[-1] != num_timesteps:
         raise ConfigError(
             f"adaptive schedule {schedule}: the last stage must reach all {num_timesteps} timesteps (it ends at "
@@ -235,7 +269,7 @@ def resolve_schedule(schedule: Schedule, num_candidates: int, num_timesteps: int
     if counts[0] > num_timesteps or len(set(counts)) != len(counts):
         raise ConfigError(f"adaptive schedule {schedule}: steps exceed the engine's {num_timesteps} timesteps")
     keep, alive = [], num_candidates
-    for k in schedule.keep:
+    for k in kept:
         count = math.ceil(k * num_candidates - 1e-9) if isinstance(k, float) else (top_k if k == 0 else k)
         # Never fewer than the top k (they end exact), never more than are still in the race.
         alive = min(alive, max(count, top_k))
@@ -409,8 +443,6 @@ def rank_matrix(
         candidates: per query, the candidate indices (pairs mode: each image's listed captions); default all.
         progress: the engine's progress callback (called after each UNet batch with its evaluations).
     """
-    from .engine import ImageEncoding, TextEncoding
-
     if per not in ("image", "caption"):
         raise ConfigError(f"per must be image or caption, got {per!r}")
     if isinstance(schedule, str):
@@ -442,7 +474,7 @@ def rank_matrix(
         return out.per_step, out.unet_evaluations - unconditional, unconditional
 
     needs_uncond = engine.config.needs_unconditional_pass
-    cached_before = _uncond_cached(engine, image_codes) if needs_uncond else 0
+    cached_before = engine.cached_unconditional({e.key for e in image_codes}) if needs_uncond else 0
     outcomes, spent = eliminate([len(c) for c in lists], stages, num_steps, evaluate)
     shape = (len(image_codes), len(text_codes))
     scores = np.full(shape, np.nan)
@@ -463,12 +495,6 @@ def rank_matrix(
         "exhaustive_unconditional": max(0, uncond_needed - cached_before),
     }
     return AdaptiveMatrix(scores, held, left, per, num_steps, evaluations, str(schedule))
-
-
-def _uncond_cached(engine, image_codes) -> int:
-    """Unconditional terms of these images the engine has cached already (they cost neither way)."""
-    keys = {e.key for e in image_codes}
-    return sum(1 for key, _ in engine._uncond.items() if key[0] in keys)
 
 
 # -- ranking lists (Engine.rank_texts / rank_images) -------------------------------------------------------------

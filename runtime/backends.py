@@ -72,6 +72,10 @@ class Runner:
     def __exit__(self, *exc):
         self.close()
 
+    def describe(self) -> dict[str, Any]:
+        """What result files record about this runner (each backend adds its own details)."""
+        return {"backend": self.name}
+
     def _activate(self) -> None:
         raise NotImplementedError
 
@@ -92,7 +96,9 @@ def ort_providers(device: str = "auto") -> list[str]:
     if device in ("auto", "cuda") and "CUDAExecutionProvider" in available:
         return ["CUDAExecutionProvider", "CPUExecutionProvider"]
     if device == "cuda":
-        raise ConfigError("--device cuda: this onnxruntime build has no CUDA provider; install onnxruntime-gpu")
+        raise ConfigError(
+            "`device` cuda: this onnxruntime build has no CUDA provider; install onnxruntime-gpu", field="device"
+        )
     return ["CPUExecutionProvider"]
 
 
@@ -236,7 +242,7 @@ class TrtRunner(Runner):
         except ImportError:
             raise ConfigError(
                 f"the TensorRT backend needs tensorrt and polygraphy (the trt extra: {install_hint('trt')}, with "
-                "TensorRT from NVIDIA's index); or use --backend onnxruntime"
+                "TensorRT from NVIDIA's index); or pass onnxruntime as `backend`"
             ) from None
         needed = {**self.needs, "tensorrt": trt.__version__}
         capability = gpu_compute_capability()
@@ -300,7 +306,7 @@ def make_runners(bundle, backend: str = "auto", device: str = "auto", threads: i
         if not engines.get("built"):
             raise BundleError(
                 f"{bundle.path}: the bundle has no TensorRT engines; build them on this machine with "
-                f"`dsdkit build-engines {bundle.path}`, or use --backend onnxruntime"
+                f"`dsdkit build-engines {bundle.path}`, or pass onnxruntime as `backend`"
             )
         runners = {}
         for name, meta in engines["graphs"].items():

@@ -3,7 +3,7 @@ that decides which config a job runs with (:func:`resolve_scoring`).
 
 A :class:`ScoringConfig` is plain data (torch-free, so the bundle runtime reads the same type the PyTorch side
 writes). It is written next to every artifact (result files, adapters, bundles) so that a score can always be traced
-to exactly how it was computed; ``dsdkit.config`` re-exports this module.
+to exactly how it was computed; ``dsdkit.runtime.config`` re-exports this module.
 
 | knob                    | ``discffusion`` (authors' code, per pair) | ``paper`` (Eq. 3-4, 7)                  |
 |-------------------------|-------------------------------------------|-----------------------------------------|
@@ -27,14 +27,15 @@ from typing import Any
 
 from .errors import ConfigError
 from .images import ResizeMode
-from .schedule import discffusion_timesteps, noise_level_timesteps
+from .records import record_from_dict
+from .timesteps import discffusion_timesteps, noise_level_timesteps
 
 __all__ = [
     "Pooling",
     "TokenSet",
     "LayerSet",
     "HeadWeighting",
-    "TimestepSchedule",
+    "TimestepTable",
     "Normalization",
     "ResizeMode",
     "ScoringConfig",
@@ -44,6 +45,7 @@ __all__ = [
     "resolve_scoring",
     "KNOB_OPTIONS",
     "knob_option",
+    "knob_field",
 ]
 
 
@@ -56,6 +58,12 @@ KNOB_OPTIONS = {
     "denoise_term": "--denoise",
     "noise_seed": "--seed",
 }
+
+
+def knob_field(name: str) -> str:
+    """How library messages name a knob: by its field, in backticks (`num_timesteps`); the CLI says the option a
+    user types instead (``--timesteps``, :data:`KNOB_OPTIONS`)."""
+    return f"`{name}`"
 
 
 def knob_option(name: str) -> str:
@@ -84,7 +92,7 @@ class HeadWeighting(str, Enum):
     dynamic = "dynamic"  # paper Eq. 7: attribution-based weights, per pair and per head
 
 
-class TimestepSchedule(str, Enum):
+class TimestepTable(str, Enum):
     discffusion = "discffusion"  # idx_k = 10 + k*floor(1000/S) < 990, t = 999 - idx, ascending
     noise_levels = "noise-levels"  # t = round(level * 999) for the given levels
 
@@ -104,7 +112,7 @@ class ScoringConfig:
     tokens: TokenSet = TokenSet.all
     layers: LayerSet = LayerSet.last
     heads: HeadWeighting = HeadWeighting.uniform
-    timesteps: TimestepSchedule = TimestepSchedule.discffusion
+    timesteps: TimestepTable = TimestepTable.discffusion
     num_timesteps: int = 30
     noise_levels: tuple[float, ...] = (0.2, 0.4, 0.6, 0.8)
     denoise_term: bool = True
@@ -120,7 +128,7 @@ class ScoringConfig:
             "tokens": TokenSet,
             "layers": LayerSet,
             "heads": HeadWeighting,
-            "timesteps": TimestepSchedule,
+            "timesteps": TimestepTable,
             "normalize": Normalization,
             "resize": ResizeMode,
         }
@@ -130,32 +138,41 @@ class ScoringConfig:
                 object.__setattr__(self, name, enum(value.value if isinstance(value, Enum) else value))
             except ValueError:
                 choices = ", ".join(m.value for m in enum)
-                raise ConfigError(f"{knob_option(name)} {value!r} is not one of {choices}") from None
+                raise ConfigError(f"{knob_field(name)} {value!r} is not one of {choices}", field=name) from None
         object.__setattr__(self, "noise_levels", tuple(float(v) for v in self.noise_levels))
         self.validate()
 
     def validate(self) -> None:
         """Reject impossible knob values and combinations with a message that says what to change."""
         if not self.lse_lambda > 0:
-            raise ConfigError(f"{knob_option('lse_lambda')} must be > 0, got {self.lse_lambda}")
-        if self.timesteps is TimestepSchedule.discffusion and not 1 <= self.num_timesteps <= 980:
+            raise ConfigError(f"{knob_field('lse_lambda')} must be > 0, got {self.lse_lambda}", field="lse_lambda")
+        if self.timesteps is TimestepTable.discffusion and not 1 <= self.num_timesteps <= 980:
             raise ConfigError(
-                f"{knob_option('num_timesteps')} {self.num_timesteps}: S of the discffusion table must be between 1 "
-                "and 980"
+                f"{knob_field('num_timesteps')} {self.num_timesteps}: S of the discffusion table must be between 1 "
+                "and 980",
+                field="num_timesteps",
             )
-        if self.timesteps is TimestepSchedule.noise_levels:
+        if self.timesteps is TimestepTable.noise_levels:
             if not self.noise_levels:
-                raise ConfigError(f"{knob_option('noise_levels')} is empty; give at least one level in (0, 1]")
+                raise ConfigError(
+                    f"{knob_field('noise_levels')} is empty; give at least one level in (0, 1]", field="noise_levels"
+                )
             bad = [v for v in self.noise_levels if not 0.0 < v <= 1.0]
             if bad:
-                raise ConfigError(f"{knob_option('noise_levels')}: levels must lie in (0, 1], got {bad}")
+                raise ConfigError(
+                    f"{knob_field('noise_levels')}: levels must lie in (0, 1], got {bad}", field="noise_levels"
+                )
         if self.heads is HeadWeighting.dynamic and self.pooling is not Pooling.image_lse:
             raise ConfigError(
-                f"{knob_option('heads')} dynamic (paper Eq. 7) attributes over attention probabilities and is "
-                "defined for --pooling image-lse; use --heads uniform with text-lse pooling"
+                f"{knob_field('heads')} dynamic (paper Eq. 7) attributes over attention probabilities and is "
+                "defined for `pooling` image-lse; use `heads` uniform with text-lse pooling",
+                field="heads",
             )
         if self.resolution is not None and (self.resolution < 64 or self.resolution % 64):
-            raise ConfigError(f"{knob_option('resolution')} must be a multiple of 64 (>= 64), got {self.resolution}")
+            raise ConfigError(
+                f"{knob_field('resolution')} must be a multiple of 64 (>= 64), got {self.resolution}",
+                field="resolution",
+            )
 
     # -- presets and serialisation ---------------------------------------------------------------------------
 
@@ -186,16 +203,10 @@ class ScoringConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ScoringConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise ConfigError(
-                f"scoring config has unknown field(s) {sorted(unknown)}; it was written by a newer dsdkit"
-            )
-        values = dict(data)
-        if "noise_levels" in values:
+        values = dict(data) if isinstance(data, dict) else data
+        if isinstance(values, dict) and "noise_levels" in values:
             values["noise_levels"] = tuple(values["noise_levels"])
-        return cls(**values)
+        return record_from_dict(cls, values, "scoring config", "it was written by a newer dsdkit")
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=1, sort_keys=True)
@@ -203,7 +214,7 @@ class ScoringConfig:
     @property
     def timestep_table(self) -> list[int]:
         """The timesteps ``t_k`` this config scores at, ascending (entry k is paired with noise-bank entry k)."""
-        if self.timesteps is TimestepSchedule.discffusion:
+        if self.timesteps is TimestepTable.discffusion:
             return discffusion_timesteps(self.num_timesteps)
         return noise_level_timesteps(self.noise_levels)
 
@@ -227,7 +238,7 @@ PRESETS["paper"] = ScoringConfig(
     tokens=TokenSet.words_eos,
     layers=LayerSet.all,
     heads=HeadWeighting.dynamic,
-    timesteps=TimestepSchedule.noise_levels,
+    timesteps=TimestepTable.noise_levels,
     denoise_term=False,
 )
 
@@ -249,6 +260,7 @@ def resolve_scoring(
     pinned: ScoringConfig | dict[str, Any] | None = None,
     overrides: dict[str, Any] | None = None,
     source: str = "the adapter",
+    model_context: str = "all",
 ) -> ScoringConfig:
     """The scoring config of a job: explicit knob ``overrides`` over the adapter's header (``pinned``) over the preset.
 
@@ -264,17 +276,29 @@ def resolve_scoring(
     the overrides of :data:`FREE_KNOBS`. An explicit preset or override that contradicts one of its
     :data:`PINNED_KNOBS` is refused in one line, since the adapter computes another score under it.
 
+    ``model_context``: what the model declares its cross-attention attends to (``runtime.tokenizer.CONTEXTS``). A
+    masked context takes precedence over the ``tokens`` knob (the model is scored over its word tokens): a preset's
+    value is replaced by ``words``, an explicit other value is refused.
+
     Raises:
         ConfigError: unknown preset or knob, an invalid value, or a contradiction of a pinned knob.
     """
     overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
+    if model_context != "all":
+        asked = overrides.get("tokens")
+        if asked is not None and _plain(asked) != TokenSet.words.value:
+            raise ConfigError(
+                f"tokens={_plain(asked)}: the model declares a masked cross-attention context ({model_context}), "
+                "so it is scored over its word tokens; leave the tokens knob out (or set it to words)"
+            )
+        overrides["tokens"] = TokenSet.words
     unknown = set(overrides) - {f.name for f in dataclasses.fields(ScoringConfig)}
     if unknown:
         raise ConfigError(f"unknown scoring knob(s): {', '.join(sorted(unknown))}")
     if pinned is None:
         resolved = ScoringConfig.from_preset(preset or "discffusion", **overrides)
         chosen = PRESETS[preset or "discffusion"]
-        where = "--schedule noise-levels" if "timesteps" in overrides else f"the {chosen.preset} preset"
+        where = "`timesteps` noise-levels" if "timesteps" in overrides else f"the {chosen.preset} preset"
         _refuse_steps_on_noise_levels(resolved, overrides, chosen.num_timesteps, where, pinned=False)
         return resolved
     base = pinned if isinstance(pinned, ScoringConfig) else ScoringConfig.from_dict(pinned)
@@ -287,10 +311,11 @@ def resolve_scoring(
     if clashes:
         asked = ", ".join(f"{k}={_plain(v)}" for k, v in clashes.items())
         has = ", ".join(f"{k}={_plain(getattr(base, k))}" for k in clashes)
-        via = f"--preset {preset} " if preset is not None and set(clashes) - set(overrides) else ""
+        via = f"`preset` {preset} " if preset is not None and set(clashes) - set(overrides) else ""
         raise ConfigError(
-            f"{source} pins {has}, but this run asks {via}for {asked}; leave out --preset and those knob options "
-            "to score the way it was trained (or retrain / re-export it)"
+            f"{source} pins {has}, but this run asks {via}for {asked}; leave out `preset` and those knobs to "
+            "score the way it was trained (or retrain / re-export it)",
+            field="preset",
         )
     free = {k: v for k, v in overrides.items() if k not in PINNED_KNOBS}
     resolved = base.replace(**free) if free else base
@@ -304,15 +329,31 @@ def _refuse_steps_on_noise_levels(
     """S (``--timesteps``) only sizes the discffusion table; under the noise-levels schedule it would be silently
     ignored, so asking for another S there is refused with the option that does choose the timesteps."""
     asked = overrides.get("num_timesteps")
-    if asked is None or resolved.timesteps is not TimestepSchedule.noise_levels or int(asked) == int(base_steps):
+    if asked is None or resolved.timesteps is not TimestepTable.noise_levels or int(asked) == int(base_steps):
         return
     levels = ",".join(f"{level:g}" for level in resolved.noise_levels)
     raise ConfigError(
-        f"{knob_option('num_timesteps')} {asked} sets S of the discffusion timestep table, but {source} scores at "
-        f"the noise-levels schedule ({levels}); choose the levels with --noise-levels instead"
-        + (" (an adapter learned the levels it was trained with: keep them unless you retrain)" if pinned else "")
+        f"{knob_field('num_timesteps')} {asked} sets S of the discffusion timestep table, but {source} scores at "
+        f"the noise-levels schedule ({levels}); choose the levels with `noise_levels` instead"
+        + (" (an adapter learned the levels it was trained with: keep them unless you retrain)" if pinned else ""),
+        field="num_timesteps",
     )
 
 
 def _plain(value: Any) -> Any:
     return value.value if isinstance(value, Enum) else value
+
+
+def __getattr__(name: str):
+    # The enum's old name (before "schedule" came to mean only an adaptive elimination schedule), with a warning.
+    if name == "TimestepSchedule":
+        import warnings
+
+        warnings.warn(
+            "dsdkit.runtime.config.TimestepSchedule is now dsdkit.runtime.config.TimestepTable (the old name will "
+            "be removed in a later release)",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return TimestepTable
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -32,6 +32,8 @@ import threading
 import warnings
 from collections.abc import Iterator
 
+from .errors import one_line
+
 __all__ = ["decoding", "collecting", "note", "install"]
 
 logger = logging.getLogger("dsdkit.runtime.images")
@@ -50,15 +52,10 @@ _chained = None  # warnings._showwarnmsg as it was before the hook
 _libtiff: tuple | None = None  # the installed ctypes callbacks (kept alive) and the handlers they chain to
 
 
-def _one_line(text: str, limit: int = 300) -> str:
-    text = " ".join(str(text).split())
-    return text if len(text) <= limit else text[: limit - 1] + "…"
-
-
 def _record(text: str) -> None:
     """A note on the file this thread is decoding: to the open collector, or logged once."""
     file = _state.file
-    text = _one_line(text)
+    text = one_line(text)
     with _lock:
         new = (file, text) not in _seen
         if new:

@@ -1,4 +1,4 @@
-"""The one engine interface behind every command: the PyTorch :class:`~dsdkit.scorer.Scorer` and the bundle
+"""The one engine interface behind every command: the PyTorch :class:`~dsdkit.pytorch.scorer.Scorer` and the bundle
 :class:`~dsdkit.runtime.matcher.Matcher` are both an :class:`Engine`.
 
 Everything that does not depend on *how* a UNet runs lives here, once, torch-free:
@@ -21,9 +21,10 @@ Threads: one engine may be called from any number of threads at once (see :class
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Container, Iterator, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -32,6 +33,8 @@ import numpy as np
 
 from .adaptive import Ranked, Ranking, rank_matrix
 from .config import ScoringConfig
+from .decode_warnings import collecting
+from .encodings import ImageEncoding, ProgressCallback, ScoreOutput, TextEncoding
 from .errors import ConfigError, InputError
 from .images import ImageInput, preprocess_image
 from .scoring import combine_terms
@@ -39,16 +42,16 @@ from .tokenizer import TokenizedText
 
 __all__ = [
     "Engine",
+    "EngineIdentity",
+    "EngineDescription",
     "ScoreOutput",
     "ImageEncoding",
     "TextEncoding",
     "ProgressCallback",
     "SharedCache",
+    "held_memory",
     "chunk_slices",
 ]
-
-#: ``progress(n)`` is called after each batch with the number of UNet (scorer-graph) evaluations it ran.
-ProgressCallback = Callable[[int], None]
 
 
 def chunk_slices(total: int, size: int, start: int = 0) -> Iterator[slice]:
@@ -65,6 +68,36 @@ _FAILED = object()
 _EMPTY = None
 
 
+def held_memory(value) -> tuple[dict[tuple, int], int]:
+    """The memory an engine's cached value holds: its arrays' (numpy or torch) whole buffers by identity, and a
+    nominal 64 bytes for anything else, through tuples, lists and dataclasses; ``(buffers, other_bytes)``.
+
+    An engine's outputs are rows of one batch's array, and the whole array lives as long as any row does: a view
+    counts the buffer it lives in, once however many cached views share it (:class:`SharedCache` counts each
+    buffer once), so a byte bound bounds the memory actually kept.
+    """
+    buffers: dict[tuple, int] = {}
+    other = 0
+    todo = [value]
+    while todo:
+        item = todo.pop()
+        storage = getattr(item, "untyped_storage", None)
+        if callable(storage):  # a torch tensor (torch is never imported here)
+            data = storage()
+            buffers[("torch", data.data_ptr() or id(data))] = int(data.nbytes())
+        elif isinstance(item, np.ndarray):
+            while isinstance(item.base, np.ndarray):
+                item = item.base
+            buffers[("numpy", id(item))] = int(item.nbytes)  # the root stays alive while a view of it is cached
+        elif isinstance(item, (tuple, list)):
+            todo.extend(item)
+        elif dataclasses.is_dataclass(item) and not isinstance(item, type):
+            todo.extend(getattr(item, f.name) for f in dataclasses.fields(item))
+        else:
+            other += 64
+    return buffers, other
+
+
 class SharedCache:
     """A cache that any number of threads read and fill at once (each engine's images, captions and unconditional
     terms).
@@ -74,19 +107,84 @@ class SharedCache:
     thread at the same time. The lock is held only to look up, store and evict, never while computing, so the
     computing (VAE, text encoder, UNet or graph runs) of different threads runs in parallel. When the computing
     thread fails, the error is its own call's: nothing is stored, and each waiter computes the key itself.
-    Entries keep their insertion order (oldest first) for :meth:`evict`.
+    Entries are kept least recently used first, for :meth:`evict` and for the byte bound.
+
+    ``max_bytes`` (also :meth:`bound`): the memory the entries hold (:func:`held_memory`, each buffer once) is kept
+    at or under it, least recently used out first (``None``: no bound, the default; a long-lived server bounds its
+    engine's caches, a job needs none). A call gets its values from the fetch itself, so an entry evicted meanwhile
+    never fails it.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, max_bytes: int | None = None) -> None:
         self._lock = threading.Lock()
         self._values: dict[Any, Any] = {}
         self._flights: dict[Any, Future] = {}  # key -> the result of the thread computing it now
+        # While a byte bound is set: per entry its buffers and other bytes; per buffer its size and how many hold it.
+        self._held: dict[Any, tuple[dict[tuple, int], int]] = {}
+        self._buffers: dict[tuple, list[int]] = {}
+        self._bytes = 0
+        self.max_bytes = max_bytes
 
     def __len__(self) -> int:
         return len(self._values)
 
     def __contains__(self, key) -> bool:
         return key in self._values
+
+    @property
+    def bytes(self) -> int:
+        """The memory the entries hold (0 while no byte bound is set: it is measured only for a bound)."""
+        return self._bytes
+
+    def bound(self, max_bytes: int | None) -> None:
+        """Set (or with ``None`` lift) the byte bound, evicting least recently used entries now to meet it."""
+        with self._lock:
+            self.max_bytes = max_bytes
+            self._held, self._buffers, self._bytes = {}, {}, 0
+            if max_bytes is not None:
+                for key, value in self._values.items():
+                    self._count(key, value)
+                self._trim()
+
+    def _count(self, key, value, held=None) -> None:  # under the lock
+        buffers, other = self._held[key] = held or held_memory(value)
+        self._bytes += other
+        for buffer, size in buffers.items():
+            entry = self._buffers.get(buffer)
+            if entry is None:
+                self._buffers[buffer] = [size, 1]
+                self._bytes += size
+            else:
+                entry[1] += 1
+
+    def _remove(self, key) -> None:  # under the lock
+        del self._values[key]
+        held = self._held.pop(key, None)
+        if held is None:
+            return
+        buffers, other = held
+        self._bytes -= other
+        for buffer in buffers:
+            entry = self._buffers[buffer]
+            entry[1] -= 1
+            if entry[1] == 0:
+                self._bytes -= entry[0]
+                del self._buffers[buffer]
+
+    def _store(self, key, value) -> None:  # under the lock
+        if self.max_bytes is None:
+            self._values[key] = value
+            return
+        held = held_memory(value)
+        if held[1] + sum(n for b, n in held[0].items() if b not in self._buffers) > self.max_bytes:
+            return  # alone over the bound: not kept, rather than emptying the cache for it
+        self._values[key] = value
+        self._count(key, value, held)
+        self._trim()
+
+    def _trim(self) -> None:  # under the lock
+        while self.max_bytes is not None and self._bytes > self.max_bytes and self._values:
+            self._remove(next(iter(self._values)))  # the least recently used
 
     def items(self) -> list[tuple[Any, Any]]:
         with self._lock:
@@ -101,7 +199,7 @@ class SharedCache:
         with self._lock:
             for key in dict.fromkeys(keys):
                 if key in self._values:
-                    found[key] = self._values[key]
+                    found[key] = self._values[key] = self._values.pop(key)  # used: now the most recent
                 elif key in self._flights:
                     theirs[key] = self._flights[key]
                 else:
@@ -117,7 +215,7 @@ class SharedCache:
                     for key in mine:
                         value = computed.get(key, _FAILED)
                         if value is not _FAILED:
-                            self._values[key] = value
+                            self._store(key, value)
                         self._flights.pop(key).set_result(value)
             found.update(computed)
         for key, flight in theirs.items():
@@ -126,102 +224,98 @@ class SharedCache:
         return found
 
     def evict(self, limit: int, keep: set) -> list:
-        """Drop the oldest entries beyond ``max(limit, len(keep))``, never one in ``keep``; returns those dropped."""
+        """Drop the least recently used entries beyond ``max(limit, len(keep))``, never one in ``keep``; returns
+        those dropped."""
         with self._lock:
             excess = len(self._values) - max(limit, len(keep))
             if excess <= 0:
                 return []
             gone = [key for key in self._values if key not in keep][:excess]
             for key in gone:
-                del self._values[key]
+                self._remove(key)
             return gone
 
     def discard_where(self, predicate: Callable[[Any], bool]) -> None:
         """Drop every entry whose key satisfies ``predicate``."""
         with self._lock:
             for key in [key for key in self._values if predicate(key)]:
-                del self._values[key]
+                self._remove(key)
 
 
-@dataclass
-class ImageEncoding:
-    """One image's cached work: ``z0`` and, for image-conditioned adapters of a bundle, their condition."""
-
-    key: str  # sha1 of the preprocessed pixels: identical pixels share one encoding
-    latent: Any  # the engine's array (a torch tensor on the Scorer, numpy on the Matcher)
-    condition: Any = None
-
-
-@dataclass
-class TextEncoding:
-    """One caption's cached work: token ids and roles, text states and the kept-token mask."""
-
-    text: str
-    tokens: TokenizedText
-    states: Any
-    mask: Any
-
-
-@dataclass
-class ScoreOutput:
-    """Per-timestep terms of scored pairs (or of a matrix), and the scores they make.
+@dataclass(frozen=True)
+class EngineIdentity:
+    """What, besides the inputs, makes an engine's numbers: result fingerprints (``--resume``) and sharded jobs
+    compare it (a worker whose engine differs from the job's is refused).
 
     Attributes:
-        attention_steps: ``float64[..., K, L]`` attention term per timestep and scored layer, after the config's
-            unconditional mixing and normalisation (the leading axes are ``[P]`` for pairs, ``[N, M]`` for a matrix).
-        denoise_steps: ``float64[..., K]`` the denoising term per timestep, or ``None`` when it is off.
-        steps: the timestep indices (positions in the engine's :attr:`~Engine.timesteps`) of the K axis.
-        timesteps: the timesteps ``t`` of those indices.
-        layer_names: the scored cross-attention layers.
-        truncated: per caption, word tokens dropped beyond the text encoder's context.
-        unet_evaluations: UNet (scorer-graph) sample-evaluations this call ran; cached work is not counted.
-        unconditional_evaluations: those of them that were the empty caption's (the unconditional pass).
+        engine: ``"pytorch"`` or ``"bundle"``.
+        weights: sha256 of the model's UNet config and weights (PyTorch) or of the bundle's scorer graph.
+        scoring: the resolved scoring config (:meth:`ScoringConfig.to_dict`).
+        timesteps: the timestep table.
+        adapters: the adapter file (PyTorch; a bundle's adapter is folded into its graphs).
     """
 
-    attention_steps: np.ndarray
-    denoise_steps: np.ndarray | None
-    steps: list[int]
+    engine: str
+    weights: str
+    scoring: dict[str, Any]
+    timesteps: tuple[int, ...]
+    adapters: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON form; its keys are the ones partial results and job manifests of earlier versions recorded, so
+        their fingerprints still match."""
+        if self.engine == "pytorch":
+            return {
+                "engine": "pytorch",
+                "model": self.weights,
+                "scoring": self.scoring,
+                "adapters": self.adapters,
+                "timesteps": list(self.timesteps),
+            }
+        return {"engine": "bundle", "scorer": self.weights, "scoring": self.scoring, "timesteps": list(self.timesteps)}
+
+
+@dataclass(frozen=True)
+class EngineDescription:
+    """What result files and messages say about an engine, the same fields for both backends.
+
+    Attributes:
+        backend: ``"pytorch"`` or the bundle's runner (``"onnxruntime"``, ``"tensorrt"``).
+        label: one line for messages, e.g. ``pytorch (cpu, fp32)``.
+        model: the model's description (source, resolution, ...).
+        precision: the scoring graph's / UNet's precision.
+        scoring, timesteps, layers: how scores are computed.
+        adapters: the adapter file, if any.
+        text_length: the text encoder's context (captions beyond it are truncated).
+        warnings: what a result must carry (a random-weight test model, ...).
+        details: what only one backend has (``compile``; ``bundle`` and ``runners``), at the top level of ``meta``.
+    """
+
+    backend: str
+    label: str
+    model: dict[str, Any]
+    precision: str
+    scoring: dict[str, Any]
     timesteps: list[int]
-    layer_names: list[str]
-    truncated: list[int] = field(default_factory=list)
-    unet_evaluations: int = 0
-    unconditional_evaluations: int = 0
+    layers: list[str]
+    adapters: str | None
+    text_length: int
+    warnings: list[str]
+    details: dict[str, Any] = field(default_factory=dict)
 
-    @property
-    def per_step(self) -> np.ndarray:
-        """``float64[..., K]``: each timestep's score (mean attention term over layers, plus the denoising term)."""
-        per_step = self.attention_steps.mean(-1)
-        return per_step if self.denoise_steps is None else per_step + self.denoise_steps
-
-    @property
-    def scores(self) -> np.ndarray:
-        """``float64[...]``: the DSD score, the mean of :attr:`per_step` over the timesteps held."""
-        return self.per_step.mean(-1)
-
-    @property
-    def layer_scores(self) -> np.ndarray:
-        """``float64[..., L]``: the attention term per layer, mean over the timesteps held."""
-        return self.attention_steps.mean(-2)
-
-    @property
-    def denoise(self) -> np.ndarray | None:
-        """``float64[...]``: the denoising term, mean over the timesteps held (``None`` when off)."""
-        return None if self.denoise_steps is None else self.denoise_steps.mean(-1)
-
-    def at(self, steps: Sequence[int]) -> ScoreOutput:
-        """The terms of a subset of the timestep indices held (scores then average over that subset only)."""
-        where = {s: i for i, s in enumerate(self.steps)}
-        missing = [s for s in steps if s not in where]
-        if missing:
-            raise ConfigError(f"timestep indices {missing} were not scored (held: {self.steps})")
-        index = [where[s] for s in steps]
-        return replace(
-            self,
-            attention_steps=self.attention_steps[..., index, :],
-            denoise_steps=None if self.denoise_steps is None else self.denoise_steps[..., index],
-            steps=list(steps),
-            timesteps=[self.timesteps[i] for i in index],
-        )
+    def to_dict(self) -> dict[str, Any]:
+        """The engine's part of a result's ``meta`` (the job adds evaluations, truncation, skips)."""
+        return {
+            "backend": self.backend,
+            "model": self.model,
+            "precision": self.precision,
+            "adapters": self.adapters,
+            "scoring": self.scoring,
+            "timesteps": list(self.timesteps),
+            "layers": list(self.layers),
+            **self.details,
+            "warnings": list(self.warnings),
+        }
 
 
 class Engine:
@@ -285,9 +379,25 @@ class Engine:
         ``float64[B, L]`` and ``‖ε − ε̂(x_t, c)‖₂`` ``float64[B]``."""
         raise NotImplementedError
 
-    def metadata(self) -> dict[str, Any]:
-        """What result files record about the engine (backend, model, scoring, timesteps, layers, warnings)."""
+    def identity(self) -> EngineIdentity:
+        """What makes this engine's numbers (see :class:`EngineIdentity`)."""
         raise NotImplementedError
+
+    def describe(self) -> EngineDescription:
+        """What result files and messages say about this engine (see :class:`EngineDescription`)."""
+        raise NotImplementedError
+
+    def metadata(self) -> dict[str, Any]:
+        """What result files record about the engine: :meth:`describe` as a dict, with the dsdkit version."""
+        from .version import __version__
+
+        description = self.describe()
+        return {"dsdkit_version": __version__, **description.to_dict(), "text_length": description.text_length}
+
+    def shortlist_embedder(self):
+        """The CLIP towers this engine carries for gallery search (a bundle exported with ``--shortlist``), as a
+        :class:`~dsdkit.runtime.shortlist.Embedder`; ``None`` when it carries none."""
+        return None
 
     def close(self) -> None:
         """Release the engine's resources (sessions, engines); the PyTorch scorer holds none of its own."""
@@ -336,6 +446,20 @@ class Engine:
         found = self._images.fetch(keys, encode)
         self._evict(set(keys))
         return [found[key] for key in keys]
+
+    def share_encodings(self, source: Engine) -> None:
+        """Use ``source``'s image and caption encodings (the same model's VAE and text encoder: an engine for
+        another adapter of it); the unconditional terms stay this engine's own, since an adapter changes them."""
+        self._images, self._texts = source._images, source._texts
+
+    def caches(self) -> dict[str, SharedCache]:
+        """The engine's caches by name (``images``, ``texts``, ``unconditional``): a server bounds their bytes and
+        reports their size."""
+        return {"images": self._images, "texts": self._texts, "unconditional": self._uncond}
+
+    def cached_unconditional(self, image_keys: set[str]) -> int:
+        """How many unconditional terms (image, timestep) of these images are cached (they cost nothing more)."""
+        return sum(1 for key, _ in self._uncond.items() if key[0] in image_keys)
 
     def _evict(self, keep: set[str]) -> None:
         """Drop the oldest cached images (and their unconditional terms) beyond :attr:`max_cached_images`."""
@@ -523,17 +647,52 @@ class Engine:
         """Every image against every caption, with the per-timestep terms."""
         return self.score_encoded_matrix(self.encode_images(images), self.encode_texts(texts), steps, progress)
 
+    def iter_image_chunks(
+        self,
+        images: Sequence[ImageInput],
+        start: int = 0,
+        skip: Container[int] = (),
+        on_error: Callable[[int, InputError, list[str]], None] | None = None,
+        on_warnings: Callable[[int, list[str]], None] | None = None,
+    ) -> Iterator[tuple[slice, list[int], list[ImageEncoding]]]:
+        """The one block iterator: consecutive chunks of :attr:`chunk_size` images from ``start``, each image
+        decoded once, here, and the chunk encoded; yields ``(rows, positions, encodings)`` with the positions (image
+        indices) of the images that were encoded. Only one chunk is decoded and held at a time, so memory stays
+        flat however many images there are.
+
+        ``skip``: indices to leave out (known to be unusable). An image that fails to decode goes to
+        ``on_error(index, error, decoder warnings)`` (default: the error is raised); the decoder warnings of an
+        image that is still used go to ``on_warnings(index, warnings)``.
+        """
+        for rows in chunk_slices(len(images), self.chunk_size, start):
+            pixels, positions = [], []
+            for index in range(rows.start, rows.stop):
+                if index in skip:
+                    continue
+                with collecting() as notes:
+                    try:
+                        pixels.append(
+                            preprocess_image(images[index], self.resolution, self.config.resize, index=index)
+                        )
+                    except InputError as exc:
+                        if on_error is None:
+                            raise
+                        on_error(index, exc, list(notes))
+                        continue
+                if notes and on_warnings is not None:
+                    on_warnings(index, list(notes))
+                positions.append(index)
+            yield rows, positions, self.encode_pixels(pixels) if pixels else []
+
     def iter_blocks(
         self, images: Sequence[ImageInput], texts: Sequence[str], start: int = 0
     ) -> Iterator[tuple[slice, np.ndarray]]:
         """Yield ``(rows, float64[rows, M] scores)`` for consecutive chunks of :attr:`chunk_size` images from
-        ``start``: only one chunk of images is decoded and encoded at a time, so memory stays flat however many
-        images there are; captions are encoded once."""
+        ``start`` (:meth:`iter_image_chunks`); captions are encoded once."""
         if len(images) == 0 or len(texts) == 0:
             raise InputError("nothing to score: give at least one image and one caption")
         text_encodings = self.encode_texts(texts)
-        for rows in chunk_slices(len(images), self.chunk_size, start):
-            encoded = self.encode_images(images[rows], offset=rows.start)
+        for rows, _, encoded in self.iter_image_chunks(images, start):
             yield rows, self.score_encoded_matrix(encoded, text_encodings).scores
 
     def score(self, images: Sequence[ImageInput], texts: Sequence[str]) -> np.ndarray:
@@ -543,28 +702,37 @@ class Engine:
             out[rows] = block
         return out
 
-    def rank_texts(self, image: ImageInput, texts: Sequence[str], top_k: int | None = None, schedule=None) -> Ranking:
+    def rank_texts(
+        self, image: ImageInput, texts: Sequence[str], top_k: int | None = None, schedule=None, shortlist=None
+    ) -> Ranking:
         """``texts`` best first for ``image``, as :class:`~dsdkit.runtime.adaptive.Ranked` ``(caption, score)``
         entries (the first ``top_k`` only, when given).
 
         ``schedule`` (a :class:`~dsdkit.runtime.adaptive.Schedule`, its text form, or ``"default"``) ranks by
         successive elimination: the ``top_k`` best (default 1) get their exhaustive scores, the others keep partial
         means (``entry.exact`` is False) for a fraction of the evaluations. ``None`` scores every caption exhaustively.
+        ``shortlist`` (a :class:`~dsdkit.runtime.shortlist.Shortlister`) ranks only the captions a CLIP model puts in
+        the image's top K (the others are left out of the ranking).
         """
-        ranking = self._rank(image, texts, top_k, schedule, per="image")
+        ranking = self._rank(image, texts, top_k, schedule, per="image", shortlist=shortlist)
         entries = [Ranked(texts[e.candidate], e.score, e.exact, e.held, e.left_after) for e in ranking]
         return Ranking(entries, ranking.evaluations, ranking.schedule)
 
-    def rank_images(self, text: str, images: Sequence[ImageInput], top_k: int | None = None, schedule=None) -> Ranking:
+    def rank_images(
+        self, text: str, images: Sequence[ImageInput], top_k: int | None = None, schedule=None, shortlist=None
+    ) -> Ranking:
         """Images best first for ``text``, as :class:`~dsdkit.runtime.adaptive.Ranked` ``(index into images, score)``
-        entries; ``top_k`` and ``schedule`` as in :meth:`rank_texts`.
+        entries; ``top_k``, ``schedule`` and ``shortlist`` as in :meth:`rank_texts`.
 
         Comparing images under one caption is where ``normalize=uncond`` helps: raw scores depend on the image.
         """
-        return self._rank(text, images, top_k, schedule, per="caption")
+        return self._rank(text, images, top_k, schedule, per="caption", shortlist=shortlist)
 
-    def _rank(self, query, pool, top_k, schedule, per: str) -> Ranking:
+    def _rank(self, query, pool, top_k, schedule, per: str, shortlist=None) -> Ranking:
         images, texts = ([query], list(pool)) if per == "image" else (list(pool), [query])
+        if shortlist is not None:
+            candidates = shortlist(images, texts, per).candidate_lists()
+            return self._rank_candidates(images, texts, top_k, schedule, per, candidates[0])
         if schedule is None:
             out = self.score_matrix(images, texts)
             scores = out.scores[0] if per == "image" else out.scores[:, 0]
@@ -585,6 +753,32 @@ class Engine:
         ]
         return Ranking(entries, result.evaluations, result.schedule)
 
-    def rank_matrix(self, images, texts, top_k: int = 1, schedule=None, per: str = "image", candidates=None):
-        """Adaptive ranking of many queries at once: :func:`dsdkit.runtime.adaptive.rank_matrix` on this engine."""
+    def _rank_candidates(self, images, texts, top_k, schedule, per: str, listed: list[int]) -> Ranking:
+        """One query's ranking of its listed candidates only (a shortlist)."""
+        if schedule is None:
+            pairs = [(0, j) for j in listed] if per == "image" else [(i, 0) for i in listed]
+            out = self.score_pairs(images, texts, pairs)
+            order = sorted(range(len(listed)), key=lambda n: (-out.scores[n], listed[n]))[:top_k]
+            entries = [Ranked(listed[n], float(out.scores[n]), True, len(out.steps), None) for n in order]
+            unconditional = out.unconditional_evaluations
+            spent = {"conditional": out.unet_evaluations - unconditional, "unconditional": unconditional}
+            return Ranking(entries, spent, None)
+        result = rank_matrix(self, images, texts, top_k or 1, schedule, per, [listed])
+        held = result.held[0] if per == "image" else result.held[:, 0]
+        scores = result.scores[0] if per == "image" else result.scores[:, 0]
+        left = result.left_after[0] if per == "image" else result.left_after[:, 0]
+        entries = [
+            Ranked(int(j), float(scores[j]), bool(held[j] == result.num_timesteps), int(held[j]), int(left[j]) or None)
+            for j in result.order(0)[:top_k]
+        ]
+        return Ranking(entries, result.evaluations, result.schedule)
+
+    def rank_matrix(
+        self, images, texts, top_k: int = 1, schedule=None, per: str = "image", candidates=None, shortlist=None
+    ):
+        """Adaptive ranking of many queries at once: :func:`dsdkit.runtime.adaptive.rank_matrix` on this engine;
+        ``shortlist`` (a :class:`~dsdkit.runtime.shortlist.Shortlister`) gives each query its CLIP top K as its
+        ``candidates`` (a gallery search)."""
+        if shortlist is not None:
+            candidates = shortlist(images, texts, per).candidate_lists()
         return rank_matrix(self, images, texts, top_k, schedule, per, candidates)

@@ -6,12 +6,13 @@ that line and exits with the class's ``exit_code``; ``--debug`` shows the traceb
 is a bug in dsdkit.
 
 The family lives in the runtime package because the runtime is the bottom of the dependency chain
-(train -> core -> runtime) and must stay importable without torch; ``dsdkit.errors`` re-exports it.
+(train -> core -> runtime) and must stay importable without torch; ``dsdkit.runtime.errors`` re-exports it.
 """
 
 from __future__ import annotations
 
 __all__ = [
+    "one_line",
     "DsdkitError",
     "ConfigError",
     "InputError",
@@ -31,6 +32,19 @@ __all__ = [
 ]
 
 
+def one_line(value: object, limit: int = 300) -> str:
+    """A message on one line, at most ``limit`` characters: an exception's first line (its type name when it has no
+    message: tracebacks that other libraries fold into their messages stay out), or a text with its whitespace
+    collapsed (a decoder's multi-line warning)."""
+    if isinstance(value, BaseException):
+        lines = str(value).strip().splitlines()
+        text = lines[0] if lines else type(value).__name__
+    else:
+        text = str(value)
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
 class DsdkitError(Exception):
     """Base class of every user-facing dsdkit error."""
 
@@ -38,9 +52,17 @@ class DsdkitError(Exception):
 
 
 class ConfigError(DsdkitError):
-    """An option or option combination that cannot work (checked before any heavy work starts)."""
+    """An option or option combination that cannot work (checked before any heavy work starts).
+
+    ``field`` names the library's config field the message is about (``batch_size``, ``top_k``): library messages
+    speak of fields, and the CLI rewrites the field's name into the flag a user typed (``--batch-size``).
+    """
 
     exit_code = 2
+
+    def __init__(self, message: str = "", field: str | None = None):
+        super().__init__(message)
+        self.field = field
 
 
 class InputError(DsdkitError):

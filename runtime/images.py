@@ -3,7 +3,7 @@
 One implementation for every backend: the PyTorch scorer and the ONNX/TensorRT runtime feed the VAE the exact
 same float32 pixels.
 
-Policy (the scoring contract of the README's "How a score is computed"):
+Policy (the scoring contract of docs/scoring.md, "How a score is computed"):
 - EXIF orientation is applied, so a photo is scored the way it is displayed.
 - Transparent pixels are composited on white; palette, grayscale, CMYK and 16-bit images become 8-bit RGB.
 - ``squash`` (default, as the authors' code) resizes to ``resolution x resolution`` ignoring the aspect ratio;
@@ -33,6 +33,8 @@ __all__ = [
     "MAX_IMAGE_PIXELS",
     "check_image",
     "load_image",
+    "decode_opened",
+    "pillow_guard",
     "to_rgb",
     "preprocess_image",
     "center_crop_box",
@@ -117,7 +119,7 @@ def _decode_error(name: str, exc: Exception, opening: bool) -> InputError:
 
 
 @contextlib.contextmanager
-def _pillow(name: str, opening: bool = False):
+def pillow_guard(name: str, opening: bool = False):
     """Around Pillow calls on one input (and nothing else): whatever Pillow raises is that file's problem.
 
     Image files come in any format Pillow knows, and its plugins raise far more than ``OSError``
@@ -140,7 +142,7 @@ def _pillow(name: str, opening: bool = False):
 def _opened(path: Path):
     """An image file's header opened by Pillow and checked against :data:`MAX_IMAGE_PIXELS`: ``(name, image)``.
 
-    Only the Pillow calls are guarded (:func:`_pillow`); the body of the ``with`` statement is not.
+    Only the Pillow calls are guarded (:func:`pillow_guard`); the body of the ``with`` statement is not.
     """
     from PIL import Image
 
@@ -154,7 +156,7 @@ def _opened(path: Path):
         raise _decode_error(name, exc, opening=True) from None
     if empty:
         raise InputError(f"{name}: empty file (0 bytes); remove it or replace it with the image")
-    with _pillow(name, opening=True):
+    with pillow_guard(name, opening=True):
         opened = Image.open(path)
         width, height = opened.size
     try:
@@ -167,7 +169,7 @@ def _opened(path: Path):
             raise InputError(f"{name}: image has no pixels ({width}x{height})")
         yield name, opened
     finally:
-        with _pillow(name):
+        with pillow_guard(name):
             opened.close()
 
 
@@ -192,11 +194,17 @@ def load_image(path: str | os.PathLike) -> PIL.Image.Image:  # noqa: F821
             anything else Pillow raised while reading or converting it (the message names the exception type).
     """
     with _opened(Path(path)) as (name, opened):
-        guard = functools.partial(_pillow, name)
-        with guard():
-            opened.load()
-            upright = _exif_upright(opened)
-        return to_rgb(upright, guard)
+        return decode_opened(opened, name)
+
+
+def decode_opened(opened, name: str) -> PIL.Image.Image:  # noqa: F821
+    """An image Pillow has opened (header read) decoded fully as 8-bit RGB, upright by its EXIF orientation, alpha
+    on white: the one decoding path of files on disk and of uploads to a server (``name`` names it in errors)."""
+    guard = functools.partial(pillow_guard, name)
+    with guard():
+        opened.load()
+        upright = _exif_upright(opened)
+    return to_rgb(upright, guard)
 
 
 def _exif_upright(image):
@@ -292,7 +300,7 @@ def as_pil(image: ImageInput, index: int | None = None):
     if isinstance(image, (str, os.PathLike)):
         return load_image(image)
     if isinstance(image, Image.Image):
-        guard = functools.partial(_pillow, describe(image, index))
+        guard = functools.partial(pillow_guard, describe(image, index))
         with guard():  # a lazily opened image decodes here, so a truncated file fails here
             image.load()
         return to_rgb(image, guard)

@@ -16,11 +16,11 @@ import numpy as np
 
 from .backends import Runner, make_runners
 from .bundle import Bundle
-from .config import TimestepSchedule, knob_option, resolve_scoring
-from .engine import Engine, ScoreOutput
+from .config import TimestepTable, knob_field, resolve_scoring
+from .engine import Engine, EngineDescription, EngineIdentity, ScoreOutput
 from .errors import ConfigError
-from .schedule import discffusion_timesteps
-from .tokenizer import token_mask
+from .timesteps import discffusion_timesteps
+from .tokenizer import context_pool_mask, token_mask
 
 __all__ = ["Matcher", "ScoreOutput"]
 
@@ -33,17 +33,19 @@ def _check_noise_bank(config, bundle: Bundle) -> None:
     steps = len(config.timestep_table)
     if steps <= bank:
         return
-    if config.timesteps is TimestepSchedule.noise_levels:
+    if config.timesteps is TimestepTable.noise_levels:
         raise ConfigError(
-            f"{knob_option('noise_levels')}: {steps} levels asked for, but {bundle.path} holds a noise bank of "
-            f"{bank}; give at most {bank} levels (or re-export with a larger noise bank)"
+            f"{knob_field('noise_levels')}: {steps} levels asked for, but {bundle.path} holds a noise bank of "
+            f"{bank}; give at most {bank} levels (or re-export with a larger noise bank)",
+            field="noise_levels",
         )
     # The table can hold fewer entries than S (its indices stop at 990), so the largest S is found, not assumed.
     largest = max(s for s in range(1, 981) if len(discffusion_timesteps(s)) <= bank)
     raise ConfigError(
-        f"{knob_option('num_timesteps')} {config.num_timesteps}: {bundle.path} holds a noise bank of {bank} "
-        f"timesteps, so S can be at most {largest}; use --timesteps {largest} or fewer (or re-export with a larger "
-        "noise bank)"
+        f"{knob_field('num_timesteps')} {config.num_timesteps}: {bundle.path} holds a noise bank of {bank} "
+        f"timesteps, so S can be at most {largest}; use `num_timesteps` {largest} or fewer (or re-export with a "
+        "larger noise bank)",
+        field="num_timesteps",
     )
 
 
@@ -108,13 +110,13 @@ class Matcher(Engine):
         path: str | os.PathLike,
         backend: str = "auto",
         device: str = "auto",
+        *,
         batch_size: int | None = None,
-        num_timesteps: int | None = None,
-        verify: bool = True,
-        chunk_size: int = 64,
-        progress: Callable[[int], None] | None = None,
-        overrides: dict[str, Any] | None = None,
         threads: int | None = None,
+        chunk_size: int = 64,
+        verify: bool = True,
+        progress: Callable[[int], None] | None = None,
+        **knobs: Any,
     ) -> Matcher:
         """Open a bundle and prepare its runners (sessions are created on first use).
 
@@ -123,14 +125,18 @@ class Matcher(Engine):
                 ``onnxruntime`` or ``tensorrt``.
             device: ``auto``, ``cpu`` or ``cuda`` (for ONNX Runtime: the CUDA provider, when installed).
             batch_size: pairs per scorer run (default: the export profile's optimal batch; at most its maximum).
-            num_timesteps: another S for the discffusion table (the graph serves any S up to its noise bank).
-            verify: check every file's sha256 first.
-            chunk_size: images per chunk in :meth:`score`.
-            progress: the default progress callback (evaluations after each batch).
-            overrides: free scoring knobs to change (see the class doc).
             threads: ONNX Runtime's intra-op CPU threads (default: :func:`~dsdkit.runtime.threads.current_threads`;
                 its pools wait without spinning either way).
+            chunk_size: images per chunk in :meth:`score`.
+            verify: check every file's sha256 first.
+            progress: the default progress callback (evaluations after each batch).
+            knobs: free scoring knobs to change, by name (see the class doc): ``num_timesteps`` (another S for the
+                discffusion table: the graph serves any S up to its noise bank), ``normalize`` and the others the
+                graphs do not fix; ``overrides={...}`` (a dict of them) is accepted too.
         """
+        overrides = dict(knobs.pop("overrides", None) or {})
+        overrides.update(knobs)
+        num_timesteps = overrides.pop("num_timesteps", None)
         bundle = Bundle.open(path, verify=verify)
         runners = make_runners(bundle, backend, device, threads)
         return cls(
@@ -143,36 +149,47 @@ class Matcher(Engine):
             overrides=overrides,
         )
 
+    def shortlist_embedder(self):
+        """The bundle's shortlist CLIP (exported with ``--shortlist``), torch-free; ``None`` without one."""
+        if not self.bundle.manifest.get("shortlist"):
+            return None
+        from .clip import OnnxClip
+
+        profile = self.bundle.manifest["export"]["batch"]
+        return OnnxClip(self.bundle, self.runners, batch_size=int(profile[2]))
+
     def close(self) -> None:
         for runner in self.runners.values():
             runner.close()
 
-    def metadata(self) -> dict[str, Any]:
+    def identity(self) -> EngineIdentity:
+        manifest = self.bundle.manifest
+        return EngineIdentity(
+            engine="bundle",
+            weights=manifest["files"][manifest["graphs"]["scorer"]["file"]]["sha256"],
+            scoring=self.config.to_dict(),
+            timesteps=tuple(self.timesteps),
+        )
+
+    def describe(self) -> EngineDescription:
         manifest = self.bundle.manifest
         model = manifest["model"]
-        warnings = (
-            ["random-weight test model: scores are meaningless"] if model.get("test_model_random_weights") else []
+        runner = self.runners["scorer"].name
+        return EngineDescription(
+            backend=runner,
+            label=f"{runner} ({self.bundle.path})",
+            model={k: model[k] for k in ("source", "identity", "resolution", "licence") if k in model},
+            precision=manifest["precision"],
+            scoring=self.config.to_dict(),
+            timesteps=list(self.timesteps),
+            layers=list(self.layer_names),
+            adapters=(manifest.get("adapter") or {}).get("file"),
+            text_length=int(model["text_length"]),
+            warnings=["random-weight test model: scores are meaningless"]
+            if model.get("test_model_random_weights")
+            else [],
+            details={"bundle": str(self.bundle.path), "runners": {n: r.describe() for n, r in self.runners.items()}},
         )
-        return {
-            "dsdkit_version": manifest.get("dsdkit_version"),
-            "backend": "bundle",
-            "runners": self.describe(),
-            "bundle": str(self.bundle.path),
-            "bundle_scorer_sha256": manifest["files"][manifest["graphs"]["scorer"]["file"]]["sha256"],
-            "model": model,
-            "adapters": (manifest.get("adapter") or {}).get("file"),
-            "scoring": self.config.to_dict(),
-            "timesteps": list(self.timesteps),
-            "layers": list(self.layer_names),
-            "text_length": int(model["text_length"]),
-            "warnings": warnings,
-        }
-
-    def describe(self) -> dict:
-        return {
-            name: runner.describe() if hasattr(runner, "describe") else {"backend": runner.name}
-            for name, runner in self.runners.items()
-        }
 
     # -- the engine's primitives ---------------------------------------------------------------------------------
 
@@ -185,7 +202,10 @@ class Matcher(Engine):
     def _encode_token_batch(self, tokens) -> list[tuple[Any, Any]]:
         ids = np.stack([t.ids for t in tokens])
         states = self.runners["text_encoder"].infer({"input_ids": ids})["states"]
-        return [(states[i], token_mask(t.roles, self.config.tokens.value)) for i, t in enumerate(tokens)]
+        context = self.bundle.manifest["model"].get("context_tokens", "all")  # bundles before it: all
+        if context == "all":
+            return [(states[i], token_mask(t.roles, self.config.tokens.value)) for i, t in enumerate(tokens)]
+        return [(states[i], context_pool_mask(t.roles, context)) for i, t in enumerate(tokens)]
 
     def _evaluate(self, images, texts, steps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         feed = {

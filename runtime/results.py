@@ -23,6 +23,7 @@ not written: the lists follow from the scores (:meth:`MatchResult.top`).
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import math
@@ -36,7 +37,15 @@ import numpy as np
 from .errors import InputError, MissingDependencyError, OutputError, missing_dependency
 from .files import atomic_write_bytes, atomic_writer
 
-__all__ = ["MatchResult", "top_k", "write_result", "read_result", "OUTPUT_FORMATS", "PARQUET_FORMAT"]
+__all__ = [
+    "MatchResult",
+    "top_k",
+    "write_result",
+    "read_result",
+    "require_parquet",
+    "OUTPUT_FORMATS",
+    "PARQUET_FORMAT",
+]
 
 OUTPUT_FORMATS = (".csv", ".json", ".jsonl", ".parquet")
 
@@ -61,6 +70,9 @@ class MatchResult:
             pair is exact.
         left_after: optional ``int[N, M]``: the adaptive stage after which a candidate left (0: kept).
         num_timesteps: S (with ``held``).
+        shortlist_rank: optional ``int[N, M]``: a gallery search's shortlist place of each pair (1 = the most similar
+            under the shortlist model; 0 = not shortlisted, so not scored).
+        shortlist_similarity: optional ``float[N, M]``: the shortlist model's cosine similarity (NaN: not listed).
     """
 
     images: list[str]
@@ -71,6 +83,8 @@ class MatchResult:
     held: np.ndarray | None = None
     left_after: np.ndarray | None = None
     num_timesteps: int | None = None
+    shortlist_rank: np.ndarray | None = None
+    shortlist_similarity: np.ndarray | None = None
 
     def __post_init__(self):
         self.scores = np.asarray(self.scores, dtype=np.float64)
@@ -85,6 +99,9 @@ class MatchResult:
             )
             if self.num_timesteps is None:
                 raise ValueError("held needs num_timesteps")
+        if self.shortlist_rank is not None:
+            self.shortlist_rank = np.asarray(self.shortlist_rank, dtype=np.int64)
+            self.shortlist_similarity = np.asarray(self.shortlist_similarity, dtype=np.float64)
 
     @property
     def exact(self) -> np.ndarray:
@@ -99,6 +116,36 @@ class MatchResult:
         if self.held is None:
             return np.zeros(self.scores.shape, dtype=bool)
         return (self.held > 0) & (self.held < self.num_timesteps)
+
+    def fused(self, clip_weight: float, per: str = "image") -> MatchResult:
+        """This gallery search's result ranked by the fused score (:func:`~dsdkit.runtime.shortlist.fuse`): each
+        query's shortlisted pairs scored ``clip_weight * z(CLIP similarity) + (1 - clip_weight) * z(DSD score)``
+        (an adaptive run's eliminated candidates with their partial means), every listed pair ranked by it, NaN
+        elsewhere. ``meta["fusion"]`` records the weight and the direction; the result it is called on keeps the DSD
+        scores.
+
+        Raises:
+            ConfigError: a result without a shortlist, or a weight outside [0, 1].
+        """
+        from .errors import ConfigError
+        from .shortlist import fuse
+
+        if self.shortlist_similarity is None:
+            raise ConfigError(
+                "a fused ranking needs a gallery search's result (its CLIP similarities): run match with `shortlist`",
+                field="shortlist_fuse",
+            )
+        scores = fuse(self.scores, self.shortlist_similarity, clip_weight, per)
+        meta = {
+            **self.meta,
+            "fusion": {
+                "clip_weight": float(clip_weight),
+                "per": per,
+                "scores": "fused: clip_weight * z(shortlist similarity) + (1 - clip_weight) * z(DSD score), "
+                "standardised over each query's shortlisted pairs",
+            },
+        }
+        return dataclasses.replace(self, scores=scores, meta=meta, layer_scores=None, held=None, left_after=None)
 
     def top(self, k: int, axis: int) -> list[np.ndarray]:
         """Per image (``axis=1``: its captions) or per caption (``axis=0``: its images), the best ``k`` scored
@@ -138,6 +185,9 @@ def _ranked(result: MatchResult, names: list[str], cells, indices, key: str) -> 
     for j in indices:
         i, c = cells(int(j))
         entry = {key: names[j], "index": int(j), "score": _finite(result.scores[i, c])}
+        if result.shortlist_rank is not None:
+            entry["shortlist_rank"] = int(result.shortlist_rank[i, c])
+            entry["shortlist_similarity"] = _finite(result.shortlist_similarity[i, c])
         if result.held is not None:
             if result.held[i, c] == result.num_timesteps:
                 entry["exact"] = True
@@ -167,6 +217,23 @@ def _partial_rows(result: MatchResult) -> dict[str, list] | None:
     }
 
 
+def _shortlist_rows(result: MatchResult) -> dict[str, list] | None:
+    """A gallery search's shortlist ranks and similarities per pair (``None`` where not shortlisted)."""
+    if result.shortlist_rank is None:
+        return None
+    listed = result.shortlist_rank > 0
+    return {
+        "rank": [
+            [int(r) if ok else None for r, ok in zip(row, flags, strict=True)]
+            for row, flags in zip(result.shortlist_rank, listed, strict=True)
+        ],
+        "similarity": [
+            [_finite(v) if ok else None for v, ok in zip(row, flags, strict=True)]
+            for row, flags in zip(result.shortlist_similarity, listed, strict=True)
+        ],
+    }
+
+
 def write_result(result: MatchResult, path: str | os.PathLike, k: int = 5) -> Path:
     """Write ``result`` atomically in the format given by the file suffix (``.csv``, ``.json``, ``.jsonl`` or
     ``.parquet``; ``k``: the length of the JSON/JSONL top-k lists)."""
@@ -179,81 +246,95 @@ def write_result(result: MatchResult, path: str | os.PathLike, k: int = 5) -> Pa
     if suffix == ".parquet":
         atomic_write_bytes(path, _parquet_bytes(result, path))
         return path
-    if suffix == ".csv":
-        buffer = io.StringIO()
-        writer = csv.writer(buffer, lineterminator="\n")
-        writer.writerow(["image", *result.captions])
-        exact = result.exact if result.held is not None else None
-        for i, (name, row) in enumerate(zip(result.images, result.scores, strict=True)):
-            cells = (
-                [repr(float(v)) for v in row]
-                if exact is None
-                else [repr(float(v)) if ok else "" for v, ok in zip(row, exact[i], strict=True)]
-            )
-            writer.writerow([name, *cells])
-        text = buffer.getvalue()
-    else:
-        per_image = result.top(k, axis=1)
-        per_caption = result.top(k, axis=0)
-        image_records = [
-            {
-                "image": name,
-                "index": i,
-                "scores": _exact_row(result, i),
-                "top_k": _ranked(result, result.captions, lambda j, i=i: (i, j), per_image[i], "caption"),
-            }
-            for i, name in enumerate(result.images)
-        ]
-        partial = _partial_rows(result)
-        if partial is not None:
-            for i, record in enumerate(image_records):
-                record["partial"] = {name: rows[i] for name, rows in partial.items()}
-        if result.layer_scores is not None:
-            for i, record in enumerate(image_records):
-                record["layer_scores"] = [[_finite(v) for v in pair] for pair in result.layer_scores[i]]
-        caption_records = [
-            {
-                "caption": caption,
-                "index": j,
-                "top_k": _ranked(result, result.images, lambda i, j=j: (i, j), per_caption[j], "image"),
-            }
-            for j, caption in enumerate(result.captions)
-        ]
-        if suffix == ".json":
-            document = {
-                "images": result.images,
-                "captions": result.captions,
-                "scores": [_exact_row(result, i) for i in range(len(result.images))],
-                **({"partial": partial} if partial is not None else {}),
-                **(
-                    {"layer_scores": [r["layer_scores"] for r in image_records]}
-                    if result.layer_scores is not None
-                    else {}
-                ),
-                "top_k": {
-                    "k": k,
-                    # the matrix is already under "scores"; the per-image lists carry only the ranking
-                    "per_image": [{key: r[key] for key in ("image", "index", "top_k")} for r in image_records],
-                    "per_caption": caption_records,
-                },
-                "meta": result.meta,
-            }
-            text = json.dumps(document, ensure_ascii=False, indent=1) + "\n"
-        else:
-            header = {"type": "meta", "images": len(result.images), "captions": len(result.captions), "k": k}
-            lines = [json.dumps(header | result.meta, ensure_ascii=False)]
-            lines += [json.dumps({"type": "image", **r}, ensure_ascii=False) for r in image_records]
-            lines += [json.dumps({"type": "caption", **r}, ensure_ascii=False) for r in caption_records]
-            text = "\n".join(lines) + "\n"
+    text = _csv_text(result) if suffix == ".csv" else _json_text(result, k, lines=suffix == ".jsonl")
     with atomic_writer(path, "w") as handle:
         handle.write(text)
     return path
 
 
+def _csv_text(result: MatchResult) -> str:
+    """The score matrix, one image per row; a pair not scored exactly (adaptive, a shortlist, pairs) is empty."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["image", *result.captions])
+    exact = result.exact if result.held is not None else None
+    for i, (name, row) in enumerate(zip(result.images, result.scores, strict=True)):
+        cells = (
+            [repr(float(v)) for v in row]
+            if exact is None
+            else [repr(float(v)) if ok else "" for v, ok in zip(row, exact[i], strict=True)]
+        )
+        writer.writerow([name, *cells])
+    return buffer.getvalue()
+
+
+def _image_records(result: MatchResult, k: int) -> tuple[list[dict], dict | None, dict | None]:
+    """Per image: its exact scores, top k captions, and (when the result has them) its partial means, per-layer
+    scores and shortlist rows; with the partial and shortlist tables themselves."""
+    per_image = result.top(k, axis=1)
+    records = [
+        {
+            "image": name,
+            "index": i,
+            "scores": _exact_row(result, i),
+            "top_k": _ranked(result, result.captions, lambda j, i=i: (i, j), per_image[i], "caption"),
+        }
+        for i, name in enumerate(result.images)
+    ]
+    partial = _partial_rows(result)
+    if partial is not None:
+        for i, record in enumerate(records):
+            record["partial"] = {name: rows[i] for name, rows in partial.items()}
+    if result.layer_scores is not None:
+        for i, record in enumerate(records):
+            record["layer_scores"] = [[_finite(v) for v in pair] for pair in result.layer_scores[i]]
+    shortlisted = _shortlist_rows(result)
+    if shortlisted is not None:
+        for i, record in enumerate(records):
+            record["shortlist"] = {name: rows[i] for name, rows in shortlisted.items()}
+    return records, partial, shortlisted
+
+
+def _json_text(result: MatchResult, k: int, lines: bool) -> str:
+    """The JSON document (``lines`` False) or JSON Lines (a meta line, then one line per image and per caption)."""
+    image_records, partial, shortlisted = _image_records(result, k)
+    per_caption = result.top(k, axis=0)
+    caption_records = [
+        {
+            "caption": caption,
+            "index": j,
+            "top_k": _ranked(result, result.images, lambda i, j=j: (i, j), per_caption[j], "image"),
+        }
+        for j, caption in enumerate(result.captions)
+    ]
+    if lines:
+        header = {"type": "meta", "images": len(result.images), "captions": len(result.captions), "k": k}
+        rows = [json.dumps(header | result.meta, ensure_ascii=False)]
+        rows += [json.dumps({"type": "image", **r}, ensure_ascii=False) for r in image_records]
+        rows += [json.dumps({"type": "caption", **r}, ensure_ascii=False) for r in caption_records]
+        return "\n".join(rows) + "\n"
+    document = {
+        "images": result.images,
+        "captions": result.captions,
+        "scores": [_exact_row(result, i) for i in range(len(result.images))],
+        **({"partial": partial} if partial is not None else {}),
+        **({"layer_scores": [r["layer_scores"] for r in image_records]} if result.layer_scores is not None else {}),
+        **({"shortlist": shortlisted} if shortlisted is not None else {}),
+        "top_k": {
+            "k": k,
+            # the matrix is already under "scores"; the per-image lists carry only the ranking
+            "per_image": [{key: r[key] for key in ("image", "index", "top_k")} for r in image_records],
+            "per_caption": caption_records,
+        },
+        "meta": result.meta,
+    }
+    return json.dumps(document, ensure_ascii=False, indent=1) + "\n"
+
+
 # -- Parquet -------------------------------------------------------------------------------------------------------
 
 
-def _pyarrow(path: Path):
+def require_parquet(path: Path):
     """``(pyarrow, pyarrow.parquet)``, imported only when a Parquet file is read or written (an optional extra)."""
     try:
         import pyarrow
@@ -276,11 +357,13 @@ def _timesteps_of(result: MatchResult) -> int | None:
 
 def _parquet_bytes(result: MatchResult, path: Path) -> bytes:
     """The Parquet file of ``result`` (built in memory, so that the caller writes it atomically)."""
-    pa, pq = _pyarrow(path)
+    pa, pq = require_parquet(path)
     if result.held is None:
         scored = np.ones(result.scores.shape, dtype=bool)
     else:
         scored = result.held > 0
+    if result.shortlist_rank is not None:
+        scored = scored & (result.shortlist_rank > 0) & np.isfinite(result.scores)
     rows, cols = np.nonzero(scored)  # row-major: ordered by image, then caption
     exact = result.exact[rows, cols]
     partial = result.partial[rows, cols]
@@ -305,6 +388,14 @@ def _parquet_bytes(result: MatchResult, path: Path) -> bytes:
             "exact": pa.array(exact, pa.bool_()),
             "stage": stage,
             "timesteps": timesteps,
+            **(
+                {
+                    "shortlist_rank": pa.array(result.shortlist_rank[rows, cols], pa.int16()),
+                    "shortlist_similarity": pa.array(result.shortlist_similarity[rows, cols], pa.float32()),
+                }
+                if result.shortlist_rank is not None
+                else {}
+            ),
         }
     )
     layout = {
@@ -312,6 +403,7 @@ def _parquet_bytes(result: MatchResult, path: Path) -> bytes:
         "captions": list(result.captions),
         "num_timesteps": result.num_timesteps,
         "held": result.held is not None,
+        "shortlist": result.shortlist_rank is not None,
     }
     table = table.replace_schema_metadata(
         {
@@ -341,7 +433,7 @@ def read_result(path: str | os.PathLike) -> MatchResult:
         raise InputError(f"{path}: only .parquet results can be read back; write the result with -o NAME.parquet")
     if not path.is_file():
         raise InputError(f"{path}: no such file")
-    pa, pq = _pyarrow(path)
+    pa, pq = require_parquet(path)
     try:
         table = pq.read_table(path)
     except (pa.ArrowException, OSError) as exc:
@@ -382,6 +474,12 @@ def read_result(path: str | os.PathLike) -> MatchResult:
         held[rows, cols] = table.column("timesteps").to_numpy()
         stage = table.column("stage").fill_null(0).to_numpy()
         left_after[rows, cols] = stage
+    shortlist_rank = shortlist_similarity = None
+    if layout.get("shortlist") and "shortlist_rank" in table.column_names:
+        shortlist_rank = np.zeros(shape, dtype=np.int64)
+        shortlist_similarity = np.full(shape, np.nan)
+        shortlist_rank[rows, cols] = table.column("shortlist_rank").to_numpy()
+        shortlist_similarity[rows, cols] = table.column("shortlist_similarity").to_numpy()
     return MatchResult(
         images=images,
         captions=captions,
@@ -390,4 +488,6 @@ def read_result(path: str | os.PathLike) -> MatchResult:
         held=held,
         left_after=left_after,
         num_timesteps=num_timesteps,
+        shortlist_rank=shortlist_rank,
+        shortlist_similarity=shortlist_similarity,
     )

@@ -17,10 +17,12 @@ Two runtimes are concerned:
 * **ONNX Runtime** (its own thread pools): :func:`ort_session_options` turns spinning off in the session options
   and sets the intra-op thread count.
 
-The CLI calls :func:`use_passive_waiting` before anything imports torch and :func:`configure_threads` at the top of
-every command that computes. A library user gets the same by calling :func:`configure_threads` before importing
-torch (or anything that imports it: ``dsdkit.scorer``, ``dsdkit.matching``'s PyTorch path), or by exporting
-``OMP_WAIT_POLICY=PASSIVE`` and ``OMP_NUM_THREADS=N`` in the shell.
+``import dsdkit`` calls :func:`use_passive_waiting` (before anything can import torch through dsdkit), so a program
+that imports dsdkit before torch waits passively as the CLI does; one that imported torch first gets one logged hint.
+The CLI also calls :func:`configure_threads` at the top of every command that computes; a library user calls it as
+``dsdkit.configure_threads(n)`` (before importing torch, the thread count reaches torch's OpenMP pool as it starts;
+after, through ``torch.set_num_threads``), or exports ``OMP_WAIT_POLICY=PASSIVE`` and ``OMP_NUM_THREADS=N`` in the
+shell.
 """
 
 from __future__ import annotations
@@ -50,6 +52,8 @@ PROC_CGROUP = Path("/proc/self/cgroup")
 
 # The count :func:`configure_threads` chose, for runtimes created after it (ONNX Runtime sessions).
 _configured: int | None = None
+# Whether the torch-came-first hint of :func:`use_passive_waiting` was given (it is given once per process).
+_hinted = False
 
 
 def _affinity() -> int:
@@ -140,14 +144,25 @@ def _env_threads() -> int | None:
     return value if value >= 1 else None
 
 
-def use_passive_waiting() -> bool:
+def use_passive_waiting(hint: bool = False) -> bool:
     """Make OpenMP threads sleep instead of spinning while they wait, unless the user chose a wait policy.
 
     Only takes effect before torch is imported (libgomp reads the policy once, when it loads); returns whether it
     still could. ``setdefault``: a user's explicit ``OMP_WAIT_POLICY=ACTIVE`` (a dedicated machine) is respected.
+
+    ``import dsdkit`` calls it with ``hint=True``: when torch was imported first and no policy is set, one warning
+    (once per process, on the ``dsdkit`` logger) says how to get passive waiting; otherwise a debug line.
     """
+    global _hinted
     if "torch" in sys.modules:
-        if os.environ.get("OMP_WAIT_POLICY", "").strip().upper() != "PASSIVE":
+        if "OMP_WAIT_POLICY" not in os.environ and hint and not _hinted:
+            _hinted = True
+            logging.getLogger("dsdkit").warning(
+                "torch was imported before dsdkit, so its OpenMP threads spin while they wait; beside other busy "
+                "processes that can make scoring several times slower. Import dsdkit before torch, or set "
+                "OMP_WAIT_POLICY=PASSIVE in the environment (ACTIVE keeps spinning and silences this)"
+            )
+        elif os.environ.get("OMP_WAIT_POLICY", "").strip().upper() != "PASSIVE":
             logger.debug(
                 "torch is already imported: its OpenMP wait policy (%s) cannot change any more; set "
                 "OMP_WAIT_POLICY=PASSIVE before importing torch",
@@ -169,7 +184,7 @@ def configure_threads(threads: int | None = None, passive: bool = True) -> int:
     """
     global _configured
     if threads is not None and int(threads) < 1:
-        raise ConfigError(f"--threads must be >= 1, got {threads}")
+        raise ConfigError(f"`threads` must be >= 1, got {threads}", field="threads")
     count = int(threads) if threads is not None else (_env_threads() or default_threads())
     if passive:
         use_passive_waiting()

@@ -24,7 +24,19 @@ import numpy as np
 
 from .errors import InputError, ModelError
 
-__all__ = ["ClipTokenizer", "TokenizedText", "token_mask", "ROLE_BOS", "ROLE_WORD", "ROLE_EOS", "ROLE_PAD"]
+__all__ = [
+    "ClipTokenizer",
+    "TokenizedText",
+    "token_mask",
+    "CONTEXTS",
+    "context_keep_mask",
+    "context_pool_mask",
+    "roles_from_ids",
+    "ROLE_BOS",
+    "ROLE_WORD",
+    "ROLE_EOS",
+    "ROLE_PAD",
+]
 
 ROLE_BOS, ROLE_WORD, ROLE_EOS, ROLE_PAD = 0, 1, 2, 3
 
@@ -47,6 +59,51 @@ def token_mask(roles: np.ndarray, tokens: str) -> np.ndarray:
     else:
         raise ValueError(f"unknown token set {tokens!r}")
     return keep.astype(np.float32)
+
+
+#: What a model's cross-attention may attend to (declared by the model folder, see ``dsdkit.pytorch.models``): ``all``
+#: positions (SD2); ``words``: BOS, EOS and padding masked; ``bos-words``: EOS and padding masked, BOS kept as a
+#: caption-independent anchor. A caption without word tokens (the empty caption of the unconditional pass) keeps
+#: its whole context under ``words`` and its BOS under ``bos-words``, so that no softmax runs over nothing.
+CONTEXTS = ("all", "words", "bos-words")
+
+
+def context_keep_mask(roles: np.ndarray, context: str) -> np.ndarray:
+    """float32 ``[..., T]``: 1 where a model with this declared context attends (by role, never by id)."""
+    roles = np.asarray(roles)
+    words = roles == ROLE_WORD
+    has_words = words.any(axis=-1, keepdims=True)
+    if context == "all":
+        keep = np.ones(roles.shape, dtype=bool)
+    elif context == "words":
+        keep = np.where(has_words, words, True)
+    elif context == "bos-words":
+        keep = words | (roles == ROLE_BOS)
+    else:
+        raise ValueError(f"unknown context {context!r}; one of {', '.join(CONTEXTS)}")
+    return keep.astype(np.float32)
+
+
+def context_pool_mask(roles: np.ndarray, context: str) -> np.ndarray:
+    """float32 ``[..., T]``: the positions a model with a masked context pools: its word tokens, or its whole
+    (fallback) context for a caption without words. The attended positions follow from it: the same under
+    ``words``, with BOS added under ``bos-words`` (what the scoring forward computes in the graph)."""
+    roles = np.asarray(roles)
+    words = roles == ROLE_WORD
+    has_words = words.any(axis=-1, keepdims=True)
+    return np.where(has_words, words, context_keep_mask(roles, context) > 0).astype(np.float32)
+
+
+def roles_from_ids(ids: np.ndarray, eos_id: int) -> np.ndarray:
+    """Roles of tokenized ids by position: BOS at 0, words up to the first EOS, EOS, then padding."""
+    ids = np.asarray(ids)
+    positions = np.arange(ids.shape[-1])
+    eos = np.argmax((ids == eos_id) & (positions > 0), axis=-1)[..., None]
+    roles = np.full(ids.shape, ROLE_PAD, dtype=np.int8)
+    roles[(positions > 0) & (positions < eos)] = ROLE_WORD
+    roles[positions == eos] = ROLE_EOS
+    roles[..., 0] = ROLE_BOS
+    return roles
 
 
 @dataclass(frozen=True)

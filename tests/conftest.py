@@ -45,7 +45,7 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
-    from dsdkit.tiny import write_tiny_model
+    from dsdkit.pytorch.tiny import write_tiny_model
 
     return write_tiny_model(tmp_path_factory.mktemp("models") / "tiny", size="tiny", seed=0)
 
@@ -53,7 +53,7 @@ def tiny_model_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def micro_model_dir(tmp_path_factory):
     """The smallest random-weight SD2-architecture model (fewer layers and channels than tiny)."""
-    from dsdkit.tiny import write_tiny_model
+    from dsdkit.pytorch.tiny import write_tiny_model
 
     return write_tiny_model(tmp_path_factory.mktemp("micro") / "model", size="micro", seed=0)
 
@@ -61,14 +61,14 @@ def micro_model_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def full_model_dir(tmp_path_factory):
     """The full-size SD2-2.1-base architecture with random weights (about 5 GB on disk; slow tests only)."""
-    from dsdkit.tiny import write_tiny_model
+    from dsdkit.pytorch.tiny import write_tiny_model
 
     return write_tiny_model(tmp_path_factory.mktemp("full") / "sd2-full", size="full")
 
 
 @pytest.fixture(scope="session")
 def tiny_model(tiny_model_dir):
-    from dsdkit.models import load_model
+    from dsdkit.pytorch.models import load_model
 
     return load_model(tiny_model_dir, device="cpu", dtype="fp32")
 
@@ -110,7 +110,7 @@ def perturbed_adapter(model, scoring, kind: str, seed: int = 0, scale: float = 0
     """An adapter of ``kind`` with every parameter random and non-zero, as after training."""
     import torch
 
-    from dsdkit.adapters import AdapterConfig, create_adapter
+    from dsdkit.pytorch.adapters import AdapterConfig, create_adapter
 
     adapter = create_adapter(model, scoring, AdapterConfig(kind=kind, init_seed=seed))
     generator = torch.Generator().manual_seed(seed)
@@ -123,8 +123,9 @@ def perturbed_adapter(model, scoring, kind: str, seed: int = 0, scale: float = 0
 @pytest.fixture(scope="session")
 def adapter_files(tiny_model, tmp_path_factory):
     """Trained-looking kv-prompt (discffusion config) and LoRA (paper config) adapter files."""
-    from dsdkit.adapters import save_adapter
-    from dsdkit.config import ScoringConfig
+    from dsdkit.runtime.config import ScoringConfig
+
+    from dsdkit.pytorch.adapters import save_adapter
 
     folder = tmp_path_factory.mktemp("adapters")
     files = {}
@@ -168,9 +169,10 @@ def pytorch_scores():
     scoring config (and an adapter file, if any) -- the reference every bundle test compares with."""
 
     def compute(model, bundle_manifest, adapters, images, captions, num_timesteps=None):
-        from dsdkit.adapters import load_adapter
-        from dsdkit.config import ScoringConfig
-        from dsdkit.scorer import Scorer
+        from dsdkit.runtime.config import ScoringConfig
+
+        from dsdkit.pytorch.adapters import load_adapter
+        from dsdkit.pytorch.scorer import Scorer
 
         scoring = dict(bundle_manifest["scoring"])
         if num_timesteps is not None:
@@ -206,7 +208,7 @@ def fault_summary(records) -> tuple[str, list[str]]:
 
 
 def pytest_terminal_summary(terminalreporter):
-    """Print the fault suite's summary line when any of its tests ran (the README quotes it)."""
+    """Print the fault suite's summary line when any of its tests ran (docs/match.md quotes it)."""
     records = [
         value
         for reports in terminalreporter.stats.values()
@@ -222,3 +224,18 @@ def pytest_terminal_summary(terminalreporter):
     terminalreporter.write_line(f"fault suite: {line}")
     for problem in problems:
         terminalreporter.write_line(f"  {problem}")
+
+
+# -- bundles as dsdkit wrote them before the scorer graph recorded its export fields --------------------------------
+
+
+def strip_baked_fields(graph) -> None:
+    """Remove the export fields that ``dsdkit export`` appends to a scorer graph (``dsdkit.baked``), leaving the
+    graph as earlier versions wrote it."""
+    from dsdkit.runtime.bundle import BAKED_KEY
+    from dsdkit.runtime.onnxfile import metadata_entry, read_references
+
+    entry = metadata_entry(BAKED_KEY, read_references(graph).metadata[BAKED_KEY])
+    data = graph.read_bytes()
+    assert data.endswith(entry), "the export fields are not the last bytes of the graph"
+    graph.write_bytes(data[: -len(entry)])

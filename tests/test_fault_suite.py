@@ -31,11 +31,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from dsdkit.runtime.errors import EXIT_CODES
 from PIL import Image
 from typer.testing import CliRunner
 
 from dsdkit.cli import app
-from dsdkit.errors import EXIT_CODES
 
 GOOD = [("red", "circle"), ("blue", "square"), ("green", "triangle")]
 CAPTIONS = ["a red circle", "a blue square", "a green triangle"]
@@ -303,7 +303,7 @@ def cli():
 
 @pytest.fixture(scope="module")
 def micro_model(tmp_path_factory):
-    from dsdkit.tiny import write_tiny_model
+    from dsdkit.pytorch.tiny import write_tiny_model
 
     return write_tiny_model(tmp_path_factory.mktemp("fault-model") / "micro", size="micro", seed=0)
 
@@ -424,10 +424,10 @@ def test_per_layer_with_a_chunk_of_only_bad_images(cli, job, micro_model, tmp_pa
 
 
 def test_resuming_a_skipping_run_with_strict_is_refused(job, micro_bundle, tmp_path, monkeypatch, ledger):
-    import dsdkit.runtime.jobs as jobs
+    import dsdkit.runtime.resume as jobs
+    from dsdkit.runtime.errors import InputError
 
-    from dsdkit.errors import InputError
-    from dsdkit.matching import match
+    from dsdkit.jobs.match import match
 
     root, good, mixed, made, captions, _ = job
     folder = tmp_path / "images"
@@ -462,7 +462,7 @@ def test_resuming_a_skipping_run_with_strict_is_refused(job, micro_bundle, tmp_p
         )
         crashed = "--strict accepted an image skipped by the earlier run"
     except InputError as exc:
-        crashed = None if "0-truncated.png" in str(exc) and "--strict" in str(exc) else f"unclear: {exc}"
+        crashed = None if "0-truncated.png" in str(exc) and "`strict`" in str(exc) else f"unclear: {exc}"
     ledger.record("skipped image, then --resume --strict", "match", crashed)
     assert not crashed, crashed
     resumed = match(
@@ -472,8 +472,9 @@ def test_resuming_a_skipping_run_with_strict_is_refused(job, micro_bundle, tmp_p
 
 
 def test_empty_image_list_is_an_input_error(job, micro_bundle, ledger):
-    from dsdkit.errors import InputError
-    from dsdkit.matching import match
+    from dsdkit.runtime.errors import InputError
+
+    from dsdkit.jobs.match import match
 
     with pytest.raises(InputError, match="nothing to score"):
         match([], CAPTIONS, bundle=micro_bundle, num_timesteps=1)
@@ -697,9 +698,10 @@ def test_bad_model_folders(cli, job, micro_model, tmp_path, fault, ledger):
 
 
 def test_adapters_for_another_model_or_scoring_are_refused(cli, job, micro_model, tmp_path, ledger):
-    from dsdkit.adapters import AdapterConfig, create_adapter, save_adapter
-    from dsdkit.config import ScoringConfig
-    from dsdkit.models import load_model
+    from dsdkit.runtime.config import ScoringConfig
+
+    from dsdkit.pytorch.adapters import AdapterConfig, create_adapter, save_adapter
+    from dsdkit.pytorch.models import load_model
 
     root, good, mixed, made, captions, _ = job
     model = load_model(micro_model, device="cpu")
@@ -789,10 +791,10 @@ def test_match_interrupted_anywhere_resumes_to_the_same_result(
     job, micro_bundle, tmp_path, monkeypatch, point, ledger
 ):
     """Kill a 5-chunk job at one point, resume it: nothing already scored is redone, the result equals a clean run."""
-    import dsdkit.runtime.jobs as jobs
+    import dsdkit.runtime.resume as jobs
 
-    import dsdkit.matching as matching
-    from dsdkit.matching import match
+    import dsdkit.jobs.match as matching
+    from dsdkit.jobs.match import match
 
     root, good, mixed, made, captions, _ = job
     folder = tmp_path / "images"
@@ -872,7 +874,7 @@ def test_train_killed_while_checkpointing_resumes_to_the_same_adapter(
     import dsdkit.train.checkpoint as checkpoint
     from dsdkit.train import TrainConfig, train
 
-    from dsdkit.models import load_model
+    from dsdkit.pytorch.models import load_model
     from dsdkit.world import write_colour_shapes
 
     data = write_colour_shapes(tmp_path / "data", train=6, test=4, seed=1)
@@ -938,9 +940,9 @@ def test_train_killed_while_checkpointing_resumes_to_the_same_adapter(
 def test_full_disk_while_writing_results(job, micro_bundle, tmp_path, monkeypatch, ledger):
     """ENOSPC from the disk: an OutputError naming the file, the earlier result untouched, no temp file left."""
     import dsdkit.runtime.files as files
+    from dsdkit.runtime.errors import OutputError
 
-    from dsdkit.errors import OutputError
-    from dsdkit.matching import match
+    from dsdkit.jobs.match import match
 
     root, good, mixed, made, captions, _ = job
     out = tmp_path / "scores.json"

@@ -221,7 +221,7 @@ def test_dsdkit_is_laid_out_from_the_checkout_as_pyproject_maps_it(tmp_path):
         [
             sys.executable,
             "-c",
-            "import dsdkit, dsdkit.runtime.engine, dsdkit.train, dsdkit.export.parity, dsdkit.demo as d; "
+            "import dsdkit, dsdkit.runtime.engine, dsdkit.train, dsdkit.export.parity, dsdkit.world.demo as d; "
             "print(dsdkit.__file__); print(d.demo_model_folder())",
         ],
         capture_output=True,

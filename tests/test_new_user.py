@@ -3,6 +3,7 @@ message fixes, Ctrl-C with saved chunks, ``-q``, the terminal summary, ``inspect
 
 from __future__ import annotations
 
+import importlib
 import re
 import shlex
 import subprocess
@@ -11,14 +12,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from dsdkit.runtime.config import ScoringConfig, resolve_scoring
+from dsdkit.runtime.errors import ConfigError
 from dsdkit.runtime.results import MatchResult
-from dsdkit.runtime.schedule import discffusion_timesteps
+from dsdkit.runtime.timesteps import discffusion_timesteps
 from typer.testing import CliRunner
 
-from dsdkit import cli
-from dsdkit.cli import app, expand_bare_compile
-from dsdkit.config import ScoringConfig, resolve_scoring
-from dsdkit.errors import ConfigError
+from dsdkit.cli import app, expand_bare_compile, main, ui
+from dsdkit.cli.app import as_flags
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text(encoding="utf-8")
@@ -39,8 +40,11 @@ def test_timesteps_on_a_noise_levels_adapter_is_refused_naming_noise_levels():
     with pytest.raises(ConfigError) as refused:
         resolve_scoring(None, paper, {"num_timesteps": 2}, source="run/adapter.safetensors")
     message = str(refused.value)
-    assert "--timesteps 2" in message and "--noise-levels" in message and "run/adapter.safetensors" in message
-    assert "num_timesteps" not in message and "\n" not in message
+    # The library names the fields (a Python caller has no flags); the CLI says the options (issue 31 item 4).
+    assert "`num_timesteps` 2" in message and "`noise_levels`" in message and "run/adapter.safetensors" in message
+    assert "--" not in message and "\n" not in message and refused.value.field == "num_timesteps"
+    said = as_flags(message)
+    assert "--timesteps 2" in said and "--noise-levels" in said and "num_timesteps" not in said
     # The adapter's own value, or none at all, still resolves (the full config passes through every engine).
     assert resolve_scoring(None, paper, paper.to_dict()) == paper
     with pytest.raises(ConfigError, match="the paper preset scores at the noise-levels schedule"):
@@ -52,7 +56,7 @@ def test_noise_levels_bundle_refuses_timesteps_in_one_line(export_case, runner):
 
     bundle, manifest = export_case("paper-lora")
     assert manifest["scoring"]["timesteps"] == "noise-levels"
-    with pytest.raises(ConfigError, match="--noise-levels"):
+    with pytest.raises(ConfigError, match="`noise_levels`"):
         Matcher.from_bundle(bundle, num_timesteps=10, verify=False)
     result = runner.invoke(
         app, ["match", str(EXAMPLE_IMAGES), str(EXAMPLE_CAPTIONS), "--bundle", str(bundle), "--timesteps", "2"]
@@ -124,7 +128,7 @@ def _without(module: str, *arguments: str) -> subprocess.CompletedProcess:
 def test_missing_extra_is_one_line_naming_it(module, extra, arguments, tmp_path, micro_model_dir):
     arguments = [a.format(tmp=tmp_path, micro=micro_model_dir) for a in arguments]
     done = _without(module, *arguments)
-    from dsdkit.errors import MissingDependencyError
+    from dsdkit.runtime.errors import MissingDependencyError
 
     assert done.returncode == MissingDependencyError.exit_code, done.stderr
     errors = [line for line in done.stderr.splitlines() if line.startswith(("error", "internal error"))]
@@ -134,7 +138,7 @@ def test_missing_extra_is_one_line_naming_it(module, extra, arguments, tmp_path,
 
 
 def test_a_missing_module_of_dsdkit_itself_stays_a_bug():
-    from dsdkit.errors import missing_dependency
+    from dsdkit.runtime.errors import missing_dependency
 
     assert missing_dependency(ModuleNotFoundError("No module named 'dsdkit.nothing'", name="dsdkit.nothing")) is None
     assert missing_dependency(ModuleNotFoundError("No module named 'numpy'", name="numpy")) is None
@@ -217,9 +221,11 @@ def test_bare_compile_means_auto(monkeypatch):
     assert expand_bare_compile(bare_then_option) == ["match", "--compile", "auto", "--model", "m"]
     assert expand_bare_compile(["match", "--compile", "default", "a"]) == ["match", "--compile", "default", "a"]
     seen = {}
-    monkeypatch.setattr(cli, "app", lambda: seen.setdefault("argv", list(sys.argv)))
+    # main() calls the app of its own module (the package's `app` attribute is the typer app, not the module).
+    app_module = importlib.import_module("dsdkit.cli.app")
+    monkeypatch.setattr(app_module, "app", lambda: seen.setdefault("argv", list(sys.argv)))
     monkeypatch.setattr(sys, "argv", ["dsdkit", "match", "a", "b", "--compile"])
-    cli.main()
+    main()
     assert seen["argv"][-2:] == ["--compile", "auto"]
 
 
@@ -229,8 +235,8 @@ def test_bare_compile_means_auto(monkeypatch):
 def _summary(capsys, scores, captions, images=None) -> str:
     scores = np.asarray(scores, dtype=float)
     images = images or [f"image-{i}.png" for i in range(scores.shape[0])]
-    cli._State.quiet = False
-    cli._print_summary(MatchResult(images=images, captions=captions, scores=scores, meta={}))
+    ui.State.quiet = False
+    ui.print_summary(MatchResult(images=images, captions=captions, scores=scores, meta={}))
     return capsys.readouterr().out
 
 
@@ -288,13 +294,16 @@ def test_readme_and_examples_install_only_what_exists():
 
 
 def test_quick_start_outputs_are_ignored_by_git():
-    """What the README's offline commands write into a checkout is in .gitignore."""
+    """What the README's and the docs' offline commands write into a checkout is in .gitignore."""
     written = set()
-    for line in re.findall(r"^dsdkit .*$", README, flags=re.M):
+    texts = [README, *(page.read_text(encoding="utf-8") for page in sorted((ROOT / "docs").glob("*.md")))]
+    for line in (line for text in texts for line in re.findall(r"^dsdkit .*$", text, flags=re.M)):
         for option in ("-o", "--output", "--out"):
             written.update(re.findall(rf"(?:^|\s){option} (\S+)", line))
         written.update(re.findall(r"dsdkit (?:demo-data|tiny-data|tiny-model) (\S+)", line))
-    written = {w for w in written if not w.startswith(("$", "-")) and "/" not in w.rstrip("/")}
+    # Names only: synopsis placeholders such as `RESULT]` or `out.csv|out.json]` are not files a command writes.
+    written = {w.rstrip("]") for w in written if not w.startswith(("$", "-")) and "/" not in w.rstrip("/")}
+    written = {w for w in written if re.fullmatch(r"[\w.-]+/?", w)}
     assert {"run", "demo-data", "demo.bundle"} <= written, written
     # A command may write a file or a folder (a folder pattern matches only with the trailing slash): either counts.
     candidates = sorted(written | {w.rstrip("/") + "/" for w in written})
@@ -313,9 +322,8 @@ def test_readme_states_the_suite_time_on_a_quiet_machine():
 
 
 def test_an_image_list_whose_paths_resolve_nowhere_says_they_are_relative_to_the_list(tmp_path, monkeypatch):
+    from dsdkit.runtime.errors import InputError
     from dsdkit.runtime.inputs import list_images
-
-    from dsdkit.errors import InputError
 
     images = tmp_path / "photos"
     images.mkdir()

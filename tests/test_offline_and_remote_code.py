@@ -21,8 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from dsdkit.errors import ModelError
+from dsdkit.runtime.errors import ModelError
 
 CAPTIONS = ["a red circle", "a blue square"]
 
@@ -235,7 +234,7 @@ def _spy_on_loaders(monkeypatch) -> list[tuple[str, dict]]:
 
 
 def test_model_folder_code_and_pickles_never_run(tiny_model_dir, tmp_path, monkeypatch):
-    from dsdkit.models import load_model
+    from dsdkit.pytorch.models import load_model
 
     folder = tmp_path / "booby-trapped"
     shutil.copytree(tiny_model_dir, folder)
@@ -262,7 +261,7 @@ def test_model_folder_code_and_pickles_never_run(tiny_model_dir, tmp_path, monke
 
 
 def test_pickle_only_model_folder_is_refused_without_unpickling(tiny_model_dir, tmp_path):
-    from dsdkit.models import load_model
+    from dsdkit.pytorch.models import load_model
 
     folder = tmp_path / "pickles-only"
     shutil.copytree(tiny_model_dir, folder)

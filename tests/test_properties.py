@@ -1,7 +1,7 @@
 """Property-based robustness checks (issue 7, reliability and bad input).
 
 Whatever bytes sit in an image file, whatever array or caption a caller passes, dsdkit either returns a well-formed
-result or raises a one-line :class:`~dsdkit.errors.InputError`; nothing else may escape.
+result or raises a one-line :class:`~dsdkit.runtime.errors.InputError`; nothing else may escape.
 
 - Image files: random bytes, random bytes behind real magic numbers and headers (PNG, JPEG, GIF, BMP, WebP, TIFF),
   and truncated / bit-flipped copies of small real images in many modes, through ``preprocess_image(path, 32)``.
@@ -26,7 +26,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from dsdkit.errors import InputError
+from dsdkit.runtime.errors import InputError
 from dsdkit.runtime.images import preprocess_image, to_rgb
 from dsdkit.runtime.tokenizer import ROLE_BOS, ROLE_EOS, ROLE_PAD, ROLE_WORD, ClipTokenizer, TokenizedText
 
@@ -531,7 +531,7 @@ def test_float_images_with_non_finite_values_become_rgb():
 
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory):
-    from dsdkit.tiny import write_clip_tokenizer
+    from dsdkit.pytorch.tiny import write_clip_tokenizer
 
     folder = write_clip_tokenizer(tmp_path_factory.mktemp("tokenizer") / "tokenizer")
     return ClipTokenizer.from_folder(folder)

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from ..errors import ModelError
+from ..runtime.errors import ModelError
 from ..runtime.files import atomic_write_text, output_error, staged_folder
 
 __all__ = [

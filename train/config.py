@@ -7,7 +7,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..errors import ConfigError
+from ..runtime.errors import ConfigError
+from ..runtime.records import record_from_dict
 
 __all__ = ["TrainConfig", "LOSSES", "RESUMABLE_CHANGES"]
 
@@ -21,7 +22,7 @@ class TrainConfig:
     """Everything a training run depends on.
 
     Attributes:
-        data: dataset file (or SugarCrepe folder); see :mod:`dsdkit.datasets`.
+        data: dataset file (or SugarCrepe folder); see :mod:`dsdkit.jobs.datasets`.
         output: run folder: ``train_config.json``, ``checkpoints/``, ``latest.json``, ``history.jsonl`` and the final
             ``adapter.safetensors``.
         model: SD2 folder or hub id (default: stabilityai/stable-diffusion-2-1-base).
@@ -92,11 +93,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise ConfigError(f"training config has unknown field(s) {sorted(unknown)}")
-        return cls(**data)
+        return record_from_dict(cls, data, "training config")
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=1, sort_keys=True)

@@ -47,7 +47,7 @@ class CandidateLoss(nn.Module):
                 targets = torch.full_like(scores, float(label))
             return nn.functional.binary_cross_entropy_with_logits(self.calibrated(scores), targets)
         if positive is None:
-            raise ValueError(f"loss {self.kind} needs candidate sets; labelled pairs need --loss bce")
+            raise ValueError(f"loss {self.kind} needs candidate sets; labelled pairs need the bce loss")
         if self.kind == "ce":
             logits = self.log_scale.exp() * scores
             return nn.functional.cross_entropy(logits[None], torch.tensor([positive], device=scores.device))

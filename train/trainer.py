@@ -23,15 +23,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..adapters import AdapterConfig, adapter_file_bytes, create_adapter
-from ..config import resolve_scoring
-from ..datasets import Dataset, Example, TaskKind, few_shot, load_dataset
-from ..errors import ConfigError, TrainingError
-from ..evaluation import compute_metrics, score_examples
-from ..forward import ScoringForward
-from ..models import SD2Model, load_model
+from ..jobs.datasets import Dataset, Example, TaskKind, few_shot, load_dataset
+from ..jobs.evaluation import compute_metrics, score_examples
+from ..pytorch.adapters import AdapterConfig, adapter_file_bytes, create_adapter
+from ..pytorch.forward import ScoringForward
+from ..pytorch.models import SD2Model, load_model
+from ..pytorch.scorer import Scorer
+from ..runtime.config import resolve_scoring
+from ..runtime.errors import ConfigError, TrainingError
 from ..runtime.files import atomic_write_bytes, atomic_write_text
-from ..scorer import Scorer
 from .checkpoint import TrainerState, latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .losses import CandidateLoss
@@ -96,7 +96,10 @@ def _trainable(examples: list[Example], loss: str) -> list[Example]:
                     )
                 )
         elif example.kind is TaskKind.pair and loss != "bce":
-            raise ConfigError("the dataset holds labelled pairs, which have no candidates to compare; use --loss bce")
+            raise ConfigError(
+                "the dataset holds labelled pairs, which have no candidates to compare; use bce as `loss`",
+                field="loss",
+            )
         else:
             out.append(example)
     return out
@@ -131,7 +134,7 @@ class Trainer:
 
     def setup(self) -> None:
         cfg = self.config
-        self.scoring = resolve_scoring(cfg.preset, None, cfg.scoring)
+        resolve_scoring(cfg.preset, None, cfg.scoring)  # bad knobs are refused before anything loads
         self.dataset = load_dataset(cfg.data, cfg.format, cfg.image_root, seed=cfg.seed)
         training, held_out = split_for_training(self.dataset, cfg)
         training = few_shot(training, cfg.shots, cfg.fraction, cfg.first, seed=cfg.seed)
@@ -140,6 +143,8 @@ class Trainer:
         logger.info("training on %d examples, evaluating on %d", len(self.train_examples), len(self.eval_examples))
 
         self.model = self._model or load_model(cfg.model, device=cfg.device, dtype=cfg.precision)
+        # Under the context the model declares, so the adapter's header pins the score it was trained with.
+        self.scoring = resolve_scoring(cfg.preset, None, cfg.scoring, model_context=self.model.context_tokens)
         if cfg.gradient_checkpointing:
             self.model.unet.enable_gradient_checkpointing()
         self.encoder = Scorer(self.model, self.scoring, batch_size=cfg.eval_batch_size)
@@ -165,8 +170,8 @@ class Trainer:
         latest = latest_checkpoint(self.run_dir)
         if latest is not None and not cfg.resume:
             raise ConfigError(
-                f"{self.run_dir} already holds a run (latest checkpoint {latest.name}); pass --resume to continue it "
-                "or choose another --output"
+                f"{self.run_dir} already holds a run (latest checkpoint {latest.name}); pass `resume` to continue it "
+                "or choose another `output`"
             )
         if latest is not None:
             if not saved_config.is_file():
@@ -178,7 +183,7 @@ class Trainer:
             if changed:
                 raise ConfigError(
                     f"cannot resume {self.run_dir}: {', '.join(changed)} differ from the saved run's "
-                    "train_config.json; resume with the same settings or choose another --output"
+                    "train_config.json; resume with the same settings or choose another `output`"
                 )
             self.state = load_checkpoint(latest, self.adapter, self.optimizer, self.loss_fn, self.generator)
             logger.info("resumed %s at step %d (epoch %d)", self.run_dir, self.state.step, self.state.epoch)
@@ -229,16 +234,8 @@ class Trainer:
 
         # Encodings are cached inference tensors; clone them so autograd may save them.
         batch_latents = torch.stack(latents).clone()
-        signal, noise_scale, timesteps = encoder.noising(torch.tensor(steps))
-        layers, errors = self.forward(
-            batch_latents,
-            signal,
-            noise_scale,
-            torch.stack(noises),
-            timesteps,
-            torch.stack(states).clone(),
-            torch.stack(masks).clone(),
-        )
+        noising = encoder.noising(torch.tensor(steps))._replace(noise=torch.stack(noises))
+        layers, errors = self.forward(batch_latents, noising, torch.stack(states).clone(), torch.stack(masks).clone())
         losses, correct = [], 0
         for example, cond, uncond in plans:
             c_layers, c_errors = layers[cond][:, None, :], errors[cond][:, None]
@@ -255,7 +252,8 @@ class Trainer:
             latest = latest_checkpoint(self.run_dir)
             kept = f"the last good checkpoint is {latest}" if latest else "no checkpoint was written yet"
             raise TrainingError(
-                f"loss became {loss.item()} at step {self.state.step + 1}; {kept}; lower --lr or use --precision fp32"
+                f"loss became {loss.item()} at step {self.state.step + 1}; {kept}; lower `lr` or use fp32 as "
+                "`precision`"
             )
         self.optimizer.zero_grad(set_to_none=True)
         parameters = [p for group in self.optimizer.param_groups for p in group["params"]]

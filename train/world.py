@@ -21,8 +21,8 @@ written) ends with bit-identical weights. The thread count is pinned: spinning O
 process make CPU training 10-100x slower.
 
 The result is a plain diffusers SD2 folder (``unet/``, ``vae/``, ``text_encoder/``, ``tokenizer/``,
-``scheduler/``) that :func:`dsdkit.models.load_model` loads like real weights, with ``world_model.json`` beside it
-(the recipe, the training log and the measured metrics).
+``scheduler/``) that :func:`dsdkit.pytorch.models.load_model` loads like real weights, with ``world_model.json``
+beside it (the recipe, the training log and the measured metrics).
 """
 
 from __future__ import annotations
@@ -33,7 +33,6 @@ import json
 import logging
 import math
 import os
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -43,13 +42,16 @@ from typing import Any
 import numpy as np
 
 from .. import world
-from ..config import ScoringConfig
-from ..demo import items_to_examples
-from ..errors import ConfigError, ModelError, TrainingError
-from ..runtime.files import atomic_write_bytes, atomic_write_text, output_error, staged_folder
+from ..jobs.datasets import items_to_examples
+from ..pytorch.models import write_model_declaration
+from ..pytorch.noise import DiffusionProcess
+from ..runtime.config import ScoringConfig
+from ..runtime.errors import ConfigError, ModelError
+from ..runtime.files import atomic_write_bytes, atomic_write_text, staged_folder
+from ..runtime.records import record_from_dict, record_from_file
 from ..runtime.threads import configure_threads
-from ..runtime.tokenizer import ClipTokenizer
-from ..schedule import NoiseSchedule
+from ..runtime.tokenizer import CONTEXTS, ClipTokenizer, context_keep_mask
+from .runs import PhaseProgress, RunFolder, begin_run, cosine_lr, resumed_ema, step_random
 
 __all__ = ["WorldRecipe", "RECIPE_FILE", "train_world_model", "build_modules", "pin_threads"]
 
@@ -102,6 +104,15 @@ class WorldRecipe:
     image_tower_channels: tuple[int, ...] = (32, 64, 96, 128)
     contrastive_dim: int = 64
     freeze_text_encoder: bool = False  # in the diffusion phase
+    # A pretrained CLIP's text tower as the text encoder (a CLIPModel folder, or "demo": the shipped mini-CLIP),
+    # frozen in the diffusion phase: SD2's recipe (a frozen OpenCLIP text encoder) in miniature.
+    text_tower: str | None = None
+    # Which text positions the UNet's cross-attention may attend to ("all"; "words": BOS, EOS and padding masked;
+    # "bos-words": EOS and padding masked, BOS kept as a caption-independent anchor). A property of the model,
+    # written into its folder (dsdkit_model.json) and honoured by scoring, export and explain.
+    context_tokens: str = "all"
+    # Per training sample, the chance that each word token is dropped from the context (at least one stays).
+    word_dropout: float = 0.0
     # bookkeeping
     checkpoint_every: int = 500
     weights_dtype: str = "fp16"  # of the final folder; checkpoints are always fp32
@@ -123,30 +134,25 @@ class WorldRecipe:
             raise ConfigError("world recipe: text_pretrain_steps must be >= 0 and text_pretrain_batch_size >= 2")
         if self.text_pretrain_steps and self.resolution % 2 ** len(self.image_tower_channels):
             raise ConfigError("world recipe: resolution must be a multiple of the image tower's downsampling")
+        if self.context_tokens not in CONTEXTS:
+            raise ConfigError(f"world recipe: context_tokens must be one of {', '.join(CONTEXTS)}")
+        if not 0.0 <= self.word_dropout < 1.0 or (self.word_dropout and self.context_tokens == "all"):
+            raise ConfigError("world recipe: word_dropout is in [0, 1) and needs a masked context_tokens")
+        if self.text_tower is not None and self.text_pretrain_steps:
+            raise ConfigError(
+                "world recipe: text_tower (a pretrained CLIP) and text_pretrain_steps exclude each other"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> WorldRecipe:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise ConfigError(f"world recipe has unknown field(s) {sorted(unknown)}")
-        return cls(**data)
+        return record_from_dict(cls, data, "world recipe")
 
     @classmethod
     def from_file(cls, path: str | os.PathLike) -> WorldRecipe:
-        try:
-            data = json.loads(Path(path).read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise ConfigError(f"{path}: not a readable recipe JSON ({exc})") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: a recipe is a JSON object of WorldRecipe fields")
-        try:
-            return cls.from_dict(data)
-        except TypeError as exc:
-            raise ConfigError(f"{path}: {exc}") from None
+        return record_from_file(cls, path)
 
     @property
     def latent_size(self) -> int:
@@ -169,7 +175,7 @@ def build_modules(recipe: WorldRecipe):
     """Fresh (seeded) VAE, UNet and text encoder of the recipe's SD2-architecture shapes."""
     import torch
 
-    from ..tiny import sd2_text_encoder, sd2_unet, sd2_vae
+    from ..pytorch.tiny import sd2_text_encoder, sd2_unet, sd2_vae
 
     torch.manual_seed(recipe.seed)
     vae = sd2_vae(
@@ -232,13 +238,8 @@ def contrastive_logits(towers, text_encoder, images, ids):
 
 
 def _step_generator(seed: int, phase: str, step: int):
-    """The torch generator and numpy rng of one step: a pure function of (seed, phase, step)."""
-    import torch
-
-    sequence = np.random.SeedSequence([seed, _PHASES.index(phase), step])
-    rng = np.random.default_rng(sequence)
-    generator = torch.Generator().manual_seed(int(sequence.generate_state(1, np.uint64)[0] >> 1))
-    return rng, generator
+    """The numpy rng and torch generator of one step of ``phase`` (each phase's index seeds its steps)."""
+    return step_random(seed, _PHASES.index(phase), step)
 
 
 def _lr_at(recipe: WorldRecipe, step: int, phase: str = "diffusion") -> float:
@@ -247,108 +248,43 @@ def _lr_at(recipe: WorldRecipe, step: int, phase: str = "diffusion") -> float:
         peak, total, warmup = recipe.text_pretrain_lr, recipe.text_pretrain_steps, recipe.text_pretrain_warmup_steps
     else:
         peak, total, warmup = recipe.lr, recipe.steps, recipe.warmup_steps
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    span = max(1, total - warmup)
-    progress = min(1.0, (step - warmup) / span)
-    floor = recipe.final_lr_fraction
-    return peak * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
+    return cosine_lr(peak, total, warmup, recipe.final_lr_fraction, step)
 
 
-class _Run:
-    """The run folder: ``recipe.json``, ``checkpoints/<phase>-<step>/`` and ``latest.json``."""
+class _Run(RunFolder):
+    """The world model's run folder: every checkpoint records the VAE's scaling factor with the weights."""
 
     def __init__(self, folder: Path):
-        self.folder = folder
-
-    def latest(self) -> tuple[str, int, Path] | None:
-        pointer = self.folder / "latest.json"
-        if not pointer.is_file():
-            return None
-        try:
-            data = json.loads(pointer.read_text(encoding="utf-8"))
-            phase, step, path = data["phase"], int(data["step"]), self.folder / data["path"]
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError):
-            raise ModelError(f"{pointer} is damaged; delete it to start the run over") from None
-        if not (path / "state.json").is_file():
-            raise ModelError(f"{pointer} points at {path}, which is incomplete; delete latest.json to start over")
-        return phase, step, path
+        super().__init__(folder, _PHASE_ORDER)
 
     def save(self, phase: str, step: int, modules: dict, optimizer, log: list[dict]) -> Path:
-        import torch
-        from safetensors.torch import save
-
-        from .checkpoint import optimizer_tensors
-
-        final = self.folder / "checkpoints" / f"{phase}-{step:08d}"
-        try:
-            final.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise output_error(final.parent, exc) from None
-        tensors = {
-            f"{name}.{key}": value.detach().cpu().contiguous()
-            for name, module in modules.items()
-            for key, value in module.state_dict().items()
-        }
-        optim, optim_meta = optimizer_tensors(optimizer)
-        meta = {
-            "phase": phase,
-            "step": step,
-            "optimizer": optim_meta,
-            "log": log,
-            "scaling_factor": float(modules["vae"].config.scaling_factor),
-            "threads": torch.get_num_threads(),
-        }
-        with staged_folder(final) as tmp:
-            (tmp / "weights.safetensors").write_bytes(save(tensors))
-            (tmp / "optimizer.safetensors").write_bytes(save(optim))
-            (tmp / "state.json").write_text(json.dumps(meta, indent=1), encoding="utf-8")
-        atomic_write_text(
-            self.folder / "latest.json",
-            json.dumps({"phase": phase, "step": step, "path": str(final.relative_to(self.folder))}) + "\n",
+        return super().save(
+            phase, step, modules, optimizer, log, scaling_factor=float(modules["vae"].config.scaling_factor)
         )
-        # Earlier checkpoints are dropped once the new one is in place (each holds all weights); a later one, left
-        # by a run that was restarted from an earlier pointer, is kept.
-        for old in (self.folder / "checkpoints").glob("*-*"):
-            earlier = _order(old.name) < _order(final.name)
-            if old != final and old.is_dir() and not old.name.startswith(".") and earlier:
-                _remove_tree(old)
-        return final
 
-    def load(self, path: Path, modules: dict, optimizer) -> tuple[int, list[dict]]:
-        import torch
-        from safetensors.torch import load_file
-
-        from .checkpoint import restore_optimizer
-
-        meta = json.loads((path / "state.json").read_text(encoding="utf-8"))
-        if optimizer is not None and meta.get("threads", torch.get_num_threads()) != torch.get_num_threads():
-            logger.warning(
-                "%s was written with %d threads, this run uses %d: floating-point sums may round differently, so the "
-                "result will not be bit-identical to an uninterrupted run (pass --threads %d for that)",
-                path,
-                meta["threads"],
-                torch.get_num_threads(),
-                meta["threads"],
-            )
-        weights = load_file(str(path / "weights.safetensors"))
-        for name, module in modules.items():
-            prefix = f"{name}."
-            module.load_state_dict({k[len(prefix) :]: v for k, v in weights.items() if k.startswith(prefix)})
-        modules["vae"].register_to_config(scaling_factor=meta["scaling_factor"])
-        if optimizer is not None:
-            restore_optimizer(optimizer, load_file(str(path / "optimizer.safetensors")), meta["optimizer"])
-        return int(meta["step"]), list(meta["log"])
+    def load(self, path: Path, modules: dict, optimizer=None) -> tuple[int, list[dict]]:
+        state = super().load(path, modules, optimizer)
+        modules["vae"].register_to_config(scaling_factor=state["scaling_factor"])
+        return int(state["step"]), list(state["log"])
 
 
-def _order(name: str) -> tuple[int, int]:
-    phase, _, step = name.rpartition("-")
-    return (_PHASE_ORDER.index(phase), int(step)) if phase in _PHASE_ORDER and step.isdigit() else (-1, -1)
+@dataclass
+class _Training:
+    """One run's fixed parts: the recipe, its folder, the rendered data and the modules being trained."""
 
+    recipe: WorldRecipe
+    run: _Run
+    data: _Data
+    vae: Any
+    unet: Any
+    text_encoder: Any
+    on_step: Callable[[str, int, int, float], None] | None = None
 
-def _remove_tree(path: Path) -> None:
-
-    shutil.rmtree(path, ignore_errors=True)
+    def progress(self, phase: str, total: int, log: list[dict], save, start: int, decay: float) -> PhaseProgress:
+        smoothed = resumed_ema(log, phase, start)
+        return PhaseProgress(
+            phase, total, self.recipe.checkpoint_every, log, save, self.on_step, decay=decay, smoothed=smoothed
+        )
 
 
 @dataclass
@@ -382,38 +318,18 @@ def _to_model_range(pixels) -> Any:
     return array.permute(0, 3, 1, 2).contiguous()
 
 
-def _resumed_ema(log: list[dict], phase: str, start: int) -> float | None:
-    """The smoothed loss of the checkpoint a phase resumes from (logged exactly), so a resumed run logs the same."""
-    if start > 0 and log and log[-1]["phase"] == phase and log[-1]["step"] == start:
-        return float(log[-1]["loss_ema"])
-    return None
-
-
-def _end_step(recipe, phase, step, total, loss, smoothed, decay, on_step, log, extra, save) -> float:
-    """What ends every optimizer step of both phases: the NaN guard, the smoothed loss, progress, and at each
-    checkpoint a log entry and the atomic save. Returns the new smoothed loss."""
-    value = float(loss.detach())
-    if not math.isfinite(value):
-        raise TrainingError(f"{phase} loss became {value} at step {step}; the last checkpoint is kept")
-    smoothed = value if smoothed is None else decay * smoothed + (1 - decay) * value
-    done = step + 1
-    if on_step is not None:
-        on_step(phase, done, total, smoothed)
-    if done % recipe.checkpoint_every == 0 or done == total:
-        log.append({"phase": phase, "step": done, "loss_ema": smoothed, **extra})
-        save(done)
-    return smoothed
-
-
-def _train_vae(recipe, vae, pixels, run: _Run, start: int, on_step) -> list[dict]:
+def _train_vae(ctx: _Training, start: int) -> list[dict]:
     import torch
 
+    recipe, vae, pixels, run = ctx.recipe, ctx.vae, ctx.data.pixels, ctx.run
     optimizer = torch.optim.AdamW(vae.parameters(), lr=recipe.vae_lr, weight_decay=0.0, foreach=True)
     log: list[dict] = []
     if start > 0:
         _, log = run.load(run.latest()[2], {"vae": vae}, optimizer)
     vae.train()
-    smoothed = _resumed_ema(log, "vae", start)
+    phase = ctx.progress(
+        "vae", recipe.vae_steps, log, lambda done: run.save("vae", done, {"vae": vae}, optimizer, log), start, 0.98
+    )
     for step in range(start, recipe.vae_steps):
         rng, generator = _step_generator(recipe.seed, "vae", step)
         index = rng.integers(0, len(pixels), recipe.vae_batch_size)
@@ -429,43 +345,33 @@ def _train_vae(recipe, vae, pixels, run: _Run, start: int, on_step) -> list[dict
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        smoothed = _end_step(
-            recipe,
-            "vae",
-            step,
-            recipe.vae_steps,
-            loss,
-            smoothed,
-            0.98,
-            on_step,
-            log,
-            {},
-            lambda done: run.save("vae", done, {"vae": vae}, optimizer, log),
-        )
+        phase.end(step, loss)
     vae.eval()
     return log
 
 
-def _train_text_tower(recipe, vae, text_encoder, towers, data: _Data, run: _Run, start: int, on_step) -> list[dict]:
+def _train_text_tower(ctx: _Training, towers, start: int) -> list[dict]:
     """The contrastive phase: symmetric InfoNCE over a batch of scenes and their captions, every caption of the
     same meaning a positive (a one-object world has 15 captions, so a batch holds many duplicates: counting them
     as negatives would teach the towers to tell identical captions apart)."""
     import torch
 
+    recipe, run, data, text_encoder = ctx.recipe, ctx.run, ctx.data, ctx.text_encoder
     parameters = list(text_encoder.parameters()) + list(towers.parameters())
     optimizer = torch.optim.AdamW(parameters, lr=recipe.text_pretrain_lr, weight_decay=0.01, foreach=True)
-    modules = {"vae": vae, "text_encoder": text_encoder, "contrastive": towers}
+    modules = {"vae": ctx.vae, "text_encoder": text_encoder, "contrastive": towers}
     latest = run.latest()
     if start > 0:
         _, log = run.load(latest[2], modules, optimizer)
     else:
-        _, log = run.load(latest[2], {"vae": vae}, None)  # the log so far (and the final VAE, as the next phase)
+        _, log = run.load(latest[2], {"vae": ctx.vae}, None)  # the log so far (and the final VAE, as the next phase)
     text_encoder.train()
     towers.train()
-    smoothed = _resumed_ema(log, "text", start)
+    total = recipe.text_pretrain_steps
+    phase = ctx.progress("text", total, log, lambda done: run.save("text", done, modules, optimizer, log), start, 0.98)
     meanings = torch.from_numpy(data.meanings)
     ids_all = torch.from_numpy(data.ids)
-    for step in range(start, recipe.text_pretrain_steps):
+    for step in range(start, total):
         rng, _ = _step_generator(recipe.seed, "text", step)
         index = torch.from_numpy(rng.integers(0, len(data.ids), recipe.text_pretrain_batch_size))
         images = _to_model_range(data.pixels[index.numpy()])
@@ -483,19 +389,7 @@ def _train_text_tower(recipe, vae, text_encoder, towers, data: _Data, run: _Run,
         optimizer.step()
         with torch.no_grad():  # in-batch retrieval: is the image's best caption one of its own meaning?
             hit = float(same[torch.arange(len(index)), logits.argmax(dim=1)].mean())
-        smoothed = _end_step(
-            recipe,
-            "text",
-            step,
-            recipe.text_pretrain_steps,
-            loss,
-            smoothed,
-            0.98,
-            on_step,
-            log,
-            {"lr": _lr_at(recipe, step, "text"), "batch_retrieval_top1": round(hit, 4)},
-            lambda done: run.save("text", done, modules, optimizer, log),
-        )
+        phase.end(step, loss, {"lr": _lr_at(recipe, step, "text"), "batch_retrieval_top1": round(hit, 4)})
     text_encoder.eval()
     towers.eval()
     return log
@@ -538,33 +432,61 @@ def _encode_latents(vae, pixels, batch: int = 256, scale: float | None = None) -
     return _Encoded(latents * scale, scale, l1_sum / max(1, l1_count))
 
 
-def _train_diffusion(
-    recipe, unet, text_encoder, encoded: _Encoded, ids, empty_ids, schedule, run, start, log, on_step, vae
-) -> list[dict]:
+def _caption_table(ctx: _Training, empty_ids):
+    """A frozen encoder maps each distinct caption to fixed states: the few hundred captions encoded once. Returns
+    ``(states per distinct caption, each scene's row, the empty caption's row, context masks or None)``."""
     import torch
 
-    frozen = recipe.freeze_text_encoder
+    ids_all, empty = torch.from_numpy(ctx.data.ids), torch.from_numpy(empty_ids)
+    ctx.text_encoder.requires_grad_(False)
+    distinct, caption_of = torch.unique(torch.cat([ids_all, empty[None, :]]), dim=0, return_inverse=True)
+    with torch.no_grad():
+        table = ctx.text_encoder(input_ids=distinct).last_hidden_state
+    masks = _context_masks(ctx.recipe, distinct.numpy(), ctx.text_encoder.config.eos_token_id)
+    return table, caption_of[:-1], caption_of[-1], masks
+
+
+def _conditioning(ctx: _Training, frozen, index, drop, rng, empty_ids):
+    """A batch's text states and cross-attention context mask (``None``: all positions)."""
+    import torch
+
+    if frozen is not None:
+        table, scene_rows, empty_row, masks = frozen
+        rows = torch.where(drop, empty_row, scene_rows[index])
+        context, words = (None, None) if masks is None else (masks[0][rows], masks[1][rows])
+        states = table[rows]
+    else:
+        empty = torch.from_numpy(empty_ids)
+        batch_ids = torch.where(drop[:, None], empty[None, :], torch.from_numpy(ctx.data.ids)[index])
+        states = ctx.text_encoder(input_ids=batch_ids).last_hidden_state
+        masks = _context_masks(ctx.recipe, batch_ids.numpy(), ctx.text_encoder.config.eos_token_id)
+        context, words = (None, None) if masks is None else masks
+    if context is not None and ctx.recipe.word_dropout:
+        context = _drop_words(context, words, ctx.recipe.word_dropout, rng)
+    return states, context
+
+
+def _train_diffusion(ctx: _Training, encoded: _Encoded, empty_ids, start: int, log: list[dict]) -> list[dict]:
+    import torch
+
+    from ..pytorch.tiny import SCHEDULER_CONFIG
+
+    recipe, run, unet, text_encoder = ctx.recipe, ctx.run, ctx.unet, ctx.text_encoder
+    frozen = recipe.freeze_text_encoder or recipe.text_tower is not None
     parameters = list(unet.parameters()) + ([] if frozen else list(text_encoder.parameters()))
     optimizer = torch.optim.AdamW(parameters, lr=recipe.lr, weight_decay=recipe.weight_decay, foreach=True)
-    modules = {"vae": vae, "unet": unet, "text_encoder": text_encoder}
+    modules = {"vae": ctx.vae, "unet": unet, "text_encoder": text_encoder}
     if start > 0:
         _, log = run.load(run.latest()[2], modules, optimizer)
     unet.train()
     text_encoder.train(not frozen)
-    smoothed = _resumed_ema(log, "diffusion", start)
-    abar = torch.tensor(schedule.alphas_cumprod, dtype=torch.float32)
-    ids_all = torch.from_numpy(ids)
-    empty = torch.from_numpy(empty_ids)
-    if frozen:
-        # A frozen encoder maps each distinct caption to fixed states: encode the few hundred captions once.
-        text_encoder.requires_grad_(False)
-        distinct, caption_of = torch.unique(torch.cat([ids_all, empty[None, :]]), dim=0, return_inverse=True)
-        with torch.no_grad():
-            table = text_encoder(input_ids=distinct).last_hidden_state
-        scene_states, empty_states = caption_of[:-1], caption_of[-1]
+    abar = torch.tensor(DiffusionProcess.from_scheduler_config(SCHEDULER_CONFIG).alphas_cumprod, dtype=torch.float32)
+    table = _caption_table(ctx, empty_ids) if frozen else None
+    save = lambda done: run.save("diffusion", done, modules, optimizer, log)  # noqa: E731 - one line
+    phase = ctx.progress("diffusion", recipe.steps, log, save, start, 0.99)
     for step in range(start, recipe.steps):
         rng, generator = _step_generator(recipe.seed, "diffusion", step)
-        index = torch.from_numpy(rng.integers(0, len(ids), recipe.batch_size))
+        index = torch.from_numpy(rng.integers(0, len(ctx.data.ids), recipe.batch_size))
         drop = torch.from_numpy(rng.random(recipe.batch_size) < recipe.caption_dropout)
         latents = encoded.latents[index]
         timesteps = torch.randint(0, len(abar), (recipe.batch_size,), generator=generator)
@@ -573,33 +495,44 @@ def _train_diffusion(
         noisy = a.sqrt() * latents + (1 - a).sqrt() * noise
         for group in optimizer.param_groups:
             group["lr"] = _lr_at(recipe, step)
-        if frozen:
-            states = table[torch.where(drop, empty_states, scene_states[index])]
-        else:
-            batch_ids = torch.where(drop[:, None], empty[None, :], ids_all[index])
-            states = text_encoder(input_ids=batch_ids).last_hidden_state
-        prediction = unet(noisy, timesteps, encoder_hidden_states=states).sample
+        states, context = _conditioning(ctx, table, index, drop, rng, empty_ids)
+        prediction = unet(noisy, timesteps, encoder_hidden_states=states, encoder_attention_mask=context).sample
         loss = torch.nn.functional.mse_loss(prediction, noise)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(parameters, recipe.grad_clip)
         optimizer.step()
-        smoothed = _end_step(
-            recipe,
-            "diffusion",
-            step,
-            recipe.steps,
-            loss,
-            smoothed,
-            0.99,
-            on_step,
-            log,
-            {"lr": _lr_at(recipe, step)},
-            lambda done: run.save("diffusion", done, modules, optimizer, log),
-        )
+        phase.end(step, loss, {"lr": _lr_at(recipe, step)})
     unet.eval()
     text_encoder.eval()
     return log
+
+
+def _context_masks(recipe: WorldRecipe, ids: np.ndarray, eos_id: int):
+    """``(keep float32[N, T], words bool[N, T])`` of tokenized captions under the recipe's ``context_tokens``
+    (``None`` for ``all``): what the UNet's cross-attention may attend to, by position."""
+    import torch
+
+    from ..runtime.tokenizer import ROLE_WORD, roles_from_ids
+
+    if recipe.context_tokens == "all":
+        return None
+    roles = roles_from_ids(ids, eos_id)
+    keep = torch.from_numpy(context_keep_mask(roles, recipe.context_tokens))
+    return keep, torch.from_numpy(roles == ROLE_WORD)
+
+
+def _drop_words(keep, words, rate: float, rng: np.random.Generator):
+    """Drop each word token from the context with probability ``rate`` (drawn from the step's rng); a caption
+    keeps at least one of its words (a random one), so its context never falls back to the whole caption."""
+    import torch
+
+    dropped = torch.from_numpy(rng.random(tuple(words.shape)) < rate) & words
+    emptied = (words & ~dropped).sum(dim=1) == 0
+    rescue = torch.from_numpy(rng.random(tuple(words.shape))).masked_fill(~words, -1.0).argmax(dim=1)
+    rows = torch.nonzero(emptied & words.any(dim=1)).flatten()
+    dropped[rows, rescue[rows]] = False
+    return keep.masked_fill(dropped, 0.0)
 
 
 #: The model card written into every world model (its front matter is what `dsdkit export` records as licence).
@@ -627,7 +560,7 @@ def _write_model(folder: Path, recipe: WorldRecipe, vae, unet, text_encoder, inf
     import torch
     from diffusers.utils import logging as diffusers_logging
 
-    from ..tiny import write_pipeline_folder
+    from ..pytorch.tiny import write_pipeline_folder
 
     # Saving prints a progress bar per shard and a hint about fp32 modules (there are none in these models).
     diffusers_logging.disable_progress_bar()
@@ -637,6 +570,35 @@ def _write_model(folder: Path, recipe: WorldRecipe, vae, unet, text_encoder, inf
         write_pipeline_folder(staging, *(copy.deepcopy(module).to(dtype) for module in (unet, vae, text_encoder)))
         (staging / RECIPE_FILE).write_text(json.dumps(info, indent=1) + "\n", encoding="utf-8")
         (staging / "README.md").write_text(MODEL_CARD, encoding="utf-8")
+        if recipe.context_tokens != "all":
+            write_model_declaration(staging, context_tokens=recipe.context_tokens)
+
+
+def load_text_tower(source: str | os.PathLike, text_encoder) -> dict:
+    """Copy a CLIP folder's text tower into ``text_encoder`` (which must be its architecture); returns the record
+    written into the model (which CLIP, the sha256 of its weights file)."""
+    from safetensors.torch import load_file
+
+    from ..pytorch.clip import resolve_clip_folder
+    from ..runtime.bundle import sha256_file
+
+    folder = resolve_clip_folder(source)
+    weights = folder / "model.safetensors"
+    if not weights.is_file():
+        raise ModelError(f"{folder}: no model.safetensors; pass a CLIPModel folder written by `dsdkit world clip`")
+    # CLIPModel keeps the text tower under "text_model."; CLIPTextModel (transformers 5) saves it without a prefix.
+    tower = {
+        k.removeprefix("text_model."): v for k, v in load_file(str(weights)).items() if k.startswith("text_model.")
+    }
+    try:
+        text_encoder.load_state_dict(tower)
+    except RuntimeError:
+        raise ConfigError(
+            f"text_tower {source}: its text tower is not the architecture this recipe builds; set text_hidden, "
+            "text_layers and text_heads to the CLIP's"
+        ) from None
+    text_encoder.requires_grad_(False)
+    return {"clip": str(source), "weights_sha256": sha256_file(weights)}
 
 
 #: Beside a run continued from a trained model: which model, so a resumed run and the final model say so.
@@ -651,10 +613,10 @@ def _initialise_from(source, run: _Run, recipe: WorldRecipe, vae, unet, text_enc
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel
 
-    from ..models import resolve_model_folder
+    from ..pytorch.models import resolve_model_folder
 
     if recipe.text_pretrain_steps:
-        raise ConfigError("--init-from continues the diffusion phase of a trained model: set text_pretrain_steps 0")
+        raise ConfigError("`init_from` continues the diffusion phase of a trained model: set text_pretrain_steps 0")
     folder = resolve_model_folder(source)
     try:
         loaded = {
@@ -663,14 +625,14 @@ def _initialise_from(source, run: _Run, recipe: WorldRecipe, vae, unet, text_enc
             "text_encoder": CLIPTextModel.from_pretrained(folder / "text_encoder", torch_dtype=torch.float32),
         }
     except (OSError, ValueError) as exc:
-        raise ModelError(f"--init-from {source}: not a world-model folder ({str(exc).splitlines()[0]})") from None
+        raise ModelError(f"`init_from` {source}: not a world-model folder ({str(exc).splitlines()[0]})") from None
     modules = {"vae": vae, "unet": unet, "text_encoder": text_encoder}
     for name, module in modules.items():
         try:
             module.load_state_dict(loaded[name].state_dict())
         except RuntimeError:
             raise ConfigError(
-                f"--init-from {source}: its {name} is not the architecture this recipe builds; pass the recipe it "
+                f"`init_from` {source}: its {name} is not the architecture this recipe builds; pass the recipe it "
                 "was trained with (its world_model.json) and change only the training fields"
             ) from None
     scale = float(loaded["vae"].config.scaling_factor)
@@ -708,58 +670,49 @@ def train_world_model(
             diffusion steps with a fresh optimizer and the recipe's schedule. Recorded in ``init.json`` and the
             model's ``world_model.json``; a resumed run takes it from there.
     """
-    import torch
-
-    from ..tiny import SCHEDULER_CONFIG, write_clip_tokenizer
+    from ..pytorch.tiny import write_clip_tokenizer
 
     recipe = recipe or WorldRecipe()
     folder = Path(output)
     run = _Run(folder)
-    recipe_path = folder / "recipe.json"
     used_threads = pin_threads(threads)  # first: a bad --threads must not leave a recipe.json behind
-    if recipe_path.is_file():
-        if not resume:
-            raise ConfigError(
-                f"{folder} already holds a world-model run; pass --resume to continue it, or a new folder"
-            )
-        saved = WorldRecipe.from_file(recipe_path)
-        differing = [
-            f.name
-            for f in dataclasses.fields(WorldRecipe)
-            if f.name not in _RESUMABLE and getattr(saved, f.name) != getattr(recipe, f.name)
-        ]
-        if differing:
-            raise ConfigError(
-                f"{folder}: --resume with a different recipe ({', '.join(differing)}); "
-                "resume with the run's own recipe.json"
-            )
-    else:
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise output_error(folder, exc) from None
-        atomic_write_text(recipe_path, json.dumps(recipe.to_dict(), indent=1) + "\n")
+    begin_run(folder, recipe, resume, _RESUMABLE, "world-model")
     latest = run.latest() if resume else None
     started = time.perf_counter()
-
     tokenizer_dir = folder / "tokenizer"
     if not (tokenizer_dir / "vocab.json").is_file():
         write_clip_tokenizer(tokenizer_dir)
     tokenizer = ClipTokenizer.from_folder(tokenizer_dir)
-    data = _render_data(recipe, tokenizer)
-    empty_ids = tokenizer.encode_empty().ids.astype(np.int64)
-    vae, unet, text_encoder = build_modules(recipe)
+    ctx = _Training(recipe, run, _render_data(recipe, tokenizer), *build_modules(recipe), on_step=on_step)
+    text_tower = None if recipe.text_tower is None else load_text_tower(recipe.text_tower, ctx.text_encoder)
     initialised = None
     if init_from is not None and latest is None:
-        initialised = _initialise_from(init_from, run, recipe, vae, unet, text_encoder)
+        initialised = _initialise_from(init_from, run, recipe, ctx.vae, ctx.unet, ctx.text_encoder)
     elif (folder / INIT_FILE).is_file():
         initialised = json.loads((folder / INIT_FILE).read_text(encoding="utf-8"))
-    progress = run.latest()
+    empty_ids = tokenizer.encode_empty().ids.astype(np.int64)
+    encoded, log = _run_phases(ctx, initialised, empty_ids)
+    training = {
+        "threads": used_threads,
+        "wall_s_this_session": round(time.perf_counter() - started, 1),
+        "resumed_from": None if latest is None else f"{latest[0]}-{latest[1]}",
+        "initialised_from": initialised,
+        "text_tower": text_tower,
+        "vae_reconstruction_l1": round(encoded.reconstruction_l1, 5),
+        "scaling_factor": encoded.scaling_factor,
+        "log": log,
+    }
+    return _finish_model(ctx, folder / "model", training, evaluate)
 
+
+def _run_phases(ctx: _Training, initialised: dict | None, empty_ids) -> tuple[_Encoded, list[dict]]:
+    """The VAE, the optional contrastive text tower and the diffusion phase, each from where the run stands."""
+    recipe, run, folder = ctx.recipe, ctx.run, ctx.run.folder
+    progress = run.latest()
     # Phase 1, the VAE (skipped when the run already reached a later phase).
     vae_start = 0 if progress is None else (progress[1] if progress[0] == "vae" else recipe.vae_steps)
     if vae_start < recipe.vae_steps:
-        _train_vae(recipe, vae, data.pixels, run, vae_start, on_step)
+        _train_vae(ctx, vae_start)
     # Phase 2 (optional), the contrastive text tower.
     if recipe.text_pretrain_steps:
         now = run.latest()
@@ -768,46 +721,38 @@ def train_world_model(
         unwritten = now[0] == "text" and not (folder / CONTRASTIVE_FILE).is_file()
         if text_start < recipe.text_pretrain_steps or unwritten:
             towers = build_contrastive_towers(recipe)
-            _train_text_tower(recipe, vae, text_encoder, towers, data, run, text_start, on_step)
-            _save_contrastive(run, text_encoder, towers, recipe)
+            _train_text_tower(ctx, towers, text_start)
+            _save_contrastive(run, ctx.text_encoder, towers, recipe)
     # Phase 3. The VAE (and a pretrained text encoder) are final from here on; fresh and resumed runs both take
     # their weights from the latest checkpoint, so they encode bit-identical latents and captions.
     now = run.latest()
     diffusion_start = now[1] if now[0] == "diffusion" else 0
     if initialised is not None and diffusion_start == 0:
-        start_modules = {"vae": vae, "unet": unet, "text_encoder": text_encoder}  # the continued model's
+        start_modules = {"vae": ctx.vae, "unet": ctx.unet, "text_encoder": ctx.text_encoder}  # the continued model's
     else:
-        start_modules = {"vae": vae, "text_encoder": text_encoder} if now[0] == "text" else {"vae": vae}
+        start_modules = {"vae": ctx.vae, "text_encoder": ctx.text_encoder} if now[0] == "text" else {"vae": ctx.vae}
     _, log = run.load(now[2], start_modules, None)
-    vae.eval()
-    encoded = _encode_latents(vae, data.pixels, scale=None if initialised is None else initialised["scaling_factor"])
-    schedule = NoiseSchedule.from_scheduler_config(SCHEDULER_CONFIG)
-    log = _train_diffusion(
-        recipe, unet, text_encoder, encoded, data.ids, empty_ids, schedule, run, diffusion_start, log, on_step, vae
-    )
+    ctx.vae.eval()
+    scale = None if initialised is None else initialised["scaling_factor"]
+    encoded = _encode_latents(ctx.vae, ctx.data.pixels, scale=scale)
+    return encoded, _train_diffusion(ctx, encoded, empty_ids, diffusion_start, log)
 
-    model_folder = folder / "model"
+
+def _finish_model(ctx: _Training, model_folder: Path, training: dict, evaluate) -> Path:
+    """Write the model folder with its record (recipe, training log, metrics of ``evaluate``)."""
+    import torch
+
+    modules = (("unet", ctx.unet), ("text_encoder", ctx.text_encoder), ("vae", ctx.vae))
+    training["torch"] = torch.__version__
+    training["parameters"] = {name: sum(p.numel() for p in module.parameters()) for name, module in modules}
     info = {
         "about": "The dsdkit demo world model: an SD2-architecture text-to-image model trained from scratch by "
         "`dsdkit world train` on the synthetic world of dsdkit.world (coloured shapes). It says nothing about "
         "real images.",
-        "recipe": recipe.to_dict(),
-        "training": {
-            "threads": used_threads,
-            "torch": torch.__version__,
-            "wall_s_this_session": round(time.perf_counter() - started, 1),
-            "resumed_from": None if latest is None else f"{latest[0]}-{latest[1]}",
-            "initialised_from": initialised,
-            "vae_reconstruction_l1": round(encoded.reconstruction_l1, 5),
-            "scaling_factor": encoded.scaling_factor,
-            "log": log,
-            "parameters": {
-                name: sum(p.numel() for p in module.parameters())
-                for name, module in (("unet", unet), ("text_encoder", text_encoder), ("vae", vae))
-            },
-        },
+        "recipe": ctx.recipe.to_dict(),
+        "training": training,
     }
-    _write_model(model_folder, recipe, vae, unet, text_encoder, info)
+    _write_model(model_folder, ctx.recipe, ctx.vae, ctx.unet, ctx.text_encoder, info)
     if evaluate is not None:
         info["metrics"] = evaluate(model_folder)
         atomic_write_text(model_folder / RECIPE_FILE, json.dumps(info, indent=1) + "\n")
@@ -829,9 +774,9 @@ def measure_world_model(
     """Zero-shot accuracy of the default ``discffusion`` score (S = ``num_timesteps``) on the first ``per_subset``
     benchmark items of each of ``subsets`` (the items ``dsdkit demo-data`` writes, whose layouts the model's
     training data does not contain): the quick check written into ``world_model.json``. Ties count as wrong."""
-    from ..evaluation import compute_metrics, score_examples
-    from ..models import load_model
-    from ..scorer import Scorer
+    from ..jobs.evaluation import compute_metrics, score_examples
+    from ..pytorch.models import load_model
+    from ..pytorch.scorer import Scorer
 
     model = load_model(model_folder, device="cpu", dtype="fp32")
     # Keep the items out of the training data this model was trained on (its recipe, if it says).

@@ -7,19 +7,19 @@ Sections, in the order they run (``benchmarks/gpu/README.md`` says how to read t
 
 ``machine``
     device, compute capability, torch / CUDA / driver versions, the packages used and where each came from, the
-    TF32 switches; the matrix-multiply peak measured per precision (:func:`dsdkit.bench.measure_matmul_peak`).
+    TF32 switches; the matrix-multiply peak measured per precision (:func:`dsdkit.jobs.bench.measure_matmul_peak`).
 ``model``
-    the full-size SD2-2.1-base architecture with random weights (:func:`dsdkit.tiny.write_tiny_model`).
+    the full-size SD2-2.1-base architecture with random weights (:func:`dsdkit.pytorch.tiny.write_tiny_model`).
 ``eager-P``
     the eager scorer with its UNet in precision P over a batch sweep at S = 30: ``dsdkit bench`` rows
-    (:func:`dsdkit.bench.run_bench` on the model loaded once), with evaluations/s, pairs/s, the counted GFLOP per
+    (:func:`dsdkit.jobs.bench.run_bench` on the model loaded once), with evaluations/s, pairs/s, the counted GFLOP per
     evaluation, MFU against the datasheet peak and the fraction of the GEMM peak measured in ``machine``.
 ``reference-P``
-    the authors' cost structure (:mod:`dsdkit.reference`) at S = 30 on a small job beside our scorer (and ours with
-    their B3 switched on, whose scores the reference must reproduce: their agreement is recorded).
+    the authors' cost structure (:mod:`dsdkit.pytorch.reference`) at S = 30 on a small job beside our scorer (and
+    ours with their B3 switched on, whose scores the reference must reproduce: their agreement is recorded).
 ``compiled-P``
-    ``torch.compile`` with CUDA graphs (:mod:`dsdkit.acceleration`, mode ``auto``) at P's best eager batch, beside an
-    eager row at that batch, with the compiled-vs-eager parity gate's verdict.
+    ``torch.compile`` with CUDA graphs (:mod:`dsdkit.pytorch.acceleration`, mode ``auto``) at P's best eager batch,
+    beside an eager row at that batch, with the compiled-vs-eager parity gate's verdict.
 ``demo-precision``
     the trained demo model: fp16 and bf16 against fp32, top-1 agreement over the world benchmark's rank-8 items.
 ``adaptive``
@@ -90,7 +90,7 @@ class Plan:
     demo_items: int  # rank-8 items of the world benchmark
     demo_timesteps: int
     demo_batch: int
-    matmul_size: int | None  # None: dsdkit.bench's default for the device (8192 on a GPU)
+    matmul_size: int | None  # None: dsdkit.jobs.bench's default for the device (8192 on a GPU)
     margin_s: float  # kept free at the end for writing the JSON and the summary
     estimates: dict[str, float] = field(default_factory=dict)
 
@@ -441,7 +441,7 @@ class Kit:
         import torch
 
         import dsdkit
-        from dsdkit.bench import measure_matmul_peak
+        from dsdkit.jobs.bench import measure_matmul_peak
 
         sys.path.insert(0, str(BENCHMARKS))
         from machine import machine
@@ -483,8 +483,8 @@ class Kit:
         return info
 
     def write_model(self) -> dict[str, Any]:
-        from dsdkit.models import TEST_MODEL_MARKER
-        from dsdkit.tiny import write_tiny_model
+        from dsdkit.pytorch.models import TEST_MODEL_MARKER
+        from dsdkit.pytorch.tiny import write_tiny_model
 
         folder = self.model_dir
         if folder is None:
@@ -500,7 +500,7 @@ class Kit:
 
     def model(self, precision: str, source: str | None = None):
         """The model (``source``: the full-size folder by default, or ``demo``) in ``precision``, loaded once."""
-        from dsdkit.models import load_model
+        from dsdkit.pytorch.models import load_model
 
         source = source or str(self.folder)
         key = (source, precision)
@@ -510,7 +510,7 @@ class Kit:
 
     def _bench(self, precision: str, engines: list[str], batch: int, images: int, captions: int, **knobs):
         """One ``dsdkit bench`` job on the loaded full-size model (its record), checks recorded, never raised."""
-        from dsdkit.bench import BenchConfig, run_bench
+        from dsdkit.jobs.bench import BenchConfig, run_bench
 
         config = BenchConfig(
             model=str(self.folder),
@@ -622,7 +622,7 @@ class Kit:
     def _demo_examples(self):
         if "examples" not in self.demo:
             from dsdkit import world
-            from dsdkit.demo import items_to_examples
+            from dsdkit.jobs.datasets import items_to_examples
 
             items = world.benchmark_items(per_subset=self.plan.demo_items, subsets=("rank-8",))
             self.demo["examples"] = items_to_examples(items)
@@ -630,9 +630,10 @@ class Kit:
 
     def _demo_scores(self, precision: str) -> tuple[list, float, float | None]:
         """Exhaustive scores of every rank-8 item on the demo model in ``precision``: (matrices, seconds, load s)."""
-        from dsdkit.config import ScoringConfig
-        from dsdkit.evaluation import score_examples
-        from dsdkit.scorer import Scorer
+        from dsdkit.runtime.config import ScoringConfig
+
+        from dsdkit.jobs.evaluation import score_examples
+        from dsdkit.pytorch.scorer import Scorer
 
         begin = time.monotonic()
         loaded = ("demo", precision) in self.models
@@ -680,9 +681,9 @@ class Kit:
     def adaptive(self) -> dict[str, Any]:
         import numpy as np
         from dsdkit.runtime.adaptive import rank_matrix
+        from dsdkit.runtime.config import ScoringConfig
 
-        from dsdkit.config import ScoringConfig
-        from dsdkit.scorer import Scorer
+        from dsdkit.pytorch.scorer import Scorer
 
         examples = self._demo_examples()
         model = self.model("fp32", "demo")

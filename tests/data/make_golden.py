@@ -86,10 +86,10 @@ def train_adapter(kind: str, preset: str, model_dir: Path, work: Path) -> Path:
 
 def write_partial(model, work: Path) -> None:
     """Interrupt a chunked ``match`` after its first chunk and keep its ``.partial`` folder."""
+    from dsdkit.runtime.config import ScoringConfig
     from dsdkit.runtime.images import load_image
 
-    from dsdkit.config import ScoringConfig
-    from dsdkit.matching import match
+    from dsdkit.jobs.match import match
 
     class Interrupted(Exception):
         pass
@@ -126,13 +126,13 @@ def write_partial(model, work: Path) -> None:
 
 def main() -> None:
     from dsdkit.export import ExportConfig, ParitySettings, export_bundle
+    from dsdkit.runtime.config import ScoringConfig
     from dsdkit.runtime.matcher import Matcher
 
-    from dsdkit.adapters import load_adapter
-    from dsdkit.config import ScoringConfig
-    from dsdkit.models import load_model
-    from dsdkit.scorer import Scorer
-    from dsdkit.tiny import write_tiny_model
+    from dsdkit.pytorch.adapters import load_adapter
+    from dsdkit.pytorch.models import load_model
+    from dsdkit.pytorch.scorer import Scorer
+    from dsdkit.pytorch.tiny import write_tiny_model
 
     torch.set_num_threads(THREADS)
 

@@ -171,8 +171,7 @@ def test_parity_failure_writes_nothing(tiny_model_dir, tmp_path, monkeypatch):
     """A tolerance the export cannot meet raises ParityError naming the output and numbers; no bundle appears."""
     from dsdkit.export import ExportConfig, ParitySettings, export_bundle
     from dsdkit.export import bundle as bundle_module
-
-    from dsdkit.errors import ParityError
+    from dsdkit.runtime.errors import ParityError
 
     monkeypatch.setattr(bundle_module, "SCORE_TOLERANCE", (0.0, 0.0))
     config = ExportConfig(exporter="torchscript", parity=ParitySettings(images=2, captions=2, timesteps=1))
@@ -219,8 +218,7 @@ def test_modified_file_is_refused(bundle_copy):
 
 def test_missing_file_is_refused(bundle_copy):
     from dsdkit.runtime.bundle import Bundle
-
-    from dsdkit.errors import BundleError
+    from dsdkit.runtime.errors import BundleError
 
     (bundle_copy / "tokenizer" / "vocab.json").unlink()
     with pytest.raises(BundleError, match="bundle file tokenizer/vocab.json is missing; re-export it"):
@@ -229,8 +227,7 @@ def test_missing_file_is_refused(bundle_copy):
 
 def test_truncated_file_is_refused(bundle_copy):
     from dsdkit.runtime.bundle import Bundle
-
-    from dsdkit.errors import BundleError
+    from dsdkit.runtime.errors import BundleError
 
     target = bundle_copy / "onnx" / "text_encoder.onnx"
     target.write_bytes(target.read_bytes()[:1000])

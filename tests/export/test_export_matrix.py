@@ -45,7 +45,7 @@ def case_id(case) -> str:
 
 @pytest.fixture(scope="module")
 def micro_model(micro_model_dir):
-    from dsdkit.models import load_model
+    from dsdkit.pytorch.models import load_model
 
     return load_model(micro_model_dir, device="cpu", dtype="fp32")
 
@@ -58,8 +58,9 @@ def micro_adapters(micro_model, tmp_path_factory):
     model's scores (~4.5) by only ~8e-3, less than the fp16 tolerance, so an fp16 bundle that dropped its adapter would
     still agree with PyTorch. At 0.15 they move them by ~0.1 (LoRA) and ~0.7 (kv-prompt).
     """
-    from dsdkit.adapters import save_adapter
-    from dsdkit.config import ScoringConfig
+    from dsdkit.runtime.config import ScoringConfig
+
+    from dsdkit.pytorch.adapters import save_adapter
 
     folder = tmp_path_factory.mktemp("micro-adapters")
     scoring = ScoringConfig.from_preset("discffusion")
@@ -217,6 +218,8 @@ def test_cli_export_defaults_to_dynamo(matrix_bundle, micro_model_dir):
     assert latents == {"min": [1, 4, 16, 16], "opt": [4, 4, 16, 16], "max": [8, 4, 16, 16]}
     assert (path / "onnx" / "scorer.onnx.data").is_file()
     assert manifest["engines"]["built"] is False and "TensorRT" in manifest["engines"]["reason"]
+    # Why there are no engines is said once per export (issue 31: it was printed twice on every CPU export).
+    assert output.count("TensorRT engines not built") == 1 and output.count(manifest["engines"]["reason"]) == 1
 
     again = CliRunner().invoke(app, ["export", "--model", str(micro_model_dir), "--out", str(path)])
     assert again.exit_code == 2 and "already exists; pass --overwrite" in again.output

@@ -22,8 +22,7 @@ import pytest
 from dsdkit.runtime import backends
 from dsdkit.runtime.bundle import Bundle
 from dsdkit.runtime.engine_key import ENGINE_KEY_FIELDS, check_engine_key, engine_cache_key, engine_key_fields
-
-from dsdkit.errors import BundleError
+from dsdkit.runtime.errors import BundleError
 
 MANIFEST = Path(__file__).parents[1] / "data" / "formats" / "bundle-kv-prompt.manifest.json"
 ENGINE = Path("/bundles/b/engines/scorer.plan")

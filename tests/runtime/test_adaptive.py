@@ -12,8 +12,7 @@ from dsdkit.runtime.adaptive import (
     resolve_schedule,
     simulate,
 )
-
-from dsdkit.errors import ConfigError
+from dsdkit.runtime.errors import ConfigError
 
 CAPTIONS = ["a red circle", "a blue square", "a green triangle", "a yellow circle", "a purple square", "a red square"]
 
@@ -94,6 +93,21 @@ def test_resolution_rules_top_k_fractions_and_the_last_stage():
         resolve_schedule(Schedule.parse("keep=3,1:steps=12,all"), 8, 10)
 
 
+@pytest.mark.parametrize(
+    "num_timesteps,held", [(1, [1]), (3, [3]), (4, [3, 4]), (8, [3, 8]), (9, [3, 8, 9]), (30, [3, 8, 30])]
+)
+def test_the_default_schedule_runs_on_every_grid(num_timesteps, held):
+    """The default's fixed stages (3, 8 timesteps) are left out on a grid too small for them (`--adaptive
+    --timesteps 4` used to refuse), while the same counts given explicitly are still refused."""
+    from dsdkit.runtime.adaptive import DEFAULT_SCHEDULE
+
+    plan = resolve_schedule(DEFAULT_SCHEDULE, 32, num_timesteps)
+    assert [len(s) for s in plan.steps] == held and plan.keep[-1] == 1
+    if num_timesteps <= 8:
+        with pytest.raises(ConfigError, match="exceed|must lie in"):
+            resolve_schedule(Schedule.parse("keep=18.75%,2,k:steps=3,8,all"), 32, num_timesteps)
+
+
 # -- the elimination itself, on stored scores ----------------------------------------------------------------------
 
 
@@ -142,8 +156,9 @@ def test_survivors_hold_their_exhaustive_scores_and_the_winner_is_kept_exact():
 
 @pytest.fixture(scope="module")
 def scorer(tiny_model):
-    from dsdkit.config import ScoringConfig
-    from dsdkit.scorer import Scorer
+    from dsdkit.runtime.config import ScoringConfig
+
+    from dsdkit.pytorch.scorer import Scorer
 
     return Scorer(tiny_model, ScoringConfig.from_preset("discffusion", num_timesteps=6), batch_size=5)
 
@@ -185,8 +200,9 @@ def test_rank_texts_and_rank_images_with_a_schedule_mark_exact_and_partial(score
 
 
 def test_bitwise_equal_to_exhaustive_where_the_batches_are_the_same(tiny_model, shape_images):
-    from dsdkit.config import ScoringConfig
-    from dsdkit.scorer import Scorer
+    from dsdkit.runtime.config import ScoringConfig
+
+    from dsdkit.pytorch.scorer import Scorer
 
     one = Scorer(tiny_model, ScoringConfig.from_preset("discffusion", num_timesteps=4), batch_size=1)
     exhaustive = one.score_matrix(shape_images[:2], CAPTIONS[:4])
@@ -195,8 +211,9 @@ def test_bitwise_equal_to_exhaustive_where_the_batches_are_the_same(tiny_model, 
 
 
 def test_per_caption_ranking_spends_fewer_unconditional_passes(tiny_model, shape_images):
-    from dsdkit.config import ScoringConfig
-    from dsdkit.scorer import Scorer
+    from dsdkit.runtime.config import ScoringConfig
+
+    from dsdkit.pytorch.scorer import Scorer
 
     config = ScoringConfig.from_preset("discffusion", num_timesteps=6, normalize="uncond")
     engine = Scorer(tiny_model, config, batch_size=8)
@@ -217,7 +234,7 @@ def test_simulation_on_stored_scores_equals_a_real_run_on_the_demo_world(subset)
     same S = 30: simulate the default schedule from one exhaustive run's per-timestep scores, then rank for real; the
     kept, the eliminated, the stages, the scores and the evaluation counts agree."""
     from dsdkit import world
-    from dsdkit.scorer import build_scorer
+    from dsdkit.pytorch.scorer import build_scorer
 
     engine = build_scorer("demo", overrides={"num_timesteps": 30}, batch_size=128)
     report_half = np.sort(np.random.default_rng(0).permutation(2000)[1000:])[:2]
@@ -242,8 +259,9 @@ def test_simulation_on_stored_scores_equals_a_real_run_on_the_demo_world(subset)
 
 def test_noise_level_schedules_draw_their_stages_from_the_levels(tiny_model, shape_images):
     """The paper preset's timesteps are four noise levels: stages take nested subsets of them the same way."""
-    from dsdkit.config import ScoringConfig
-    from dsdkit.scorer import Scorer
+    from dsdkit.runtime.config import ScoringConfig
+
+    from dsdkit.pytorch.scorer import Scorer
 
     config = ScoringConfig.from_preset("paper")
     engine = Scorer(tiny_model, config, batch_size=8)

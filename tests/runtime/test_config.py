@@ -34,7 +34,8 @@ def test_a_contradiction_of_a_pinned_knob_is_refused_in_one_line():
     with pytest.raises(ConfigError) as preset_clash:
         resolve_scoring("paper", header, source="run/adapter.safetensors")
     message = str(preset_clash.value)
-    assert "\n" not in message and "run/adapter.safetensors pins" in message and "--preset paper" in message
+    assert "\n" not in message and "run/adapter.safetensors pins" in message and "`preset` paper" in message
+    assert "--" not in message and preset_clash.value.field == "preset"  # the CLI says --preset (as_flags)
     assert "pooling=text-lse" in message and "pooling=image-lse" in message
     with pytest.raises(ConfigError, match="pins lse_lambda=1.0, but this run asks for lse_lambda=3"):
         resolve_scoring(None, header, {"lse_lambda": 3})
@@ -61,7 +62,7 @@ def test_the_config_and_its_timestep_table_import_without_torch():
     code = (
         "import sys; from dsdkit.runtime.config import ScoringConfig; "
         "assert ScoringConfig(num_timesteps=10).timestep_table[0] == 89; "
-        "from dsdkit.config import ScoringConfig as Again; assert Again is ScoringConfig; "
+        "from dsdkit.runtime.config import ScoringConfig as Again; assert Again is ScoringConfig; "
         "assert 'torch' not in sys.modules, sorted(m for m in sys.modules if m.startswith('torch'))"
     )
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -20,13 +20,12 @@ from unittest import mock
 import numpy as np
 import pytest
 from dsdkit.runtime import images as images_module
+from dsdkit.runtime.errors import InputError
 from dsdkit.runtime.images import load_image, preprocess_image
 from dsdkit.runtime.inputs import image_suffixes, list_images
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import BlpImagePlugin, Image, ImageFile, ImageOps, PdfParser, PngImagePlugin
-
-from dsdkit.errors import InputError
 
 Image.init()
 
@@ -317,8 +316,9 @@ def test_an_exception_in_dsdkit_code_is_an_internal_error_in_the_cli(tmp_path, m
 def test_match_over_a_folder_and_a_list_scores_every_readable_format(formats, others, micro_model_dir, tmp_path):
     """Every format, plus the other images with a decoder failing on one of them and a NotImplementedError from a
     DDS-like decoder on another: the bad files are skipped with name and type, every other file is scored."""
-    from dsdkit.config import ScoringConfig
-    from dsdkit.matching import match
+    from dsdkit.runtime.config import ScoringConfig
+
+    from dsdkit.jobs.match import match
 
     folder, listing, made = formats
     job = tmp_path / "job"

@@ -1,8 +1,8 @@
 """One engine interface: the PyTorch Scorer and the bundle Matcher answer the same calls with the same numbers.
 
 The per-timestep terms each engine returns are checked against the naive reference of
-``tests/test_scorer_reference.py`` (no dsdkit scoring code: diffusers' default attention, hooks that recompute Q and
-K in float64, explicit loops), evaluated at one (t_k, ε_k) at a time.
+``tests/pytorch/test_scorer_reference.py`` (no dsdkit scoring code: diffusers' default attention, hooks that recompute
+Q and K in float64, explicit loops), evaluated at one (t_k, ε_k) at a time.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ def engines(export_case, tiny_model):
     """A Scorer and a Matcher of the same (zero-shot, fp32) model and scoring config."""
     from dsdkit.runtime.matcher import Matcher
 
-    from dsdkit.scorer import Scorer
+    from dsdkit.pytorch.scorer import Scorer
 
     path, manifest = export_case("discffusion")
     matcher = Matcher.from_bundle(path, backend="onnxruntime", device="cpu", num_timesteps=S, batch_size=4)
@@ -97,7 +97,7 @@ def test_one_interface_same_numbers(engines, shape_images, kind):
 @pytest.mark.parametrize("kind", ["scorer", "matcher"])
 def test_per_timestep_terms_equal_the_naive_reference(engines, tiny_model_dir, shape_images, kind):
     """Each engine's terms at index k equal the naive reference evaluated at (t_k, ε_k) alone."""
-    from tests.test_scorer_reference import reference_scores
+    from tests.pytorch.test_scorer_reference import reference_scores
 
     engine = engines[kind]
     images = shape_images[1:3]
@@ -124,7 +124,7 @@ def test_per_timestep_terms_equal_the_naive_reference(engines, tiny_model_dir, s
 
 
 def test_steps_out_of_range_are_refused(engines):
-    from dsdkit.errors import ConfigError
+    from dsdkit.runtime.errors import ConfigError
 
     with pytest.raises(ConfigError, match="out of range: this engine has 3 timesteps"):
         engines["scorer"].step_indices([3])
@@ -132,8 +132,9 @@ def test_steps_out_of_range_are_refused(engines):
 
 def test_concurrent_calls_on_one_model(tiny_model, shape_images):
     """Two scorers with different configs share one UNet from two threads and get their sequential results."""
-    from dsdkit.config import ScoringConfig
-    from dsdkit.scorer import Scorer
+    from dsdkit.runtime.config import ScoringConfig
+
+    from dsdkit.pytorch.scorer import Scorer
 
     configs = [
         ScoringConfig.from_preset("discffusion", num_timesteps=2),

@@ -6,10 +6,9 @@ import io
 
 import numpy as np
 import pytest
+from dsdkit.runtime.errors import InputError
 from dsdkit.runtime.images import load_image, preprocess_image
 from PIL import Image
-
-from dsdkit.errors import InputError
 
 
 def test_squash_matches_plain_pil_bicubic():

@@ -9,10 +9,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from dsdkit.runtime.errors import InputError, OutputError
 from dsdkit.runtime.inputs import list_images, read_captions
 from dsdkit.runtime.results import MatchResult, top_k, write_result
-
-from dsdkit.errors import InputError, OutputError
 
 
 def test_captions_file_with_bom_crlf_and_blank_lines(tmp_path):

@@ -155,9 +155,9 @@ def test_bundle_refuses_scoring_knobs(bundle):
 
 def test_interrupted_match_resumes_without_losing_rows(bundle, shape_images, tmp_path):
     """An interruption after the second chunk keeps two rows on disk; --resume scores only the rest."""
-    from dsdkit.runtime.jobs import partial_folder
+    from dsdkit.runtime.resume import partial_folder
 
-    from dsdkit.matching import match
+    from dsdkit.jobs.match import match
 
     images = [tmp_path / f"im{i}.png" for i in range(4)]
     for path, image in zip(images, shape_images, strict=True):
@@ -191,14 +191,14 @@ def test_interrupted_match_resumes_without_losing_rows(bundle, shape_images, tmp
 
 
 def test_partial_results_of_another_job_are_refused(bundle, shape_images, tmp_path):
-    from dsdkit.runtime.jobs import _save, partial_folder
+    from dsdkit.runtime.errors import ConfigError
+    from dsdkit.runtime.resume import _save, partial_folder
 
-    from dsdkit.errors import ConfigError
-    from dsdkit.matching import match
+    from dsdkit.jobs.match import match
 
     out = tmp_path / "scores.csv"
-    _save(partial_folder(out), np.zeros((2, 2)), 1, "someone-else")
-    with pytest.raises(ConfigError, match="pass --resume to continue it"):
+    _save(partial_folder(out), np.zeros((2, 2)), 1, "e" * 64)  # a verified state, of another job
+    with pytest.raises(ConfigError, match="pass `resume` to continue it"):
         match(shape_images[:2], CAPTIONS[:2], bundle=bundle, num_timesteps=1, output=out)
     with pytest.raises(ConfigError, match="partial results of a different job"):
         match(shape_images[:2], CAPTIONS[:2], bundle=bundle, num_timesteps=1, output=out, resume=True)

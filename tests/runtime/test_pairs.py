@@ -9,9 +9,8 @@ import subprocess
 import sys
 
 import pytest
+from dsdkit.runtime.errors import InputError
 from dsdkit.runtime.pairs import PairList, read_pairs
-
-from dsdkit.errors import InputError
 
 IMAGES = [
     "examples/demo/red-circle.png",

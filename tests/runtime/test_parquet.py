@@ -12,9 +12,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from dsdkit.runtime.errors import InputError, MissingDependencyError, OutputError
 from dsdkit.runtime.results import PARQUET_FORMAT, MatchResult, read_result, write_result
-
-from dsdkit.errors import InputError, MissingDependencyError, OutputError
 
 pa = pytest.importorskip("pyarrow")
 pq = pytest.importorskip("pyarrow.parquet")
@@ -177,8 +176,8 @@ def test_read_rejects_files_that_are_not_dsdkit_results(tmp_path):
 
 
 def test_match_writes_the_rows_of_its_json_output(tmp_path):
-    from dsdkit.matching import match
-    from dsdkit.scorer import build_scorer
+    from dsdkit.jobs.match import match
+    from dsdkit.pytorch.scorer import build_scorer
 
     engine = build_scorer("demo", overrides={"num_timesteps": 2})
     common = dict(model=engine.model, config=engine.config, adaptive="keep=4,k:steps=1,all", top_k=1)

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from dsdkit.runtime.errors import InputError, ModelError
 from dsdkit.runtime.tokenizer import ROLE_BOS, ROLE_EOS, ROLE_PAD, ROLE_WORD, ClipTokenizer
-
-from dsdkit.errors import InputError, ModelError
 
 CAPTIONS = [
     "a photo of a cat",

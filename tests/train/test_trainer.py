@@ -7,11 +7,11 @@ import json
 import numpy as np
 import pytest
 import torch
+from dsdkit.runtime.errors import ConfigError, TrainingError
 from dsdkit.train import TrainConfig, train
 from dsdkit.train.losses import CandidateLoss
 from safetensors.torch import load_file
 
-from dsdkit.errors import ConfigError, TrainingError
 from dsdkit.world import write_colour_shapes
 
 # Scoring used by the learning tests: low noise levels keep the image visible to the random-weight UNet; the
@@ -112,8 +112,8 @@ def test_checkpoints_hold_the_trained_adapter(small_colours, tiny_model, tmp_pat
     the same tensors and says which step it is; the final file scores exactly like the trained adapter."""
     from dsdkit.train.trainer import Trainer
 
-    from dsdkit.adapters import load_adapter, read_adapter_header
-    from dsdkit.scorer import Scorer
+    from dsdkit.pytorch.adapters import load_adapter, read_adapter_header
+    from dsdkit.pytorch.scorer import Scorer
 
     config = TrainConfig(
         data=str(small_colours),
@@ -164,7 +164,7 @@ def test_checkpoints_hold_the_trained_adapter(small_colours, tiny_model, tmp_pat
 
 def test_unsafe_resumes_are_refused(small_colours, tiny_model, tmp_path):
     run(small_colours, tiny_model, tmp_path / "run", max_steps=2, eval_every_epoch=False)
-    with pytest.raises(ConfigError, match="--resume"):
+    with pytest.raises(ConfigError, match="`resume`"):
         run(small_colours, tiny_model, tmp_path / "run", max_steps=2, eval_every_epoch=False)
     with pytest.raises(ConfigError, match="lr differ"):
         run(small_colours, tiny_model, tmp_path / "run", max_steps=4, lr=1e-3, resume=True, eval_every_epoch=False)
@@ -204,14 +204,14 @@ def test_labelled_pairs_need_bce(tmp_path, tiny_model, image_factory):
         )
         + "\n"
     )
-    with pytest.raises(ConfigError, match="--loss bce"):
+    with pytest.raises(ConfigError, match="bce as `loss`"):
         run(data, tiny_model, tmp_path / "ce", eval_every_epoch=False)
     result = run(data, tiny_model, tmp_path / "bce", loss="bce", max_steps=2, eval_fraction=0.0)
     assert result.steps == 2
 
 
 def test_gradient_checkpointing_gives_the_same_update(small_colours, tiny_model_dir, tmp_path):
-    from dsdkit.models import load_model
+    from dsdkit.pytorch.models import load_model
 
     plain = run(
         small_colours,

@@ -78,7 +78,7 @@ def uninterrupted(tmp_path_factory, recipe):
 def test_short_run_writes_a_loadable_model_and_its_loss_falls(uninterrupted):
     from dsdkit.train.world import RECIPE_FILE
 
-    from dsdkit.models import load_model
+    from dsdkit.pytorch.models import load_model
 
     info = json.loads((uninterrupted / "model" / RECIPE_FILE).read_text())
     assert info["recipe"]["steps"] == 16 and info["training"]["threads"] == 1
@@ -207,9 +207,8 @@ def test_init_from_continues_a_trained_model_and_refuses_another_architecture(un
     assert [e["phase"] for e in info["training"]["log"]] == ["diffusion"]  # no VAE phase was run
 
     # The refusal happens before any step: called directly (no second process, no torch import to pay again).
+    from dsdkit.runtime.errors import ConfigError
     from dsdkit.train.world import WorldRecipe, _initialise_from, _Run, build_modules
-
-    from dsdkit.errors import ConfigError
 
     narrower = WorldRecipe(**{**SHORT_RECIPE, "unet_channels": [32, 32, 64, 64]})
     (tmp_path / "refused").mkdir()
