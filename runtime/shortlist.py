@@ -42,7 +42,7 @@ __all__ = [
 ]
 
 #: Query rows per similarity block: the block holds ``DEFAULT_BLOCK_ROWS x pool`` float32 similarities (40 MB for
-#: a pool of 10,000 images), however many queries there are.
+#: a pool of 10,000 images; while it is computed, also their float64 sums, 80 MB), however many queries there are.
 DEFAULT_BLOCK_ROWS = 1024
 
 
@@ -69,6 +69,7 @@ def top_k(
     keep = min(int(k), size)
     indices = np.empty((count, keep), dtype=np.int64)
     similarities = np.empty((count, keep), dtype=np.float32)
+    pool = pool.astype(np.float64)  # once per call: the products are summed in float64 (see _similarities)
     for start in range(0, count, block_rows):
         block = _similarities(queries[start : start + block_rows], pool)  # the only [rows, P] array alive at a time
         chosen = _block_top(block, keep)
@@ -78,13 +79,17 @@ def top_k(
 
 
 def _similarities(rows: np.ndarray, pool: np.ndarray) -> np.ndarray:
-    """``rows @ pool.T`` through the matrix-matrix kernel also for a single row: numpy hands a one-row product to
-    BLAS's matrix-vector kernel, whose float32 sums differ from the matrix-matrix kernel's in the last bit, so one
-    query alone (``rank_texts``, a served search) or a last block of one row would get other similarities, and
-    another order among near-ties, than the same query in a larger block."""
-    if len(rows) != 1:
-        return rows @ pool.T
-    return (np.concatenate([rows, rows]) @ pool.T)[:1]
+    """``float32[rows, P]``: ``rows @ pool.T`` summed in float64 and rounded to float32.
+
+    Why float64: BLAS picks its float32 kernel by the block's shape (a one-row product goes to the matrix-vector
+    kernel) and, on some CPUs, by a row's position in the block (edge tiles), and those kernels' float32 sums differ
+    in the last bit, so one query alone (``rank_texts``, a served search) or a query in a block of another size would
+    get other similarities, and another order among near-ties, than in a job's blocks. The products of float32
+    inputs are exact in float64 and the float64 sums of any two kernels differ by about 1e-16 relative, far below
+    float32's rounding step (6e-8), so after rounding every block size and position gives the same similarity (a
+    difference needs a sum within 1e-16 of a float32 rounding boundary: about one element in 10^9).
+    """
+    return (rows.astype(np.float64) @ pool.T).astype(np.float32)
 
 
 def _block_top(block: np.ndarray, keep: int) -> np.ndarray:
