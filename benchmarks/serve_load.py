@@ -131,6 +131,16 @@ class Client:
 
     def call(self, method: str, path: str, body: bytes | None = None) -> tuple[int, bytes]:
         headers = {"Content-Type": "application/json"} if body is not None else {}
+        try:
+            return self._exchange(method, path, body, headers)
+        except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError):
+            # The server closes a keep-alive connection that stayed idle past its timeout (the in-process runner:
+            # uvicorn's 5 s; the monitor idles through a whole level): reconnect once and send again, as an HTTP
+            # client library does. Nothing was processed: the request never reached the server.
+            self.connection.close()
+            return self._exchange(method, path, body, headers)
+
+    def _exchange(self, method: str, path: str, body: bytes | None, headers: dict) -> tuple[int, bytes]:
         self.connection.request(method, path, body=body, headers=headers)
         response = self.connection.getresponse()
         return response.status, response.read()
@@ -419,10 +429,17 @@ def main(argv=None) -> int:
     record = run(args)
     output = args.output or HERE / "results" / f"serve-load-{record['date']}.json"
     output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(record, indent=1) + "\n")
+    output.write_text(portable(json.dumps(record, indent=1)) + "\n")
     logger.info("wrote %s", output)
     print(table(record))
     return 0
+
+
+def portable(text: str) -> str:
+    """The record without this machine's paths: the checkout's folder as ``.`` (the commands ran from its root) and
+    the server's temporary Ray log as ``RAY_LOG``."""
+    text = text.replace(str(HERE.parent) + "/", "").replace(str(HERE.parent), ".")
+    return re.sub(r"[^\s\"]*serve-load-ray-\d+\.log", "RAY_LOG", text)
 
 
 if __name__ == "__main__":
