@@ -53,7 +53,7 @@ def top_k(
 
     Args:
         queries: ``float32[Q, D]`` (L2-normalised embeddings: the products are cosine similarities).
-        pool: ``float32[P, D]``.
+        pool: ``float32[P, D]``, or its ``float64`` copy (exact: made once by a caller that searches it often).
         k: candidates per query (``k >= P`` keeps them all, in order).
         block_rows: queries per similarity block; memory is ``block_rows x P`` similarities at a time.
 
@@ -64,12 +64,14 @@ def top_k(
         raise ConfigError(f"`shortlist_k` must be >= 1, got {k}", field="shortlist_k")
     if block_rows < 1:
         raise ConfigError(f"block_rows must be >= 1, got {block_rows}")
-    queries, pool = np.asarray(queries, dtype=np.float32), np.asarray(pool, dtype=np.float32)
+    queries, pool = np.asarray(queries, dtype=np.float32), np.asarray(pool)
+    # The products are summed in float64 (see _similarities), so the pool is widened once per call; a caller that
+    # searches one pool many times (a served gallery) passes its float64 copy and nothing is copied per query.
+    pool = pool if pool.dtype == np.float64 else pool.astype(np.float32, copy=False).astype(np.float64)
     count, size = len(queries), len(pool)
     keep = min(int(k), size)
     indices = np.empty((count, keep), dtype=np.int64)
     similarities = np.empty((count, keep), dtype=np.float32)
-    pool = pool.astype(np.float64)  # once per call: the products are summed in float64 (see _similarities)
     for start in range(0, count, block_rows):
         block = _similarities(queries[start : start + block_rows], pool)  # the only [rows, P] array alive at a time
         chosen = _block_top(block, keep)

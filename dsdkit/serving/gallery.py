@@ -28,6 +28,8 @@ class Gallery:
 
     def __init__(self, folder: Path, paths: list[Path], vectors: np.ndarray, embedder, k: int, skipped: int):
         self.folder, self.paths, self.vectors = folder, paths, vectors
+        # top_k sums the products in float64: widen the gallery once here, not on every search request.
+        self._pool = vectors.astype(np.float64)
         self.embedder, self.k, self.skipped = embedder, k, skipped
         self.names = [_name(path, folder) for path in paths]
 
@@ -44,7 +46,7 @@ class Gallery:
     def shortlist(self, caption: str, k: int) -> tuple[list[int], list[float]]:
         """The indices and cosine similarities of the ``k`` gallery images most similar to ``caption``."""
         query = self.embedder.embed_texts([caption])
-        chosen, similarities = top_k(query, self.vectors, k)
+        chosen, similarities = top_k(query, self._pool, k)
         return [int(i) for i in chosen[0]], [float(s) for s in similarities[0]]
 
     def read(self, index: int) -> bytes:

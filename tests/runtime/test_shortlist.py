@@ -119,6 +119,10 @@ def test_every_block_size_gives_the_same_result():
         indices, similarities = top_k(queries[row : row + 1], pool, 5)
         np.testing.assert_array_equal(indices[0], reference[0][row])
         np.testing.assert_array_equal(similarities[0], reference[1][row])
+    # A served gallery passes its pool's float64 copy, made once: the same numbers.
+    indices, similarities = top_k(queries, pool.astype(np.float64), 5, block_rows=3)
+    np.testing.assert_array_equal(indices, reference[0])
+    np.testing.assert_array_equal(similarities, reference[1])
 
 
 def test_no_similarity_block_is_larger_than_block_rows_by_pool(monkeypatch):
