@@ -328,6 +328,22 @@ class Stop(BaseException):
     """Stands for a kill after the first saved chunk."""
 
 
+def killed_after_first_save(run) -> None:
+    """Run ``run()`` as a job killed right after its first chunk's state is saved."""
+    import dsdkit.runtime.resume as resume
+
+    save = resume._save
+
+    def save_then_stop(*args, **kwargs):
+        save(*args, **kwargs)
+        raise Stop
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(resume, "_save", save_then_stop)
+        with pytest.raises(Stop):
+            run()
+
+
 @pytest.fixture(scope="module")
 def clean(exported, inputs):
     """An untouched run: its scores and UNet evaluations."""
@@ -345,16 +361,7 @@ def interrupted(exported, inputs, tmp_path_factory) -> Path:
     from dsdkit.jobs.match import match
 
     output = tmp_path_factory.mktemp("interrupted") / "scores.csv"
-    save = resume._save
-
-    def save_then_stop(*args, **kwargs):
-        save(*args, **kwargs)
-        raise Stop
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(resume, "_save", save_then_stop)
-        with pytest.raises(Stop):
-            match(*inputs, bundle=exported, num_timesteps=1, chunk_size=1, output=output)
+    killed_after_first_save(lambda: match(*inputs, bundle=exported, num_timesteps=1, chunk_size=1, output=output))
     folder = resume.partial_folder(output)
     assert json.loads((folder / "state.json").read_text())["done_rows"] == 1
     return folder
@@ -617,7 +624,6 @@ def test_an_untouched_job_merges(done, cli, tmp_path):
 def test_a_shard_resumed_from_tampered_state_rescores_it(planned, done, exported, tmp_path, caplog):
     """A shard killed after its first chunk, its saved score edited: the rerun discards the state (one line) before
     anything of it reaches the part, whose hash the marker then records; the merge equals the untouched job's."""
-    import dsdkit.runtime.resume as resume
 
     from dsdkit.jobs.shards import merge_job, run_shard
 
@@ -625,16 +631,7 @@ def test_a_shard_resumed_from_tampered_state_rescores_it(planned, done, exported
     shutil.copytree(planned, job)
     for name in ("part-00000.parquet", "part-00000.done.json"):
         shutil.copy(done[0] / "scores" / name, job / "scores" / name)
-    save = resume._save
-
-    def save_then_stop(*args, **kwargs):
-        save(*args, **kwargs)
-        raise Stop
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(resume, "_save", save_then_stop)
-        with pytest.raises(Stop):
-            run_shard(job, 1)
+    killed_after_first_save(lambda: run_shard(job, 1))
     _scores_edit(_cell(42.0))(job / "scores" / "part-00001.parquet.partial")
     with caplog.at_level("WARNING", logger="dsdkit.runtime.resume"):
         run_shard(job, 1)
