@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 # Tests never touch the network: hub lookups must fail fast and offline.
@@ -71,6 +72,20 @@ def tiny_model(tiny_model_dir):
     from dsdkit.pytorch.models import load_model
 
     return load_model(tiny_model_dir, device="cpu", dtype="fp32")
+
+
+@contextlib.contextmanager
+def one_torch_thread():
+    """Score in this process with one torch thread, as sharded and Ray workers do: fp32 kernels may round
+    differently with another thread count, and the job tests compare bit for bit."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def make_shape_image(color: str, shape: str, size: tuple[int, int] = (96, 80), seed: int = 0):

@@ -19,6 +19,7 @@ from dsdkit.runtime.errors import ConfigError, JobError
 from typer.testing import CliRunner
 
 from dsdkit.cli import app
+from tests.conftest import one_torch_thread
 
 pytestmark = pytest.mark.ray
 
@@ -51,16 +52,10 @@ def _plan_options() -> dict:
 @pytest.fixture(scope="module")
 def single():
     """The single-process result, with one torch thread like each worker."""
-    import torch
-
     from dsdkit.jobs.match import match
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_torch_thread():
         return match(DEMO, DEMO / "captions.txt", model="demo", config=_config(), chunk_size=CHUNK)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def test_two_actors_get_distinct_gpus_and_give_the_single_process_result(cluster, single, tmp_path):
@@ -227,7 +222,6 @@ def test_a_gallery_search_on_ray_is_the_single_process_search(cluster, tmp_path)
     """A shortlist job (`match --shortlist demo --shortlist-k 3`) on Ray: planning computes the shortlist once; the
     actors rerank their shards' part of the stored one (an actor that embeds or shortlists fails the job), and the
     merged result is the single-process search bit for bit."""
-    import torch
 
     from dsdkit.jobs.match import match
     from dsdkit.jobs.ray_runner import RayOptions, ShardWorker, run_job_on_ray
@@ -248,13 +242,9 @@ def test_a_gallery_search_on_ray_is_the_single_process_search(cluster, tmp_path)
 
     spec = EngineSpec(model="demo", knobs={"num_timesteps": TIMESTEPS}, chunk_size=CHUNK)
     options = MatchOptions(shortlist=ShortlistSpec(model="demo", k=3))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_torch_thread():
         single = match(DEMO, DEMO / "captions.txt", spec, options)
         manifest = plan_job(DEMO, DEMO / "captions.txt", tmp_path / "job", 3, spec, options)
-    finally:
-        torch.set_num_threads(threads)
     report = run_job_on_ray(manifest, RayOptions(address=None, workers=1), NeverShortlists)
     assert [s["shard"] for s in report.shards] == [0, 1, 2]
     merged = merge_job(manifest, tmp_path / "out.parquet")

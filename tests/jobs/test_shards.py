@@ -8,7 +8,6 @@ process at a few seconds, most of it importing torch.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
@@ -24,6 +23,7 @@ from dsdkit.runtime.results import read_result
 from typer.testing import CliRunner
 
 from dsdkit.cli import app
+from tests.conftest import one_torch_thread
 
 DEMO = Path(__file__).resolve().parents[2] / "examples" / "demo"
 CHUNK = 3
@@ -109,22 +109,8 @@ def single(inputs):
     """The single-run matrix the shards must reproduce: one `match` over the whole job, same chunks."""
     from dsdkit.jobs.match import match
 
-    with _one_thread():
+    with one_torch_thread():
         return match(*inputs, model="demo", config=_config(), chunk_size=CHUNK)
-
-
-@contextlib.contextmanager
-def _one_thread():
-    """Score in this process with one torch thread, as the workers do (_env): fp32 kernels may round differently
-    with another thread count, and the shard tests compare bit for bit."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _job_files(job: Path) -> list[str]:
@@ -360,12 +346,12 @@ def test_a_shard_of_unusable_images_is_done_with_no_rows(inputs, single, tmp_pat
     for i in range(3):
         (mine / f"bad-{i}.png").write_bytes(b"")  # sorted after the good ones: shard 1 is all bad
     job = _plan(mine, captions, tmp_path / "job", 2).folder
-    with _one_thread():
+    with one_torch_thread():
         empty = run_shard(job, "1/2")
     assert empty.marker["rows"] == 0 and [s["index"] for s in empty.marker["skipped"]] == [3, 4, 5]
     with pytest.raises(JobError, match=r"1 of 2 shard\(s\) not done: 0;"):
         merge_job(job)
-    with _one_thread():
+    with one_torch_thread():
         run_shard(job, 0)
     result = merge_job(job, tmp_path / "merged.json")
     np.testing.assert_array_equal(result.scores, single.scores[:3])

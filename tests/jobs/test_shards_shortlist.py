@@ -10,7 +10,6 @@ in this process: one torch thread, as the shard workers of test_shards.py have.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import io
 import json
@@ -24,24 +23,13 @@ from typer.testing import CliRunner
 
 from dsdkit.cli import app
 from dsdkit.jobs.specs import EngineSpec, MatchOptions, ShortlistSpec
+from tests.conftest import one_torch_thread
 
 DEMO = Path(__file__).resolve().parents[2] / "examples" / "demo"
 CAPTIONS = DEMO / "captions.txt"
 CHUNK = 3
 K = 3
 SPEC = EngineSpec(model="demo", knobs={"num_timesteps": 2}, chunk_size=CHUNK)
-
-
-@contextlib.contextmanager
-def _one_thread():
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _options(per: str) -> MatchOptions:
@@ -57,7 +45,7 @@ def singles():
 
     def get(per: str):
         if per not in made:
-            with _one_thread():
+            with one_torch_thread():
                 made[per] = match(DEMO, CAPTIONS, SPEC, _options(per))
         return made[per]
 
@@ -81,7 +69,7 @@ def _score_all_shards(job: Path) -> None:
     from dsdkit.jobs.shards import load_job, open_job_engine, run_shard
 
     manifest = load_job(job)
-    with _one_thread(), open_job_engine(manifest) as engine:
+    with one_torch_thread(), open_job_engine(manifest) as engine:
         for index in range(manifest.num_shards):
             run_shard(manifest, index, engine=engine)
 
@@ -97,7 +85,7 @@ def jobs(tmp_path_factory):
     def get(per: str) -> Path:
         if per not in made:
             folder = tmp_path_factory.mktemp(f"search-{per}") / "job"
-            with _one_thread():
+            with one_torch_thread():
                 plan_job(DEMO, CAPTIONS, folder, 3, SPEC, _options(per))
             with pytest.MonkeyPatch.context() as patch:
                 _forbid_shortlisting(patch)  # the workers rerank the stored pairs
@@ -314,7 +302,7 @@ def test_a_fused_search_job_merges_to_the_single_fused_search(singles, tmp_path)
 
     options = MatchOptions(shortlist=ShortlistSpec(model="demo", k=K, fuse=0.4), per="image", top_k=2)
     folder = tmp_path / "job"
-    with _one_thread():
+    with one_torch_thread():
         plan_job(DEMO, CAPTIONS, folder, 3, SPEC, options)
     assert json.loads((folder / "job.json").read_text())["shortlist"]["spec"]["fuse"] == 0.4
     _score_all_shards(folder)
