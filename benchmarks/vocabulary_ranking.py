@@ -9,7 +9,11 @@ Also measured, as a candidate fix of that bias: **per-caption mean normalisation
 mean score over a fixed reference set of other held-out images (computed once per caption, as the empty caption's
 score is per image). It would be offered as a ``--normalize`` choice only if it is better on every subset.
 
-    python benchmarks/vocabulary_ranking.py MODEL --name NAME [--items-seed 1] -o benchmarks/results/ROW.json
+And the denoising term alone (``--no-attention``: the ``attention_term`` knob off, Diffusion Classifier's score),
+since on the demo model the attention term is what prefers the longer caption (``default`` in that record is the
+score with the knob off).
+
+    python benchmarks/vocabulary_ranking.py MODEL --name NAME [--no-attention] -o benchmarks/results/ROW.json
 """
 
 from __future__ import annotations
@@ -81,7 +85,8 @@ def measure(args) -> dict:
     scenes = _images(args.items_seed, args.one_object, args.two_object)
     reference = world.gallery(args.items_seed * 10 + 3, args.reference)
     truths = [vocabulary.index(world.truth(scene)) for scene in scenes]
-    spec = EngineSpec(model=args.model, knobs={"num_timesteps": NUM_TIMESTEPS}, batch_size=64, chunk_size=32)
+    knobs = {"num_timesteps": NUM_TIMESTEPS, **({"attention_term": False} if args.no_attention else {})}
+    spec = EngineSpec(model=args.model, knobs=knobs, batch_size=64, chunk_size=32)
     started = time.perf_counter()
     with open_engine(spec) as engine:
         texts = vocabulary
@@ -97,6 +102,7 @@ def measure(args) -> dict:
         "model_identity": identity,
         "items_seed": args.items_seed,
         "num_timesteps": NUM_TIMESTEPS,
+        "knobs": knobs,
         "vocabulary": len(vocabulary),
         "images": {"one_object": args.one_object, "two_object": args.two_object},
         "reference_images": args.reference,
@@ -126,6 +132,7 @@ def main() -> None:
     parser.add_argument("--reference", type=int, default=40, help="images of the caption-mean reference set")
     parser.add_argument("--items-seed", type=int, default=1)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--no-attention", action="store_true", help="score with the denoising term alone")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     from dsdkit.runtime.files import atomic_write_text

@@ -14,6 +14,7 @@ to exactly how it was computed; ``dsdkit.runtime.config`` re-exports this module
 | ``heads``               | ``uniform``                               | ``dynamic`` (Eq. 7, closed form)        |
 | ``timesteps``           | ``discffusion`` table with S steps        | ``noise-levels`` 0.2/0.4/0.6/0.8        |
 | ``denoise_term``        | on                                        | off                                     |
+| ``attention_term``      | on                                        | on                                      |
 | ``uncond_in_attention`` | off (the authors' bug B3, as a knob)      | off                                     |
 """
 
@@ -56,6 +57,7 @@ KNOB_OPTIONS = {
     "lse_lambda": "--lambda",
     "timesteps": "--schedule",
     "denoise_term": "--denoise",
+    "attention_term": "--attention",
     "noise_seed": "--seed",
 }
 
@@ -116,6 +118,9 @@ class ScoringConfig:
     num_timesteps: int = 30
     noise_levels: tuple[float, ...] = (0.2, 0.4, 0.6, 0.8)
     denoise_term: bool = True
+    # Off: the denoising term alone (Diffusion Classifier's score, Li et al. 2023); the attention terms are still
+    # computed and reported (layer scores, explain), they just do not enter the score.
+    attention_term: bool = True
     uncond_in_attention: bool = False
     normalize: Normalization = Normalization.none
     resize: ResizeMode = ResizeMode.squash
@@ -167,6 +172,12 @@ class ScoringConfig:
                 f"{knob_field('heads')} dynamic (paper Eq. 7) attributes over attention probabilities and is "
                 "defined for `pooling` image-lse; use `heads` uniform with text-lse pooling",
                 field="heads",
+            )
+        if not self.attention_term and not self.denoise_term:
+            raise ConfigError(
+                f"{knob_field('attention_term')} off leaves the score without a term: keep the attention term or "
+                "turn the denoising term on",
+                field="attention_term",
             )
         if self.resolution is not None and (self.resolution < 64 or self.resolution % 64):
             raise ConfigError(

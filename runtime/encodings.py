@@ -63,10 +63,14 @@ class ScoreOutput:
     truncated: list[int] = field(default_factory=list)
     unet_evaluations: int = 0
     unconditional_evaluations: int = 0
+    attention_in_score: bool = True  # the config's attention_term: off, the score is the denoising term alone
 
     @property
     def per_step(self) -> np.ndarray:
-        """``float64[..., K]``: each timestep's score (mean attention term over layers, plus the denoising term)."""
+        """``float64[..., K]``: each timestep's score (mean attention term over layers unless the config leaves it
+        out, plus the denoising term)."""
+        if not self.attention_in_score:
+            return self.denoise_steps.copy()
         per_step = self.attention_steps.mean(-1)
         return per_step if self.denoise_steps is None else per_step + self.denoise_steps
 

@@ -598,6 +598,7 @@ class Engine:
             truncated=[e.tokens.truncated for e in texts],
             unet_evaluations=evaluations,
             unconditional_evaluations=unconditional,
+            attention_in_score=cfg.attention_term,
         )
 
     def score_encoded_matrix(

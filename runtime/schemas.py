@@ -301,6 +301,7 @@ _SCORING_FIELDS: dict[str, Check] = {
     "num_timesteps": integer(1, 980),
     "noise_levels": list_of(number(0.0, 1.0, low_open=True), max_length=1000),
     "denoise_term": boolean,
+    "attention_term": boolean,
     "uncond_in_attention": boolean,
     "normalize": _enum(Normalization),
     "resize": _enum(ResizeMode),

@@ -20,8 +20,9 @@ def combine_terms(config: ScoringConfig, layers, errors, uncond_layers=None, unc
             ``config.needs_unconditional_pass``).
 
     ``uncond_in_attention`` averages the conditional and unconditional attention terms (the authors' bug B3),
-    ``normalize=uncond`` subtracts the empty caption's attention term, and ``denoise_term`` adds
-    ``‖ε − ε̂(x_t, ∅)‖₂ − ‖ε − ε̂(x_t, c)‖₂``.
+    ``normalize=uncond`` subtracts the empty caption's attention term, ``denoise_term`` adds
+    ``‖ε − ε̂(x_t, ∅)‖₂ − ‖ε − ε̂(x_t, c)‖₂``, and ``attention_term`` off leaves the attention term out of the score
+    (it is still returned, for layer scores and maps).
 
     Returns:
         ``(per_step [P, K], attention [P, K, L], denoise [P, K] or None)``; a pair's score is the mean of its
@@ -32,9 +33,9 @@ def combine_terms(config: ScoringConfig, layers, errors, uncond_layers=None, unc
         attention = 0.5 * (attention + uncond_layers)
     if config.normalize is Normalization.uncond:
         attention = attention - uncond_layers
-    per_step = attention.mean(-1)
-    denoise = None
-    if config.denoise_term:
-        denoise = uncond_errors - errors
-        per_step = per_step + denoise
+    denoise = None if not config.denoise_term else uncond_errors - errors
+    if not config.attention_term:
+        per_step = denoise  # the config refuses attention_term off without the denoising term
+    else:
+        per_step = attention.mean(-1) if denoise is None else attention.mean(-1) + denoise
     return per_step, attention, denoise

@@ -217,6 +217,7 @@ KNOB_HELP = {
     "timesteps": "Timestep schedule.",
     "noise_levels": "Comma-separated noise levels for --schedule noise-levels, e.g. 0.2,0.4.",
     "denoise_term": "Add the denoising term (discffusion default: on).",
+    "attention_term": "Count the attention term (off: the denoising term alone, Diffusion Classifier's score).",
     "uncond_in_attention": "Mix empty-caption rows into the attention (the authors' B3).",
     "normalize": "uncond: subtract the empty caption's score (for ranking images).",
     "resize": "How images are fitted to the model's size.",

@@ -108,7 +108,7 @@ def reference_scores(
                         attention = 0.5 * (cond + uncond) if uncond_in_attention else cond
                         if normalize_uncond:
                             attention = attention - uncond
-                        step = attention.mean()
+                        step = attention.mean() if config.attention_term else 0.0
                         if config.denoise_term:
                             step = step + errors[0] - errors[1]
                         per_step.append(float(step))

@@ -27,6 +27,7 @@ elimination whose every round goes through the same batcher. ``GET /health`` and
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import functools
 import json
@@ -110,6 +111,19 @@ class _Load:
         self.pixels = 0
         self._capacity = config.max_pixels_in_flight
         self._pixels_freed: asyncio.Condition | None = None
+
+    @contextlib.contextmanager
+    def slot(self, counter: str, limit: int, doing: str):
+        """One of ``limit`` slots counted by ``counter`` (``receiving`` or ``active``) for the block, or a 503 at once
+        when all are taken: the two admission limits (bodies received, requests worked on) share this rule."""
+        taken = getattr(self, counter)
+        if taken >= limit:
+            raise RequestError(doing.format(taken), 503, {"Retry-After": _RETRY_AFTER})
+        setattr(self, counter, taken + 1)
+        try:
+            yield
+        finally:
+            setattr(self, counter, getattr(self, counter) - 1)
 
     async def take_pixels(self, count: int) -> None:
         if self._pixels_freed is None:
@@ -420,15 +434,8 @@ class DsdApp:
                 raise RequestError("the Content-Length header is not a number", 400)
             if int(declared) > limit:
                 raise RequestError(f"request body of {int(declared):,} bytes is over the {limit:,}-byte limit", 413)
-        load = self._load
-        if load.receiving >= config.max_receiving:
-            raise RequestError(
-                f"the server is receiving {load.receiving} request bodies, its limit (max_receiving); retry shortly",
-                503,
-                {"Retry-After": _RETRY_AFTER},
-            )
-        load.receiving += 1
-        try:
+        busy = "the server is receiving {} request bodies, its limit (max_receiving); retry shortly"
+        with self._load.slot("receiving", config.max_receiving, busy):
             deadline = started + min(config.receive_timeout_s, config.request_timeout_s)
             chunks, size = [], 0
             while True:
@@ -450,43 +457,35 @@ class DsdApp:
                 chunks.append(chunk)
                 if not message.get("more_body", False):
                     return b"".join(chunks)
-        finally:
-            load.receiving -= 1
 
     async def _within_deadline(self, route: str, body: bytes, receive, started: float) -> dict:
         """:meth:`_answer` in one of ``max_active_requests`` slots, cancelled at the request's deadline (504) or when
         the client goes away."""
-        config, load = self.config, self._load
-        if load.active >= config.max_active_requests:
-            raise RequestError(
-                f"the server is working on {load.active} requests, its limit (max_active_requests); retry shortly",
-                503,
-                {"Retry-After": _RETRY_AFTER},
-            )
-        load.active += 1
-        work = asyncio.ensure_future(self._answer(route, body, started))
-        gone = asyncio.ensure_future(_disconnect(receive))
-        try:
-            deadline = started + config.request_timeout_s
-            done, _ = await asyncio.wait({work, gone}, timeout=_left(deadline), return_when="FIRST_COMPLETED")
-            if work in done:
-                return work.result()
-            if gone in done and gone.result():
-                raise _ClientGone
-            if gone in done:  # this runner cannot tell a disconnect: wait for the work alone
-                done, _ = await asyncio.wait({work}, timeout=_left(deadline))
+        config = self.config
+        busy = "the server is working on {} requests, its limit (max_active_requests); retry shortly"
+        with self._load.slot("active", config.max_active_requests, busy):
+            work = asyncio.ensure_future(self._answer(route, body, started))
+            gone = asyncio.ensure_future(_disconnect(receive))
+            try:
+                deadline = started + config.request_timeout_s
+                done, _ = await asyncio.wait({work, gone}, timeout=_left(deadline), return_when="FIRST_COMPLETED")
                 if work in done:
                     return work.result()
-            raise RequestError(
-                f"the request was not answered within {config.request_timeout_s:g} s (request_timeout_s); its work "
-                "was dropped: send less per request, or retry when the server is less busy",
-                504,
-            )
-        finally:
-            load.active -= 1
-            for task in (work, gone):
-                if not task.done():
-                    task.cancel()
+                if gone in done and gone.result():
+                    raise _ClientGone
+                if gone in done:  # this runner cannot tell a disconnect: wait for the work alone
+                    done, _ = await asyncio.wait({work}, timeout=_left(deadline))
+                    if work in done:
+                        return work.result()
+                raise RequestError(
+                    f"the request was not answered within {config.request_timeout_s:g} s (request_timeout_s); its "
+                    "work was dropped: send less per request, or retry when the server is less busy",
+                    504,
+                )
+            finally:
+                for task in (work, gone):
+                    if not task.done():
+                        task.cancel()
 
     # -- GET routes ----------------------------------------------------------------------------------------------
 
@@ -792,6 +791,7 @@ class _BatchedEngine:
             truncated=[t.tokens.truncated for t in texts],
             unet_evaluations=sum(p.unet_evaluations for p in parts),
             unconditional_evaluations=sum(p.unconditional_evaluations for p in parts),
+            attention_in_score=first.attention_in_score,
         )
 
 

@@ -112,6 +112,27 @@ def test_denoise_term_is_added_and_switchable(tiny_model, shape_images):
     assert np.abs(with_term.denoise).max() > 0
 
 
+def test_the_attention_term_can_be_left_out_of_the_score(tiny_model, shape_images):
+    """`attention_term` off: the score is the denoising term alone (Diffusion Classifier's score), checked against
+    two other runs (the full score minus the attention-only score); the attention terms are still computed and
+    reported; off without the denoising term is refused."""
+    images, captions = shape_images[:2], CAPTIONS[:3]
+    full = Scorer(tiny_model, ScoringConfig(num_timesteps=2)).score_matrix(images, captions)
+    attention_only = Scorer(tiny_model, ScoringConfig(num_timesteps=2, denoise_term=False)).score_matrix(
+        images, captions
+    )
+    alone = Scorer(tiny_model, ScoringConfig(num_timesteps=2, attention_term=False)).score_matrix(images, captions)
+    np.testing.assert_allclose(alone.scores, full.scores - attention_only.scores, atol=1e-6)
+    np.testing.assert_allclose(alone.layer_scores, full.layer_scores, atol=1e-9)
+    assert np.abs(attention_only.scores).max() > 1e-3  # the term left out counts in the full score
+    ranked = Scorer(tiny_model, ScoringConfig(num_timesteps=2, attention_term=False)).rank_matrix(
+        images, captions, top_k=1, schedule="keep=2,1:steps=1,all"
+    )
+    np.testing.assert_allclose(ranked.scores[ranked.exact], alone.scores[ranked.exact], atol=1e-6)
+    with pytest.raises(ConfigError, match="without a term"):
+        ScoringConfig(attention_term=False, denoise_term=False)
+
+
 def test_truncation_is_counted(tiny_model, shape_images):
     long_caption = " ".join(["red"] * 100)
     out = Scorer(tiny_model, ScoringConfig(num_timesteps=1)).score_matrix(shape_images[:1], [long_caption, "red"])

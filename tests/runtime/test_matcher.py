@@ -137,6 +137,24 @@ def test_match_bundle_and_model_rank_alike(bundle, tiny_model_dir, adapter_files
     ]
 
 
+def test_a_bundle_leaves_the_attention_term_out_when_asked(bundle, shape_images):
+    """`attention_term=False` on the torch-free path: the denoising term alone, i.e. the full score minus the score
+    without the denoising term, exhaustive and adaptive alike."""
+    from dsdkit.runtime import Matcher
+
+    images, captions = shape_images[:3], CAPTIONS[:4]
+    with Matcher.from_bundle(bundle, num_timesteps=2) as full:
+        both = full.score(images, captions)
+    with Matcher.from_bundle(bundle, num_timesteps=2, denoise_term=False) as attention:
+        attention_only = attention.score(images, captions)
+    with Matcher.from_bundle(bundle, num_timesteps=2, attention_term=False) as matcher:
+        alone = matcher.score(images, captions)
+        ranked = matcher.rank_matrix(images, captions, top_k=1, schedule="keep=2,1:steps=1,all")
+    np.testing.assert_allclose(alone, both - attention_only, atol=1e-5)
+    assert np.abs(attention_only).max() > 1e-3
+    np.testing.assert_allclose(ranked.scores[ranked.exact], alone[ranked.exact], atol=1e-6)
+
+
 def test_bundle_refuses_scoring_knobs(bundle):
     result = CliRunner().invoke(
         app,
