@@ -15,6 +15,12 @@ Stages (each resumable, its arrays under ``benchmarks/cache/gallery/``, out of g
     python benchmarks/gallery_search.py slice               # 1,000 images: PyTorch vs bundle vs Ray, equal results
     python benchmarks/gallery_search.py report -o benchmarks/results/gallery-search-DATE.json
 
+``--no-attention`` runs every DSD stage with the denoising term alone (the ``attention_term`` knob off; on the demo
+model the attention term prefers the longer captions whatever the image): its files sit beside the default's in the
+same gallery folder, named ``no-attention-*``, and reuse its images and CLIP embeddings. ``report`` without a
+``job`` (or a ``slice``) for the variant reports the K = 8 adaptive cascade from the subsample, replayed, and
+chooses the fused score's weight on one half of the subsample and reports it on the other.
+
 ``score`` computes exhaustive per-timestep scores once; exhaustive and adaptive cascades at every K are read from
 them (adaptive by :func:`dsdkit.runtime.adaptive.simulate`, the same elimination code as a real run, replayed on the
 stored scores), so each figure comes from one set of evaluations. Only ``job`` is timed (run it on a quiet
@@ -78,6 +84,11 @@ def _model_key(name: str) -> str:
     return hashlib.sha256(manifest.read_bytes()).hexdigest() if manifest.is_file() else str(folder)
 
 
+def _derived(args, name: str) -> Path:
+    """A DSD-derived file of the gallery (the score variant's own: ``no-attention-NAME`` with ``--no-attention``)."""
+    return _folder(args) / (f"no-attention-{name}" if args.no_attention else name)
+
+
 def _models_stamp(args) -> None:
     """Scores cached for other weights are not reused: a gallery's folder remembers the models that filled it and
     its derived files are removed (and recomputed by their stages) when ``--model`` or ``--shortlist`` changed."""
@@ -92,7 +103,8 @@ def _models_stamp(args) -> None:
         logger.warning("%s: the models changed since its scores were computed; they are computed again", folder)
     for name in DERIVED:
         (folder / name).unlink(missing_ok=True)
-    for stale in [*folder.glob("slice-*"), *folder.glob("*.bundle")]:
+        (folder / f"no-attention-{name}").unlink(missing_ok=True)
+    for stale in [*folder.glob("slice-*"), *folder.glob("no-attention-slice-*"), *folder.glob("*.bundle")]:
         shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
     folder.mkdir(parents=True, exist_ok=True)
     stamp.write_text(json.dumps(now, indent=1) + "\n")
@@ -140,6 +152,8 @@ def _scorer(args, normalize: str | None = None):
     from dsdkit.pytorch.scorer import build_scorer
 
     overrides = {"num_timesteps": STEPS, **({"normalize": normalize} if normalize else {})}
+    if args.no_attention:
+        overrides["attention_term"] = False
     return build_scorer(args.model, overrides=overrides, batch_size=args.batch_size)
 
 
@@ -205,6 +219,10 @@ def _collect(path: Path, rows: np.ndarray, columns: list[np.ndarray], score_row,
     width = max(len(c) for c in columns)
     state = _load(path) if path.exists() else {"per_step": np.full((len(rows), width, STEPS), np.nan), "done": 0}
     per_step, done = state["per_step"], int(state["done"])
+    if len(per_step) < len(rows):  # a larger subsample than the saved one: rows are a prefix of the same order
+        grown = np.full((len(rows), width, STEPS), np.nan)
+        grown[: len(per_step)] = per_step
+        per_step = grown
     started, spent = time.perf_counter(), 0
     while done < len(rows):
         block = range(done, min(done + chunk, len(rows)))
@@ -239,12 +257,12 @@ def score(args) -> None:
     # DSD alone: the subsample against all 195 captions.
     alone = order[: args.dsd_images]
     _collect(
-        _folder(args) / "dsd-alone.npz", alone, [everything] * len(alone), image_row, 8, "DSD alone (all captions)"
+        _derived(args, "dsd-alone.npz"), alone, [everything] * len(alone), image_row, 8, "DSD alone (all captions)"
     )
     # The cascade slice: each image's CLIP top 32 captions (its top 8 and 16 are inside).
     sliced = order[: args.cascade_images]
     chosen, _ = top_k(image_vectors[sliced], text_vectors, max(CASCADE_KS))
-    _collect(_folder(args) / "cascade.npz", sliced, list(chosen), image_row, 16, "cascade slice (CLIP top 32)")
+    _collect(_derived(args, "cascade.npz"), sliced, list(chosen), image_row, 16, "cascade slice (CLIP top 32)")
     # Caption -> images: each caption's CLIP top CAPTION_K images, with the unconditional normalisation.
     normalized = _scorer(args, normalize="uncond")
     listed, _ = top_k(text_vectors, image_vectors, CAPTION_K)
@@ -254,7 +272,7 @@ def score(args) -> None:
         pairs = [(i, 0) for i in range(len(images))]
         return _per_step_pairs(normalized, images, [vocabulary[caption]], pairs, f"caption {caption}")
 
-    _collect(_folder(args) / "captions.npz", everything, list(listed), caption_row, 5, "caption -> images (uncond)")
+    _collect(_derived(args, "captions.npz"), everything, list(listed), caption_row, 5, "caption -> images (uncond)")
 
 
 # -- the real job -----------------------------------------------------------------------------------------------
@@ -263,7 +281,7 @@ def score(args) -> None:
 def job(args) -> None:
     """``dsdkit match`` on the whole gallery, timed, its peak memory read by ``/usr/bin/time`` (GNU time)."""
     folder = _folder(args)
-    out = folder / "job.parquet"
+    out = _derived(args, "job.parquet")
     command = [
         str(Path(sys.executable).parent / "dsdkit"),
         "match",
@@ -282,6 +300,7 @@ def job(args) -> None:
         str(STEPS),
         "--threads",
         str(args.threads),
+        *(["--no-attention"] if args.no_attention else []),
         "-o",
         str(out),
     ]
@@ -297,7 +316,7 @@ def job(args) -> None:
     record = {"command": " ".join(["dsdkit", *command[1:]]), "wall_s": wall, "time_s": float(seconds)}
     record["threads"] = args.threads
     record["peak_rss_mib"] = int(peak_kib) / 1024
-    (folder / "job.json").write_text(json.dumps(record, indent=1) + "\n")
+    _derived(args, "job.json").write_text(json.dumps(record, indent=1) + "\n")
     logger.info("job: %.0f s, peak %.0f MiB", wall, record["peak_rss_mib"])
 
 
@@ -312,7 +331,7 @@ def _read_job_arrays(args) -> tuple[np.ndarray, dict, np.ndarray, np.ndarray]:
     shortlisted) and shortlist similarities, as ``[image, vocabulary caption]`` in gallery order."""
     from dsdkit.runtime.results import read_result
 
-    result = read_result(_folder(args) / "job.parquet")
+    result = read_result(_derived(args, "job.parquet"))
     vocabulary = _truth(args)["vocabulary"]
     column = {c: j for j, c in enumerate(result.captions)}
     remap = np.array([column[c] for c in vocabulary])
@@ -326,21 +345,43 @@ def _read_job_arrays(args) -> tuple[np.ndarray, dict, np.ndarray, np.ndarray]:
     return top[order], result.meta, scores[order], similarity[order]
 
 
-def _fusion(args, chosen, similarity_k, per_step_k, clip_correct, objects, truths, cascade_rows) -> dict:
+def _fusion(args, chosen, similarity_k, per_step_k, clip_correct, objects, truths, cascade_rows, have_job) -> dict:
     """Issue 30 item 6, the reranker alone being below the shortlist: the fused score (:func:`dsdkit.runtime.
     shortlist.fuse`), its CLIP weight chosen on the cascade subsample (K = 8, adaptive inside, replayed) and
-    reported on the job's other images (the real job's scores: partial means where a candidate left early)."""
+    reported on the job's other images (the real job's scores: partial means where a candidate left early); without
+    a job, chosen on the first half of the subsample and reported on the second (a seeded split)."""
     from dsdkit.runtime.adaptive import Schedule, simulate
     from dsdkit.runtime.shortlist import fuse
 
     outcomes, _, _ = simulate(per_step_k, Schedule.parse("default"), top_k=1)
     partial = np.stack([o.scores for o in outcomes])
+    adaptive_pick = chosen[np.arange(len(chosen)), [o.order[0] for o in outcomes]]
     weights = np.round(np.linspace(0.0, 1.0, 21), 2)
+    halves = np.random.default_rng([GALLERY_SEED, 2]).permutation(len(cascade_rows))
+    validate = np.arange(len(cascade_rows)) if have_job else np.sort(halves[: len(halves) // 2])
     validation = []
     for weight in weights:
-        pick = chosen[np.arange(len(chosen)), np.nanargmax(fuse(partial, similarity_k, weight), axis=1)]
-        validation.append(float(_is_true(truths, cascade_rows, pick).mean()))
+        fused = fuse(partial[validate], similarity_k[validate], weight)
+        pick = chosen[validate, np.nanargmax(fused, axis=1)]
+        validation.append(float(_is_true(truths, cascade_rows[validate], pick).mean()))
     best = float(weights[int(np.argmax(validation))])
+    if not have_job:
+        held = np.sort(halves[len(halves) // 2 :])
+        rows = cascade_rows[held]
+        pick = chosen[held, np.nanargmax(fuse(partial[held], similarity_k[held], best), axis=1)]
+        correct = _is_true(truths, rows, pick)
+        cascade_correct = _is_true(truths, rows, adaptive_pick[held])
+        return {
+            "clip_weight": best,
+            "chosen_on": f"half of the cascade subsample ({len(validate)} images, K=8 adaptive replayed)",
+            "validation_top1_by_weight": dict(zip([str(w) for w in weights], validation, strict=True)),
+            "report_images": int(len(rows)),
+            "fused": _split(correct, objects[rows]),
+            "clip_alone": _split(clip_correct[rows], objects[rows]),
+            "cascade": _split(cascade_correct, objects[rows]),
+            "fused_vs_clip": _mcnemar(clip_correct[rows], correct),
+            "fused_vs_cascade": _mcnemar(cascade_correct, correct),
+        }
     _, _, scores, similarity = _read_job_arrays(args)
     report_rows = np.setdiff1d(np.arange(args.images), cascade_rows)
     fused = fuse(scores[report_rows], similarity[report_rows], best)
@@ -371,27 +412,28 @@ def slice_check(args) -> None:
     """The slice's job three ways: PyTorch in one process, the exported bundle (torch-free ONNX Runtime, its own
     CLIP graphs), and Ray with two workers (the planned job's stored shortlist, which workers reuse)."""
     folder = _folder(args)
-    listing = folder / "slice.txt"
+    listing = folder / "slice.txt"  # the same images for both score variants
     listing.write_text("".join(f"images/{n:05d}.png\n" for n in range(SLICE)))
     dsdkit = str(Path(sys.executable).parent / "dsdkit")
     common = ["--shortlist-k", "8", "--adaptive", "--top-k", "1", "--timesteps", str(STEPS)]
     common += ["--threads", "1" if args.threads < 2 else str(args.threads)]
+    common += ["--no-attention"] if args.no_attention else []
     bundle = folder / "demo-shortlist.bundle"
     runs = {
         "pytorch": [dsdkit, "match", str(listing), str(folder / "captions.txt"), "--model", args.model]
-        + ["--shortlist", args.shortlist, *common, "-o", str(folder / "slice-pytorch.parquet")],
+        + ["--shortlist", args.shortlist, *common, "-o", str(_derived(args, "slice-pytorch.parquet"))],
         "bundle": [dsdkit, "match", str(listing), str(folder / "captions.txt"), "--bundle", str(bundle)]
-        + [*common, "-o", str(folder / "slice-bundle.parquet")],
+        + [*common, "-o", str(_derived(args, "slice-bundle.parquet"))],
         "ray": [dsdkit, "match", str(listing), str(folder / "captions.txt"), "--model", args.model]
         + ["--shortlist", args.shortlist, *common, "--ray", "local", "--workers", "2", "--cpus-per-worker", "1"]
-        + ["-o", str(folder / "slice-ray.parquet")],
+        + ["-o", str(_derived(args, "slice-ray.parquet"))],
     }
     env = {**os.environ, "OMP_NUM_THREADS": "1", "RAY_USAGE_STATS_ENABLED": "0"}
     if not bundle.exists():
         export = [dsdkit, "export", "--model", args.model, "--shortlist", args.shortlist, "--out", str(bundle)]
         subprocess.run(export + ["--timesteps", str(STEPS)], check=True, env=env)
     for name, command in runs.items():
-        if not (folder / f"slice-{name}.parquet").exists():
+        if not _derived(args, f"slice-{name}.parquet").exists():
             logger.info("slice: %s", name)
             subprocess.run(command, check=True, env=env)
 
@@ -399,8 +441,7 @@ def slice_check(args) -> None:
 def _slice_agreement(args) -> dict:
     from dsdkit.runtime.results import read_result
 
-    folder = _folder(args)
-    results = {name: read_result(folder / f"slice-{name}.parquet") for name in ("pytorch", "bundle", "ray")}
+    results = {name: read_result(_derived(args, f"slice-{name}.parquet")) for name in ("pytorch", "bundle", "ray")}
     base = results["pytorch"]
 
     def top(result):
@@ -480,14 +521,14 @@ def report(args) -> None:
 
     # DSD alone on the subsample, and the cascade restricted to those images for agreement with it.
     order = _subsample(args)
-    alone = _load(_folder(args) / "dsd-alone.npz")["per_step"]
+    alone = _load(_derived(args, "dsd-alone.npz"))["per_step"]
     alone_rows = order[: len(alone)]  # as many as ``score`` scored (its --dsd-images)
     alone_top = alone.mean(-1).argmax(axis=1)
     alone_correct = _is_true(truths, alone_rows, alone_top)
     record["dsd_alone"] = _split(alone_correct, objects[alone_rows])
     record["dsd_alone"]["vs_clip"] = _mcnemar(clip_correct[alone_rows], alone_correct)
 
-    cascade = _load(_folder(args) / "cascade.npz")["per_step"]
+    cascade = _load(_derived(args, "cascade.npz"))["per_step"]
     cascade_rows = order[: len(cascade)]  # as many as ``score`` scored (its --cascade-images)
     chosen, similarity_chosen = top_k(image_vectors[cascade_rows], text_vectors, max(CASCADE_KS))
     similarity_k8 = np.asarray(similarity_chosen[:, :8], dtype=np.float64)
@@ -517,14 +558,62 @@ def report(args) -> None:
             }
         tables[f"K={k}"] = rows
     record["cascade"] = tables
+    have_job = _derived(args, "job.json").exists() and _derived(args, "job.parquet").exists()
     record["fusion"] = _fusion(
-        args, chosen[:, :8], similarity_k8, cascade[:, :8], clip_correct, objects, truths, cascade_rows
+        args, chosen[:, :8], similarity_k8, cascade[:, :8], clip_correct, objects, truths, cascade_rows, have_job
     )
+    if have_job:
+        _report_job(args, record, truths, objects, clip_correct, captions)
+    else:
+        record["job"] = None  # not run for this variant: the K = 8 adaptive cascade is the subsample's, replayed
+    _report_captions(args, record, truths, captions, image_vectors, text_vectors)
+    if all(_derived(args, f"slice-{n}.parquet").exists() for n in ("pytorch", "bundle", "ray")):
+        record["slice"] = _slice_agreement(args)
+    k8 = tables["K=8"]["adaptive"]
+    cascade_top1 = record["job"]["all"]["top1"] if have_job else k8["all"]["top1"]
+    best_alone = max(record["clip_alone"]["all"]["top1"], record["dsd_alone"]["all"]["top1"])
+    record["targets"] = {
+        "cascade_k8_adaptive_top1": cascade_top1,
+        "cascade_k8_adaptive_images": args.images if have_job else len(cascade_rows),
+        "clip_alone_top1": record["clip_alone"]["all"]["top1"],
+        "dsd_alone_top1": record["dsd_alone"]["all"]["top1"],
+        "cascade_at_least_the_better_alone": cascade_top1 >= best_alone
+        or (
+            record["dsd_alone"]["all"]["top1"] > record["clip_alone"]["all"]["top1"]
+            and cascade_top1 >= record["dsd_alone"]["all"]["top1"] - 0.01
+        ),
+        "evaluations_at_most_1_40_of_exhaustive": (
+            (record["job"]["fraction_of_exhaustive"] or 1) if have_job else k8["fraction_of_exhaustive"]
+        )
+        <= 1 / 40,
+        "slice_fraction_k8_adaptive": k8["fraction_of_exhaustive"],
+        "within_60_minutes": record["job"]["wall_s"] <= 3600 if have_job else None,
+        "fusion_beats_clip_and_cascade_on_report_images": record["fusion"]["fused"]["all"]["top1"]
+        > max(record["fusion"]["clip_alone"]["all"]["top1"], record["fusion"]["cascade"]["all"]["top1"]),
+    }
+    threads = json.loads(_derived(args, "job.json").read_text()).get("threads") if have_job else args.threads
+    record.update(
+        benchmark="gallery_search",
+        date=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        command=" ".join(["python", "benchmarks/gallery_search.py", *sys.argv[1:]]),
+        machine=machine(threads=threads),  # the timed job's threads
+        versions={"dsdkit": dsdkit.__version__, "numpy": np.__version__},
+        gallery={"images": args.images, "seed": GALLERY_SEED, "captions": captions, "timesteps": STEPS},
+        subsamples={"dsd_alone": len(alone_rows), "cascade": len(cascade_rows)},
+        schedule=schedule.describe(),
+        knobs={"num_timesteps": STEPS, "attention_term": not args.no_attention},
+    )
+    text = json.dumps(record, indent=1) + "\n"
+    if args.output:
+        Path(args.output).write_text(text)
+    logger.info("%s", text)
 
-    # The real job: K = 8, adaptive, every gallery image.
+
+def _report_job(args, record, truths, objects, clip_correct, captions) -> None:
+    """The real job: K = 8, adaptive, every gallery image."""
     job_top, job_meta = _read_job(args)
     job_correct = np.array([t >= 0 and int(t) in truths[i] for i, t in enumerate(job_top)])
-    timing = json.loads((_folder(args) / "job.json").read_text())
+    timing = json.loads(_derived(args, "job.json").read_text())
     # The record names the checkout's files relative to its root (no path of the machine that ran it).
     timing["command"] = timing["command"].replace(str(HERE.parent) + os.sep, "")
     spent = job_meta.get("evaluations", {})
@@ -542,12 +631,14 @@ def report(args) -> None:
         "evaluations_meta": spent,
     }
 
+
+def _report_captions(args, record, truths, captions, image_vectors, text_vectors) -> None:
     # Caption -> images: P@10 and AP over the whole gallery, CLIP alone against the cascade (uncond-normalised).
     relevant = np.zeros((captions, args.images), dtype=bool)
     for i, listed in enumerate(truths):
         relevant[listed, i] = True
     ranking = np.argsort(-(text_vectors @ image_vectors.T), axis=1, kind="stable")
-    per_caption = _load(_folder(args) / "captions.npz")["per_step"]
+    per_caption = _load(_derived(args, "captions.npz"))["per_step"]
     clip_p10, clip_ap, cascade_p10, cascade_ap = [], [], [], []
     for j in range(captions):
         clip_order = ranking[j]
@@ -563,39 +654,6 @@ def report(args) -> None:
         "cascade_uncond": {"p@10": float(np.mean(cascade_p10)), "map": float(np.nanmean(cascade_ap))},
         "true_images_per_caption": {"min": int(relevant.sum(1).min()), "median": float(np.median(relevant.sum(1)))},
     }
-    if all((_folder(args) / f"slice-{n}.parquet").exists() for n in ("pytorch", "bundle", "ray")):
-        record["slice"] = _slice_agreement(args)
-    k8 = tables["K=8"]["adaptive"]
-    best_alone = max(record["clip_alone"]["all"]["top1"], record["dsd_alone"]["all"]["top1"])
-    record["targets"] = {
-        "cascade_k8_adaptive_top1": record["job"]["all"]["top1"],
-        "clip_alone_top1": record["clip_alone"]["all"]["top1"],
-        "dsd_alone_top1": record["dsd_alone"]["all"]["top1"],
-        "cascade_at_least_the_better_alone": record["job"]["all"]["top1"] >= best_alone
-        or (
-            record["dsd_alone"]["all"]["top1"] > record["clip_alone"]["all"]["top1"]
-            and record["job"]["all"]["top1"] >= record["dsd_alone"]["all"]["top1"] - 0.01
-        ),
-        "evaluations_at_most_1_40_of_exhaustive": (record["job"]["fraction_of_exhaustive"] or 1) <= 1 / 40,
-        "slice_fraction_k8_adaptive": k8["fraction_of_exhaustive"],
-        "within_60_minutes": record["job"]["wall_s"] <= 3600,
-        "fusion_beats_clip_and_cascade_on_report_images": record["fusion"]["fused"]["all"]["top1"]
-        > max(record["fusion"]["clip_alone"]["all"]["top1"], record["fusion"]["cascade"]["all"]["top1"]),
-    }
-    record.update(
-        benchmark="gallery_search",
-        date=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        command=" ".join(["python", "benchmarks/gallery_search.py", *sys.argv[1:]]),
-        machine=machine(threads=timing.get("threads", args.threads)),  # the timed job's threads
-        versions={"dsdkit": dsdkit.__version__, "numpy": np.__version__},
-        gallery={"images": args.images, "seed": GALLERY_SEED, "captions": captions, "timesteps": STEPS},
-        subsamples={"dsd_alone": len(alone_rows), "cascade": len(cascade_rows)},
-        schedule=str(schedule),
-    )
-    text = json.dumps(record, indent=1) + "\n"
-    if args.output:
-        Path(args.output).write_text(text)
-    logger.info("%s", text)
 
 
 def main(argv=None) -> None:
@@ -610,6 +668,7 @@ def main(argv=None) -> None:
     parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument("--cache", type=Path, default=CACHE)
     parser.add_argument("-o", "--output", default=None)
+    parser.add_argument("--no-attention", action="store_true", help="DSD with the denoising term alone")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     import torch

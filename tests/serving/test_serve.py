@@ -734,7 +734,7 @@ def test_a_request_larger_than_a_batch_is_split(served, matcher):
 def test_adaptive_ranking_keeps_the_best_exact(served, matcher):
     """Successive elimination through the same batches: the survivor's score is its exhaustive score, the others
     keep partial means, and fewer pair evaluations ran than exhaustive ranking would."""
-    # The default schedule needs S >= 9; at S = 2: half the captions after one timestep, then the best at both.
+    # At S = 2 an explicit schedule: half the captions after one timestep, then the best at both.
     body = {"image": b64(DEMO_IMAGES[0].read_bytes()), "captions": DEMO_CAPTIONS, "adaptive": "keep=50%,k:steps=1,all"}
     answer = ok(served.url, "/rank-captions", body)
     best = answer["ranking"][0]
