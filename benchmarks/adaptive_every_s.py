@@ -133,36 +133,26 @@ def _load(args) -> dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]]:
     return out
 
 
-def _survives(per_step: np.ndarray, num_timesteps: int, counts: list[int], keeps: list[int]) -> np.ndarray:
-    """Per query: whether its exhaustive top-1 survives successive elimination with stages of ``counts`` timesteps
-    (the runtime's nested sets) keeping ``keeps`` -- the elimination written as array operations, to search many
+def _survives(per_step: np.ndarray, plan) -> np.ndarray:
+    """Per query: whether its exhaustive top-1 survives successive elimination by ``plan`` (the runtime's resolved
+    :class:`~dsdkit.runtime.adaptive.Stages`) -- the elimination written as array operations, to search many
     schedules quickly; every reported figure is then recomputed by the runtime's own :func:`simulate`."""
-    from dsdkit.runtime.adaptive import nested_steps
-
     queries = per_step.shape[0]
     winner = per_step.mean(-1).argmax(axis=1)
-    sets = nested_steps(num_timesteps, [*counts, num_timesteps])
     alive = np.ones(per_step.shape[:2], dtype=bool)
-    for held, keep in zip(sets, keeps, strict=False):
+    for held, keep in zip(plan.steps, plan.keep, strict=True):
         means = np.where(alive, per_step[:, :, list(held)].mean(-1), -np.inf)
         rank = np.argsort(np.argsort(-means, axis=1, kind="stable"), axis=1, kind="stable")  # ties: lower index
         alive &= rank < keep
     return alive[np.arange(queries), winner]
 
 
-def _cost(k: int, num_timesteps: int, counts: list[int], keeps: list[int]) -> int:
-    """UNet evaluations per query (the unconditional pass: S, on both sides)."""
-    spent, alive, held = 0, k, 0
-    for count, keep in zip([*counts, num_timesteps], [*keeps, 1], strict=True):
-        spent += alive * (count - held)
-        alive, held = min(alive, keep), count
-    return spent + num_timesteps
-
-
 def frontier(per_step: np.ndarray, num_timesteps: int) -> list[tuple[float, list[int], list[int], float]]:
     """Two- and three-stage schedules with whole-number stages, best saving first: (ratio, counts, keeps,
     agreement). The first stage holds 1..8 timesteps (fewer than S) and keeps 1..K-1; an optional second holds up
     to 16 and keeps fewer than 8 (cheap early stages are where the savings are: the last stage's entrants cost S)."""
+    from dsdkit.runtime.adaptive import Schedule, resolve_schedule
+
     k = per_step.shape[1]
     exhaustive = k * num_timesteps + num_timesteps
     found = []
@@ -172,8 +162,10 @@ def frontier(per_step: np.ndarray, num_timesteps: int) -> list[tuple[float, list
                 for keep2 in [None] if second is None else range(1, min(keep, 8)):
                     counts = [first] if second is None else [first, second]
                     keeps = [keep] if second is None else [keep, keep2]
-                    agreement = float(_survives(per_step, num_timesteps, counts, keeps).mean())
-                    found.append((exhaustive / _cost(k, num_timesteps, counts, keeps), counts, keeps, agreement))
+                    plan = resolve_schedule(Schedule((*keeps, 0), (*counts, None)), k, num_timesteps)
+                    agreement = float(_survives(per_step, plan).mean())
+                    cost = plan.evaluations(k) + num_timesteps  # the unconditional pass: S, on both sides
+                    found.append((exhaustive / cost, counts, keeps, agreement))
     return sorted(found, key=lambda entry: -entry[0])
 
 

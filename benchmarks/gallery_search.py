@@ -320,12 +320,6 @@ def job(args) -> None:
     logger.info("job: %.0f s, peak %.0f MiB", wall, record["peak_rss_mib"])
 
 
-def _read_job(args) -> tuple[np.ndarray, dict]:
-    """Per image the job's top caption (its vocabulary index; -1 where nothing was scored) and its meta."""
-    top, meta, _, _ = _read_job_arrays(args)
-    return top, meta
-
-
 def _read_job_arrays(args) -> tuple[np.ndarray, dict, np.ndarray, np.ndarray]:
     """The job's top captions and meta, and its scores (partial means where a candidate left early; NaN where not
     shortlisted) and shortlist similarities, as ``[image, vocabulary caption]`` in gallery order."""
@@ -345,11 +339,12 @@ def _read_job_arrays(args) -> tuple[np.ndarray, dict, np.ndarray, np.ndarray]:
     return top[order], result.meta, scores[order], similarity[order]
 
 
-def _fusion(args, chosen, similarity_k, per_step_k, clip_correct, objects, truths, cascade_rows, have_job) -> dict:
+def _fusion(args, chosen, similarity_k, per_step_k, clip_correct, objects, truths, cascade_rows, job) -> dict:
     """Issue 30 item 6, the reranker alone being below the shortlist: the fused score (:func:`dsdkit.runtime.
     shortlist.fuse`), its CLIP weight chosen on the cascade subsample (K = 8, adaptive inside, replayed) and
-    reported on the job's other images (the real job's scores: partial means where a candidate left early); without
-    a job, chosen on the first half of the subsample and reported on the second (a seeded split)."""
+    reported on the job's other images (``job``: :func:`_read_job_arrays`; its scores are partial means where a
+    candidate left early); without a job, chosen on the first half of the subsample and reported on the second (a
+    seeded split)."""
     from dsdkit.runtime.adaptive import Schedule, simulate
     from dsdkit.runtime.shortlist import fuse
 
@@ -358,50 +353,41 @@ def _fusion(args, chosen, similarity_k, per_step_k, clip_correct, objects, truth
     adaptive_pick = chosen[np.arange(len(chosen)), [o.order[0] for o in outcomes]]
     weights = np.round(np.linspace(0.0, 1.0, 21), 2)
     halves = np.random.default_rng([GALLERY_SEED, 2]).permutation(len(cascade_rows))
-    validate = np.arange(len(cascade_rows)) if have_job else np.sort(halves[: len(halves) // 2])
+    validate = np.arange(len(cascade_rows)) if job is not None else np.sort(halves[: len(halves) // 2])
     validation = []
     for weight in weights:
         fused = fuse(partial[validate], similarity_k[validate], weight)
         pick = chosen[validate, np.nanargmax(fused, axis=1)]
         validation.append(float(_is_true(truths, cascade_rows[validate], pick).mean()))
     best = float(weights[int(np.argmax(validation))])
-    if not have_job:
+    if job is not None:
+        job_top, _, scores, similarity = job
+        rows = np.setdiff1d(np.arange(args.images), cascade_rows)
+        fused = fuse(scores[rows], similarity[rows], best)
+        usable = np.isfinite(fused).any(axis=1)
+        pick = np.where(usable, np.nanargmax(np.where(np.isfinite(fused), fused, -np.inf), axis=1), -1)
+        correct = np.array([p >= 0 and int(p) in truths[int(r)] for r, p in zip(rows, pick, strict=True)])
+        cascade_correct = np.array(
+            [t >= 0 and int(t) in truths[int(r)] for r, t in zip(rows, job_top[rows], strict=True)]
+        )
+        chosen_on = f"the cascade subsample ({len(cascade_rows)} images, K=8 adaptive replayed)"
+    else:
         held = np.sort(halves[len(halves) // 2 :])
         rows = cascade_rows[held]
         pick = chosen[held, np.nanargmax(fuse(partial[held], similarity_k[held], best), axis=1)]
         correct = _is_true(truths, rows, pick)
         cascade_correct = _is_true(truths, rows, adaptive_pick[held])
-        return {
-            "clip_weight": best,
-            "chosen_on": f"half of the cascade subsample ({len(validate)} images, K=8 adaptive replayed)",
-            "validation_top1_by_weight": dict(zip([str(w) for w in weights], validation, strict=True)),
-            "report_images": int(len(rows)),
-            "fused": _split(correct, objects[rows]),
-            "clip_alone": _split(clip_correct[rows], objects[rows]),
-            "cascade": _split(cascade_correct, objects[rows]),
-            "fused_vs_clip": _mcnemar(clip_correct[rows], correct),
-            "fused_vs_cascade": _mcnemar(cascade_correct, correct),
-        }
-    _, _, scores, similarity = _read_job_arrays(args)
-    report_rows = np.setdiff1d(np.arange(args.images), cascade_rows)
-    fused = fuse(scores[report_rows], similarity[report_rows], best)
-    usable = np.isfinite(fused).any(axis=1)
-    pick = np.where(usable, np.nanargmax(np.where(np.isfinite(fused), fused, -np.inf), axis=1), -1)
-    correct = np.array([p >= 0 and int(p) in truths[int(r)] for r, p in zip(report_rows, pick, strict=True)])
-    job_top, _ = _read_job(args)
-    job_correct = np.array(
-        [t >= 0 and int(t) in truths[int(r)] for r, t in zip(report_rows, job_top[report_rows], strict=True)]
-    )
+        chosen_on = f"half of the cascade subsample ({len(validate)} images, K=8 adaptive replayed)"
     return {
         "clip_weight": best,
-        "chosen_on": f"the cascade subsample ({len(cascade_rows)} images, K=8 adaptive replayed)",
+        "chosen_on": chosen_on,
         "validation_top1_by_weight": dict(zip([str(w) for w in weights], validation, strict=True)),
-        "report_images": int(len(report_rows)),
-        "fused": _split(correct, objects[report_rows]),
-        "clip_alone": _split(clip_correct[report_rows], objects[report_rows]),
-        "cascade": _split(job_correct, objects[report_rows]),
-        "fused_vs_clip": _mcnemar(clip_correct[report_rows], correct),
-        "fused_vs_cascade": _mcnemar(job_correct, correct),
+        "report_images": int(len(rows)),
+        "fused": _split(correct, objects[rows]),
+        "clip_alone": _split(clip_correct[rows], objects[rows]),
+        "cascade": _split(cascade_correct, objects[rows]),
+        "fused_vs_clip": _mcnemar(clip_correct[rows], correct),
+        "fused_vs_cascade": _mcnemar(cascade_correct, correct),
     }
 
 
@@ -559,11 +545,12 @@ def report(args) -> None:
         tables[f"K={k}"] = rows
     record["cascade"] = tables
     have_job = _derived(args, "job.json").exists() and _derived(args, "job.parquet").exists()
+    job = _read_job_arrays(args) if have_job else None
     record["fusion"] = _fusion(
-        args, chosen[:, :8], similarity_k8, cascade[:, :8], clip_correct, objects, truths, cascade_rows, have_job
+        args, chosen[:, :8], similarity_k8, cascade[:, :8], clip_correct, objects, truths, cascade_rows, job
     )
     if have_job:
-        _report_job(args, record, truths, objects, clip_correct, captions)
+        _report_job(args, record, job, truths, objects, clip_correct, captions)
     else:
         record["job"] = None  # not run for this variant: the K = 8 adaptive cascade is the subsample's, replayed
     _report_captions(args, record, truths, captions, image_vectors, text_vectors)
@@ -609,9 +596,9 @@ def report(args) -> None:
     logger.info("%s", text)
 
 
-def _report_job(args, record, truths, objects, clip_correct, captions) -> None:
-    """The real job: K = 8, adaptive, every gallery image."""
-    job_top, job_meta = _read_job(args)
+def _report_job(args, record, job, truths, objects, clip_correct, captions) -> None:
+    """The real job (``job``: :func:`_read_job_arrays`): K = 8, adaptive, every gallery image."""
+    job_top, job_meta, _, _ = job
     job_correct = np.array([t >= 0 and int(t) in truths[i] for i, t in enumerate(job_top)])
     timing = json.loads(_derived(args, "job.json").read_text())
     # The record names the checkout's files relative to its root (no path of the machine that ran it).

@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from .errors import ConfigError
+from .scoring import sum_terms
 from .tokenizer import TokenizedText
 
 __all__ = ["ImageEncoding", "TextEncoding", "ScoreOutput", "ProgressCallback"]
@@ -69,10 +70,7 @@ class ScoreOutput:
     def per_step(self) -> np.ndarray:
         """``float64[..., K]``: each timestep's score (mean attention term over layers unless the config leaves it
         out, plus the denoising term)."""
-        if not self.attention_in_score:
-            return self.denoise_steps.copy()
-        per_step = self.attention_steps.mean(-1)
-        return per_step if self.denoise_steps is None else per_step + self.denoise_steps
+        return np.array(sum_terms(self.attention_steps, self.denoise_steps, self.attention_in_score))  # a copy
 
     @property
     def scores(self) -> np.ndarray:

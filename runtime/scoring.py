@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from .config import Normalization, ScoringConfig
 
-__all__ = ["combine_terms"]
+__all__ = ["combine_terms", "sum_terms"]
 
 
 def combine_terms(config: ScoringConfig, layers, errors, uncond_layers=None, uncond_errors=None):
@@ -33,9 +33,15 @@ def combine_terms(config: ScoringConfig, layers, errors, uncond_layers=None, unc
         attention = 0.5 * (attention + uncond_layers)
     if config.normalize is Normalization.uncond:
         attention = attention - uncond_layers
-    denoise = None if not config.denoise_term else uncond_errors - errors
-    if not config.attention_term:
-        per_step = denoise  # the config refuses attention_term off without the denoising term
-    else:
-        per_step = attention.mean(-1) if denoise is None else attention.mean(-1) + denoise
-    return per_step, attention, denoise
+    denoise = uncond_errors - errors if config.denoise_term else None
+    return sum_terms(attention, denoise, config.attention_term), attention, denoise
+
+
+def sum_terms(attention, denoise, attention_term: bool = True):
+    """Per-timestep scores from the terms: the attention term's mean over layers (unless ``attention_term`` is off)
+    plus the denoising term (when there is one). NumPy arrays or torch tensors; the one place the terms are added,
+    for :func:`combine_terms` and :attr:`~dsdkit.runtime.encodings.ScoreOutput.per_step`."""
+    if not attention_term:
+        return denoise  # the config refuses attention_term off without the denoising term
+    pooled = attention.mean(-1)
+    return pooled if denoise is None else pooled + denoise
