@@ -7,10 +7,13 @@ do at each, against the gallery-search issue's targets:
     python benchmarks/adaptive_every_s.py collect --timesteps 4 10 30 --shard 0/2    # one process per core
     python benchmarks/adaptive_every_s.py collect --timesteps 4 10 30 --shard 1/2
     python benchmarks/adaptive_every_s.py choose -o benchmarks/results/adaptive-every-s-DATE.json
+    python benchmarks/adaptive_every_s.py choose --no-attention -o benchmarks/results/adaptive-every-s-no-att-DATE.json
 
 ``collect`` scores the world benchmark's ``rank-32`` items (the true caption among 32, up to half of the distractors
-one edit away; seed 16, disjoint from the training data) **exhaustively** at each S with the default ``discffusion``
-score, keeping every candidate's per-timestep score (``benchmarks/cache/``, resumable, out of git). K = 8 queries are
+one edit away; seed 16, disjoint from the training data) **exhaustively** at each S with the ``discffusion`` score,
+keeping every candidate's per-timestep attention and denoising terms apart (``benchmarks/cache/``, resumable, out of
+git), so that ``choose`` studies the score with both terms or, with ``--no-attention``, the denoising term alone (the
+demo model's declared default since 2026-12-08). K = 8 queries are
 the same items with 7 of their 31 distractors (a seeded draw per query).
 
 ``choose`` splits the queries in two halves by a seeded shuffle. On the choose half it searches, for every (S, K)
@@ -61,7 +64,7 @@ CHOOSE_AGREEMENT = 0.985
 
 def _cache(cache: Path, model: str, steps: int, shard: int, shards: int, queries: int) -> Path:
     name = model if model == "demo" else Path(model).name
-    return cache / f"every-s-{name}-s{steps}-q{queries}-shard{shard}of{shards}.npz"
+    return cache / f"every-s-terms-{name}-s{steps}-q{queries}-shard{shard}of{shards}.npz"
 
 
 def collect(args) -> None:
@@ -77,14 +80,18 @@ def collect(args) -> None:
     mine = list(range(index, len(items), count))
     args.cache.mkdir(parents=True, exist_ok=True)
     for steps in args.timesteps:
-        scorer = build_scorer(args.model, overrides={"num_timesteps": steps}, batch_size=args.batch_size)
+        # Both terms are kept apart (each step's attention term, its mean over layers, and its denoising term), so
+        # one collection serves both scores: the method's (both terms) and the denoising term alone (the demo
+        # model's declared default since 2026-12-08; choose --no-attention).
+        overrides = {"num_timesteps": steps, "attention_term": True}
+        scorer = build_scorer(args.model, overrides=overrides, batch_size=args.batch_size)
         grid = len(scorer.timesteps)
         path = _cache(args.cache, args.model, steps, index, count, args.queries)
-        per_step = np.full((len(mine), 32, grid), np.nan)
+        attention, denoise = np.full((len(mine), 32, grid), np.nan), np.full((len(mine), 32, grid), np.nan)
         done = 0
         if path.exists():
             saved = np.load(path, allow_pickle=False)
-            per_step[:] = saved["per_step"]
+            attention[:], denoise[:] = saved["attention"], saved["denoise"]
             done = int(saved["done"])
         started, evaluations = time.perf_counter(), 0
         while done < len(mine):
@@ -94,10 +101,11 @@ def collect(args) -> None:
             pairs = [(q, column[c]) for q, item in enumerate(chunk) for c in item.captions]
             out = scorer.score_pairs([world.render(item.scenes[0]) for item in chunk], texts, pairs)
             evaluations += out.unet_evaluations
-            per_step[done : done + len(chunk)] = out.per_step.reshape(len(chunk), 32, grid)
+            attention[done : done + len(chunk)] = out.attention_steps.mean(-1).reshape(len(chunk), 32, grid)
+            denoise[done : done + len(chunk)] = out.denoise_steps.reshape(len(chunk), 32, grid)
             done += len(chunk)
             buffer = io.BytesIO()
-            np.savez(buffer, per_step=per_step, queries=np.array(mine), done=np.array(done))
+            np.savez(buffer, attention=attention, denoise=denoise, queries=np.array(mine), done=np.array(done))
             atomic_write_bytes(path, buffer.getvalue())
             rate = evaluations / (time.perf_counter() - started)
             logger.info(
@@ -107,6 +115,8 @@ def collect(args) -> None:
 
 def _load(args) -> dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """Per S: per_step[Q, 32, S], positives[Q] and each query's K = 8 candidate subset."""
+    from dsdkit.runtime.scoring import sum_terms
+
     from dsdkit import world
 
     items = world.benchmark_items(seed=QUERY_SEED, per_subset=args.queries, subsets=["rank-32"])
@@ -126,9 +136,11 @@ def _load(args) -> dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]]:
             )
             if int(saved["done"]) < len(saved["queries"]):
                 raise SystemExit(f"S={steps} shard {shard}: collection not finished; run collect")
+            # The runtime's own sum of the terms (runtime.scoring.sum_terms): both, or the denoising term alone.
+            terms = sum_terms(saved["attention"][..., None], saved["denoise"], not args.no_attention)
             if per_step is None:
-                per_step = np.full((len(items), *saved["per_step"].shape[1:]), np.nan)
-            per_step[saved["queries"]] = saved["per_step"]
+                per_step = np.full((len(items), *terms.shape[1:]), np.nan)
+            per_step[saved["queries"]] = terms
         out[steps] = (per_step, positives, np.array(subsets))
     return out
 
@@ -233,6 +245,8 @@ def choose(args) -> None:
         "machine": machine(threads=torch.get_num_threads()),
         "versions": {"dsdkit": dsdkit.__version__, "torch": torch.__version__, "numpy": np.__version__},
         "model": args.model,
+        "score": "the denoising term alone (attention_term off)" if args.no_attention else "both terms",
+        "timesteps": args.timesteps,
         "queries": count,
         "halves": {"choose": len(halves["choose"]), "report": len(halves["report"])},
         "targets": {f"S={s} K={k}": v for (s, k), v in TARGETS.items()},
@@ -268,6 +282,7 @@ def main(argv=None) -> None:
         else:
             p.add_argument("--shards", type=int, default=2)
             p.add_argument("--split-seed", type=int, default=0)
+            p.add_argument("--no-attention", action="store_true", help="the score without its attention term")
             p.add_argument("-o", "--output", type=Path, required=True)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")

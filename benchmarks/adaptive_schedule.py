@@ -60,7 +60,9 @@ def collect(args) -> None:
     from dsdkit.pytorch.scorer import build_scorer
 
     torch.set_num_threads(args.threads)
-    scorer = build_scorer("demo", overrides={"num_timesteps": args.timesteps}, batch_size=args.batch_size)
+    # Both terms, as measured (the demo model's declared default since 2026-12-08 leaves the attention term out).
+    overrides = {"num_timesteps": args.timesteps, "attention_term": True}
+    scorer = build_scorer("demo", overrides=overrides, batch_size=args.batch_size)
     steps = len(scorer.timesteps)
     args.cache.mkdir(parents=True, exist_ok=True)
     for subset in args.subsets:
@@ -295,7 +297,8 @@ def verify(args, schedule, data, halves) -> dict:
         timings = {}
         for mode in ("exhaustive", "adaptive", "exhaustive-again"):
             # A fresh scorer per mode: nothing cached between them (encodings and unconditional passes included).
-            engine = build_scorer("demo", overrides={"num_timesteps": args.timesteps}, batch_size=args.batch_size)
+            overrides = {"num_timesteps": args.timesteps, "attention_term": True}  # both terms, as measured
+            engine = build_scorer("demo", overrides=overrides, batch_size=args.batch_size)
             started = time.perf_counter()
             if mode.startswith("exhaustive"):
                 stored = engine.score_pairs(images, texts, pairs).per_step

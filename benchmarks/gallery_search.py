@@ -152,8 +152,9 @@ def _scorer(args, normalize: str | None = None):
     from dsdkit.pytorch.scorer import build_scorer
 
     overrides = {"num_timesteps": STEPS, **({"normalize": normalize} if normalize else {})}
-    if args.no_attention:
-        overrides["attention_term"] = False
+    # Explicit either way: the demo model declares the denoising term alone as its default (since 2026-12-08), and the
+    # default score's records were measured with both terms.
+    overrides["attention_term"] = not args.no_attention
     return build_scorer(args.model, overrides=overrides, batch_size=args.batch_size)
 
 
@@ -300,7 +301,7 @@ def job(args) -> None:
         str(STEPS),
         "--threads",
         str(args.threads),
-        *(["--no-attention"] if args.no_attention else []),
+        "--no-attention" if args.no_attention else "--attention",
         "-o",
         str(out),
     ]
@@ -403,7 +404,7 @@ def slice_check(args) -> None:
     dsdkit = str(Path(sys.executable).parent / "dsdkit")
     common = ["--shortlist-k", "8", "--adaptive", "--top-k", "1", "--timesteps", str(STEPS)]
     common += ["--threads", "1" if args.threads < 2 else str(args.threads)]
-    common += ["--no-attention"] if args.no_attention else []
+    common += ["--no-attention" if args.no_attention else "--attention"]
     bundle = folder / "demo-shortlist.bundle"
     runs = {
         "pytorch": [dsdkit, "match", str(listing), str(folder / "captions.txt"), "--model", args.model]
@@ -417,7 +418,7 @@ def slice_check(args) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "RAY_USAGE_STATS_ENABLED": "0"}
     if not bundle.exists():
         export = [dsdkit, "export", "--model", args.model, "--shortlist", args.shortlist, "--out", str(bundle)]
-        subprocess.run(export + ["--timesteps", str(STEPS)], check=True, env=env)
+        subprocess.run(export + ["--timesteps", str(STEPS), common[-1]], check=True, env=env)
     for name, command in runs.items():
         if not _derived(args, f"slice-{name}.parquet").exists():
             logger.info("slice: %s", name)

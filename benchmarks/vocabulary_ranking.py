@@ -85,7 +85,8 @@ def measure(args) -> dict:
     scenes = _images(args.items_seed, args.one_object, args.two_object)
     reference = world.gallery(args.items_seed * 10 + 3, args.reference)
     truths = [vocabulary.index(world.truth(scene)) for scene in scenes]
-    knobs = {"num_timesteps": NUM_TIMESTEPS, **({"attention_term": False} if args.no_attention else {})}
+    # Explicit either way: the demo model's declared default (since 2026-12-08) is the denoising term alone.
+    knobs = {"num_timesteps": NUM_TIMESTEPS, "attention_term": not args.no_attention}
     spec = EngineSpec(model=args.model, knobs=knobs, batch_size=64, chunk_size=32)
     started = time.perf_counter()
     with open_engine(spec) as engine:

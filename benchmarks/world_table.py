@@ -16,7 +16,9 @@ heads, ``all`` layers, on the two-candidate and group subsets. ``steps`` is the 
 items. ``fidelity`` compares the ``--fp16`` bundle and the fp32 bundle (ONNX Runtime) and the compiled scorer with
 fp32 eager PyTorch over benchmark items: top-1 agreement, Spearman, max abs difference.
 
-Group subsets are scored with ``normalize=uncond`` (their image score compares images under one caption; the text
+The ``discffusion`` score keeps both its terms unless ``--no-attention`` is given (the demo model declares the
+denoising term alone as its default since 2026-12-08; these records state which in ``attention_term``). Group
+subsets are scored with ``normalize=uncond`` (their image score compares images under one caption; the text
 score is unchanged by it). Ties count as wrong. Each record carries the machine, versions, date and command.
 """
 
@@ -54,6 +56,8 @@ GROUP_SUBSETS = ("group-binding", "group-relation")
 #: The benchmark items' seed (``--items-seed``): candidates are chosen on seed 0's items and the chosen model's
 #: figures are reported on another seed's, generated the same way (none occurs in training either).
 ITEMS_SEED = 0
+#: Whether the discffusion score keeps its attention term (``--no-attention``: the denoising term alone).
+ATTENTION_TERM = True
 RANK_SUBSETS = ("rank-8", "rank-32")
 
 
@@ -141,6 +145,8 @@ def make_scorer(model, batch_size=128, **knobs):
     from dsdkit.pytorch.scorer import Scorer
 
     preset = knobs.pop("preset", "discffusion")
+    if preset == "discffusion":
+        knobs.setdefault("attention_term", ATTENTION_TERM)
     return Scorer(model, ScoringConfig.from_preset(preset, **knobs), batch_size=batch_size)
 
 
@@ -229,7 +235,7 @@ def adapters(model, per_subset, shots, work: Path):
     rows = [
         run_variant(
             model,
-            "zero-shot discffusion S=10 (attention + denoising)",
+            f"zero-shot discffusion S=10 ({'attention + denoising' if ATTENTION_TERM else 'denoising term alone'})",
             weak,
             per_subset,
             {"num_timesteps": 10},
@@ -243,7 +249,7 @@ def adapters(model, per_subset, shots, work: Path):
             output=str(work / kind),
             model="demo",
             adapter=kind,
-            scoring={"num_timesteps": 10},
+            scoring={"num_timesteps": 10, "attention_term": ATTENTION_TERM},
             batch_size=8,
             lr=lr,
             epochs=epochs,
@@ -256,7 +262,10 @@ def adapters(model, per_subset, shots, work: Path):
         adapter = load_adapter(result.adapter_path, model)[0]
         examples = examples_of(weak, per_subset)
         scorer = Scorer(
-            model, ScoringConfig.from_preset("discffusion", num_timesteps=10), batch_size=128, adapter=adapter
+            model,
+            ScoringConfig.from_preset("discffusion", num_timesteps=10, attention_term=ATTENTION_TERM),
+            batch_size=128,
+            adapter=adapter,
         )
         mats, count = score_terms(scorer, examples)
         row = {
@@ -316,7 +325,7 @@ def fidelity(model, per_subset, work: Path):
 
     subsets = PAIR_SUBSETS[:5] + ("rank-8",)
     examples = examples_of(subsets, per_subset)
-    config = ScoringConfig.from_preset("discffusion", num_timesteps=10)
+    config = ScoringConfig.from_preset("discffusion", num_timesteps=10, attention_term=ATTENTION_TERM)
     eager = score_terms(Scorer(model, config, batch_size=64), examples)[0]["score"]
     rows = []
     for precision in ("fp32", "fp16"):
@@ -325,7 +334,7 @@ def fidelity(model, per_subset, work: Path):
         export_bundle(
             "demo",
             out,
-            overrides={"num_timesteps": 10},
+            overrides={"num_timesteps": 10, "attention_term": ATTENTION_TERM},
             config=ExportConfig(precision=precision, exporter="torchscript"),
             overwrite=True,
         )
@@ -443,6 +452,12 @@ def main() -> None:
     parser.add_argument("--items-seed", type=int, default=0, help="benchmark items of this seed (report on 1)")
     parser.add_argument("--work", type=Path, default=Path("world-table-work"))
     parser.add_argument(
+        "--no-attention",
+        action="store_true",
+        help="the score without its attention term (the demo model's declared default); without it, the method's "
+        "score with both terms, whatever the model declares, as the records before 2026-12-08 were measured",
+    )
+    parser.add_argument(
         "--model", default="demo", help="zero-shot and steps only: another world-model folder (a candidate's)"
     )
     args = parser.parse_args()
@@ -452,8 +467,9 @@ def main() -> None:
     from dsdkit.pytorch.models import load_model
 
     pin_threads(args.threads)
-    global ITEMS_SEED
+    global ITEMS_SEED, ATTENTION_TERM
     ITEMS_SEED = args.items_seed
+    ATTENTION_TERM = not args.no_attention
     if args.model != "demo" and args.what in ("adapters", "fidelity"):
         raise SystemExit(f"{args.what} runs on the shipped demo model only (it trains and exports `demo`)")
     model = load_model(args.model, device="cpu", dtype="fp32")
@@ -473,6 +489,7 @@ def main() -> None:
         "model_identity": model.identity(),
         "items_per_subset": args.items,
         "items_seed": args.items_seed,
+        "attention_term": ATTENTION_TERM,
         "machine": machine(),
         "wall_s": round(time.perf_counter() - started, 1),
         "rows": rows,

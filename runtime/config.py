@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass
+import logging
+from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
@@ -30,6 +31,8 @@ from .errors import ConfigError
 from .images import ResizeMode
 from .records import record_from_dict
 from .timesteps import discffusion_timesteps, noise_level_timesteps
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "Pooling",
@@ -44,6 +47,7 @@ __all__ = [
     "PINNED_KNOBS",
     "FREE_KNOBS",
     "resolve_scoring",
+    "ModelDeclaration",
     "KNOB_OPTIONS",
     "knob_option",
     "knob_field",
@@ -197,7 +201,7 @@ class ScoringConfig:
         unknown = set(overrides) - {f.name for f in dataclasses.fields(cls)}
         if unknown:
             raise ConfigError(f"unknown scoring knob(s): {', '.join(sorted(unknown))}")
-        values = {k: v for k, v in overrides.items() if v is not None}
+        values = _one_term_alone({k: v for k, v in overrides.items() if v is not None})
         return dataclasses.replace(base, **values)
 
     def replace(self, **changes: Any) -> ScoringConfig:
@@ -266,12 +270,68 @@ FREE_KNOBS = tuple(
 )
 
 
+def _one_term_alone(overrides: dict[str, Any]) -> dict[str, Any]:
+    """Explicit knobs with what each term switch means: ``denoise_term`` off asks for the attention term alone and
+    ``attention_term`` off for the denoising term alone, so each turns the other term on unless that is given too
+    (``--no-denoise`` works the same on a model or bundle whose score leaves the attention term out)."""
+    overrides = dict(overrides)
+    if overrides.get("denoise_term") is False:
+        overrides.setdefault("attention_term", True)
+    if overrides.get("attention_term") is False:
+        overrides.setdefault("denoise_term", True)
+    return overrides
+
+
+@dataclass(frozen=True)
+class ModelDeclaration:
+    """What a model declares about how it is scored (a folder's ``dsdkit_model.json``; written by
+    ``dsdkit world train``, read by ``load_model``).
+
+    ``context_tokens``: what its cross-attention attends to (``runtime.tokenizer.CONTEXTS``); a masked context takes
+    precedence over the ``tokens`` knob. ``scoring``: knob values the model recommends over the preset's — only
+    :data:`FREE_KNOBS`, evaluation choices measured on the model (the demo model's ``{"attention_term": false}``:
+    on it the attention term lowers every ranking subset). An explicit knob wins over a recommendation, and a
+    recommendation that contradicts the preset or the explicit knobs (``--no-denoise``, ``--preset paper``, which
+    leave the score the attention term alone) yields to them.
+    """
+
+    context_tokens: str = "all"
+    scoring: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self):
+        from .tokenizer import CONTEXTS
+
+        if self.context_tokens not in CONTEXTS:
+            raise ConfigError(f"context_tokens {self.context_tokens!r} is not one of {', '.join(CONTEXTS)}")
+        if not isinstance(self.scoring, dict):
+            raise ConfigError("a model's recommended scoring is an object of knob values")
+        not_free = sorted(set(self.scoring) - set(FREE_KNOBS))
+        if not_free:
+            raise ConfigError(
+                f"a model can recommend only evaluation knobs ({', '.join(FREE_KNOBS)}), not {', '.join(not_free)}"
+            )
+        defaults = ScoringConfig()
+        for name, value in self.scoring.items():
+            expected = type(getattr(defaults, name))
+            if isinstance(getattr(defaults, name), bool) and not isinstance(value, bool):
+                raise ConfigError(f"the model's recommended {name} must be true or false, got {value!r}")
+            if expected in (int, float) and (isinstance(value, bool) or not isinstance(value, (int, float))):
+                raise ConfigError(f"the model's recommended {name} must be a number, got {value!r}")
+        ScoringConfig.from_preset("discffusion", **self.scoring)  # a value no config accepts is refused here
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"context_tokens": self.context_tokens}
+        if self.scoring:
+            out["scoring"] = dict(self.scoring)
+        return out
+
+
 def resolve_scoring(
     preset: str | None = None,
     pinned: ScoringConfig | dict[str, Any] | None = None,
     overrides: dict[str, Any] | None = None,
     source: str = "the adapter",
-    model_context: str = "all",
+    model: ModelDeclaration | None = None,
 ) -> ScoringConfig:
     """The scoring config of a job: explicit knob ``overrides`` over the adapter's header (``pinned``) over the preset.
 
@@ -287,27 +347,35 @@ def resolve_scoring(
     the overrides of :data:`FREE_KNOBS`. An explicit preset or override that contradicts one of its
     :data:`PINNED_KNOBS` is refused in one line, since the adapter computes another score under it.
 
-    ``model_context``: what the model declares its cross-attention attends to (``runtime.tokenizer.CONTEXTS``). A
-    masked context takes precedence over the ``tokens`` knob (the model is scored over its word tokens): a preset's
-    value is replaced by ``words``, an explicit other value is refused.
+    ``model``: what the model declares (:class:`ModelDeclaration`). A masked context takes precedence over the
+    ``tokens`` knob (the model is scored over its word tokens): a preset's value is replaced by ``words``, an
+    explicit other value is refused. Its recommended knobs apply over the preset and under the explicit knobs,
+    without ``pinned`` only (an adapter's header or a bundle's config already holds them: they were resolved here).
+
+    ``denoise_term`` off without ``attention_term`` means the attention term alone, and the other way round
+    (:func:`_one_term_alone`).
 
     Raises:
         ConfigError: unknown preset or knob, an invalid value, or a contradiction of a pinned knob.
     """
-    overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
-    if model_context != "all":
+    model = model or ModelDeclaration()
+    overrides = _one_term_alone({k: v for k, v in (overrides or {}).items() if v is not None})
+    if model.context_tokens != "all":
         asked = overrides.get("tokens")
         if asked is not None and _plain(asked) != TokenSet.words.value:
             raise ConfigError(
-                f"tokens={_plain(asked)}: the model declares a masked cross-attention context ({model_context}), "
-                "so it is scored over its word tokens; leave the tokens knob out (or set it to words)"
+                f"tokens={_plain(asked)}: the model declares a masked cross-attention context "
+                f"({model.context_tokens}), so it is scored over its word tokens; leave the tokens knob out (or set "
+                "it to words)"
             )
         overrides["tokens"] = TokenSet.words
     unknown = set(overrides) - {f.name for f in dataclasses.fields(ScoringConfig)}
     if unknown:
         raise ConfigError(f"unknown scoring knob(s): {', '.join(sorted(unknown))}")
     if pinned is None:
-        resolved = ScoringConfig.from_preset(preset or "discffusion", **overrides)
+        resolved = _with_recommendations(
+            ScoringConfig.from_preset(preset or "discffusion", **overrides), model.scoring, overrides
+        )
         chosen = PRESETS[preset or "discffusion"]
         where = "`timesteps` noise-levels" if "timesteps" in overrides else f"the {chosen.preset} preset"
         _refuse_steps_on_noise_levels(resolved, overrides, chosen.num_timesteps, where, pinned=False)
@@ -332,6 +400,19 @@ def resolve_scoring(
     resolved = base.replace(**free) if free else base
     _refuse_steps_on_noise_levels(resolved, overrides, base.num_timesteps, source)
     return resolved
+
+
+def _with_recommendations(config: ScoringConfig, recommended: dict[str, Any], explicit: dict[str, Any]):
+    """``config`` with the model's recommended knobs that were not given explicitly, unless together they make an
+    invalid config (then the preset's and the explicit choice stands, logged)."""
+    wanted = {k: v for k, v in recommended.items() if k not in explicit}
+    if not wanted:
+        return config
+    try:
+        return config.replace(**wanted)
+    except ConfigError as exc:
+        logger.info("the model's recommended scoring %s does not apply to this config (%s)", wanted, exc)
+        return config
 
 
 def _refuse_steps_on_noise_levels(

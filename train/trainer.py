@@ -144,7 +144,7 @@ class Trainer:
 
         self.model = self._model or load_model(cfg.model, device=cfg.device, dtype=cfg.precision)
         # Under the context the model declares, so the adapter's header pins the score it was trained with.
-        self.scoring = resolve_scoring(cfg.preset, None, cfg.scoring, model_context=self.model.context_tokens)
+        self.scoring = resolve_scoring(cfg.preset, None, cfg.scoring, model=self.model.declaration)
         if cfg.gradient_checkpointing:
             self.model.unet.enable_gradient_checkpointing()
         self.encoder = Scorer(self.model, self.scoring, batch_size=cfg.eval_batch_size)

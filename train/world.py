@@ -770,10 +770,12 @@ def measure_world_model(
     num_timesteps: int = 10,
     subsets: tuple[str, ...] = QUICK_SUBSETS,
     batch_size: int = 64,
+    attention_term: bool = True,
 ) -> dict:
-    """Zero-shot accuracy of the default ``discffusion`` score (S = ``num_timesteps``) on the first ``per_subset``
-    benchmark items of each of ``subsets`` (the items ``dsdkit demo-data`` writes, whose layouts the model's
-    training data does not contain): the quick check written into ``world_model.json``. Ties count as wrong."""
+    """Zero-shot accuracy of the ``discffusion`` score (S = ``num_timesteps``; both terms, or the denoising term
+    alone with ``attention_term=False``, whatever the model declares) on the first ``per_subset`` benchmark items of
+    each of ``subsets`` (the items ``dsdkit demo-data`` writes, whose layouts the model's training data does not
+    contain): the quick check written into ``world_model.json``. Ties count as wrong."""
     from ..jobs.evaluation import compute_metrics, score_examples
     from ..pytorch.models import load_model
     from ..pytorch.scorer import Scorer
@@ -784,7 +786,9 @@ def measure_world_model(
     recipe = json.loads(recipe_file.read_text(encoding="utf-8"))["recipe"] if recipe_file.is_file() else {}
     seed, count = recipe.get("seed", world.TRAINING_SEED), recipe.get("scenes", world.TRAINING_SCENES)
     scorer = Scorer(
-        model, ScoringConfig.from_preset("discffusion", num_timesteps=num_timesteps), batch_size=batch_size
+        model,
+        ScoringConfig.from_preset("discffusion", num_timesteps=num_timesteps, attention_term=attention_term),
+        batch_size=batch_size,
     )
     started = time.perf_counter()
     items = world.benchmark_items(per_subset=per_subset, subsets=subsets, training_seed=seed, training_count=count)
@@ -794,6 +798,6 @@ def measure_world_model(
         "zero_shot_accuracy": {subset: metrics[f"top1/{subset}"] for subset in subsets},
         "items_per_subset": per_subset,
         "num_timesteps": num_timesteps,
-        "score": "discffusion (attention + denoising term)",
+        "score": f"discffusion ({'attention + denoising term' if attention_term else 'denoising term alone'})",
         "eval_s": round(time.perf_counter() - started, 1),
     }

@@ -18,6 +18,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
+from ..runtime.config import ModelDeclaration
 from ..runtime.errors import ConfigError, ModelError
 from ..runtime.files import atomic_write_text
 from ..runtime.tokenizer import ClipTokenizer
@@ -35,7 +36,7 @@ __all__ = [
     "TEST_MODEL_MARKER",
     "MODEL_DECLARATION",
     "read_model_declaration",
-    "declared_context",
+    "declared_model",
     "write_model_declaration",
 ]
 
@@ -45,7 +46,8 @@ DEFAULT_MODEL = "stabilityai/stable-diffusion-2-1-base"
 #: File written by `dsdkit tiny-model` into the folders it makes: their weights are random, their scores meaningless.
 TEST_MODEL_MARKER = "dsdkit_test_model.json"
 #: What a model folder declares about how it must be scored (optional; written by `dsdkit world train`):
-#: ``{"format": "dsdkit-model/1", "context_tokens": "words"}``.
+#: ``{"format": "dsdkit-model/1", "context_tokens": "words", "scoring": {"attention_term": false}}``
+#: (:class:`~dsdkit.runtime.config.ModelDeclaration`).
 MODEL_DECLARATION = "dsdkit_model.json"
 _COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 _HUB_PATTERNS = [
@@ -141,39 +143,47 @@ def _read_json(path: Path) -> dict[str, Any]:
         raise ModelError(f"{path} is unreadable ({exc}); re-download the model folder") from None
 
 
-def write_model_declaration(folder: Path, context_tokens: str) -> None:
-    """Declare in a model folder that its cross-attention context is masked (see ``runtime.tokenizer.CONTEXTS``)."""
-    declaration = {"format": "dsdkit-model/1", "context_tokens": context_tokens}
-    atomic_write_text(folder / MODEL_DECLARATION, json.dumps(declaration, indent=1) + "\n")
+def write_model_declaration(
+    folder: Path, context_tokens: str = "all", scoring: dict[str, Any] | None = None
+) -> ModelDeclaration:
+    """Declare in a model folder how it is scored: a masked cross-attention context (``runtime.tokenizer.CONTEXTS``)
+    and knob values it recommends (:class:`~dsdkit.runtime.config.ModelDeclaration`, validated first)."""
+    declaration = ModelDeclaration(context_tokens=context_tokens, scoring=dict(scoring or {}))
+    content = {"format": "dsdkit-model/1", **declaration.to_dict()}
+    atomic_write_text(Path(folder) / MODEL_DECLARATION, json.dumps(content, indent=1) + "\n")
+    return declaration
 
 
-def read_model_declaration(folder: Path) -> dict[str, Any]:
-    """The folder's declaration (``{"context_tokens": "all"}`` when it has none), validated."""
-    from ..runtime.tokenizer import CONTEXTS
-
+def read_model_declaration(folder: Path) -> ModelDeclaration:
+    """The folder's declaration (context ``all`` and no recommended knobs when it has none), validated."""
     path = Path(folder) / MODEL_DECLARATION
     if not path.is_file():
-        return {"context_tokens": "all"}
+        return ModelDeclaration()
     data = _read_json(path)
-    context = data.get("context_tokens", "all") if isinstance(data, dict) else None
-    if not isinstance(data, dict) or data.get("format") != "dsdkit-model/1" or context not in CONTEXTS:
+    if not isinstance(data, dict) or data.get("format") != "dsdkit-model/1" or set(data) - _DECLARED:
         raise ModelError(
-            f"{path}: not a dsdkit model declaration (format dsdkit-model/1, context_tokens one of "
-            f"{', '.join(CONTEXTS)}); re-download the model folder"
+            f"{path}: not a dsdkit model declaration (format dsdkit-model/1 with {', '.join(sorted(_DECLARED))}); "
+            "re-download the model folder"
         )
-    return {"context_tokens": context}
+    try:
+        return ModelDeclaration(context_tokens=data.get("context_tokens", "all"), scoring=data.get("scoring", {}))
+    except ConfigError as exc:
+        raise ModelError(f"{path}: {exc}; re-download the model folder") from None
 
 
-def declared_context(model: str | os.PathLike | None) -> str:
-    """The cross-attention context a model declares, read before it loads (so a conflicting ``tokens`` knob is
-    refused first): ``demo`` and local folders are read; a hub id that is not downloaded counts as ``all``."""
+_DECLARED = {"format", "context_tokens", "scoring"}
+
+
+def declared_model(model: str | os.PathLike | None) -> ModelDeclaration:
+    """What a model declares, read before it loads (so a conflicting ``tokens`` knob is refused first): ``demo`` and
+    local folders are read; a hub id that is not downloaded declares nothing (``load_model`` names the problem)."""
     if model is None:
-        return "all"
+        return ModelDeclaration()
     try:
         folder = resolve_model_folder(model)
     except ModelError:
-        return "all"  # load_model names the problem
-    return read_model_declaration(folder)["context_tokens"]
+        return ModelDeclaration()
+    return read_model_declaration(folder)
 
 
 def check_model_folder(folder: Path) -> None:
@@ -229,9 +239,14 @@ class SD2Model:
     precision: Precision
     prediction_type: str = "epsilon"
     is_test_model: bool = False
-    #: What the UNet's cross-attention attends to (``runtime.tokenizer.CONTEXTS``), declared by the folder.
-    context_tokens: str = "all"
+    #: How the folder declares it is scored: its cross-attention context and recommended knobs.
+    declaration: ModelDeclaration = field(default_factory=ModelDeclaration)
     _identity: str | None = field(default=None, repr=False)
+
+    @property
+    def context_tokens(self) -> str:
+        """What the UNet's cross-attention attends to (``runtime.tokenizer.CONTEXTS``), declared by the folder."""
+        return self.declaration.context_tokens
 
     @property
     def resolution(self) -> int:
@@ -409,5 +424,5 @@ def load_model(
         precision=precision,
         prediction_type=prediction_type,
         is_test_model=is_test_model,
-        context_tokens=declaration["context_tokens"],
+        declaration=declaration,
     )

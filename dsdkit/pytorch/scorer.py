@@ -91,7 +91,7 @@ class Scorer(Engine):
         self.chunk_size = int(chunk_size)
         self.acceleration = acceleration or Acceleration()
         self.adapter = adapter
-        cfg = config or ScoringConfig()
+        cfg = config or resolve_scoring(model=model.declaration)
         if model.context_tokens != "all" and cfg.tokens is not TokenSet.words:
             # The model's declared context takes precedence over the tokens knob (resolve_scoring refuses an
             # explicit conflicting value; a preset's default is simply replaced).
@@ -240,7 +240,7 @@ def build_scorer(
     mode, :class:`~dsdkit.pytorch.acceleration.Acceleration`) and ``chunk_size`` (images per chunk of
     :meth:`~Scorer.score`). Bad options are refused before the model loads."""
     from .adapters import load_adapter, read_adapter_header
-    from .models import declared_context, load_model
+    from .models import declared_model, load_model
 
     unknown = sorted(set(options) - set(SCORER_OPTIONS))
     if unknown:
@@ -249,8 +249,8 @@ def build_scorer(
         )
     acceleration = Acceleration(compile=options.get("compile"))
     pinned = read_adapter_header(adapters)["scoring"] if adapters is not None else None
-    context = model.context_tokens if isinstance(model, SD2Model) else declared_context(model)
-    config = resolve_scoring(preset, pinned, overrides, source=str(adapters), model_context=context)
+    declaration = model.declaration if isinstance(model, SD2Model) else declared_model(model)
+    config = resolve_scoring(preset, pinned, overrides, source=str(adapters), model=declaration)
     sd2 = (
         model
         if isinstance(model, SD2Model)

@@ -40,9 +40,12 @@ def cluster():
 
 
 def _config():
-    from dsdkit.runtime.config import ScoringConfig
+    """The config the command line resolves for ``--model demo --timesteps 2`` (the model's declared score)."""
+    from dsdkit.runtime.config import resolve_scoring
 
-    return ScoringConfig(num_timesteps=TIMESTEPS)
+    from dsdkit.pytorch.models import declared_model
+
+    return resolve_scoring(None, None, {"num_timesteps": TIMESTEPS}, model=declared_model("demo"))
 
 
 def _plan_options() -> dict:

@@ -65,17 +65,18 @@ def test_the_pytorch_scorer_attends_to_word_tokens_only(declared, shape_images):
 
 
 def test_the_declaration_sets_the_tokens_knob_and_refuses_a_conflicting_one(declared):
-    from dsdkit.runtime.config import TokenSet, resolve_scoring
+    from dsdkit.runtime.config import ModelDeclaration, TokenSet, resolve_scoring
     from dsdkit.runtime.errors import ConfigError
 
-    from dsdkit.pytorch.models import declared_context
+    from dsdkit.pytorch.models import declared_model
 
     _, words = declared
-    assert declared_context(words) == "words"
+    assert declared_model(words) == ModelDeclaration(context_tokens="words")
     assert _scorer(words).config.tokens is TokenSet.words  # the preset's "all" is replaced
-    assert resolve_scoring("paper", None, {}, model_context="words").tokens is TokenSet.words
+    masked = ModelDeclaration(context_tokens="words")
+    assert resolve_scoring("paper", None, {}, model=masked).tokens is TokenSet.words
     with pytest.raises(ConfigError, match="declares a masked cross-attention context"):
-        resolve_scoring(None, None, {"tokens": "all"}, model_context="words")
+        resolve_scoring(None, None, {"tokens": "all"}, model=masked)
 
 
 def test_the_empty_caption_keeps_its_whole_context_so_uncond_normalisation_works(declared, shape_images):

@@ -7,7 +7,14 @@ import subprocess
 import sys
 
 import pytest
-from dsdkit.runtime.config import FREE_KNOBS, PINNED_KNOBS, PRESETS, ScoringConfig, resolve_scoring
+from dsdkit.runtime.config import (
+    FREE_KNOBS,
+    PINNED_KNOBS,
+    PRESETS,
+    ModelDeclaration,
+    ScoringConfig,
+    resolve_scoring,
+)
 from dsdkit.runtime.errors import ConfigError
 
 
@@ -66,3 +73,46 @@ def test_the_config_and_its_timestep_table_import_without_torch():
         "assert 'torch' not in sys.modules, sorted(m for m in sys.modules if m.startswith('torch'))"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_a_model_recommends_knobs_under_the_explicit_ones_and_never_over_a_header():
+    """The demo model's declaration (``attention_term: false``): it applies over the preset, an explicit knob wins,
+    ``--no-denoise`` (and ``--preset paper``, the attention term alone) brings the attention term back instead of
+    leaving a score without a term, and an adapter's header (resolved under it at training) is not touched."""
+    demo = ModelDeclaration(context_tokens="words", scoring={"attention_term": False})
+    recommended = resolve_scoring(None, None, {"num_timesteps": 10}, model=demo)
+    assert (recommended.attention_term, recommended.denoise_term, recommended.num_timesteps) == (False, True, 10)
+    assert resolve_scoring(None, None, {"attention_term": True}, model=demo).attention_term is True
+    attention_alone = resolve_scoring(None, None, {"denoise_term": False}, model=demo)
+    assert (attention_alone.attention_term, attention_alone.denoise_term) == (True, False)
+    paper = resolve_scoring("paper", None, None, model=demo)
+    assert (paper.attention_term, paper.denoise_term) == (True, False)
+    header = PRESETS["discffusion"].replace(tokens="words").to_dict()
+    assert resolve_scoring(None, header, None, model=demo).attention_term is True
+    # Without a declaration nothing changes.
+    assert resolve_scoring(None, None, {"num_timesteps": 10}).attention_term is True
+
+
+def test_each_term_switch_alone_means_the_other_term_alone():
+    denoise_alone = PRESETS["paper"].replace(denoise_term=True, attention_term=False)
+    assert ScoringConfig.from_preset("paper", attention_term=False) == denoise_alone
+    header = PRESETS["discffusion"].replace(attention_term=False).to_dict()
+    assert resolve_scoring(None, header, {"denoise_term": False}).attention_term is True  # a bundle's config
+    with pytest.raises(ConfigError, match="without a term"):
+        resolve_scoring(None, None, {"denoise_term": False, "attention_term": False})
+
+
+@pytest.mark.parametrize(
+    "scoring, message",
+    [
+        ({"layers": "all"}, "only evaluation knobs"),
+        ({"attention_term": "no"}, "true or false"),
+        ({"num_timesteps": "ten"}, "a number"),
+        ({"num_timesteps": 0}, "between 1 and 980"),
+    ],
+)
+def test_a_declaration_recommends_only_valid_evaluation_knobs(scoring, message):
+    with pytest.raises(ConfigError, match=message):
+        ModelDeclaration(scoring=scoring)
+    with pytest.raises(ConfigError, match="context_tokens"):
+        ModelDeclaration(context_tokens="eos")

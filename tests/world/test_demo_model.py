@@ -118,15 +118,21 @@ def test_missing_default_model_points_at_the_demo_model(monkeypatch, tmp_path):
 
 
 def test_zero_shot_default_score_discriminates_colour_shape_binding_relation_and_order(demo_model):
-    """The default `discffusion` score at S = 10 on 200 held-out benchmark items per subset (two candidates each,
-    ties wrong): at least 95% on replace colour, replace shape, colour binding, left/right relation and object
-    order. The shipped demo v2 (run d of issue 27) measured 100% on each of the five on these items (seed 0, n = 200
-    each); demo v1 was at chance on relation (52.5%) and order (47.0%), so this test fails on the old weights.
-    S = 10 is the largest S whose five subsets fit this test's budget (about a minute on one core)."""
+    """The demo model's default score (`discffusion` at S = 10 under its declaration: the denoising term alone) on
+    200 held-out benchmark items per subset (two candidates each, ties wrong): at least 95% on replace colour,
+    replace shape, colour binding, left/right relation and object order. The shipped demo v2 (run d of issue 27)
+    measured 100% on each of the five on these items (seed 0, n = 200 each), with both terms and with the denoising
+    term alone; demo v1 was at chance on relation and order with either (52.5 / 47.0%, 48.0 / 50.5%), so this test
+    fails on the old weights. S = 10 is the largest S whose five subsets fit this test's budget (about a minute on
+    one core)."""
+    from dsdkit.runtime.config import resolve_scoring
     from dsdkit.train.world import measure_world_model
 
+    default = resolve_scoring(None, None, {"num_timesteps": 10}, model=demo_model.declaration)
     subsets = ("colour", "shape", "binding", "relation", "order")
-    metrics = measure_world_model(demo_model.folder, per_subset=200, num_timesteps=10, subsets=subsets)
+    metrics = measure_world_model(
+        demo_model.folder, per_subset=200, num_timesteps=10, subsets=subsets, attention_term=default.attention_term
+    )
     accuracy = metrics["zero_shot_accuracy"]
     print("zero-shot accuracy at S=10, 200 items per subset:", accuracy)
     assert set(accuracy) == set(subsets)
@@ -159,6 +165,28 @@ def test_the_demo_model_declares_word_token_context():
     declared = json.loads((demo_model_folder() / "dsdkit_model.json").read_text())
     assert declared["context_tokens"] == "words"
     assert load_model("demo", device="cpu").context_tokens == "words"
+
+
+def test_the_demo_model_scores_with_the_denoising_term_alone_unless_asked(demo_model):
+    """Its declaration recommends ``attention_term: false`` (issue 27: ≥ both terms on every subset, far better on
+    ranking); the command line's default follows it, ``--attention`` restores the method's score, and with it the
+    README's red circle prefers a two-object caption (the bias the README names), which the default does not."""
+    from dsdkit.pytorch.scorer import build_scorer
+
+    assert demo_model.declaration.scoring == {"attention_term": False}
+    default = build_scorer(demo_model, overrides={"num_timesteps": 10})
+    both = build_scorer(demo_model, overrides={"num_timesteps": 10, "attention_term": True})
+    assert default.config.attention_term is False and both.config.attention_term is True
+    assert build_scorer(demo_model, overrides={"denoise_term": False}).config.attention_term is True
+    captions = (REPO / "examples" / "demo" / "captions.txt").read_text().splitlines()
+    from PIL import Image
+
+    image = Image.open(REPO / "examples" / "demo" / "00-a-red-circle.png")
+    own = captions.index("a red circle")
+    by_default, with_attention = default.score([image], captions)[0], both.score([image], captions)[0]
+    assert by_default.argmax() == own, by_default
+    assert " left of " in captions[with_attention.argmax()], with_attention
+    assert "00-a-red-circle.png" in (REPO / "README.md").read_text()
 
 
 def _readme_try_it() -> list[str]:
