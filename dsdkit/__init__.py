@@ -5,9 +5,9 @@ sets ``OMP_WAIT_POLICY=PASSIVE`` before torch loads (unless you set a policy, or
 one hint), so the library's thread pools sleep instead of spinning while they wait, as the CLI's do;
 ``dsdkit.configure_threads(n)`` sets the thread count.
 
-    >>> from dsdkit import load_model, Scorer, ScoringConfig
+    >>> from dsdkit import load_model, Scorer
     >>> model = load_model("demo", device="cpu")  # or a diffusers SD2 folder or hub id, on "cuda"
-    >>> scorer = Scorer(model, ScoringConfig.from_preset("discffusion", num_timesteps=10))
+    >>> scorer = Scorer(model, model.scoring_config(num_timesteps=10))  # as `dsdkit match --model demo` scores
     >>> scores = scorer.score(["examples/demo/00-a-red-circle.png"], ["a red circle", "a blue square"])  # [1, 2]
 """
 

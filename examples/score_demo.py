@@ -18,8 +18,10 @@ images = sorted(folder.glob("*.png"))
 captions = Path(sys.argv[2] if len(sys.argv) > 2 else folder / "captions.txt").read_text().splitlines()
 
 model = dsdkit.load_model("demo", device="cpu")
-# S = 10 timesteps of the discffusion table: fewer are faster and a little noisier (the default is 30).
-scorer = dsdkit.Scorer(model, dsdkit.ScoringConfig.from_preset("discffusion", num_timesteps=10))
+# S = 10 timesteps of the discffusion table: fewer are faster and a little noisier (the default is 30). The config is
+# the one `dsdkit match --model demo --timesteps 10` runs: the demo model declares its score (the denoising term
+# alone; attention_term=True for the method's score with both terms).
+scorer = dsdkit.Scorer(model, model.scoring_config(num_timesteps=10))
 
 result = scorer.score_matrix(images, captions)  # per-timestep terms and the scores they make
 for image, row in zip(images, result.scores, strict=True):

@@ -48,6 +48,7 @@ __all__ = [
     "FREE_KNOBS",
     "resolve_scoring",
     "ModelDeclaration",
+    "RECOMMENDABLE_KNOBS",
     "KNOB_OPTIONS",
     "knob_option",
     "knob_field",
@@ -282,17 +283,23 @@ def _one_term_alone(overrides: dict[str, Any]) -> dict[str, Any]:
     return overrides
 
 
+#: The knobs a model may recommend (:class:`ModelDeclaration`): which terms the score has, S, and the normalisation.
+RECOMMENDABLE_KNOBS = ("attention_term", "denoise_term", "num_timesteps", "normalize")
+
+
 @dataclass(frozen=True)
 class ModelDeclaration:
     """What a model declares about how it is scored (a folder's ``dsdkit_model.json``; written by
     ``dsdkit world train``, read by ``load_model``).
 
     ``context_tokens``: what its cross-attention attends to (``runtime.tokenizer.CONTEXTS``); a masked context takes
-    precedence over the ``tokens`` knob. ``scoring``: knob values the model recommends over the preset's — only
-    :data:`FREE_KNOBS`, evaluation choices measured on the model (the demo model's ``{"attention_term": false}``:
-    on it the attention term lowers every ranking subset). An explicit knob wins over a recommendation, and a
-    recommendation that contradicts the preset or the explicit knobs (``--no-denoise``, ``--preset paper``, which
-    leave the score the attention term alone) yields to them.
+    precedence over the ``tokens`` knob (``dsdkit world train`` writes it). ``scoring``: knob values the model
+    recommends over the default preset's, measured on the model and written with
+    :func:`~dsdkit.pytorch.models.write_model_declaration` — only :data:`RECOMMENDABLE_KNOBS` (the demo model's
+    ``{"attention_term": false}``: on it the attention term lowers every ranking subset). They apply when no preset
+    is given explicitly, under the explicit knobs; ``attention_term: false`` also yields to an explicit knob that
+    shapes the attention term (``--layers``, ``--pooling``, ...: asking for one means asking for that term), and a
+    recommendation that would leave an invalid config (``--no-denoise``: the attention term alone) yields too.
     """
 
     context_tokens: str = "all"
@@ -305,18 +312,14 @@ class ModelDeclaration:
             raise ConfigError(f"context_tokens {self.context_tokens!r} is not one of {', '.join(CONTEXTS)}")
         if not isinstance(self.scoring, dict):
             raise ConfigError("a model's recommended scoring is an object of knob values")
-        not_free = sorted(set(self.scoring) - set(FREE_KNOBS))
-        if not_free:
-            raise ConfigError(
-                f"a model can recommend only evaluation knobs ({', '.join(FREE_KNOBS)}), not {', '.join(not_free)}"
-            )
-        defaults = ScoringConfig()
+        unknown = sorted(set(self.scoring) - set(RECOMMENDABLE_KNOBS))
+        if unknown:
+            raise ConfigError(f"a model can recommend only {', '.join(RECOMMENDABLE_KNOBS)}, not {', '.join(unknown)}")
         for name, value in self.scoring.items():
-            expected = type(getattr(defaults, name))
-            if isinstance(getattr(defaults, name), bool) and not isinstance(value, bool):
+            if name.endswith("_term") and not isinstance(value, bool):
                 raise ConfigError(f"the model's recommended {name} must be true or false, got {value!r}")
-            if expected in (int, float) and (isinstance(value, bool) or not isinstance(value, (int, float))):
-                raise ConfigError(f"the model's recommended {name} must be a number, got {value!r}")
+            if name == "num_timesteps" and (isinstance(value, bool) or not isinstance(value, int)):
+                raise ConfigError(f"the model's recommended {name} must be a whole number, got {value!r}")
         ScoringConfig.from_preset("discffusion", **self.scoring)  # a value no config accepts is refused here
 
     def to_dict(self) -> dict[str, Any]:
@@ -349,8 +352,9 @@ def resolve_scoring(
 
     ``model``: what the model declares (:class:`ModelDeclaration`). A masked context takes precedence over the
     ``tokens`` knob (the model is scored over its word tokens): a preset's value is replaced by ``words``, an
-    explicit other value is refused. Its recommended knobs apply over the preset and under the explicit knobs,
-    without ``pinned`` only (an adapter's header or a bundle's config already holds them: they were resolved here).
+    explicit other value is refused. Its recommended knobs apply under the explicit knobs when no preset is given
+    (see :class:`ModelDeclaration` for when they yield), without ``pinned`` only (an adapter's header or a bundle's
+    config already holds them: they were resolved here).
 
     ``denoise_term`` off without ``attention_term`` means the attention term alone, and the other way round
     (:func:`_one_term_alone`).
@@ -360,6 +364,7 @@ def resolve_scoring(
     """
     model = model or ModelDeclaration()
     overrides = _one_term_alone({k: v for k, v in (overrides or {}).items() if v is not None})
+    recommended = {} if preset is not None else _recommendations(model.scoring, overrides)
     if model.context_tokens != "all":
         asked = overrides.get("tokens")
         if asked is not None and _plain(asked) != TokenSet.words.value:
@@ -373,9 +378,7 @@ def resolve_scoring(
     if unknown:
         raise ConfigError(f"unknown scoring knob(s): {', '.join(sorted(unknown))}")
     if pinned is None:
-        resolved = _with_recommendations(
-            ScoringConfig.from_preset(preset or "discffusion", **overrides), model.scoring, overrides
-        )
+        resolved = _with_recommendations(ScoringConfig.from_preset(preset or "discffusion", **overrides), recommended)
         chosen = PRESETS[preset or "discffusion"]
         where = "`timesteps` noise-levels" if "timesteps" in overrides else f"the {chosen.preset} preset"
         _refuse_steps_on_noise_levels(resolved, overrides, chosen.num_timesteps, where, pinned=False)
@@ -402,10 +405,18 @@ def resolve_scoring(
     return resolved
 
 
-def _with_recommendations(config: ScoringConfig, recommended: dict[str, Any], explicit: dict[str, Any]):
-    """``config`` with the model's recommended knobs that were not given explicitly, unless together they make an
-    invalid config (then the preset's and the explicit choice stands, logged)."""
+def _recommendations(recommended: dict[str, Any], explicit: dict[str, Any]) -> dict[str, Any]:
+    """The model's recommended knobs that this job's explicit knobs leave standing: none given explicitly, and no
+    ``attention_term: false`` beside an explicit knob that shapes the attention term."""
     wanted = {k: v for k, v in recommended.items() if k not in explicit}
+    if wanted.get("attention_term") is False and set(explicit) & (set(PINNED_KNOBS) - {"tokens"}):
+        wanted.pop("attention_term")
+    return wanted
+
+
+def _with_recommendations(config: ScoringConfig, wanted: dict[str, Any]) -> ScoringConfig:
+    """``config`` with the model's recommended knobs, unless they make an invalid config (then the explicit choice
+    stands, logged)."""
     if not wanted:
         return config
     try:

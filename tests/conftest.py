@@ -8,6 +8,13 @@ import os
 # Tests never touch the network: hub lookups must fail fast and offline.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # The suite runs on one worker per core (pytest-xdist, `-n auto` in pyproject.toml): each worker and the command
+    # lines it starts compute on one thread, so the workers do not spin against each other's thread pools (a second
+    # busy process makes torch's spinning pool 10-100x slower). Set before torch loads; a value the user exported
+    # wins.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    os.environ.setdefault("MKL_NUM_THREADS", "1")
 
 import numpy as np
 import pytest
@@ -36,6 +43,13 @@ def pytest_collection_modifyitems(config, items):
     except ImportError:
         has_ray = False
     for item in items:
+        # Heavy tests of one kind run on one worker, one after another (`--dist loadgroup`): the Ray tests (each
+        # module starts a local cluster over every core; never two at once) and the full-size SD2 checks (one 5 GB
+        # model, built once, and an export that peaks at ~13 GB; never two of them in memory at once).
+        if "ray" in item.keywords:
+            item.add_marker(pytest.mark.xdist_group("ray"))
+        elif "slow" in item.keywords:
+            item.add_marker(pytest.mark.xdist_group("full-size"))
         if "gpu" in item.keywords and not has_gpu:
             item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU; none is visible to torch on this machine"))
         if "trt" in item.keywords and not has_trt:

@@ -243,6 +243,15 @@ class SD2Model:
     declaration: ModelDeclaration = field(default_factory=ModelDeclaration)
     _identity: str | None = field(default=None, repr=False)
 
+    def scoring_config(self, preset: str | None = None, **knobs: Any):
+        """The scoring config ``dsdkit match --model`` runs this model with for ``preset`` and ``knobs``
+        (:func:`~dsdkit.runtime.config.resolve_scoring` under the model's declaration: the demo model's recommended
+        score, the denoising term alone, unless ``attention_term=True``). ``ScoringConfig.from_preset`` is the
+        preset exactly, whatever the model recommends."""
+        from ..runtime.config import resolve_scoring
+
+        return resolve_scoring(preset, None, knobs, model=self.declaration)
+
     @property
     def context_tokens(self) -> str:
         """What the UNet's cross-attention attends to (``runtime.tokenizer.CONTEXTS``), declared by the folder."""

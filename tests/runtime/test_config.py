@@ -87,6 +87,12 @@ def test_a_model_recommends_knobs_under_the_explicit_ones_and_never_over_a_heade
     assert (attention_alone.attention_term, attention_alone.denoise_term) == (True, False)
     paper = resolve_scoring("paper", None, None, model=demo)
     assert (paper.attention_term, paper.denoise_term) == (True, False)
+    # An explicit preset is a whole recipe: the method's score, both terms with --denoise.
+    assert resolve_scoring("paper", None, {"denoise_term": True}, model=demo).attention_term is True
+    assert resolve_scoring("discffusion", None, None, model=demo) == PRESETS["discffusion"].replace(tokens="words")
+    # Asking for a knob that shapes the attention term is asking for that term.
+    for knob, value in (("layers", "all"), ("pooling", "image-lse"), ("uncond_in_attention", True)):
+        assert resolve_scoring(None, None, {knob: value}, model=demo).attention_term is True, knob
     header = PRESETS["discffusion"].replace(tokens="words").to_dict()
     assert resolve_scoring(None, header, None, model=demo).attention_term is True
     # Without a declaration nothing changes.
@@ -105,10 +111,13 @@ def test_each_term_switch_alone_means_the_other_term_alone():
 @pytest.mark.parametrize(
     "scoring, message",
     [
-        ({"layers": "all"}, "only evaluation knobs"),
+        ({"layers": "all"}, "can recommend only"),
+        ({"timesteps": "noise-levels"}, "can recommend only"),
         ({"attention_term": "no"}, "true or false"),
-        ({"num_timesteps": "ten"}, "a number"),
+        ({"num_timesteps": "ten"}, "a whole number"),
+        ({"num_timesteps": 10.5}, "a whole number"),
         ({"num_timesteps": 0}, "between 1 and 980"),
+        ({"normalize": "z-score"}, "not one of"),
     ],
 )
 def test_a_declaration_recommends_only_valid_evaluation_knobs(scoring, message):
