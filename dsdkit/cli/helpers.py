@@ -21,7 +21,13 @@ class TinySize(str, Enum):
     full = "full"
 
 
-@command(app, "tiny-model", "Write a random-weight SD2-architecture model (tests).", panel=HELPERS_PANEL)
+class TinyArch(str, Enum):
+    sd2 = "sd2"
+    sd1 = "sd1"
+    sd2_v = "sd2-v"
+
+
+@command(app, "tiny-model", "Write a random-weight Stable Diffusion model (tests).", panel=HELPERS_PANEL)
 def tiny_model(
     folder: Annotated[
         Path, argument("FOLDER", help="Where to write the model folder (must be new or empty). " + CREATES_FOLDERS)
@@ -32,13 +38,23 @@ def tiny_model(
     ] = TinySize.tiny,
     seed: Annotated[int, option("--seed", help="Seed of the random weights.")] = 0,
     overwrite: Annotated[bool, option("--overwrite", help="Replace a folder made earlier by tiny-model.")] = False,
+    arch: Annotated[
+        TinyArch,
+        option(
+            "--arch",
+            help="sd2 (SD2-1-base), sd1 (SD1.x: conv projections, quick-GELU text encoder, end-token padding) or "
+            "sd2-v (SD2-1 768-v: v-prediction).",
+            metavar="NAME",
+        ),
+    ] = TinyArch.sd2,
 ) -> None:
-    """Write a random-weight model with SD2's architecture, for trying dsdkit offline. Its scores are meaningless."""
+    """Write a random-weight model of the Stable Diffusion family, for trying dsdkit offline. Its scores are
+    meaningless."""
     from ..pytorch.tiny import write_tiny_model
 
     prepare_output(folder, "FOLDER")
-    write_tiny_model(folder, size=size.value, seed=seed, overwrite=overwrite)
-    say(f"wrote {size.value} random-weight SD2-architecture model to {folder} (for testing: scores are meaningless)")
+    write_tiny_model(folder, size=size.value, seed=seed, overwrite=overwrite, arch=arch.value)
+    say(f"wrote {size.value} random-weight {arch.value} model to {folder} (for testing: scores are meaningless)")
 
 
 @command(app, "tiny-data", "Write a synthetic colour-shape task (tests).", panel=HELPERS_PANEL)

@@ -342,17 +342,20 @@ def _check_configs(folder: Path, scheduler_config: dict) -> str:
             f"{folder}: UNet cross_attention_dim {unet_config.get('cross_attention_dim')} does not match the text "
             f"encoder's hidden_size {text_config.get('hidden_size')}; the folder mixes components of different models"
         )
-    if unet_config.get("cross_attention_dim") == 768:
-        logger.warning("%s looks like an SD1.x model (768-dim text states); dsdkit is validated on SD2 only", folder)
-    if prediction_type == "v_prediction":
-        latent = unet_config.get("sample_size")
-        logger.warning(
-            "%s is a v-prediction model (%s px, like SD2-1 768-v); dsdkit is validated on epsilon-prediction "
-            "SD2-1-base (512 px): its outputs are converted to epsilon for scoring, but expect other score ranges",
-            folder,
-            "?" if not isinstance(latent, int) else latent * 8,
-        )
+    logger.info("%s: %s", folder, describe_architecture(unet_config, text_config, prediction_type))
     return prediction_type
+
+
+def describe_architecture(unet_config: dict, text_config: dict, prediction_type: str) -> str:
+    """Which member of the family a folder's configs describe, in words (SD1.x: convolutional projections in the
+    transformer blocks; SD2: linear ones; v-prediction: SD2-1 768-v). All are scored the same way: v-prediction
+    outputs are converted to ε first (``ε̂ = sqrt(ā) v̂ + sqrt(1 − ā) x_t``)."""
+    family = "SD2" if unet_config.get("use_linear_projection") else "SD1.x"
+    states = text_config.get("hidden_size")
+    size = unet_config.get("sample_size")
+    pixels = f"{size * 8} px" if isinstance(size, int) else "? px"
+    target = "v-prediction" if prediction_type == "v_prediction" else "ε-prediction"
+    return f"{family}-architecture UNet, {states}-dim text states, {target}, {pixels}"
 
 
 def load_model(

@@ -1,4 +1,4 @@
-"""Random-weight models with SD2's architecture, for trying dsdkit offline and for tests.
+"""Random-weight models of the Stable Diffusion family (SD2 by default), for trying dsdkit offline and for tests.
 
 ``dsdkit tiny-model DIR`` writes a seeded model in SD2's diffusers folder layout (``unet/``, ``vae/``,
 ``text_encoder/``, ``tokenizer/``, ``scheduler/``, ``model_index.json``), so every command loads it through the
@@ -10,6 +10,14 @@ Sizes:
 - ``tiny`` (default): 16 cross-attention layers like SD2 (6 scored by the ``last`` layer set, as on SD2), 128 px.
 - ``micro``: fewer layers and channels, for the fastest tests (10 cross-attention layers), 128 px.
 - ``full``: the full SD2-2.1-base architecture (865.9 M UNet parameters, 512 px): for benchmarks, about 5 GB.
+
+Architectures (:data:`ARCHITECTURES`), each at every size, differing where the real models differ:
+- ``sd2`` (default): SD2-1-base. Linear projections in the transformer blocks, a GELU text encoder, padding with
+  ``"!"``, ε-prediction.
+- ``sd1``: SD1.x. Convolutional (1×1) projections, a fixed 8 heads per attention layer (SD1's config calls it
+  ``attention_head_dim``), a quick-GELU text encoder (CLIP ViT-L's), padding with the end token; ``full`` has SD1.5's
+  768-dim text states.
+- ``sd2-v``: SD2-1 768-v. SD2's networks with v-prediction (the scheduler's ``prediction_type``).
 """
 
 from __future__ import annotations
@@ -27,6 +35,7 @@ from ..runtime.tokenizer import bytes_to_unicode
 
 __all__ = [
     "SIZES",
+    "ARCHITECTURES",
     "SCHEDULER_CONFIG",
     "MODEL_INDEX",
     "write_tiny_model",
@@ -95,6 +104,25 @@ SIZES = {
             hidden_size=1024, intermediate_size=4096, projection_dim=512, num_hidden_layers=23, num_attention_heads=16
         ),
     },
+}
+
+
+#: What differs between the architectures ``dsdkit tiny-model --arch`` writes (see the module docstring): the UNet's
+#: projections and heads, the text encoder's activation (and, at full size, SD1.5's text widths), the padding token
+#: and the prediction type.
+ARCHITECTURES = {
+    "sd2": {"unet": {}, "text": {}, "pad_token": "!", "prediction_type": "epsilon"},
+    "sd1": {
+        "unet": {"use_linear_projection": False, "attention_head_dim": 8},
+        "text": {"hidden_act": "quick_gelu"},
+        "full_text": dict(
+            hidden_size=768, intermediate_size=3072, projection_dim=768, num_hidden_layers=12, num_attention_heads=12
+        ),
+        "full_unet": {"cross_attention_dim": 768},
+        "pad_token": "<|endoftext|>",
+        "prediction_type": "epsilon",
+    },
+    "sd2-v": {"unet": {}, "text": {}, "pad_token": "!", "prediction_type": "v_prediction"},
 }
 
 
@@ -170,9 +198,8 @@ def sd2_unet(**shape):
         downsample_padding=1,
         act_fn="silu",
         norm_eps=1e-5,
-        use_linear_projection=True,
         upcast_attention=False,
-        **shape,
+        **{"use_linear_projection": True, **shape},
     )
 
 
@@ -202,26 +229,28 @@ def sd2_text_encoder(**shape):
         CLIPTextConfig(
             vocab_size=49408,
             max_position_embeddings=77,
-            hidden_act="gelu",
             layer_norm_eps=1e-5,
             bos_token_id=49406,
             eos_token_id=49407,
             pad_token_id=1,
-            **shape,
+            **{"hidden_act": "gelu", **shape},
         )
     )
 
 
-def write_pipeline_folder(folder: Path, unet, vae, text_encoder) -> None:
+def write_pipeline_folder(
+    folder: Path, unet, vae, text_encoder, pad_token: str = "!", prediction_type: str = "epsilon"
+) -> None:
     """Write the SD2 diffusers layout into an existing (staging) folder: the three modules' weights as they are,
-    the CLIP tokenizer, SD2's scheduler config and ``model_index.json``."""
+    the CLIP tokenizer (padding with ``pad_token``), SD2's scheduler config (with ``prediction_type``) and
+    ``model_index.json``."""
     unet.save_pretrained(folder / "unet", safe_serialization=True)
     vae.save_pretrained(folder / "vae", safe_serialization=True)
     text_encoder.save_pretrained(folder / "text_encoder", safe_serialization=True)
-    write_clip_tokenizer(folder / "tokenizer")
+    write_clip_tokenizer(folder / "tokenizer", pad_token=pad_token)
     (folder / "scheduler").mkdir()
     (folder / "scheduler" / "scheduler_config.json").write_text(
-        json.dumps(SCHEDULER_CONFIG, indent=2), encoding="utf-8"
+        json.dumps({**SCHEDULER_CONFIG, "prediction_type": prediction_type}, indent=2), encoding="utf-8"
     )
     (folder / "model_index.json").write_text(json.dumps(MODEL_INDEX, indent=2), encoding="utf-8")
 
@@ -250,20 +279,25 @@ def _calibrate_latent_scale(vae, seed: int) -> None:
     vae.register_to_config(scaling_factor=round(1.0 / std, 6))
 
 
-def write_tiny_model(folder: str | os.PathLike, size: str = "tiny", seed: int = 0, overwrite: bool = False) -> Path:
-    """Write a seeded random-weight model with SD2's architecture to ``folder``.
+def write_tiny_model(
+    folder: str | os.PathLike, size: str = "tiny", seed: int = 0, overwrite: bool = False, arch: str = "sd2"
+) -> Path:
+    """Write a seeded random-weight model of the Stable Diffusion family to ``folder``.
 
     Args:
         folder: where to write; must be absent or empty unless ``overwrite``.
         size: ``"micro"``, ``"tiny"`` (default) or ``"full"``; see the module docstring.
-        seed: weights are a pure function of (size, seed, library versions).
+        seed: weights are a pure function of (size, arch, seed, library versions).
         overwrite: replace an existing dsdkit test model in ``folder``.
+        arch: ``"sd2"`` (default), ``"sd1"`` or ``"sd2-v"`` (:data:`ARCHITECTURES`).
 
     The model is written into a temporary folder beside ``folder`` and renamed into place when complete, so an
     interrupted run or a full disk (an ``OutputError``) never leaves a partial model that looks loadable.
     """
     if size not in SIZES:
         raise ConfigError(f"unknown tiny-model size {size!r}; choose one of {', '.join(SIZES)}")
+    if arch not in ARCHITECTURES:
+        raise ConfigError(f"unknown tiny-model architecture {arch!r}; choose one of {', '.join(ARCHITECTURES)}")
     folder = Path(folder)
     from .models import TEST_MODEL_MARKER
 
@@ -278,30 +312,35 @@ def write_tiny_model(folder: str | os.PathLike, size: str = "tiny", seed: int = 
 
     diffusers_logging.disable_progress_bar()
     transformers_logging.disable_progress_bar()
-    spec = SIZES[size]
+    spec, family = SIZES[size], ARCHITECTURES[arch]
+    unet_shape = {**spec["unet"], **family["unet"], **(family.get("full_unet", {}) if size == "full" else {})}
+    text_shape = {**spec["text"], **family["text"], **(family.get("full_text", {}) if size == "full" else {})}
     try:
         folder.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise output_error(folder, exc) from None
     torch.manual_seed(seed)
-    unet = sd2_unet(norm_num_groups=spec["groups"], **spec["unet"])
+    unet = sd2_unet(norm_num_groups=spec["groups"], **unet_shape)
     torch.manual_seed(seed + 1)
     vae = sd2_vae(norm_num_groups=spec["groups"], scaling_factor=0.18215, **spec["vae"])
     _calibrate_latent_scale(vae, seed)
     torch.manual_seed(seed + 2)
-    text_encoder = sd2_text_encoder(**spec["text"])
+    text_encoder = sd2_text_encoder(**text_shape)
     with staged_folder(folder) as staging:
-        write_pipeline_folder(staging, unet, vae, text_encoder)
+        write_pipeline_folder(
+            staging, unet, vae, text_encoder, pad_token=family["pad_token"], prediction_type=family["prediction_type"]
+        )
         marker = {
             "random_weights": True,
             "size": size,
+            "arch": arch,
             "seed": seed,
-            "note": "Random-weight model with Stable Diffusion 2's architecture, written by `dsdkit tiny-model` for "
-            "offline trials and tests. Its scores are meaningless. Use real SD2 weights for real matching.",
+            "note": f"Random-weight model with the {arch} architecture, written by `dsdkit tiny-model` for "
+            "offline trials and tests. Its scores are meaningless. Use real weights for real matching.",
         }
         (staging / TEST_MODEL_MARKER).write_text(json.dumps(marker, indent=2), encoding="utf-8")
         (staging / "README.md").write_text(
-            f"# dsdkit test model ({size}, seed {seed})\n\n{marker['note']}\n", encoding="utf-8"
+            f"# dsdkit test model ({arch}, {size}, seed {seed})\n\n{marker['note']}\n", encoding="utf-8"
         )
-    logger.info("wrote a random-weight %s SD2-architecture model to %s (scores are meaningless)", size, folder)
+    logger.info("wrote a random-weight %s %s model to %s (scores are meaningless)", size, arch, folder)
     return folder

@@ -134,7 +134,7 @@ def reference_scores(
                     terms = {}
                     for which in (j, empty):
                         with torch.no_grad():
-                            eps = unet(x_t, torch.tensor([t]), encoder_hidden_states=states[which : which + 1]).sample
+                            out = unet(x_t, torch.tensor([t]), encoder_hidden_states=states[which : which + 1]).sample
                         layer_values = []
                         for name in layer_names:
                             hidden, context, module = captured[name]
@@ -142,7 +142,13 @@ def reference_scores(
                             kk = linear64(module.to_k, context)[0].numpy()
                             kept = kept_positions(lengths[which], config.tokens.value)
                             layer_values.append(naive_layer_score(q, kk, module.heads, kept, config))
-                        terms[which] = (sum(layer_values) / len(layer_values), float((noise - eps).norm()))
+                        if scheduler.config.prediction_type == "v_prediction":
+                            # ε − ε̂ = sqrt(ā) (v − v̂), v the velocity target diffusers defines (SD2 768-v).
+                            velocity = scheduler.get_velocity(z0[i : i + 1], noise, torch.tensor([t]))
+                            error = float(scheduler.alphas_cumprod[t].sqrt() * (velocity - out).norm())
+                        else:
+                            error = float((noise - out).norm())
+                        terms[which] = (sum(layer_values) / len(layer_values), error)
                     step = terms[j][0]
                     if config.denoise_term:
                         step += terms[empty][1] - terms[j][1]
