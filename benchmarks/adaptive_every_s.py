@@ -181,6 +181,48 @@ def frontier(per_step: np.ndarray, num_timesteps: int) -> list[tuple[float, list
     return sorted(found, key=lambda entry: -entry[0])
 
 
+#: The schedules searched for one default at every S and K (``one_default``): a first stage of 1-3 timesteps keeping
+#: a count or a fraction of the candidates, a second of 2-3 keeping 1-3 or k, then all S. Fixed counts below 4 make
+#: the same stages at S = 4, 10 and 30.
+UNIVERSAL_KEEPS = (2, 3, 4, 5, 6, 8, 0.125, 0.1875, 0.25, 0.3125, 0.375, 0.5)
+UNIVERSAL_STEPS = ((1, 2), (1, 3), (2, 3))
+
+
+def one_default(choose_half: dict) -> list[dict]:
+    """Every schedule of the universal family, scored on the choose half at every (S, K): the lowest agreement and
+    each (S, K)'s saving. Best first: those whose lowest agreement is >= the choose bar, by targets met, then by
+    the smallest saving relative to its target."""
+    from dsdkit.runtime.adaptive import Schedule, resolve_schedule
+
+    rows = []
+    for first in UNIVERSAL_KEEPS:
+        for second in (1, 2, 3, 0):
+            if isinstance(first, int) and second and second >= first:
+                continue
+            for steps in UNIVERSAL_STEPS:
+                schedule = Schedule((first, second, 0), (*steps, None))
+                cells = {}
+                for (s, k), (per_step, _) in choose_half.items():
+                    plan = resolve_schedule(schedule, k, s)
+                    cost = plan.evaluations(k) + s
+                    ratio = (k * s + s) / cost
+                    cells[f"S={s} K={k}"] = (float(_survives(per_step, plan).mean()), ratio, TARGETS[(s, k)])
+                lowest = min(c[0] for c in cells.values())
+                met = sum(c[1] >= c[2] for c in cells.values())
+                margin = min(c[1] / c[2] for c in cells.values())
+                rows.append(
+                    {
+                        "schedule": str(schedule),
+                        "lowest_agreement": lowest,
+                        "targets_met": met,
+                        "worst_ratio_over_target": margin,
+                        "cells": cells,
+                    }
+                )
+    passing = [r for r in rows if r["lowest_agreement"] >= CHOOSE_AGREEMENT]
+    return sorted(passing, key=lambda r: (-r["targets_met"], -r["worst_ratio_over_target"]))
+
+
 def _by_k(data: dict, index: np.ndarray) -> dict:
     """{(S, K): (per_step, positives)} of the queries ``index`` (K = 8: each query's seeded candidate subset)."""
     out = {}
@@ -238,6 +280,34 @@ def choose(args) -> None:
             "report_half": _verdict(evaluate_schedule(schedule, report_steps, report_positives), steps, k),
         }
         logger.info("%s: best %s %.2fx at %.1f%% (choose half)", key, schedule, ratio, 100 * agreement)
+    per_s = {}
+    for steps in args.timesteps:
+        found = one_default({key: value for key, value in choose_half.items() if key[0] == steps})
+        if found:
+            chosen = Schedule.parse(found[0]["schedule"])
+            per_s[f"S={steps}"] = {
+                "schedule": found[0]["schedule"],
+                "choose_half": found[0],
+                "report_half": {
+                    f"S={steps} K={k}": _verdict(evaluate_schedule(chosen, *report_half[(steps, k)]), steps, k)
+                    for k in (32, 8)
+                },
+            }
+    universal = one_default(choose_half)
+    one = None
+    if universal:
+        chosen = Schedule.parse(universal[0]["schedule"])
+        one = {
+            "schedule": universal[0]["schedule"],
+            "searched": len(UNIVERSAL_KEEPS) * 4 * len(UNIVERSAL_STEPS),
+            "passing": len(universal),
+            "choose_half": universal[0],
+            "report_half": {
+                f"S={s} K={k}": _verdict(evaluate_schedule(chosen, *report_half[(s, k)]), s, k)
+                for (s, k) in report_half
+            },
+        }
+        logger.info("one schedule for every S and K: %s", chosen)
     record = {
         "benchmark": "adaptive-every-s",
         "date": time.strftime("%Y-%m-%d"),
@@ -254,6 +324,8 @@ def choose(args) -> None:
         "default": DEFAULT_SCHEDULE.describe(),
         "default_report_half": default,
         "best_per_s_and_k": best,
+        "one_schedule_for_every_s_and_k": one,
+        "one_schedule_per_s": per_s,
     }
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(record, indent=1) + "\n")
@@ -263,6 +335,14 @@ def choose(args) -> None:
         line += "met" if d["met"] else "NOT met"
         line += f"; best {b['schedule']} {b['agreement']:.1%} {b['ratio']:.2f}x" if b else "; no schedule passes"
         print(line)
+    for entry in per_s.values():
+        for key, v in entry["report_half"].items():
+            verdict = "met" if v["met"] else "NOT met"
+            print(f"{key}: per-S schedule {entry['schedule']} {v['agreement']:.1%} {v['ratio']:.2f}x {verdict}")
+    if one:
+        for key, v in one["report_half"].items():
+            verdict = "met" if v["met"] else "NOT met"
+            print(f"{key}: one schedule {one['schedule']} {v['agreement']:.1%} {v['ratio']:.2f}x {verdict}")
 
 
 def main(argv=None) -> None:
