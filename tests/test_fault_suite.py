@@ -679,7 +679,7 @@ MODEL_FAULTS = {
     "SDXL folder": (_sdxl, 4, "SDXL"),
     "pickle-only weights": (_pickle_only, 4, "safetensors"),
     "truncated weights": (_truncated_weights, 4, None),
-    "v-prediction SD2 (768-v)": (_v_prediction, 0, "v-prediction"),
+    "v-prediction SD2 (768-v), supported: it scores": (_v_prediction, 0, None),
 }
 
 
