@@ -43,13 +43,6 @@ def pytest_collection_modifyitems(config, items):
     except ImportError:
         has_ray = False
     for item in items:
-        # Heavy tests of one kind run on one worker, one after another (`--dist loadgroup`): the Ray tests (each
-        # module starts a local cluster over every core; never two at once) and the full-size SD2 checks (one 5 GB
-        # model, built once, and an export that peaks at ~13 GB; never two of them in memory at once).
-        if "ray" in item.keywords:
-            item.add_marker(pytest.mark.xdist_group("ray"))
-        elif "slow" in item.keywords:
-            item.add_marker(pytest.mark.xdist_group("full-size"))
         if "gpu" in item.keywords and not has_gpu:
             item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU; none is visible to torch on this machine"))
         if "trt" in item.keywords and not has_trt:
