@@ -21,8 +21,7 @@ import pytest
 
 
 def pytest_collection_modifyitems(config, items):
-    """`gpu`, `trt` and `ray` tests skip with a reason where the hardware or library is absent; `slow` ones run
-    first."""
+    """`gpu`, `trt` and `ray` tests skip with a reason where the hardware or library is absent."""
     try:
         import torch
 
@@ -43,9 +42,6 @@ def pytest_collection_modifyitems(config, items):
         has_ray = True
     except ImportError:
         has_ray = False
-    # The full-size checks (tests/test_full_size.py, about 10 minutes on one thread) first: pytest-xdist hands out
-    # modules in this order, so the longest chain starts at once instead of running alone at the end.
-    items.sort(key=lambda item: "slow" not in item.keywords)
     for item in items:
         if "gpu" in item.keywords and not has_gpu:
             item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU; none is visible to torch on this machine"))
