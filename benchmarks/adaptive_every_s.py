@@ -223,6 +223,18 @@ def one_default(choose_half: dict) -> list[dict]:
     return sorted(passing, key=lambda r: (-r["targets_met"], -r["worst_ratio_over_target"]))
 
 
+def _replayed(row: dict, report_cells: dict) -> dict:
+    """A schedule chosen on the choose half (``row``, from :func:`one_default`) and its verdict on each (S, K) of
+    ``report_cells`` (the report half), replayed by the runtime's own elimination."""
+    from dsdkit.runtime.adaptive import Schedule
+
+    chosen = Schedule.parse(row["schedule"])
+    verdicts = {
+        f"S={s} K={k}": _verdict(evaluate_schedule(chosen, *cells), s, k) for (s, k), cells in report_cells.items()
+    }
+    return {"schedule": row["schedule"], "choose_half": row, "report_half": verdicts}
+
+
 def _by_k(data: dict, index: np.ndarray) -> dict:
     """{(S, K): (per_step, positives)} of the queries ``index`` (K = 8: each query's seeded candidate subset)."""
     out = {}
@@ -282,32 +294,19 @@ def choose(args) -> None:
         logger.info("%s: best %s %.2fx at %.1f%% (choose half)", key, schedule, ratio, 100 * agreement)
     per_s = {}
     for steps in args.timesteps:
+        cells = {key: value for key, value in report_half.items() if key[0] == steps}
         found = one_default({key: value for key, value in choose_half.items() if key[0] == steps})
         if found:
-            chosen = Schedule.parse(found[0]["schedule"])
-            per_s[f"S={steps}"] = {
-                "schedule": found[0]["schedule"],
-                "choose_half": found[0],
-                "report_half": {
-                    f"S={steps} K={k}": _verdict(evaluate_schedule(chosen, *report_half[(steps, k)]), steps, k)
-                    for k in (32, 8)
-                },
-            }
+            per_s[f"S={steps}"] = _replayed(found[0], cells)
     universal = one_default(choose_half)
     one = None
     if universal:
-        chosen = Schedule.parse(universal[0]["schedule"])
         one = {
-            "schedule": universal[0]["schedule"],
             "searched": len(UNIVERSAL_KEEPS) * 4 * len(UNIVERSAL_STEPS),
             "passing": len(universal),
-            "choose_half": universal[0],
-            "report_half": {
-                f"S={s} K={k}": _verdict(evaluate_schedule(chosen, *report_half[(s, k)]), s, k)
-                for (s, k) in report_half
-            },
+            **_replayed(universal[0], report_half),
         }
-        logger.info("one schedule for every S and K: %s", chosen)
+        logger.info("one schedule for every S and K: %s", one["schedule"])
     record = {
         "benchmark": "adaptive-every-s",
         "date": time.strftime("%Y-%m-%d"),
@@ -335,14 +334,10 @@ def choose(args) -> None:
         line += "met" if d["met"] else "NOT met"
         line += f"; best {b['schedule']} {b['agreement']:.1%} {b['ratio']:.2f}x" if b else "; no schedule passes"
         print(line)
-    for entry in per_s.values():
+    for label, entry in [*(("per-S", e) for e in per_s.values()), *([("one", one)] if one else [])]:
         for key, v in entry["report_half"].items():
             verdict = "met" if v["met"] else "NOT met"
-            print(f"{key}: per-S schedule {entry['schedule']} {v['agreement']:.1%} {v['ratio']:.2f}x {verdict}")
-    if one:
-        for key, v in one["report_half"].items():
-            verdict = "met" if v["met"] else "NOT met"
-            print(f"{key}: one schedule {one['schedule']} {v['agreement']:.1%} {v['ratio']:.2f}x {verdict}")
+            print(f"{key}: {label} schedule {entry['schedule']} {v['agreement']:.1%} {v['ratio']:.2f}x {verdict}")
 
 
 def main(argv=None) -> None:

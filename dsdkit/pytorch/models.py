@@ -143,6 +143,10 @@ def _read_json(path: Path) -> dict[str, Any]:
         raise ModelError(f"{path} is unreadable ({exc}); re-download the model folder") from None
 
 
+#: The keys a model declaration may hold.
+_DECLARED = {"format", "context_tokens", "scoring"}
+
+
 def write_model_declaration(
     folder: Path, context_tokens: str = "all", scoring: dict[str, Any] | None = None
 ) -> ModelDeclaration:
@@ -170,8 +174,6 @@ def read_model_declaration(folder: Path) -> ModelDeclaration:
     except ConfigError as exc:
         raise ModelError(f"{path}: {exc}; re-download the model folder") from None
 
-
-_DECLARED = {"format", "context_tokens", "scoring"}
 
 
 def declared_model(model: str | os.PathLike | None) -> ModelDeclaration:
