@@ -175,7 +175,6 @@ def read_model_declaration(folder: Path) -> ModelDeclaration:
         raise ModelError(f"{path}: {exc}; re-download the model folder") from None
 
 
-
 def declared_model(model: str | os.PathLike | None) -> ModelDeclaration:
     """What a model declares, read before it loads (so a conflicting ``tokens`` knob is refused first): ``demo`` and
     local folders are read; a hub id that is not downloaded declares nothing (``load_model`` names the problem)."""
